@@ -1,0 +1,84 @@
+"""The agent's HTTP API (FastAPI). Thin: every route calls one HostRuntime method."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+
+from ferry.agent.host import HostRuntime
+from ferry.agent.models import (
+    CreateVm,
+    IncomingReady,
+    PrepareIncoming,
+    SerialTail,
+    StartOutgoing,
+    VmInfo,
+)
+from ferry.domain.errors import FerryError
+from ferry.domain.migration import Progress
+from ferry.domain.specs import HostFacts
+from ferry.wire import error_body, status_for
+
+
+def create_app(host: HostRuntime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await host.shutdown()
+
+    app = FastAPI(title=f"ferry-agent {host.config.name}", lifespan=lifespan)
+
+    @app.exception_handler(FerryError)
+    async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=status_for(exc))
+
+    @app.get("/v1/facts")
+    async def facts() -> HostFacts:
+        return host.facts()
+
+    @app.get("/v1/vms")
+    async def list_vms() -> list[VmInfo]:
+        return await host.list_vms()
+
+    @app.post("/v1/vms", status_code=201)
+    async def create_vm(body: CreateVm) -> VmInfo:
+        return await host.create(body.spec, paused=body.paused)
+
+    @app.get("/v1/vms/{name}")
+    async def show_vm(name: str) -> VmInfo:
+        return await host.info(name)
+
+    @app.post("/v1/vms/{name}/stop")
+    async def stop_vm(name: str, force: bool = False,
+                      grace_s: float = Query(30.0, ge=0, le=600)) -> VmInfo:
+        return await host.stop(name, force=force, grace_s=grace_s)
+
+    @app.post("/v1/vms/{name}/resume")
+    async def resume_vm(name: str) -> VmInfo:
+        return await host.resume(name)
+
+    @app.get("/v1/vms/{name}/serial")
+    async def serial(name: str, lines: int = Query(20, ge=1, le=1000)) -> SerialTail:
+        return SerialTail(lines=tuple(host.serial(name, lines)))
+
+    @app.post("/v1/incoming")
+    async def prepare_incoming(body: PrepareIncoming) -> IncomingReady:
+        return IncomingReady(uri=await host.prepare_incoming(body.migration_id, body.spec))
+
+    @app.post("/v1/vms/{name}/migrate", status_code=202)
+    async def start_outgoing(name: str, body: StartOutgoing) -> dict[str, str]:
+        await host.start_outgoing(name, body.migration_id, body.uri, body.options)
+        return {"status": "started"}
+
+    @app.get("/v1/vms/{name}/migration")
+    async def progress(name: str, wait_s: float = Query(0.0, ge=0, le=10)) -> Progress:
+        return await host.progress(name, wait_s)
+
+    @app.post("/v1/vms/{name}/migration/cancel")
+    async def cancel(name: str) -> Progress:
+        return await host.cancel_outgoing(name)
+
+    return app

@@ -1,0 +1,102 @@
+"""The control plane's typed client of one agent.
+
+Any transport failure becomes HostUnavailable naming the host; an error body from the
+agent becomes the same FerryError subclass the agent raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from ferry.agent.models import (
+    CreateVm,
+    IncomingReady,
+    PrepareIncoming,
+    SerialTail,
+    StartOutgoing,
+    VmInfo,
+)
+from ferry.domain.errors import HostUnavailable
+from ferry.domain.migration import Progress, StreamOptions
+from ferry.domain.specs import HostFacts, VmSpec
+from ferry.wire import error_from_body
+
+T = TypeVar("T")
+
+
+class AgentClient:
+    def __init__(self, host: str, base_url: str, timeout_s: float = 30.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.host = host
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout_s,
+                                       transport=transport)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, out: type[T] | TypeAdapter[T],
+                    body: BaseModel | None = None, timeout_s: float | None = None,
+                    **params: Any) -> T:
+        try:
+            resp = await self._http.request(
+                method, path, params=params or None,
+                content=body.model_dump_json() if body is not None else None,
+                headers={"content-type": "application/json"},
+                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
+        except httpx.HTTPError as exc:
+            raise HostUnavailable(f"agent of host {self.host} is unreachable: "
+                                  f"{type(exc).__name__} {exc}".strip(),
+                                  "check that ferry-agent runs on that host") from exc
+        if resp.status_code >= 400:
+            try:
+                data = resp.json()
+            except ValueError:
+                data = resp.text
+            raise error_from_body(resp.status_code, data)
+        adapter = out if isinstance(out, TypeAdapter) else TypeAdapter(out)
+        return adapter.validate_json(resp.content)
+
+    async def facts(self) -> HostFacts:
+        return await self._call("GET", "/v1/facts", HostFacts)
+
+    async def list_vms(self) -> list[VmInfo]:
+        return await self._call("GET", "/v1/vms", TypeAdapter(list[VmInfo]))
+
+    async def vm(self, name: str) -> VmInfo:
+        return await self._call("GET", f"/v1/vms/{name}", VmInfo)
+
+    async def create_vm(self, spec: VmSpec, paused: bool = False) -> VmInfo:
+        return await self._call("POST", "/v1/vms", VmInfo, CreateVm(spec=spec, paused=paused),
+                                timeout_s=60.0)
+
+    async def stop_vm(self, name: str, force: bool = False, grace_s: float = 30.0) -> VmInfo:
+        return await self._call("POST", f"/v1/vms/{name}/stop", VmInfo, force=force,
+                                grace_s=grace_s, timeout_s=grace_s + 30.0)
+
+    async def resume_vm(self, name: str) -> VmInfo:
+        return await self._call("POST", f"/v1/vms/{name}/resume", VmInfo)
+
+    async def serial(self, name: str, lines: int = 20) -> list[str]:
+        tail = await self._call("GET", f"/v1/vms/{name}/serial", SerialTail, lines=lines)
+        return list(tail.lines)
+
+    async def prepare_incoming(self, migration_id: str, spec: VmSpec) -> str:
+        ready = await self._call("POST", "/v1/incoming", IncomingReady,
+                                 PrepareIncoming(migration_id=migration_id, spec=spec),
+                                 timeout_s=60.0)
+        return ready.uri
+
+    async def start_outgoing(self, name: str, migration_id: str, uri: str,
+                             options: StreamOptions) -> None:
+        await self._call("POST", f"/v1/vms/{name}/migrate", TypeAdapter(dict[str, str]),
+                         StartOutgoing(migration_id=migration_id, uri=uri, options=options))
+
+    async def progress(self, name: str, wait_s: float = 0.0) -> Progress:
+        return await self._call("GET", f"/v1/vms/{name}/migration", Progress, wait_s=wait_s,
+                                timeout_s=wait_s + 10.0)
+
+    async def cancel_migration(self, name: str) -> Progress:
+        return await self._call("POST", f"/v1/vms/{name}/migration/cancel", Progress)

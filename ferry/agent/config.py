@@ -1,0 +1,38 @@
+"""An agent's configuration: who it is, what its host offers, where it keeps state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from ferry.domain.specs import Frozen, Name
+
+
+class DatastoreConfig(Frozen):
+    name: Name
+    path: str
+    shared: bool = False
+
+
+class AgentConfig(Frozen):
+    name: Name
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8100, ge=1, le=65535)
+    migration_address: str | None = None  # defaults to listen_host
+    control_url: str | None = None
+    run_dir: Path
+    accel: str = "auto"  # auto | kvm | tcg
+    cpus: int | None = None  # declared capacity; None: what the host has
+    memory_mib: int | None = None
+    datastores: tuple[DatastoreConfig, ...] = ()
+    networks: tuple[str, ...] = ()
+    heartbeat_interval_s: float = 1.0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen_host}:{self.listen_port}"
+
+    @property
+    def datastore_paths(self) -> dict[str, str]:
+        return {d.name: d.path for d in self.datastores}

@@ -1,0 +1,85 @@
+"""Probe what this host can do: accelerator, CPU models, machine types, memory, disks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.agent.config import AgentConfig
+from ferry.domain.specs import DatastoreInfo, HostFacts
+from ferry.hypervisor.argv import QEMU_BINARY, RunPaths
+from ferry.hypervisor.process import QemuProcess
+
+
+@dataclass(frozen=True)
+class QemuCapabilities:
+    version: str
+    cpu_models: tuple[str, ...]
+    machine_types: tuple[str, ...]
+    machine_aliases: dict[str, str]
+
+
+def detect_accel(wanted: str) -> str:
+    if wanted != "auto":
+        return wanted
+    # Nested KVM here hangs guests (FACTS.md); only trust KVM when it is openable.
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return "tcg"
+    os.close(fd)
+    return "kvm"
+
+
+async def probe_qemu(accel: str) -> QemuCapabilities:
+    """Ask a throwaway QEMU (machine none) what it supports."""
+    with tempfile.TemporaryDirectory(prefix="ferry-probe-") as tmp:
+        paths = RunPaths(Path(tmp))
+        argv = [QEMU_BINARY, "-machine", f"none,accel={accel}", "-nodefaults",
+                "-display", "none", "-chardev",
+                f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
+                "-mon", "chardev=qmp,mode=control"]
+        proc = QemuProcess("probe", argv, paths)
+        monitor = await proc.start()
+        try:
+            version = await monitor.execute("query-version")
+            qemu = version["qemu"]
+            models = await monitor.usable_cpu_models()
+            machines, aliases = await monitor.machines()
+        finally:
+            await monitor.quit()
+            await monitor.close()
+            await proc.kill()
+    return QemuCapabilities(version=f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}",
+                            cpu_models=tuple(models), machine_types=tuple(machines),
+                            machine_aliases=aliases)
+
+
+def meminfo_mib() -> tuple[int, int]:
+    values: dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            values[key] = int(rest.split()[0]) // 1024
+    return values["MemTotal"], values.get("MemAvailable", values["MemFree"])
+
+
+def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
+               used_memory_mib: int) -> HostFacts:
+    total, free = meminfo_mib()
+    capacity = config.memory_mib or total
+    datastores = []
+    for ds in config.datastores:
+        usage = shutil.disk_usage(ds.path)
+        datastores.append(DatastoreInfo(name=ds.name, path=ds.path, shared=ds.shared,
+                                        total_bytes=usage.total, free_bytes=usage.free))
+    return HostFacts(
+        name=config.name, address=config.migration_address or config.listen_host,
+        accel=accel, cpus=config.cpus or os.cpu_count() or 1, memory_mib=capacity,
+        memory_free_mib=max(0, min(free, capacity - used_memory_mib)),
+        cpu_models=qemu.cpu_models, qemu_version=qemu.version,
+        machine_types=qemu.machine_types, machine_aliases=qemu.machine_aliases,
+        datastores=tuple(datastores), networks=config.networks)

@@ -1,0 +1,280 @@
+"""The VMs one agent runs: start, stop, inspect, and both ends of a migration.
+
+The agent keeps no inventory of its own: the control plane owns it and sends the
+spec with every start. What the agent knows is which QEMU processes run here; a
+restarted agent adopts them again from their run directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferry.agent.config import AgentConfig
+from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
+from ferry.agent.models import RUNSTATES, AgentVmState, VmInfo
+from ferry.domain.errors import Conflict, InvalidInput, NotFound
+from ferry.domain.migration import Progress, SourceStatus, StreamOptions
+from ferry.domain.probe import last_heartbeat
+from ferry.domain.specs import HostFacts, VmSpec
+from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
+from ferry.hypervisor.errors import MonitorError, NotRunning
+from ferry.hypervisor.monitor import Monitor
+from ferry.hypervisor.process import ProcessState, QemuProcess
+
+SERIAL_TAIL_BYTES = 64 * 1024
+
+
+@dataclass
+class VmRecord:
+    spec: VmSpec
+    paths: RunPaths
+    process: QemuProcess
+    monitor: Monitor | None
+    migration_id: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def tail_lines(path: Path, max_lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - SERIAL_TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.decode(errors="replace").splitlines()
+    return lines[-max_lines:]
+
+
+class HostRuntime:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.accel = detect_accel(config.accel)
+        self._qemu: QemuCapabilities | None = None
+        self._vms: dict[str, VmRecord] = {}
+        self._create_lock = asyncio.Lock()
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.config.run_dir / "vms"
+
+    async def setup(self) -> None:
+        self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self._qemu = await probe_qemu(self.accel)
+        await self._adopt()
+
+    async def _adopt(self) -> None:
+        for spec_file in sorted(self.vms_dir.glob("*/spec.json")):
+            paths = RunPaths(spec_file.parent)
+            spec = VmSpec.model_validate_json(spec_file.read_text())
+            adopted = await QemuProcess.adopt(spec.name, paths)
+            if adopted is None:
+                shutil.rmtree(paths.directory, ignore_errors=True)
+                continue
+            proc, monitor = adopted
+            self._vms[spec.name] = VmRecord(spec=spec, paths=paths, process=proc,
+                                            monitor=monitor)
+
+    async def shutdown(self) -> None:
+        """Close monitors; the guests keep running (an agent restart is no outage)."""
+        for rec in self._vms.values():
+            if rec.monitor is not None:
+                await rec.monitor.close()
+
+    # --- facts -----------------------------------------------------------------
+    def facts(self) -> HostFacts:
+        assert self._qemu is not None, "setup() not run"
+        used = sum(r.spec.memory_mib for r in self._vms.values()
+                   if r.process.state is ProcessState.RUNNING)
+        return host_facts(self.config, self.accel, self._qemu, used)
+
+    # --- inspection ------------------------------------------------------------
+    def _get(self, name: str) -> VmRecord:
+        rec = self._vms.get(name)
+        if rec is None:
+            raise NotFound(f"no VM {name!r} runs on host {self.config.name}")
+        return rec
+
+    async def _state(self, rec: VmRecord) -> AgentVmState:
+        if rec.process.state is not ProcessState.RUNNING:
+            return AgentVmState.EXITED
+        if rec.monitor is None:
+            return AgentVmState.STARTING
+        try:
+            runstate = await rec.monitor.runstate()
+        except MonitorError:
+            return (AgentVmState.EXITED if rec.process.state is not ProcessState.RUNNING
+                    else AgentVmState.STARTING)
+        return RUNSTATES.get(runstate, AgentVmState.PAUSED)
+
+    async def info(self, name: str) -> VmInfo:
+        rec = self._get(name)
+        return VmInfo(name=name, uuid=rec.spec.uuid, state=await self._state(rec),
+                      pid=rec.process.pid, exit_code=rec.process.returncode, spec=rec.spec,
+                      heartbeat=last_heartbeat(tail_lines(rec.paths.serial_log, 50)),
+                      migration_id=rec.migration_id)
+
+    async def list_vms(self) -> list[VmInfo]:
+        return [await self.info(name) for name in sorted(self._vms)]
+
+    def serial(self, name: str, lines: int) -> list[str]:
+        return tail_lines(self._get(name).paths.serial_log, lines)
+
+    # --- lifecycle -------------------------------------------------------------
+    def _check_runnable(self, spec: VmSpec) -> str:
+        assert self._qemu is not None
+        machine = self._qemu.machine_aliases.get(spec.machine, spec.machine)
+        if machine not in self._qemu.machine_types:
+            raise InvalidInput(f"host {self.config.name} has no machine type {spec.machine}")
+        if spec.cpu_model not in self._qemu.cpu_models:
+            raise InvalidInput(f"host {self.config.name} cannot provide CPU model "
+                               f"{spec.cpu_model}")
+        stores = self.config.datastore_paths
+        for disk in spec.disks:
+            if disk.datastore not in stores:
+                raise InvalidInput(f"host {self.config.name} does not see datastore "
+                                   f"{disk.datastore}")
+            if not disk_path(disk, stores).exists():
+                raise InvalidInput(f"disk image {disk.path} does not exist on datastore "
+                                   f"{disk.datastore}", "create the image first")
+        if spec.kernel is not None:
+            for path in (spec.kernel.kernel, spec.kernel.initrd):
+                if path is not None and not Path(path).is_file():
+                    raise InvalidInput(f"host {self.config.name} cannot read boot file {path}",
+                                       "put it on storage every host can read")
+        for nic in spec.nics:
+            if nic.network not in self.config.networks:
+                raise InvalidInput(f"host {self.config.name} has no network {nic.network}")
+        return machine
+
+    async def _launch(self, spec: VmSpec, *, incoming: bool) -> VmRecord:
+        async with self._create_lock:
+            old = self._vms.get(spec.name)
+            if old is not None and old.process.state is ProcessState.RUNNING:
+                raise Conflict(f"VM {spec.name} already runs on host {self.config.name}")
+            machine = self._check_runnable(spec)
+            paths = RunPaths(self.vms_dir / spec.name)
+            paths.directory.mkdir(parents=True, exist_ok=True)
+            paths.spec_file.write_text(spec.model_dump_json())
+            argv = build_argv(spec, machine=machine, accel=self.accel, paths=paths,
+                              datastores=self.config.datastore_paths, incoming=incoming)
+            if old is None or old.process.state is not ProcessState.RUNNING:
+                paths.qemu_log.unlink(missing_ok=True)
+            proc = QemuProcess(spec.name, argv, paths)
+            rec = VmRecord(spec=spec, paths=paths, process=proc, monitor=None)
+            self._vms[spec.name] = rec
+        try:
+            rec.monitor = await proc.start()
+        except Exception:
+            self._forget(spec.name)
+            raise
+        return rec
+
+    async def create(self, spec: VmSpec, paused: bool = False) -> VmInfo:
+        """Start a VM's QEMU here. Its guest runs unless `paused`."""
+        rec = await self._launch(spec, incoming=False)
+        # QEMU starts the guest at once unless -S; we never pass -S for plain starts.
+        if paused and rec.monitor is not None:
+            await rec.monitor.execute("stop")
+        return await self.info(spec.name)
+
+    async def stop(self, name: str, force: bool, grace_s: float = 30.0) -> VmInfo:
+        """Power the VM off: ACPI shutdown first (unless force), then kill."""
+        rec = self._get(name)
+        async with rec.lock:
+            if rec.process.state is ProcessState.RUNNING and rec.monitor is not None:
+                if not force:
+                    with contextlib.suppress(MonitorError):
+                        await rec.monitor.powerdown()
+                    await rec.process.wait(grace_s)
+                if rec.process.state is ProcessState.RUNNING:
+                    await rec.monitor.quit()
+                    await rec.process.wait(3.0)
+            await rec.process.kill()
+            if rec.monitor is not None:
+                await rec.monitor.close()
+            info = await self.info(name)
+            self._forget(name)
+            return info
+
+    def _forget(self, name: str) -> None:
+        rec = self._vms.pop(name, None)
+        if rec is not None:
+            shutil.rmtree(rec.paths.directory, ignore_errors=True)
+
+    async def resume(self, name: str) -> VmInfo:
+        rec = self._get(name)
+        if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
+            raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
+        await rec.monitor.cont()
+        return await self.info(name)
+
+    # --- migration: destination side -----------------------------------------
+    async def prepare_incoming(self, migration_id: str, spec: VmSpec) -> str:
+        """Start QEMU with -incoming defer and listen; return the URI to send to."""
+        rec = await self._launch(spec, incoming=True)
+        rec.migration_id = migration_id
+        assert rec.monitor is not None
+        address = self.config.migration_address or self.config.listen_host
+        try:
+            await rec.monitor.set_migration_capabilities({"events": True})
+            port = free_port(address)
+            uri = f"tcp:{address}:{port}"
+            await rec.monitor.migrate_incoming(uri)
+        except Exception:
+            await self.stop(spec.name, force=True)
+            raise
+        return uri
+
+    # --- migration: source side ------------------------------------------------
+    async def start_outgoing(self, name: str, migration_id: str, uri: str,
+                             options: StreamOptions) -> None:
+        rec = self._get(name)
+        if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
+            raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
+        current = await rec.monitor.query_migrate()
+        if current.status in (SourceStatus.ACTIVE, SourceStatus.SETUP,
+                              SourceStatus.POSTCOPY_ACTIVE, SourceStatus.DEVICE):
+            if rec.migration_id == migration_id:
+                return  # a resumed control plane asking again: already under way
+            raise Conflict(f"VM {name} is already migrating ({rec.migration_id})")
+        rec.migration_id = migration_id
+        rec.monitor.migration_events.clear()
+        await rec.monitor.set_migration_capabilities({"events": True})
+        params: dict[str, object] = {"downtime-limit": options.max_downtime_ms}
+        if options.max_bandwidth_bytes_s:
+            params["max-bandwidth"] = options.max_bandwidth_bytes_s
+        else:
+            params["max-bandwidth"] = 1 << 40  # "unlimited": QEMU's 128 MiB/s cap is not ours
+        await rec.monitor.set_migration_parameters(params)
+        await rec.monitor.migrate(uri)
+
+    async def progress(self, name: str, wait_s: float) -> Progress:
+        """query-migrate, after the next migration event or wait_s, whichever first."""
+        rec = self._get(name)
+        if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
+            raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
+        if wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rec.monitor.migration_events.get(), wait_s)
+            rec.monitor.migration_events.clear()
+        return await rec.monitor.query_migrate()
+
+    async def cancel_outgoing(self, name: str) -> Progress:
+        rec = self._get(name)
+        if rec.monitor is None:
+            raise NotRunning(f"VM {name} has no monitor on {self.config.name}")
+        await rec.monitor.migrate_cancel()
+        return await rec.monitor.query_migrate()
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])

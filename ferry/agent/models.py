@@ -1,0 +1,83 @@
+"""What agent and control plane say to each other (the agent's HTTP contract)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from ferry.domain.migration import StreamOptions
+from ferry.domain.probe import Heartbeat
+from ferry.domain.specs import Frozen, HostFacts, VmSpec
+
+
+class AgentVmState(StrEnum):
+    """A QEMU process as its agent sees it, from the process and QMP's runstate."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    INCOMING = "incoming"  # waiting for or receiving a migration
+    MIGRATED = "migrated"  # source after switchover: paused, its state sent away
+    CRASHED = "crashed"  # guest panicked or QEMU hit an internal error
+    EXITED = "exited"  # the process is gone
+
+    @property
+    def alive(self) -> bool:
+        return self is not AgentVmState.EXITED
+
+
+RUNSTATES: dict[str, AgentVmState] = {
+    "running": AgentVmState.RUNNING,
+    "paused": AgentVmState.PAUSED,
+    "prelaunch": AgentVmState.PAUSED,
+    "suspended": AgentVmState.PAUSED,
+    "inmigrate": AgentVmState.INCOMING,
+    "postmigrate": AgentVmState.MIGRATED,
+    "finish-migrate": AgentVmState.PAUSED,
+    "internal-error": AgentVmState.CRASHED,
+    "guest-panicked": AgentVmState.CRASHED,
+    "io-error": AgentVmState.PAUSED,
+    "shutdown": AgentVmState.EXITED,
+}
+
+
+class VmInfo(Frozen):
+    name: str
+    uuid: str
+    state: AgentVmState
+    pid: int | None
+    exit_code: int | None = None
+    spec: VmSpec
+    heartbeat: Heartbeat | None = None
+    migration_id: str | None = None
+
+
+class CreateVm(Frozen):
+    spec: VmSpec
+    paused: bool = False
+
+
+class PrepareIncoming(Frozen):
+    migration_id: str
+    spec: VmSpec
+
+
+class IncomingReady(Frozen):
+    uri: str
+
+
+class StartOutgoing(Frozen):
+    migration_id: str
+    uri: str
+    options: StreamOptions = Field(default_factory=StreamOptions)
+
+
+class AgentHeartbeat(Frozen):
+    facts: HostFacts
+    vms: tuple[VmInfo, ...]
+    url: str
+
+
+class SerialTail(Frozen):
+    lines: tuple[str, ...]

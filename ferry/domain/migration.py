@@ -1,0 +1,161 @@
+"""The live migration as a persisted state machine (vMotion's three stages).
+
+    PENDING → CHECKING → PREPARING_TARGET → PRECOPY → SWITCHOVER → COMPLETED
+                │              │               │           │
+                └──────────────┴───────────────┴───────────┴──→ ROLLING_BACK → FAILED
+
+A phase only moves along an arrow; `transition` refuses anything else, so a resumed
+control plane cannot skip a step by accident.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from ferry.domain.errors import Conflict
+from ferry.domain.specs import Frozen
+
+
+class Phase(StrEnum):
+    PENDING = "pending"
+    CHECKING = "checking"
+    PREPARING_TARGET = "preparing_target"
+    PRECOPY = "precopy"
+    SWITCHOVER = "switchover"
+    COMPLETED = "completed"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.COMPLETED, Phase.FAILED)
+
+    @property
+    def cancellable(self) -> bool:
+        return self in (Phase.PENDING, Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY)
+
+
+_NEXT: dict[Phase, frozenset[Phase]] = {
+    Phase.PENDING: frozenset({Phase.CHECKING, Phase.ROLLING_BACK}),
+    Phase.CHECKING: frozenset({Phase.PREPARING_TARGET, Phase.ROLLING_BACK}),
+    Phase.PREPARING_TARGET: frozenset({Phase.PRECOPY, Phase.ROLLING_BACK}),
+    Phase.PRECOPY: frozenset({Phase.SWITCHOVER, Phase.COMPLETED, Phase.ROLLING_BACK}),
+    Phase.SWITCHOVER: frozenset({Phase.COMPLETED, Phase.ROLLING_BACK}),
+    Phase.ROLLING_BACK: frozenset({Phase.FAILED}),
+    Phase.COMPLETED: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+
+
+def can_transition(current: Phase, new: Phase) -> bool:
+    return new in _NEXT[current]
+
+
+def transition(current: Phase, new: Phase) -> Phase:
+    if not can_transition(current, new):
+        raise Conflict(f"a migration cannot go from {current} to {new}")
+    return new
+
+
+class SourceStatus(StrEnum):
+    """QEMU's migration status on the source (query-migrate 'status'), typed."""
+
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    POSTCOPY_ACTIVE = "postcopy-active"
+    PRE_SWITCHOVER = "pre-switchover"
+    DEVICE = "device"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    WAIT_UNPLUG = "wait-unplug"
+    COLO = "colo"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER = "postcopy-recover"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SourceStatus.COMPLETED, SourceStatus.FAILED, SourceStatus.CANCELLED)
+
+
+class Progress(Frozen):
+    """One reading of a migration's progress, from query-migrate on the source."""
+
+    status: SourceStatus
+    elapsed_ms: int = 0
+    dirty_sync_count: int = 0
+    remaining_bytes: int = 0
+    transferred_bytes: int = 0
+    total_bytes: int = 0
+    dirty_pages_rate: int = 0
+    page_size: int = 4096
+    mbps: float = 0.0
+    expected_downtime_ms: int | None = None
+    downtime_ms: int | None = None
+    setup_time_ms: int | None = None
+    error: str | None = None
+
+    @property
+    def dirty_rate_bytes_s(self) -> int:
+        return self.dirty_pages_rate * self.page_size
+
+    @property
+    def throughput_bytes_s(self) -> float:
+        return self.mbps * 1_000_000 / 8
+
+
+class StreamOptions(Frozen):
+    """How the memory stream is run; later policies fill more of these."""
+
+    max_downtime_ms: int = Field(default=300, ge=1, le=60_000)
+    max_bandwidth_bytes_s: int = Field(default=0, ge=0)  # 0: unlimited
+    completion_budget_s_per_gib: int = Field(default=800, ge=1)
+    progress_timeout_s: int = Field(default=150, ge=1)
+
+
+class Iteration(Frozen):
+    """A pre-copy pass as recorded: what the source reported when the pass began."""
+
+    number: int
+    at_ms: int
+    remaining_bytes: int
+    transferred_bytes: int
+    dirty_rate_bytes_s: int
+    throughput_bytes_s: float
+    expected_downtime_ms: int | None
+
+
+def record_iteration(iterations: list[Iteration], progress: Progress,
+                     at_ms: int) -> Iteration | None:
+    """A new Iteration if `progress` starts a pass not yet recorded, else None."""
+    last = iterations[-1].number if iterations else 0
+    if progress.dirty_sync_count <= last:
+        return None
+    return Iteration(number=progress.dirty_sync_count, at_ms=at_ms,
+                     remaining_bytes=progress.remaining_bytes,
+                     transferred_bytes=progress.transferred_bytes,
+                     dirty_rate_bytes_s=progress.dirty_rate_bytes_s,
+                     throughput_bytes_s=progress.throughput_bytes_s,
+                     expected_downtime_ms=progress.expected_downtime_ms)
+
+
+def completion_deadline_s(memory_mib: int, options: StreamOptions) -> float:
+    """Total time a migration may take before it is aborted (Nova/KubeVirt style)."""
+    return max(60.0, options.completion_budget_s_per_gib * memory_mib / 1024)
+
+
+def abort_reason(elapsed_s: float, since_progress_s: float, memory_mib: int,
+                 options: StreamOptions) -> str | None:
+    """Why a running pre-copy must be given up now, or None to keep going."""
+    deadline = completion_deadline_s(memory_mib, options)
+    if elapsed_s > deadline:
+        return (f"migration did not complete within its budget of {deadline:.0f} s "
+                f"({options.completion_budget_s_per_gib} s per GiB)")
+    if since_progress_s > options.progress_timeout_s:
+        return (f"no progress for {since_progress_s:.0f} s (remaining memory did not "
+                f"shrink); the guest dirties memory faster than the link carries it")
+    return None

@@ -1,0 +1,165 @@
+"""What a VM, a host and a datastore are: frozen, validated value objects.
+
+Validation here is the single place where user input is judged; messages name the
+field, the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Annotated
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+DEFAULT_CPU_MODEL = "Nehalem"  # survives TCG migration (FACTS.md: qemu64/max corrupt guests)
+DEFAULT_MACHINE = "pc"  # an alias; resolved to a versioned type when the VM is created
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DiskFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+class DiskSpec(Frozen):
+    name: Name
+    datastore: Name
+    path: str = Field(description="image path relative to the datastore root")
+    format: DiskFormat = DiskFormat.QCOW2
+
+    @field_validator("path")
+    @classmethod
+    def _inside_datastore(cls, value: str) -> str:
+        return check_relative_path(value)
+
+
+class NicSpec(Frozen):
+    name: Name
+    network: Name
+    mac: str
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        mac = value.lower()
+        if not MAC_RE.match(mac):
+            raise ValueError(f"MAC address {value!r} is not of the form 52:54:00:12:34:56")
+        if int(mac[:2], 16) & 1:
+            raise ValueError(f"MAC address {value!r} is a multicast address; use 52:54:00:xx:xx:xx")
+        return mac
+
+
+class KernelBoot(Frozen):
+    """Direct kernel boot: files that every host the VM may run on can read."""
+
+    kernel: str
+    initrd: str | None = None
+    append: str = ""
+
+    @field_validator("kernel", "initrd")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"{value!r} must be an absolute path readable on the hosts")
+        return value
+
+
+class VmSpec(Frozen):
+    name: Name
+    uuid: str = Field(default_factory=lambda: str(uuidlib.uuid4()))
+    vcpus: int = Field(default=1, ge=1, le=64)
+    memory_mib: int = Field(default=256, ge=32, le=1024 * 1024)
+    cpu_model: str = DEFAULT_CPU_MODEL
+    machine: str = DEFAULT_MACHINE
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    kernel: KernelBoot | None = None
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        try:
+            return str(uuidlib.UUID(value))
+        except ValueError:
+            raise ValueError(f"uuid {value!r} is not a UUID") from None
+
+    @field_validator("cpu_model", "machine")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", value):
+            raise ValueError(f"{value!r} is not a QEMU model name")
+        return value
+
+    @model_validator(mode="after")
+    def _bootable_and_unique(self) -> VmSpec:
+        if self.kernel is None and not self.disks:
+            raise ValueError("the VM has nothing to boot: give a disk or a kernel")
+        for kind, names in (("disk", [d.name for d in self.disks]),
+                            ("NIC", [n.name for n in self.nics])):
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"{kind} names must be unique, repeated: {sorted(dup)}")
+        macs = [n.mac for n in self.nics]
+        if len(set(macs)) != len(macs):
+            raise ValueError("two NICs of the VM share a MAC address")
+        return self
+
+
+def check_relative_path(value: str) -> str:
+    """Refuse a datastore path that could escape its datastore."""
+    path = PurePosixPath(value)
+    if not value or path.is_absolute() or ".." in path.parts or "\x00" in value:
+        raise ValueError(
+            f"path {value!r} escapes its datastore; give a relative path without '..'"
+        )
+    return str(path)
+
+
+class DatastoreInfo(Frozen):
+    name: Name
+    path: str
+    shared: bool
+    total_bytes: int
+    free_bytes: int
+
+
+class HostFacts(Frozen):
+    """What an agent reports about its host, probed at agent start and on request."""
+
+    name: Name
+    address: str
+    accel: str
+    cpus: int
+    memory_mib: int
+    memory_free_mib: int
+    cpu_models: tuple[str, ...]
+    qemu_version: str
+    machine_types: tuple[str, ...]
+    machine_aliases: dict[str, str] = Field(default_factory=dict)
+    datastores: tuple[DatastoreInfo, ...] = ()
+    networks: tuple[str, ...] = ()
+
+    def resolve_machine(self, machine: str) -> str | None:
+        if machine in self.machine_aliases:
+            return self.machine_aliases[machine]
+        return machine if machine in self.machine_types else None
+
+    def datastore(self, name: str) -> DatastoreInfo | None:
+        return next((d for d in self.datastores if d.name == name), None)

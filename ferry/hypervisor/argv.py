@@ -1,0 +1,93 @@
+"""A VmSpec becomes a QEMU command line (a list: no shell ever sees it)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.domain.specs import DiskSpec, VmSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one QEMU process keeps its sockets and logs on its host."""
+
+    directory: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.directory / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.directory / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "qemu.pid"
+
+    @property
+    def spec_file(self) -> Path:
+        return self.directory / "spec.json"
+
+
+def disk_path(disk: DiskSpec, datastores: Mapping[str, str]) -> Path:
+    root = Path(datastores[disk.datastore]).resolve()
+    path = (root / disk.path).resolve()
+    if root != path and root not in path.parents:  # spec validation already refuses '..'
+        raise ValueError(f"disk {disk.name} escapes datastore {disk.datastore}")
+    return path
+
+
+def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
+               datastores: Mapping[str, str], incoming: bool = False,
+               binary: str = QEMU_BINARY) -> list[str]:
+    """The full argv; `machine` is the resolved, versioned machine type."""
+    argv = [
+        binary,
+        "-name", f"guest={spec.name},debug-threads=on",
+        "-uuid", spec.uuid,
+        "-machine", f"{machine},accel={accel}",
+        "-cpu", spec.cpu_model,
+        "-smp", str(spec.vcpus),
+        "-m", f"{spec.memory_mib}M",
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-pidfile", str(paths.pidfile),
+        "-chardev", f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=serial0,path={paths.serial_log}",
+        "-serial", "chardev:serial0",
+    ]
+    if spec.kernel is not None:
+        argv += ["-kernel", spec.kernel.kernel]
+        if spec.kernel.initrd:
+            argv += ["-initrd", spec.kernel.initrd]
+        if spec.kernel.append:
+            argv += ["-append", spec.kernel.append]
+    for index, disk in enumerate(spec.disks):
+        file_node, fmt_node = f"file-{disk.name}", f"disk-{disk.name}"
+        argv += [
+            "-blockdev", json.dumps({"driver": "file", "node-name": file_node,
+                                     "filename": str(disk_path(disk, datastores))}),
+            "-blockdev", json.dumps({"driver": disk.format.value, "node-name": fmt_node,
+                                     "file": file_node}),
+            "-device", f"virtio-blk-pci,drive={fmt_node},id={disk.name}"
+                       + (",bootindex=1" if index == 0 and spec.kernel is None else ""),
+        ]
+    for nic in spec.nics:
+        # User-mode networking: migratable and needs no host bridge; bridged NICs are
+        # a later step (they need qemu-bridge-helper or pre-created taps).
+        argv += ["-netdev", f"user,id=net-{nic.name}",
+                 "-device", f"virtio-net-pci,netdev=net-{nic.name},mac={nic.mac},id={nic.name}"]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv

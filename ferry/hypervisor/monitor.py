@@ -1,0 +1,136 @@
+"""A typed layer over qemu.qmp: the QMP commands Ferry uses, with typed results.
+
+Every call is bounded by a timeout; a QMP error, a timeout or a lost connection
+becomes a MonitorError naming the command, with the original as its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient, QMPError
+
+from ferry.domain.migration import Progress, SourceStatus
+from ferry.hypervisor.errors import MonitorError
+
+COMMAND_TIMEOUT_S = 10.0
+
+
+class Monitor:
+    """One QMP connection to one QEMU process."""
+
+    def __init__(self, name: str, socket_path: Path) -> None:
+        self._name = name
+        self._socket = socket_path
+        self._client = QMPClient(name)
+        self.migration_events = EventListener(("MIGRATION", "MIGRATION_PASS"))
+        self._client.register_listener(self.migration_events)
+
+    async def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect, retrying while QEMU creates its socket, for at most timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._client.connect(str(self._socket)), 2.0)
+                return
+            except (QMPError, OSError, TimeoutError) as exc:
+                if loop.time() >= deadline:
+                    raise MonitorError(f"cannot connect to QMP of {self._name} at "
+                                       f"{self._socket}: {exc}") from exc
+                self._client = self._fresh_client()
+                await asyncio.sleep(0.05)
+
+    def _fresh_client(self) -> QMPClient:
+        client = QMPClient(self._name)
+        client.register_listener(self.migration_events)
+        return client
+
+    async def close(self) -> None:
+        with contextlib.suppress(QMPError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._client.disconnect(), 5.0)
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None,
+                      timeout_s: float = COMMAND_TIMEOUT_S) -> Any:
+        try:
+            return await asyncio.wait_for(
+                self._client.execute(command, dict(arguments) if arguments else None),
+                timeout_s)
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise MonitorError(f"QMP {command} on {self._name} failed: {exc or type(exc)}"
+                               ) from exc
+
+    # --- VM state -------------------------------------------------------------
+    async def runstate(self) -> str:
+        reply = await self.execute("query-status")
+        return str(reply["status"])
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def quit(self) -> None:
+        # QEMU closes the socket as it exits; the reply may never arrive.
+        with contextlib.suppress(MonitorError):
+            await self.execute("quit", timeout_s=3.0)
+
+    async def powerdown(self) -> None:
+        await self.execute("system_powerdown")
+
+    # --- host facts ------------------------------------------------------------
+    async def usable_cpu_models(self) -> list[str]:
+        defs = await self.execute("query-cpu-definitions")
+        return sorted(d["name"] for d in defs if not d.get("unavailable-features"))
+
+    async def machines(self) -> tuple[list[str], dict[str, str]]:
+        names: list[str] = []
+        aliases: dict[str, str] = {}
+        for m in await self.execute("query-machines"):
+            names.append(m["name"])
+            if "alias" in m:
+                aliases[m["alias"]] = m["name"]
+        return sorted(names), aliases
+
+    # --- migration -------------------------------------------------------------
+    async def set_migration_capabilities(self, caps: Mapping[str, bool]) -> None:
+        await self.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": k, "state": v} for k, v in caps.items()]})
+
+    async def set_migration_parameters(self, params: Mapping[str, object]) -> None:
+        if params:
+            await self.execute("migrate-set-parameters", params)
+
+    async def migrate(self, uri: str) -> None:
+        await self.execute("migrate", {"uri": uri})
+
+    async def migrate_incoming(self, uri: str) -> None:
+        await self.execute("migrate-incoming", {"uri": uri})
+
+    async def migrate_cancel(self) -> None:
+        await self.execute("migrate_cancel")
+
+    async def query_migrate(self) -> Progress:
+        return progress_from_reply(await self.execute("query-migrate"))
+
+
+def progress_from_reply(reply: Mapping[str, Any]) -> Progress:
+    """query-migrate's loosely shaped reply as a typed Progress."""
+    ram: Mapping[str, Any] = reply.get("ram", {})
+    return Progress(
+        status=SourceStatus(reply.get("status", "none")),
+        elapsed_ms=int(reply.get("total-time", 0)),
+        dirty_sync_count=int(ram.get("dirty-sync-count", 0)),
+        remaining_bytes=int(ram.get("remaining", 0)),
+        transferred_bytes=int(ram.get("transferred", 0)),
+        total_bytes=int(ram.get("total", 0)),
+        dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+        page_size=int(ram.get("page-size", 4096)) or 4096,
+        mbps=float(ram.get("mbps", 0.0)),
+        expected_downtime_ms=reply.get("expected-downtime"),
+        downtime_ms=reply.get("downtime"),
+        setup_time_ms=reply.get("setup-time"),
+        error=reply.get("error-desc"),
+    )
