@@ -1,0 +1,1 @@
+"""The control plane's REST API and event stream; the only place errors become HTTP."""

@@ -1,0 +1,131 @@
+"""The control plane's HTTP API (FastAPI, OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ferry.agent.models import AgentHeartbeat
+from ferry.api.schemas import CheckResult, CreateVmRequest, MigrateRequest, SerialLines, VmView
+from ferry.control.service import ControlPlane
+from ferry.domain.errors import FerryError, InvalidInput
+from ferry.domain.records import HostRecord, MigrationRecord
+from ferry.wire import describe_validation, error_body, status_for
+
+
+def create_app(control: ControlPlane) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await control.start()
+        yield
+        await control.close()
+
+    app = FastAPI(title="Ferry control plane", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(FerryError)
+    async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=status_for(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = InvalidInput(describe_validation(exc.errors()),
+                           "correct the value; see `ferry --help` or /docs")
+        return JSONResponse(error_body(err), status_code=422)
+
+    # --- agents and hosts ------------------------------------------------------
+    @app.post("/v1/agents/heartbeat", status_code=204)
+    async def heartbeat(beat: AgentHeartbeat) -> None:
+        await control.inventory.heartbeat(beat.facts, beat.url, beat.vms)
+
+    @app.get("/v1/hosts")
+    async def hosts() -> list[HostRecord]:
+        return await control.store.hosts()
+
+    @app.get("/v1/hosts/{name}")
+    async def host(name: str) -> HostRecord:
+        return await control.store.host(name)
+
+    # --- VMs -------------------------------------------------------------------
+    @app.post("/v1/vms", status_code=201)
+    async def create_vm(body: CreateVmRequest) -> VmView:
+        vm = await control.inventory.create_vm(body.spec, body.host, body.start)
+        return VmView(spec=vm.spec, host=vm.host, state=vm.state)
+
+    @app.get("/v1/vms")
+    async def list_vms() -> list[VmView]:
+        views = []
+        for vm in await control.store.vms():
+            live = control.agents.reported.get(vm.host, {}).get(vm.name)
+            views.append(VmView(spec=vm.spec, host=vm.host, state=vm.state, live=live))
+        return views
+
+    @app.get("/v1/vms/{name}")
+    async def show_vm(name: str) -> VmView:
+        vm, live = await control.inventory.live(name)
+        return VmView(spec=vm.spec, host=vm.host, state=vm.state, live=live)
+
+    @app.post("/v1/vms/{name}/start")
+    async def start_vm(name: str) -> VmView:
+        vm = await control.inventory.start_vm(name)
+        return VmView(spec=vm.spec, host=vm.host, state=vm.state)
+
+    @app.post("/v1/vms/{name}/stop")
+    async def stop_vm(name: str, force: bool = False) -> VmView:
+        vm = await control.inventory.stop_vm(name, force)
+        return VmView(spec=vm.spec, host=vm.host, state=vm.state)
+
+    @app.delete("/v1/vms/{name}", status_code=204)
+    async def delete_vm(name: str) -> None:
+        await control.inventory.delete_vm(name)
+
+    @app.get("/v1/vms/{name}/serial")
+    async def serial(name: str, lines: int = Query(20, ge=1, le=1000)) -> SerialLines:
+        return SerialLines(lines=tuple(await control.inventory.serial(name, lines)))
+
+    # --- migrations --------------------------------------------------------------
+    @app.post("/v1/migrations", status_code=202)
+    async def migrate(body: MigrateRequest) -> MigrationRecord:
+        return await control.migrations.start(body.vm, body.target, body.options)
+
+    @app.post("/v1/migrations/check")
+    async def check(body: MigrateRequest) -> CheckResult:
+        refusals = await control.migrations.check(body.vm, body.target)
+        return CheckResult(vm=body.vm, target=body.target, ok=not refusals,
+                           refusals=tuple(refusals))
+
+    @app.get("/v1/migrations")
+    async def migrations() -> list[MigrationRecord]:
+        return await control.store.migrations()
+
+    @app.get("/v1/migrations/{migration_id}")
+    async def migration(migration_id: str) -> MigrationRecord:
+        return await control.store.migration(migration_id)
+
+    @app.post("/v1/migrations/{migration_id}/cancel")
+    async def cancel(migration_id: str) -> MigrationRecord:
+        return await control.migrations.cancel(migration_id)
+
+    @app.get("/v1/migrations/{migration_id}/events")
+    async def events(migration_id: str) -> StreamingResponse:
+        """Server-sent events: the migration record each time it changes, to the end."""
+        await control.store.migration(migration_id)  # 404 before the stream starts
+
+        async def stream() -> AsyncIterator[str]:
+            seen = -1
+            while True:
+                version = control.bus.version(migration_id)
+                rec = await control.store.migration(migration_id)
+                yield f"data: {json.dumps(rec.model_dump(mode='json'))}\n\n"
+                if rec.phase.terminal:
+                    return
+                seen = version
+                await control.bus.wait(migration_id, seen, timeout_s=1.0)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app

@@ -1,0 +1,39 @@
+"""Request and response bodies of the control plane's REST API."""
+
+from __future__ import annotations
+
+from ferry.agent.models import VmInfo
+from ferry.domain.compat import Refusal
+from ferry.domain.inventory import VmState
+from ferry.domain.migration import StreamOptions
+from ferry.domain.specs import Frozen, VmSpec
+
+
+class CreateVmRequest(Frozen):
+    spec: VmSpec
+    host: str | None = None
+    start: bool = True
+
+
+class VmView(Frozen):
+    spec: VmSpec
+    host: str
+    state: VmState
+    live: VmInfo | None = None
+
+
+class MigrateRequest(Frozen):
+    vm: str
+    target: str
+    options: StreamOptions | None = None
+
+
+class CheckResult(Frozen):
+    vm: str
+    target: str
+    ok: bool
+    refusals: tuple[Refusal, ...]
+
+
+class SerialLines(Frozen):
+    lines: tuple[str, ...]

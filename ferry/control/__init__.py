@@ -1,0 +1,1 @@
+"""The control plane ("center"): inventory, agents, and the migration orchestrator."""

@@ -1,0 +1,32 @@
+"""One AgentClient per host, created on demand from the host's registered URL."""
+
+from __future__ import annotations
+
+from ferry.agent.client import AgentClient
+from ferry.agent.models import VmInfo
+from ferry.domain.errors import HostUnavailable
+from ferry.domain.records import HostRecord
+
+
+class AgentPool:
+    def __init__(self) -> None:
+        self._clients: dict[str, AgentClient] = {}
+        self._urls: dict[str, str] = {}
+        # Latest VM list each agent sent with its heartbeat: what runs where, cheaply.
+        self.reported: dict[str, dict[str, VmInfo]] = {}
+
+    def client(self, host: HostRecord) -> AgentClient:
+        if not host.url:
+            raise HostUnavailable(f"host {host.name} has no agent address yet")
+        if self._urls.get(host.name) != host.url:
+            self._clients[host.name] = AgentClient(host.name, host.url)
+            self._urls[host.name] = host.url
+        return self._clients[host.name]
+
+    def report(self, host: str, vms: tuple[VmInfo, ...]) -> None:
+        self.reported[host] = {vm.name: vm for vm in vms}
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()

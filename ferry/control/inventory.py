@@ -1,0 +1,119 @@
+"""Hosts and VMs: registration by heartbeat, placement on create, power operations."""
+
+from __future__ import annotations
+
+import contextlib
+
+from ferry.agent.models import AgentVmState, VmInfo
+from ferry.control.agents import AgentPool
+from ferry.domain.errors import Conflict, HostUnavailable, NotFound
+from ferry.domain.inventory import HostSnapshot, HostState, VmState, vm_macs
+from ferry.domain.placement import place
+from ferry.domain.records import HostRecord, VmRecord
+from ferry.domain.specs import HostFacts, VmSpec
+from ferry.store import Store
+
+AGENT_TO_VM_STATE = {
+    AgentVmState.STARTING: VmState.RUNNING,
+    AgentVmState.RUNNING: VmState.RUNNING,
+    AgentVmState.PAUSED: VmState.PAUSED,
+    AgentVmState.INCOMING: VmState.MIGRATING,
+    AgentVmState.MIGRATED: VmState.MIGRATING,
+    AgentVmState.CRASHED: VmState.CRASHED,
+    AgentVmState.EXITED: VmState.CRASHED,
+}
+
+
+class Inventory:
+    def __init__(self, store: Store, agents: AgentPool) -> None:
+        self.store = store
+        self.agents = agents
+
+    async def heartbeat(self, facts: HostFacts, url: str, vms: tuple[VmInfo, ...]) -> None:
+        await self.store.record_heartbeat(facts, url)
+        self.agents.report(facts.name, vms)
+
+    async def snapshots(self, exclude_vm: str | None = None) -> list[HostSnapshot]:
+        """Every host with what the inventory has allotted on it."""
+        hosts = await self.store.hosts()
+        vms = [v for v in await self.store.vms() if v.name != exclude_vm]
+        snaps = []
+        for h in hosts:
+            mine = [v for v in vms if v.host == h.name and v.state is not VmState.DEFINED]
+            macs = frozenset().union(*(vm_macs(v.spec) for v in vms if v.host == h.name))
+            snaps.append(HostSnapshot(
+                name=h.name, state=h.state, cpus=h.cpus, memory_mib=h.memory_mib,
+                allocated_vcpus=sum(v.spec.vcpus for v in mine),
+                allocated_memory_mib=sum(v.spec.memory_mib for v in mine),
+                facts=h.facts, macs=macs))
+        return snaps
+
+    async def connected_host(self, name: str) -> HostRecord:
+        host = await self.store.host(name)
+        if host.state is HostState.DISCONNECTED:
+            raise HostUnavailable(f"host {name} is not connected",
+                                  "check that its agent runs; see `ferry host list`")
+        return host
+
+    # --- VMs -------------------------------------------------------------------
+    async def create_vm(self, spec: VmSpec, host: str | None, start: bool) -> VmRecord:
+        """Place, record and (unless start is False) boot a VM; all or nothing."""
+        try:
+            await self.store.vm(spec.name)
+            raise Conflict(f"a VM named {spec.name!r} already exists",
+                           "choose another name or delete the existing VM")
+        except NotFound:
+            pass
+        chosen = place(spec, await self.snapshots(), host)
+        record = await self.store.host(chosen)
+        assert record.facts is not None  # place() only picks hosts with facts
+        machine = record.facts.resolve_machine(spec.machine) or spec.machine
+        # Pin the versioned machine type now so the VM stays migratable later.
+        spec = spec.model_copy(update={"machine": machine})
+        vm = await self.store.add_vm(VmRecord(spec=spec, host=chosen, state=VmState.DEFINED))
+        if start:
+            try:
+                return await self.start_vm(spec.name)
+            except Exception:
+                await self.store.delete_vm(spec.name)
+                raise
+        return vm
+
+    async def start_vm(self, name: str) -> VmRecord:
+        vm = await self.store.vm(name)
+        if vm.state in (VmState.RUNNING, VmState.MIGRATING, VmState.PAUSED):
+            raise Conflict(f"VM {name} is already {vm.state} on {vm.host}")
+        host = await self.connected_host(vm.host)
+        await self.agents.client(host).create_vm(vm.spec)
+        return await self.store.update_vm(name, state=VmState.RUNNING)
+
+    async def stop_vm(self, name: str, force: bool) -> VmRecord:
+        vm = await self.store.vm(name)
+        if vm.state is VmState.MIGRATING:
+            raise Conflict(f"VM {name} is migrating", "wait for the migration or cancel it")
+        host = await self.connected_host(vm.host)
+        with contextlib.suppress(NotFound):  # already off there: stopping is idempotent
+            await self.agents.client(host).stop_vm(name, force=force)
+        return await self.store.update_vm(name, state=VmState.DEFINED)
+
+    async def delete_vm(self, name: str) -> None:
+        vm = await self.store.vm(name)
+        if vm.state is not VmState.DEFINED:
+            raise Conflict(f"VM {name} is {vm.state}", f"stop it first: `ferry vm stop {name}`")
+        await self.store.delete_vm(name)
+
+    async def live(self, name: str) -> tuple[VmRecord, VmInfo | None]:
+        """The stored VM and what its agent says right now (None when not running)."""
+        vm = await self.store.vm(name)
+        if vm.state is VmState.DEFINED:
+            return vm, None
+        host = await self.store.host(vm.host)
+        try:
+            return vm, await self.agents.client(host).vm(name)
+        except (NotFound, HostUnavailable):
+            return vm, None
+
+    async def serial(self, name: str, lines: int) -> list[str]:
+        vm = await self.store.vm(name)
+        host = await self.connected_host(vm.host)
+        return await self.agents.client(host).serial(name, lines)

@@ -1,0 +1,359 @@
+"""The migration orchestrator: walks the persisted state machine for each migration.
+
+Every step first persists the phase it enters, then acts, so a restarted control
+plane resumes from the store (`resume_unfinished`) and reconciles with what the
+agents report. Integrity rule: the source QEMU is torn down only after the
+destination reports `running`; the source is resumed only when the destination is
+known not to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+
+from ferry.agent.client import AgentClient
+from ferry.agent.models import AgentVmState
+from ferry.control.agents import AgentPool
+from ferry.control.events import ChangeBus
+from ferry.control.inventory import Inventory
+from ferry.domain.compat import Refusal, check_migration
+from ferry.domain.errors import Conflict, FerryError, HostUnavailable, Incompatible, NotFound
+from ferry.domain.inventory import VmState
+from ferry.domain.migration import (
+    Iteration,
+    Phase,
+    Progress,
+    SourceStatus,
+    StreamOptions,
+    abort_reason,
+    record_iteration,
+    transition,
+)
+from ferry.domain.records import MigrationRecord
+from ferry.store import Store
+
+log = logging.getLogger("ferry.migration")
+
+POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
+CONFIRM_TIMEOUT_S = 30.0
+PER_HOST_LIMIT = 2  # outbound and inbound per host, as KubeVirt
+CLUSTER_LIMIT = 5
+
+
+class RollBack(Exception):
+    """Raised inside a migration step to end it through ROLLING_BACK → FAILED."""
+
+
+class Orchestrator:
+    def __init__(self, store: Store, inventory: Inventory, agents: AgentPool,
+                 bus: ChangeBus) -> None:
+        self.store = store
+        self.inventory = inventory
+        self.agents = agents
+        self.bus = bus
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancel: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._out: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(PER_HOST_LIMIT))
+        self._in: dict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(PER_HOST_LIMIT))
+        self._cluster = asyncio.Semaphore(CLUSTER_LIMIT)
+
+    # --- requests ----------------------------------------------------------------
+    async def check(self, vm_name: str, target: str) -> list[Refusal]:
+        vm = await self.store.vm(vm_name)
+        await self.store.host(target)  # NotFound names the known hosts
+        snaps = await self.inventory.snapshots(exclude_vm=vm_name)
+        snap = next(s for s in snaps if s.name == target)
+        return check_migration(vm.spec, vm.host, snap)
+
+    async def start(self, vm_name: str, target: str,
+                    options: StreamOptions | None = None) -> MigrationRecord:
+        """Persist a migration, run CHECKING now, and go on in the background."""
+        vm = await self.store.vm(vm_name)
+        if vm.state is not VmState.RUNNING:
+            raise Conflict(f"VM {vm_name} is {vm.state}, only a running VM migrates live",
+                           f"start it with `ferry vm start {vm_name}`")
+        await self.store.host(target)
+        now = time.time()
+        rec = await self.store.add_migration(MigrationRecord(
+            id=uuid.uuid4().hex[:12], vm=vm_name, source=vm.host, target=target,
+            phase=Phase.PENDING, options=options or StreamOptions(), created_at=now,
+            phase_times={Phase.PENDING.value: now}))
+        rec = await self._enter(rec, Phase.CHECKING)
+        refusals = await self.check(vm_name, target)
+        if refusals:
+            reason = "; ".join(r.message for r in refusals)
+            rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
+            await self._enter(rec, Phase.FAILED)
+            raise Incompatible(f"cannot migrate {vm_name} to {target}: {reason}")
+        await self.store.update_vm(vm_name, state=VmState.MIGRATING)
+        self._spawn(rec.id)
+        return rec
+
+    async def cancel(self, migration_id: str) -> MigrationRecord:
+        rec = await self.store.migration(migration_id)
+        if rec.phase.terminal:
+            raise Conflict(f"migration {migration_id} already ended ({rec.phase})")
+        if not rec.phase.cancellable:
+            raise Conflict(f"migration {migration_id} is in {rec.phase}; past switchover "
+                           "it can no longer be cancelled")
+        rec = await self.store.update_migration(migration_id, cancel_requested=True)
+        self._cancel[migration_id].set()
+        await self.bus.changed(migration_id)
+        return rec
+
+    async def resume_unfinished(self) -> None:
+        """After a restart: pick up every migration the store says is unfinished."""
+        for rec in await self.store.migrations(unfinished_only=True):
+            if rec.cancel_requested:
+                self._cancel[rec.id].set()
+            self._spawn(rec.id)
+
+    async def shutdown(self) -> None:
+        """Stop watching; the migrations themselves stay persisted for resume."""
+        for task in self._tasks.values():
+            task.cancel()
+        for task in list(self._tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def wait(self, migration_id: str, timeout_s: float) -> MigrationRecord:
+        task = self._tasks.get(migration_id)
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        return await self.store.migration(migration_id)
+
+    # --- the state machine ---------------------------------------------------------
+    def _spawn(self, migration_id: str) -> None:
+        task = asyncio.create_task(self._run(migration_id), name=f"migration-{migration_id}")
+        self._tasks[migration_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(migration_id, None))
+
+    async def _enter(self, rec: MigrationRecord, phase: Phase, **changes: object
+                     ) -> MigrationRecord:
+        transition(rec.phase, phase)
+        times = dict(rec.phase_times)
+        times[phase.value] = time.time()
+        rec = await self.store.update_migration(rec.id, phase=phase, phase_times=times, **changes)
+        log.info("migration %s of %s: %s", rec.id, rec.vm, phase)
+        await self.bus.changed(rec.id)
+        return rec
+
+    async def _clients(self, rec: MigrationRecord) -> tuple[AgentClient, AgentClient]:
+        source = self.agents.client(await self.store.host(rec.source))
+        target = self.agents.client(await self.store.host(rec.target))
+        return source, target
+
+    async def _run(self, migration_id: str) -> None:
+        rec = await self.store.migration(migration_id)
+        async with self._cluster, self._out[rec.source], self._in[rec.target]:
+            try:
+                rec = await self._step(rec)
+            except asyncio.CancelledError:
+                raise  # control plane shutting down: the store keeps the phase
+            except RollBack as exc:
+                await self._roll_back(rec.id, str(exc))
+            except FerryError as exc:
+                await self._roll_back(rec.id, exc.problem)
+            except Exception as exc:
+                log.exception("migration %s crashed", migration_id)
+                await self._roll_back(rec.id, f"internal error: {exc!r}")
+
+    async def _step(self, rec: MigrationRecord) -> MigrationRecord:
+        if rec.phase in (Phase.PENDING, Phase.PREPARING_TARGET) and rec.phase_times.get(
+                Phase.PREPARING_TARGET.value):
+            # Restarted while preparing: a half-prepared target is simply undone.
+            raise RollBack("control plane restarted while preparing the target")
+        if rec.phase is Phase.PENDING:
+            raise RollBack("control plane restarted before the compatibility check ran")
+        if rec.phase is Phase.ROLLING_BACK:
+            raise RollBack(rec.reason or "rollback interrupted by a restart")
+        source, target = await self._clients(rec)
+        if rec.phase is Phase.CHECKING:
+            self._check_cancel(rec.id)
+            rec = await self._enter(rec, Phase.PREPARING_TARGET)
+            vm = await self.store.vm(rec.vm)
+            uri = await target.prepare_incoming(rec.id, vm.spec)
+            self._check_cancel(rec.id)
+            rec = await self._enter(rec, Phase.PRECOPY, dest_uri=uri)
+            await source.start_outgoing(rec.vm, rec.id, uri, rec.options)
+        if rec.phase is Phase.PRECOPY:
+            rec = await self._precopy(rec, source, target)
+        if rec.phase is Phase.SWITCHOVER:
+            rec = await self._switchover(rec, source, target)
+        return rec
+
+    def _check_cancel(self, migration_id: str) -> None:
+        if self._cancel[migration_id].is_set():
+            raise RollBack("cancelled by the user")
+
+    async def _precopy(self, rec: MigrationRecord, source: AgentClient,
+                       target: AgentClient) -> MigrationRecord:
+        began = rec.phase_times.get(Phase.PRECOPY.value, time.time())
+        iterations: list[Iteration] = list(rec.iterations)
+        best_remaining: int | None = None
+        best_at = time.time()
+        vm = await self.store.vm(rec.vm)
+        while True:
+            if self._cancel[rec.id].is_set():
+                await source.cancel_migration(rec.vm)
+                raise RollBack("cancelled by the user")
+            progress, dest = await asyncio.gather(
+                source.progress(rec.vm, wait_s=POLL_WAIT_S), target.vm(rec.vm),
+                return_exceptions=True)
+            if isinstance(progress, BaseException):
+                raise progress
+            now = time.time()
+            it = record_iteration(iterations, progress, int((now - began) * 1000))
+            if it is not None:
+                iterations.append(it)
+                await self.store.add_iteration(rec.id, it)
+            rec = await self.store.update_migration(
+                rec.id, remaining_bytes=progress.remaining_bytes,
+                transferred_bytes=progress.transferred_bytes)
+            await self.bus.changed(rec.id)
+            if progress.status is SourceStatus.COMPLETED:
+                return await self._enter(rec, Phase.SWITCHOVER, **_summary(progress))
+            if progress.status in (SourceStatus.FAILED, SourceStatus.CANCELLED):
+                raise RollBack(f"QEMU reported the migration {progress.status}: "
+                               f"{progress.error or 'the stream to the target broke'}")
+            if progress.status is SourceStatus.NONE:
+                raise RollBack("the source never started sending (control plane restarted "
+                               "before the memory copy began)")
+            if isinstance(dest, BaseException):
+                await _cancel_quietly(source, rec.vm)
+                raise RollBack(f"lost the destination during pre-copy: {_describe(dest)}")
+            if not dest.state.alive or dest.state is AgentVmState.CRASHED:
+                await _cancel_quietly(source, rec.vm)
+                raise RollBack(f"destination QEMU on {rec.target} is {dest.state}")
+            if best_remaining is None or progress.remaining_bytes < best_remaining:
+                best_remaining, best_at = progress.remaining_bytes, now
+            reason = abort_reason(now - began, now - best_at, vm.spec.memory_mib, rec.options)
+            if reason:
+                await _cancel_quietly(source, rec.vm)
+                raise RollBack(reason)
+
+    async def _switchover(self, rec: MigrationRecord, source: AgentClient,
+                          target: AgentClient) -> MigrationRecord:
+        """Confirm the destination runs, then tear down the source."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONFIRM_TIMEOUT_S
+        while True:
+            try:
+                dest = await target.vm(rec.vm)
+            except NotFound:
+                await _resume_source(source, rec.vm)
+                raise RollBack("the destination QEMU vanished at switchover; "
+                               "the source was resumed") from None
+            except HostUnavailable as exc:
+                if loop.time() > deadline:
+                    # Resuming the source could make two copies: keep it paused, say so.
+                    return await self._fail_unconfirmed(rec, exc.problem)
+                await asyncio.sleep(0.2)
+                continue
+            if dest.state is AgentVmState.RUNNING:
+                break
+            if dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
+                with contextlib.suppress(FerryError):
+                    await target.stop_vm(rec.vm, force=True)
+                await _resume_source(source, rec.vm)
+                raise RollBack(f"the destination {dest.state} at switchover; "
+                               "the source was resumed")
+            if loop.time() > deadline:
+                raise RollBack(f"the destination stayed {dest.state} after switchover")
+            await asyncio.sleep(0.02)
+        return await self._finish(rec, source)
+
+    async def _finish(self, rec: MigrationRecord, source: AgentClient) -> MigrationRecord:
+        """The destination runs: record that first, then tear the source down."""
+        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING)
+        rec = await self._enter(rec, Phase.COMPLETED)
+        try:
+            await source.stop_vm(rec.vm, force=True)
+        except NotFound:
+            pass
+        except FerryError as exc:
+            # The source is paused after switchover; its agent kills it on contact.
+            log.warning("migration %s: source teardown failed: %s", rec.id, exc.problem)
+        return rec
+
+    async def _fail_unconfirmed(self, rec: MigrationRecord, problem: str) -> MigrationRecord:
+        reason = (f"cannot confirm the destination runs ({problem}); the source is kept "
+                  f"paused so that the VM never runs twice: check host {rec.target}")
+        rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
+        await self.store.update_vm(rec.vm, state=VmState.UNKNOWN)
+        return await self._enter(rec, Phase.FAILED)
+
+    async def _roll_back(self, migration_id: str, reason: str) -> None:
+        """Undo a migration: the target's QEMU goes, the source keeps (or resumes) running."""
+        rec = await self.store.migration(migration_id)
+        if rec.phase.terminal:
+            return
+        if rec.phase in (Phase.PRECOPY, Phase.SWITCHOVER) and await self._target_runs(rec):
+            # The guest already runs on the target: finishing is the only safe outcome.
+            await self._finish(rec, (await self._clients(rec))[0])
+            return
+        if rec.phase is not Phase.ROLLING_BACK:
+            rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
+        try:
+            source, target = await self._clients(rec)
+            await _cancel_quietly(source, rec.vm)
+            dest_gone = True
+            try:
+                await target.stop_vm(rec.vm, force=True)
+            except NotFound:
+                pass
+            except FerryError:
+                dest_gone = False  # unreachable: its QEMU exits once the stream breaks
+            src = await source.vm(rec.vm)
+            if dest_gone and src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
+                await source.resume_vm(rec.vm)
+            await self.store.update_vm(rec.vm, host=rec.source, state=VmState.RUNNING)
+        except FerryError as exc:
+            log.warning("rollback of %s incomplete: %s", migration_id, exc)
+            reason = f"{reason}; rollback incomplete: {exc.problem}"
+            await self.store.update_vm(rec.vm, host=rec.source, state=VmState.UNKNOWN)
+        await self._enter(rec, Phase.FAILED, reason=reason)
+
+
+    async def _target_runs(self, rec: MigrationRecord) -> bool:
+        try:
+            dest = await (await self._clients(rec))[1].vm(rec.vm)
+        except FerryError:
+            return False
+        return dest.state is AgentVmState.RUNNING
+
+
+def _summary(progress: Progress) -> dict[str, object]:
+    return {"downtime_ms": progress.downtime_ms, "total_ms": progress.elapsed_ms,
+            "transferred_bytes": progress.transferred_bytes, "remaining_bytes": 0}
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.problem if isinstance(exc, FerryError) else repr(exc)
+
+
+async def _cancel_quietly(source: AgentClient, vm: str) -> None:
+    """Cancel the outgoing stream if one runs and wait (bounded) until it stopped."""
+    with contextlib.suppress(FerryError):
+        progress = await source.progress(vm)
+        if progress.status.finished or progress.status is SourceStatus.NONE:
+            return
+        await source.cancel_migration(vm)
+        for _ in range(100):
+            progress = await source.progress(vm, wait_s=0.1)
+            if progress.status.finished:
+                return
+
+
+async def _resume_source(source: AgentClient, vm: str) -> None:
+    info = await source.vm(vm)
+    if info.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
+        await source.resume_vm(vm)

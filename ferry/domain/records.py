@@ -1,0 +1,56 @@
+"""The inventory as the control plane stores it: hosts, VMs, migrations."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ferry.domain.inventory import HostState, VmState
+from ferry.domain.migration import Iteration, Phase, StreamOptions
+from ferry.domain.specs import Frozen, HostFacts, VmSpec
+
+
+class HostRecord(Frozen):
+    name: str
+    url: str
+    state: HostState
+    maintenance: bool = False
+    facts: HostFacts | None = None
+    last_seen: float = 0.0
+
+    @property
+    def cpus(self) -> int:
+        return self.facts.cpus if self.facts else 0
+
+    @property
+    def memory_mib(self) -> int:
+        return self.facts.memory_mib if self.facts else 0
+
+
+class VmRecord(Frozen):
+    spec: VmSpec
+    host: str
+    state: VmState
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class MigrationRecord(Frozen):
+    id: str
+    vm: str
+    source: str
+    target: str
+    phase: Phase
+    options: StreamOptions = Field(default_factory=StreamOptions)
+    reason: str | None = None
+    check_only: bool = False
+    cancel_requested: bool = False
+    dest_uri: str | None = None
+    created_at: float
+    phase_times: dict[str, float] = Field(default_factory=dict)
+    downtime_ms: int | None = None
+    total_ms: int | None = None
+    transferred_bytes: int | None = None
+    remaining_bytes: int | None = None
+    iterations: tuple[Iteration, ...] = ()

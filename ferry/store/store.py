@@ -1,0 +1,189 @@
+"""The Store: every read and write of the inventory, as domain records."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from ferry.domain.errors import Conflict, NotFound
+from ferry.domain.inventory import HostState, VmState
+from ferry.domain.migration import Iteration, Phase
+from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
+from ferry.domain.specs import HostFacts, VmSpec
+from ferry.store.tables import Base, HostRow, IterationRow, MigrationRow, VmRow
+
+HEARTBEAT_TIMEOUT_S = 5.0
+
+
+def sqlite_url(path: str) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._session = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, url: str) -> Store:
+        engine = create_async_engine(url)
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    # --- hosts -----------------------------------------------------------------
+    @staticmethod
+    def _host(row: HostRow, now: float) -> HostRecord:
+        if row.maintenance:
+            state = HostState.MAINTENANCE
+        elif now - row.last_seen <= HEARTBEAT_TIMEOUT_S:
+            state = HostState.CONNECTED
+        else:
+            state = HostState.DISCONNECTED
+        facts = HostFacts.model_validate_json(row.facts_json) if row.facts_json else None
+        return HostRecord(name=row.name, url=row.url, state=state,
+                          maintenance=row.maintenance, facts=facts, last_seen=row.last_seen)
+
+    async def record_heartbeat(self, facts: HostFacts, url: str) -> HostRecord:
+        """Register the host on its first heartbeat, refresh it on every later one."""
+        now = time.time()
+        async with self._session.begin() as s:
+            row = await s.get(HostRow, facts.name)
+            if row is None:
+                row = HostRow(name=facts.name, url=url, maintenance=False)
+                s.add(row)
+            row.url = url
+            row.facts_json = facts.model_dump_json()
+            row.last_seen = now
+            return self._host(row, now)
+
+    async def hosts(self) -> list[HostRecord]:
+        now = time.time()
+        async with self._session() as s:
+            rows = (await s.scalars(select(HostRow).order_by(HostRow.name))).all()
+            return [self._host(r, now) for r in rows]
+
+    async def host(self, name: str) -> HostRecord:
+        async with self._session() as s:
+            row = await s.get(HostRow, name)
+            if row is None:
+                known = ", ".join(h.name for h in await self.hosts()) or "none"
+                raise NotFound(f"there is no host {name!r}", f"known hosts: {known}")
+            return self._host(row, time.time())
+
+    async def set_maintenance(self, name: str, on: bool) -> HostRecord:
+        await self.host(name)
+        async with self._session.begin() as s:
+            row = await s.get(HostRow, name)
+            assert row is not None
+            row.maintenance = on
+            return self._host(row, time.time())
+
+    # --- VMs -------------------------------------------------------------------
+    @staticmethod
+    def _vm(row: VmRow) -> VmRecord:
+        return VmRecord(spec=VmSpec.model_validate_json(row.spec_json), host=row.host,
+                        state=VmState(row.state))
+
+    async def add_vm(self, vm: VmRecord) -> VmRecord:
+        try:
+            async with self._session.begin() as s:
+                if await s.get(VmRow, vm.name) is not None:
+                    raise Conflict(f"a VM named {vm.name!r} already exists",
+                                   "choose another name or delete the existing VM")
+                s.add(VmRow(name=vm.name, spec_json=vm.spec.model_dump_json(),
+                            host=vm.host, state=vm.state.value))
+        except IntegrityError as exc:
+            raise Conflict(f"a VM named {vm.name!r} already exists") from exc
+        return vm
+
+    async def vms(self) -> list[VmRecord]:
+        async with self._session() as s:
+            rows = (await s.scalars(select(VmRow).order_by(VmRow.name))).all()
+            return [self._vm(r) for r in rows]
+
+    async def vm(self, name: str) -> VmRecord:
+        async with self._session() as s:
+            row = await s.get(VmRow, name)
+            if row is None:
+                raise NotFound(f"there is no VM {name!r}", "see `ferry vm list`")
+            return self._vm(row)
+
+    async def update_vm(self, name: str, *, host: str | None = None,
+                        state: VmState | None = None) -> VmRecord:
+        async with self._session.begin() as s:
+            row = await s.get(VmRow, name)
+            if row is None:
+                raise NotFound(f"there is no VM {name!r}")
+            if host is not None:
+                row.host = host
+            if state is not None:
+                row.state = state.value
+            return self._vm(row)
+
+    async def delete_vm(self, name: str) -> None:
+        async with self._session.begin() as s:
+            row = await s.get(VmRow, name)
+            if row is None:
+                raise NotFound(f"there is no VM {name!r}")
+            await s.delete(row)
+
+    # --- migrations ------------------------------------------------------------
+    async def add_migration(self, record: MigrationRecord) -> MigrationRecord:
+        """Persist a new migration; Conflict if the VM already has an unfinished one."""
+        async with self._session.begin() as s:
+            busy = (await s.scalars(select(MigrationRow).where(
+                MigrationRow.vm == record.vm,
+                MigrationRow.phase.not_in([Phase.COMPLETED.value, Phase.FAILED.value])))).first()
+            if busy is not None:
+                raise Conflict(f"VM {record.vm} is already being migrated ({busy.id})",
+                               "wait for it to finish or cancel it with "
+                               f"`ferry migration cancel {busy.id}`")
+            s.add(MigrationRow(id=record.id, vm=record.vm, record_json=record.model_dump_json(),
+                               phase=record.phase.value, created_at=record.created_at))
+        return record
+
+    async def migration(self, migration_id: str) -> MigrationRecord:
+        async with self._session() as s:
+            row = await s.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"there is no migration {migration_id!r}",
+                               "see `ferry migration list`")
+            its = (await s.scalars(select(IterationRow).where(
+                IterationRow.migration_id == migration_id).order_by(IterationRow.number))).all()
+            record = MigrationRecord.model_validate_json(row.record_json)
+            return record.model_copy(update={"iterations": tuple(
+                Iteration.model_validate_json(i.iteration_json) for i in its)})
+
+    async def migrations(self, unfinished_only: bool = False) -> list[MigrationRecord]:
+        async with self._session() as s:
+            query = select(MigrationRow.id).order_by(MigrationRow.created_at)
+            if unfinished_only:
+                query = query.where(MigrationRow.phase.not_in(
+                    [Phase.COMPLETED.value, Phase.FAILED.value]))
+            ids: Sequence[str] = (await s.scalars(query)).all()
+        return [await self.migration(i) for i in ids]
+
+    async def update_migration(self, migration_id: str, **changes: Any) -> MigrationRecord:
+        async with self._session.begin() as s:
+            row = await s.get(MigrationRow, migration_id)
+            if row is None:
+                raise NotFound(f"there is no migration {migration_id!r}")
+            record = MigrationRecord.model_validate_json(row.record_json)
+            record = MigrationRecord.model_validate(record.model_dump() | changes)
+            row.record_json = record.model_dump_json(exclude={"iterations"})
+            row.phase = record.phase.value
+        return record
+
+    async def add_iteration(self, migration_id: str, iteration: Iteration) -> None:
+        async with self._session.begin() as s:
+            s.add(IterationRow(migration_id=migration_id, number=iteration.number,
+                               iteration_json=iteration.model_dump_json()))

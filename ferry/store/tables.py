@@ -1,0 +1,45 @@
+"""ORM tables. Rows never leave store/: the Store returns domain records."""
+
+from __future__ import annotations
+
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class HostRow(Base):
+    __tablename__ = "hosts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(String(256))
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    facts_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_seen: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class VmRow(Base):
+    __tablename__ = "vms"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec_json: Mapped[str] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(ForeignKey("hosts.name"))
+    state: Mapped[str] = mapped_column(String(32))
+
+
+class MigrationRow(Base):
+    __tablename__ = "migrations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    # The record's other fields, as the domain model's JSON: one schema, not two.
+    record_json: Mapped[str] = mapped_column(Text)
+    phase: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class IterationRow(Base):
+    __tablename__ = "migration_iterations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    migration_id: Mapped[str] = mapped_column(ForeignKey("migrations.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    iteration_json: Mapped[str] = mapped_column(Text)
