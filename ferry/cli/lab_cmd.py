@@ -1,0 +1,90 @@
+"""`ferry lab up|down|status|link`: the local cluster of namespaces (needs root)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ferry.cli.output import console, print_error, table
+from ferry.domain.errors import FerryError
+from ferry.lab import cluster, net
+from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, load
+
+app = typer.Typer(help="A local cluster: hosts as network namespaces on a bridge.",
+                  no_args_is_help=True)
+handle_errors: Callable[..., Any] | None = None  # set by ferry.cli.main
+
+DirOpt = Annotated[Path, typer.Option("--lab-dir", help="where the lab keeps its state "
+                                      "(default: $FERRY_LAB_DIR or /var/lib/ferry/lab)")]
+
+
+def _fail(message: str) -> None:
+    print_error(FerryError(message))
+    raise typer.Exit(1)
+
+
+def _config(lab_dir: Path) -> LabConfig:
+    config = load(lab_dir)
+    if config is None:
+        _fail(f"no lab in {lab_dir}; create one with `ferry lab up`")
+    assert config is not None
+    return config
+
+
+@app.command()
+def up(hosts: Annotated[int, typer.Option(help="number of hosts", min=1, max=32)] = 3,
+       cpus: Annotated[int, typer.Option(help="declared CPUs per host")] = 4,
+       memory: Annotated[int, typer.Option(help="declared MiB per host")] = 2048,
+       lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
+    """Create the hosts, start one agent per host and the control plane."""
+    config = load(lab_dir) or LabConfig.default(lab_dir, hosts, cpus, memory)
+    began = time.monotonic()
+    try:
+        st = cluster.up(config)
+    except (cluster.LabError, net.LabCommandError) as exc:
+        _fail(str(exc))
+        return
+    console.print(f"lab up in {time.monotonic() - began:.1f} s: {len(st.config.hosts)} hosts, "
+                  f"control plane at {config.control_url}")
+    if not cluster.install_guest_image(config):
+        console.print(f"[yellow]note:[/] no probe guest image in {cluster.GUEST_DIR}; "
+                      "build it with `make guest` to use `ferry vm create --probe`")
+
+
+@app.command()
+def down(lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
+    """Stop every VM, agent and the control plane; remove namespaces and the bridge."""
+    try:
+        cluster.require_root()
+    except cluster.LabError as exc:
+        _fail(str(exc))
+    removed = cluster.down(_config(lab_dir))
+    console.print("lab down" + (f": removed {', '.join(removed)}" if removed else ""))
+
+
+@app.command()
+def status(lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
+    """What of the lab is running."""
+    st = cluster.status(_config(lab_dir))
+    rows: list[list[Any]] = [["network", "up" if st.network_up else "down"],
+            ["control plane", st.control_pid or "not running"]]
+    rows += [[f"agent {h}", pid or "not running"] for h, pid in st.agent_pids.items()]
+    rows.append(["QEMU processes", len(st.qemu_pids)])
+    table(f"Lab {st.config.directory}", ["part", "pid / state"], rows)
+
+
+@app.command()
+def link(host: str, state: Annotated[str, typer.Argument(help="up or down")],
+         lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
+    """Cut (down) or restore (up) a host's network link."""
+    if state not in ("up", "down"):
+        _fail(f"link state {state!r} is neither up nor down")
+    config = _config(lab_dir)
+    if host not in [h.name for h in config.hosts]:
+        _fail(f"the lab has no host {host!r}")
+    net.set_link(config, host, state == "up")
+    console.print(f"link of {host} {state}")

@@ -1,0 +1,245 @@
+"""`ferry`: hosts, VMs, migrations and the lab, from the command line."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from ferry.cli import lab_cmd, migrate_cmd
+from ferry.cli.client import Client, resolve_url
+from ferry.cli.output import console, heartbeat_text, print_error, print_json, table
+from ferry.domain.errors import FerryError, InvalidInput
+from ferry.domain.specs import DiskFormat
+from ferry.domain.units import parse_size
+from ferry.lab.config import DEFAULT_LAB_DIR, NETWORK, load
+
+app = typer.Typer(help="Ferry: live migration, and what builds on it, for QEMU/KVM hosts.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+host_app = typer.Typer(help="Hosts of the cluster.", no_args_is_help=True)
+vm_app = typer.Typer(help="Virtual machines: create, power, inspect, migrate.",
+                     no_args_is_help=True)
+app.add_typer(host_app, name="host")
+app.add_typer(vm_app, name="vm")
+app.add_typer(lab_cmd.app, name="lab")
+app.add_typer(migrate_cmd.migration_app, name="migration")
+
+F = TypeVar("F", bound=Callable[..., Any])
+UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL "
+                                            "(default: $FERRY_URL, else the lab's)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+
+
+def handle_errors(fn: F) -> F:
+    """Every FerryError becomes 'error: ... / fix: ...' and exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FerryError as exc:
+            print_error(exc)
+            raise typer.Exit(1) from None
+        except ValidationError as exc:
+            print_error(InvalidInput("; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+            raise typer.Exit(2) from None
+    return wrapper  # type: ignore[return-value]
+
+
+migrate_cmd.register(vm_app, handle_errors)
+lab_cmd.handle_errors = handle_errors
+
+
+@app.command()
+def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] =
+           "sqlite+aiosqlite:///ferry.db",
+           listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+           port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
+           log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+           ) -> None:
+    """Run the control plane (REST API at /v1, OpenAPI at /docs)."""
+    from ferry.api.main import run
+    run(db, listen, port, log_level)
+
+
+# --- hosts ------------------------------------------------------------------------
+@host_app.command("list")
+@handle_errors
+def host_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
+    """Hosts with their state, capacity and what is allotted."""
+    client = Client(resolve_url(url))
+    hosts = client.call("GET", "/v1/hosts")
+    vms = client.call("GET", "/v1/vms")
+    if json_out:
+        print_json(hosts)
+        return
+    rows = []
+    for h in hosts:
+        facts = h.get("facts") or {}
+        mine = [v for v in vms if v["host"] == h["name"] and v["state"] != "defined"]
+        rows.append([h["name"], h["state"], facts.get("address"), facts.get("accel"),
+                     f"{sum(v['spec']['vcpus'] for v in mine)}/{facts.get('cpus')}",
+                     f"{sum(v['spec']['memory_mib'] for v in mine)}/{facts.get('memory_mib')}",
+                     ", ".join(d["name"] for d in facts.get("datastores", [])),
+                     len(mine)])
+    table("Hosts", ["host", "state", "address", "accel", "vCPUs used/cap",
+                    "MiB used/cap", "datastores", "VMs"], rows)
+
+
+# --- VMs --------------------------------------------------------------------------
+def random_mac() -> str:
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+
+
+def parse_disk(text: str) -> dict[str, Any]:
+    """NAME=DATASTORE:PATH[:FORMAT]"""
+    name, _, rest = text.partition("=")
+    parts = rest.split(":")
+    if not name or len(parts) not in (2, 3):
+        raise InvalidInput(f"--disk {text!r} is not NAME=DATASTORE:PATH[:FORMAT]",
+                           "e.g. --disk root=shared:images/web1.qcow2")
+    fmt = parts[2] if len(parts) == 3 else DiskFormat.QCOW2.value
+    return {"name": name, "datastore": parts[0], "path": parts[1], "format": fmt}
+
+
+@vm_app.command("create")
+@handle_errors
+def vm_create(
+    name: Annotated[str, typer.Argument(help="VM name: lowercase letters, digits, '-'")],
+    host: Annotated[str | None, typer.Option(help="host to place it on (default: first "
+                                             "host with room)")] = None,
+    memory: Annotated[str, typer.Option(help="memory, e.g. 256 (MiB) or 1GiB")] = "256",
+    vcpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
+    cpu_model: Annotated[str, typer.Option(help="QEMU CPU model")] = "Nehalem",
+    machine: Annotated[str, typer.Option(help="machine type (an alias is pinned to "
+                                         "its versioned type)")] = "pc",
+    kernel: Annotated[str | None, typer.Option(help="kernel to boot directly")] = None,
+    initrd: Annotated[str | None, typer.Option(help="initrd for --kernel")] = None,
+    append: Annotated[str, typer.Option(help="kernel command line")] = "",
+    disk: Annotated[list[str] | None, typer.Option(
+        help="NAME=DATASTORE:PATH[:qcow2|raw], repeatable; the first boots if no kernel")
+    ] = None,
+    nic: Annotated[list[str] | None, typer.Option(
+        help="NETWORK or NETWORK=MAC, repeatable")] = None,
+    probe: Annotated[bool, typer.Option(help="boot the lab's probe guest")] = False,
+    probe_mib: Annotated[int, typer.Option(help="memory the probe fills and checks")] = 64,
+    dirty_rate: Annotated[int, typer.Option(help="MiB/s the probe rewrites")] = 0,
+    start: Annotated[bool, typer.Option(help="power it on")] = True,
+    url: UrlOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Create a VM (and power it on). Boot a kernel, a disk, or the lab's --probe guest."""
+    memory_mib = parse_size(memory, "mib") // (1 << 20)
+    spec: dict[str, Any] = {"name": name, "vcpus": vcpus, "memory_mib": memory_mib,
+                            "cpu_model": cpu_model, "machine": machine,
+                            "disks": [parse_disk(d) for d in disk or []], "nics": []}
+    for i, n in enumerate(nic or []):
+        network, _, mac = n.partition("=")
+        spec["nics"].append({"name": f"nic{i}", "network": network, "mac": mac or random_mac()})
+    if probe:
+        if kernel:
+            raise InvalidInput("--probe and --kernel exclude each other", "give one of them")
+        if probe_mib + 48 > memory_mib:
+            raise InvalidInput(f"--probe-mib {probe_mib} needs at least {probe_mib + 48} MiB "
+                               f"of VM memory, --memory is {memory_mib}",
+                               "raise --memory or lower --probe-mib")
+        lab = load(DEFAULT_LAB_DIR)
+        if lab is None:
+            raise InvalidInput("--probe needs the lab's guest image and no lab is set up",
+                               "run `ferry lab up`, or boot your own --kernel/--initrd")
+        kernel = str(lab.images_dir / "vmlinuz")
+        initrd = str(lab.images_dir / "initrd.img")
+        append = (f"console=ttyS0 quiet panic=-1 ferry.probe_mib={probe_mib} "
+                  f"ferry.dirty_mib_s={dirty_rate} {append}").strip()
+        if not nic:
+            spec["nics"].append({"name": "nic0", "network": NETWORK, "mac": random_mac()})
+    if kernel:
+        spec["kernel"] = {"kernel": kernel, "initrd": initrd, "append": append}
+    view = Client(resolve_url(url)).call("POST", "/v1/vms",
+                                         {"spec": spec, "host": host, "start": start})
+    if json_out:
+        print_json(view)
+    else:
+        console.print(f"VM [bold]{name}[/] created on {view['host']}: {view['state']}")
+
+
+@vm_app.command("list")
+@handle_errors
+def vm_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
+    """VMs with their host, state and latest probe heartbeat."""
+    vms = Client(resolve_url(url)).call("GET", "/v1/vms")
+    if json_out:
+        print_json(vms)
+        return
+    table("VMs", ["VM", "host", "state", "vCPUs", "MiB", "CPU model", "heartbeat"],
+          [[v["spec"]["name"], v["host"], v["state"], v["spec"]["vcpus"],
+            v["spec"]["memory_mib"], v["spec"]["cpu_model"],
+            heartbeat_text((v.get("live") or {}).get("heartbeat"))] for v in vms])
+
+
+@vm_app.command("show")
+@handle_errors
+def vm_show(name: str, url: UrlOpt = None, json_out: JsonOpt = False) -> None:
+    """One VM: spec, where it runs, its QEMU state and probe heartbeat."""
+    v = Client(resolve_url(url)).call("GET", f"/v1/vms/{name}")
+    if json_out:
+        print_json(v)
+        return
+    live = v.get("live") or {}
+    spec = v["spec"]
+    rows = [["host", v["host"]], ["state", v["state"]], ["QEMU", live.get("state", "-")],
+            ["pid", live.get("pid")], ["uuid", spec["uuid"]], ["vCPUs", spec["vcpus"]],
+            ["memory MiB", spec["memory_mib"]], ["CPU model", spec["cpu_model"]],
+            ["machine", spec["machine"]],
+            ["disks", ", ".join(f"{d['name']}={d['datastore']}:{d['path']}"
+                                for d in spec["disks"]) or "-"],
+            ["NICs", ", ".join(f"{n['name']}={n['network']}/{n['mac']}"
+                               for n in spec["nics"]) or "-"],
+            ["heartbeat", heartbeat_text(live.get("heartbeat"))]]
+    table(f"VM {name}", ["", ""], rows)
+
+
+@vm_app.command("start")
+@handle_errors
+def vm_start(name: str, url: UrlOpt = None) -> None:
+    """Power a VM on, on its host."""
+    v = Client(resolve_url(url)).call("POST", f"/v1/vms/{name}/start")
+    console.print(f"VM {name} on {v['host']}: {v['state']}")
+
+
+@vm_app.command("stop")
+@handle_errors
+def vm_stop(name: str, force: Annotated[bool, typer.Option(
+        help="power off at once instead of an ACPI shutdown first")] = False,
+        url: UrlOpt = None) -> None:
+    """Shut a VM down (ACPI, then power off after 30 s; --force at once)."""
+    Client(resolve_url(url), timeout_s=120).call("POST", f"/v1/vms/{name}/stop", force=force)
+    console.print(f"VM {name} stopped")
+
+
+@vm_app.command("delete")
+@handle_errors
+def vm_delete(name: str, url: UrlOpt = None) -> None:
+    """Remove a stopped VM from the inventory (its disk images stay)."""
+    Client(resolve_url(url)).call("DELETE", f"/v1/vms/{name}")
+    console.print(f"VM {name} deleted")
+
+
+@vm_app.command("serial")
+@handle_errors
+def vm_serial(name: str, lines: int = 20, url: UrlOpt = None) -> None:
+    """The last lines of the VM's serial console."""
+    out = Client(resolve_url(url)).call("GET", f"/v1/vms/{name}/serial", lines=lines)
+    for line in out["lines"]:
+        print(line)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

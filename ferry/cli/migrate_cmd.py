@@ -1,0 +1,165 @@
+"""`ferry vm migrate` with its live progress display, and `ferry migration ...`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from ferry.cli.client import Client, resolve_url
+from ferry.cli.output import console, mib, print_json, table
+from ferry.domain.migration import Phase
+from ferry.domain.units import parse_duration_ms, parse_rate
+
+migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
+STAGES = [Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY, Phase.SWITCHOVER]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
+
+
+def stage_table(rec: dict[str, Any]) -> Table:
+    """One line per stage: done, running (with pre-copy numbers) or waiting."""
+    t = Table(title=f"migration {rec['id']}: {rec['vm']} {rec['source']} → {rec['target']}",
+              title_justify="left")
+    t.add_column("stage")
+    t.add_column("state")
+    t.add_column("detail")
+    times: dict[str, float] = rec["phase_times"]
+    phase = Phase(rec["phase"])
+    for stage in STAGES:
+        if stage.value not in times:
+            state, detail = "waiting", ""
+        elif phase is stage:
+            state, detail = "[cyan]running[/]", ""
+        else:
+            state, detail = "[green]done[/]", ""
+        if stage is Phase.PRECOPY and stage.value in times:
+            its = rec["iterations"]
+            last = its[-1] if its else {}
+            detail = (f"pass {last.get('number', 0)}, "
+                      f"{mib(rec.get('remaining_bytes'))} MiB left, "
+                      f"{mib(rec.get('transferred_bytes'))} MiB sent, "
+                      f"dirty {mib(last.get('dirty_rate_bytes_s'))} MiB/s, "
+                      f"{mib(int(last.get('throughput_bytes_s', 0)))} MiB/s")
+        if phase in (Phase.ROLLING_BACK, Phase.FAILED) and stage.value in times and \
+                stage is _last_stage(times):
+            state = "[red]failed[/]"
+        t.add_row(stage.value, state, detail)
+    return t
+
+
+def _last_stage(times: dict[str, float]) -> Phase:
+    return [s for s in STAGES if s.value in times][-1]
+
+
+def summary(rec: dict[str, Any]) -> str:
+    t = rec["phase_times"]
+    total = t.get("completed", t.get("failed", time.time())) - t["pending"]
+    if rec["phase"] == Phase.COMPLETED:
+        return (f"[green]completed[/] in {total:.2f} s: downtime {rec['downtime_ms']} ms, "
+                f"{len(rec['iterations'])} passes, {mib(rec['transferred_bytes'])} MiB sent")
+    return f"[red]failed[/] after {total:.2f} s: {rec['reason']}"
+
+
+def follow(client: Client, migration_id: str, quiet: bool) -> dict[str, Any]:
+    rec: dict[str, Any] = client.call("GET", f"/v1/migrations/{migration_id}")
+    if quiet:
+        for event in client.events(f"/v1/migrations/{migration_id}/events"):
+            rec = event
+        return rec
+    with Live(stage_table(rec), console=console, refresh_per_second=8) as live:
+        for rec in client.events(f"/v1/migrations/{migration_id}/events"):
+            live.update(stage_table(rec))
+    return rec
+
+
+def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
+    @vm_app.command("migrate")
+    @handle_errors
+    def vm_migrate(
+        name: Annotated[str, typer.Argument(help="VM to move")],
+        host: Annotated[str, typer.Argument(help="destination host")],
+        check_only: Annotated[bool, typer.Option(
+            help="only run the compatibility checks")] = False,
+        no_wait: Annotated[bool, typer.Option(help="print the migration id and return")
+                           ] = False,
+        max_downtime: Annotated[str, typer.Option(help="e.g. 300ms")] = "300ms",
+        bandwidth: Annotated[str | None, typer.Option(
+            help="cap the stream, e.g. 200MiB (per second) or 500mbit")] = None,
+        url: UrlOpt = None, json_out: JsonOpt = False,
+    ) -> None:
+        """Live-migrate a running VM to another host (vMotion)."""
+        client = Client(resolve_url(url))
+        if check_only:
+            result = client.call("POST", "/v1/migrations/check", {"vm": name, "target": host})
+            if json_out:
+                print_json(result)
+            elif result["ok"]:
+                console.print(f"[green]ok:[/] {name} can migrate to {host}")
+            else:
+                for r in result["refusals"]:
+                    console.print(f"[red]refused ({r['reason']}):[/] {r['message']}")
+            raise typer.Exit(0 if result["ok"] else 1)
+        options = {"max_downtime_ms": parse_duration_ms(max_downtime),
+                   "max_bandwidth_bytes_s": parse_rate(bandwidth) if bandwidth else 0}
+        rec = client.call("POST", "/v1/migrations",
+                          {"vm": name, "target": host, "options": options})
+        if no_wait:
+            print_json(rec) if json_out else print(rec["id"])
+            return
+        rec = follow(client, rec["id"], quiet=json_out)
+        if json_out:
+            print_json(rec)
+        else:
+            console.print(summary(rec))
+        if rec["phase"] != Phase.COMPLETED:
+            raise typer.Exit(1)
+
+    @migration_app.command("list")
+    @handle_errors
+    def migration_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
+        """Every migration, newest last."""
+        recs = Client(resolve_url(url)).call("GET", "/v1/migrations")
+        if json_out:
+            print_json(recs)
+            return
+        table("Migrations", ["id", "VM", "from", "to", "phase", "downtime ms", "MiB sent",
+                             "reason"],
+              [[r["id"], r["vm"], r["source"], r["target"], r["phase"], r["downtime_ms"],
+                mib(r["transferred_bytes"]), r["reason"]] for r in recs])
+
+    @migration_app.command("show")
+    @handle_errors
+    def migration_show(migration_id: str, url: UrlOpt = None, json_out: JsonOpt = False
+                       ) -> None:
+        """One migration: stage timestamps and every pre-copy pass."""
+        rec = Client(resolve_url(url)).call("GET", f"/v1/migrations/{migration_id}")
+        if json_out:
+            print_json(rec)
+            return
+        console.print(stage_table(rec))
+        t0 = rec["phase_times"]["pending"]
+        table("Stages", ["phase", "at (s)"],
+              [[p, f"{ts - t0:.3f}"] for p, ts in rec["phase_times"].items()])
+        table("Pre-copy passes", ["pass", "at ms", "remaining MiB", "sent MiB",
+                                  "dirty MiB/s", "MiB/s", "expected downtime ms"],
+              [[i["number"], i["at_ms"], mib(i["remaining_bytes"]),
+                mib(i["transferred_bytes"]), mib(i["dirty_rate_bytes_s"]),
+                mib(int(i["throughput_bytes_s"])), i["expected_downtime_ms"]]
+               for i in rec["iterations"]])
+        if rec["phase"] in (Phase.COMPLETED, Phase.FAILED):
+            console.print(summary(rec))
+
+    @migration_app.command("cancel")
+    @handle_errors
+    def migration_cancel(migration_id: str, url: UrlOpt = None) -> None:
+        """Cancel a migration before switchover; the VM keeps running on its source."""
+        Client(resolve_url(url)).call("POST", f"/v1/migrations/{migration_id}/cancel")
+        console.print(f"cancel requested for {migration_id}")
+
+
+__all__ = ["migration_app", "register"]

@@ -1,0 +1,242 @@
+"""Bring the lab up and down; say what runs. Crash-safe: `down` finds leftovers by
+scanning for processes that name the lab directory and namespaces by prefix."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from ferry.agent.config import AgentConfig, DatastoreConfig
+from ferry.lab import net
+from ferry.lab.config import AGENT_PORT, NETWORK, LabConfig, load
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(os.environ.get("FERRY_GUEST_DIR", REPO_ROOT / "build" / "guest"))
+GUEST_FILES = ("vmlinuz", "initrd.img")
+
+
+class LabError(RuntimeError):
+    """A lab operation refused or failed; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    config: LabConfig
+    network_up: bool
+    control_pid: int | None
+    agent_pids: dict[str, int | None]
+    qemu_pids: list[int]
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (it creates network namespaces and a bridge); "
+                       "run it as root, e.g. `sudo ferry lab up`")
+    for tool in ("ip", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            raise LabError(f"`{tool}` is not installed; run `make demo` (it installs "
+                           "iproute2 and qemu-system-x86) or apt-get install it")
+
+
+def _pidfile(config: LabConfig, who: str) -> Path:
+    return config.directory / "run" / f"{who}.pid"
+
+
+def _alive_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(")", 1)[1].split()[0] == "Z":
+                return None
+    except (OSError, IndexError):
+        return None
+    return pid
+
+
+def _spawn(argv: list[str], log: Path, pidfile: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    return proc.pid
+
+
+def install_guest_image(config: LabConfig) -> bool:
+    """Copy the built probe guest onto the shared datastore; False if not built."""
+    if not all((GUEST_DIR / f).exists() for f in GUEST_FILES):
+        return False
+    config.images_dir.mkdir(parents=True, exist_ok=True)
+    for name in GUEST_FILES:
+        src, dst = GUEST_DIR / name, config.images_dir / name
+        if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+            shutil.copy2(src, dst)
+    return True
+
+
+def agent_config(config: LabConfig, host: str) -> AgentConfig:
+    spec = next(h for h in config.hosts if h.name == host)
+    return AgentConfig(
+        name=host, listen_host=config.host_ip(host), listen_port=AGENT_PORT,
+        control_url=config.control_url, run_dir=config.host_dir(host) / "run",
+        accel="tcg", cpus=spec.cpus, memory_mib=spec.memory_mib,
+        datastores=(DatastoreConfig(name="shared", path=str(config.shared_datastore),
+                                    shared=True),
+                    DatastoreConfig(name=f"local-{host}",
+                                    path=str(config.local_datastore(host)))),
+        networks=(NETWORK,))
+
+
+def start_agent(config: LabConfig, host: str) -> int:
+    cfg_path = config.host_dir(host) / "agent.json"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(agent_config(config, host).model_dump_json(indent=2))
+    argv = ["ip", "netns", "exec", config.netns(host), sys.executable, "-m",
+            "ferry.agent.main", "--config", str(cfg_path)]
+    return _spawn(argv, config.logs_dir / f"agent-{host}.log", _pidfile(config, f"agent-{host}"))
+
+
+def start_control(config: LabConfig) -> int:
+    argv = [sys.executable, "-m", "ferry.cli.main", "server",
+            "--db", f"sqlite+aiosqlite:///{config.db_file}",
+            "--listen", config.bridge_ip, "--port", str(config.control_port)]
+    return _spawn(argv, config.logs_dir / "control.log", _pidfile(config, "control"))
+
+
+def kill_pid(pid: int, grace_s: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def stop_agent(config: LabConfig, host: str) -> None:
+    pid = _alive_pid(_pidfile(config, f"agent-{host}"))
+    if pid is not None:
+        # `ip netns exec` execs the agent, so this pid is the agent itself.
+        kill_pid(pid)
+
+
+def stop_control(config: LabConfig) -> None:
+    pid = _alive_pid(_pidfile(config, "control"))
+    if pid is not None:
+        kill_pid(pid)
+
+
+def processes_of(directory: Path) -> list[tuple[int, str]]:
+    """(pid, argv0) of every process whose command line names the lab directory."""
+    mark = str(directory).encode()
+    mine = {os.getpid(), os.getppid()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if mark in cmdline:
+            found.append((int(entry.name), cmdline.split(b"\0")[0].decode(errors="replace")))
+    return found
+
+
+def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    want = {h.name for h in config.hosts}
+    last = "control plane not answering"
+    while time.monotonic() < deadline:
+        try:
+            hosts = httpx.get(f"{config.control_url}/v1/hosts", timeout=2.0).json()
+            ready = {h["name"] for h in hosts if h["state"] == "connected"}
+            if want <= ready:
+                return
+            last = f"waiting for hosts {sorted(want - ready)}"
+        except (httpx.HTTPError, ValueError) as exc:
+            last = f"control plane not answering: {exc}"
+        time.sleep(0.2)
+    raise LabError(f"lab did not come up within {timeout_s:.0f} s ({last}); "
+                   f"see the logs in {config.logs_dir}")
+
+
+def up(config: LabConfig) -> LabStatus:
+    """Create what is missing and start what is not running (idempotent)."""
+    require_root()
+    existing = load(config.directory)
+    if existing is not None and existing.hosts != config.hosts:
+        raise LabError(f"a lab with hosts {[h.name for h in existing.hosts]} already exists "
+                       f"in {config.directory}; run `ferry lab down` first")
+    for d in (config.directory, config.shared_datastore, config.logs_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    for host in config.hosts:
+        config.local_datastore(host.name).mkdir(parents=True, exist_ok=True)
+    config.config_file.write_text(config.model_dump_json(indent=2))
+    install_guest_image(config)
+    try:
+        net.create(config)
+        if _alive_pid(_pidfile(config, "control")) is None:
+            start_control(config)
+        for host in config.hosts:
+            if _alive_pid(_pidfile(config, f"agent-{host.name}")) is None:
+                start_agent(config, host.name)
+        wait_registered(config)
+    except Exception:
+        down(config)
+        raise
+    return status(config)
+
+
+def down(config: LabConfig) -> list[str]:
+    """Stop everything of the lab and remove its network; returns what was removed."""
+    removed = []
+    stop_control(config)
+    for host in config.hosts:
+        stop_agent(config, host.name)
+    for pid, argv0 in processes_of(config.directory):
+        kill_pid(pid, grace_s=2.0)
+        removed.append(f"process {pid} ({Path(argv0).name})")
+    if net.exists(config):
+        removed.append(f"bridge {config.bridge}")
+    net.destroy(config)
+    for pidfile in (config.directory / "run").glob("*.pid"):
+        pidfile.unlink(missing_ok=True)
+    for host in config.hosts:
+        shutil.rmtree(config.host_dir(host.name) / "run", ignore_errors=True)
+    return removed
+
+
+def status(config: LabConfig) -> LabStatus:
+    qemus = [pid for pid, argv0 in processes_of(config.directory) if "qemu" in argv0]
+    return LabStatus(
+        config=config, network_up=net.exists(config),
+        control_pid=_alive_pid(_pidfile(config, "control")),
+        agent_pids={h.name: _alive_pid(_pidfile(config, f"agent-{h.name}"))
+                    for h in config.hosts},
+        qemu_pids=qemus)

@@ -1,0 +1,106 @@
+"""The lab's declared shape (hosts, capacities, addresses) and where its state lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from ferry.domain.specs import Frozen, Name
+
+DEFAULT_LAB_DIR = Path(os.environ.get("FERRY_LAB_DIR", "/var/lib/ferry/lab"))
+AGENT_PORT = 8100
+NETWORK = "vmnet"
+
+
+class LabHost(Frozen):
+    name: Name
+    cpus: int = Field(default=4, ge=1, le=1024)
+    memory_mib: int = Field(default=2048, ge=64)
+
+
+class LabConfig(Frozen):
+    directory: Path
+    prefix: str = Field(default="fy", pattern=r"^[a-z][a-z0-9]{0,5}$")
+    subnet_octet: int = Field(default=210, ge=1, le=254)  # 10.<octet>.0.0/24
+    control_port: int = Field(default=8700, ge=1024, le=65535)
+    hosts: tuple[LabHost, ...]
+
+    @model_validator(mode="after")
+    def _sane(self) -> LabConfig:
+        if not 1 <= len(self.hosts) <= 32:
+            raise ValueError("a lab has 1 to 32 hosts")
+        names = [h.name for h in self.hosts]
+        if len(set(names)) != len(names):
+            raise ValueError("host names in a lab must be unique")
+        return self
+
+    @classmethod
+    def default(cls, directory: Path, hosts: int, cpus: int = 4, memory_mib: int = 2048,
+                **kw: object) -> LabConfig:
+        return cls.model_validate({
+            "directory": directory, **kw,
+            "hosts": [{"name": f"host{i}", "cpus": cpus, "memory_mib": memory_mib}
+                      for i in range(1, hosts + 1)]})
+
+    # --- naming and addressing ------------------------------------------------------
+    @property
+    def bridge(self) -> str:
+        return f"{self.prefix}br0"
+
+    @property
+    def bridge_ip(self) -> str:
+        return f"10.{self.subnet_octet}.0.1"
+
+    def netns(self, host: str) -> str:
+        return f"{self.prefix}-{host}"
+
+    def veth(self, host: str) -> str:
+        """Root-side end of the host's link: shaping or cutting it affects that host."""
+        return f"{self.prefix}-{host}"[:15]
+
+    def host_ip(self, host: str) -> str:
+        index = [h.name for h in self.hosts].index(host)
+        return f"10.{self.subnet_octet}.0.{10 + index}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self.bridge_ip}:{self.control_port}"
+
+    def agent_url(self, host: str) -> str:
+        return f"http://{self.host_ip(host)}:{AGENT_PORT}"
+
+    # --- files -----------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "lab.json"
+
+    @property
+    def db_file(self) -> Path:
+        return self.directory / "ferry.db"
+
+    @property
+    def shared_datastore(self) -> Path:
+        return self.directory / "datastores" / "shared"
+
+    def local_datastore(self, host: str) -> Path:
+        return self.directory / "datastores" / f"local-{host}"
+
+    def host_dir(self, host: str) -> Path:
+        return self.directory / "hosts" / host
+
+    @property
+    def images_dir(self) -> Path:
+        return self.shared_datastore / "images"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.directory / "logs"
+
+
+def load(directory: Path) -> LabConfig | None:
+    path = directory / "lab.json"
+    if not path.exists():
+        return None
+    return LabConfig.model_validate_json(path.read_text())

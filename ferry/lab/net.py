@@ -1,0 +1,62 @@
+"""Namespaces, bridge and veth links for the lab (iproute2 and tc, no shell)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from ferry.lab.config import LabConfig
+
+
+class LabCommandError(RuntimeError):
+    pass
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise LabCommandError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def in_ns(ns: str, *args: str) -> None:
+    ip("netns", "exec", ns, *args)
+
+
+def create(config: LabConfig) -> None:
+    """Bridge in the root namespace, one namespace per host joined by a veth."""
+    if ip("link", "show", config.bridge, check=False).returncode != 0:
+        ip("link", "add", config.bridge, "type", "bridge")
+    ip("addr", "replace", f"{config.bridge_ip}/24", "dev", config.bridge)
+    ip("link", "set", config.bridge, "up")
+    for host in config.hosts:
+        ns, veth = config.netns(host.name), config.veth(host.name)
+        if ip("netns", "pids", ns, check=False).returncode != 0:
+            ip("netns", "add", ns)
+        if ip("link", "show", veth, check=False).returncode != 0:
+            ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("link", "set", veth, "master", config.bridge)
+        ip("link", "set", veth, "up")
+        ip("-n", ns, "addr", "replace", f"{config.host_ip(host.name)}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+
+
+def destroy(config: LabConfig) -> None:
+    """Remove every namespace, veth and the bridge of this lab; absent ones are fine."""
+    listed = ip("netns", "list", check=False).stdout.split("\n")
+    for line in listed:
+        ns = line.split(" ")[0]
+        if ns.startswith(f"{config.prefix}-"):
+            ip("netns", "delete", ns, check=False)
+    for host in config.hosts:
+        ip("link", "delete", config.veth(host.name), check=False)
+    ip("link", "delete", config.bridge, check=False)
+
+
+def set_link(config: LabConfig, host: str, up: bool) -> None:
+    """Cut or restore a host's only link (management and migration traffic)."""
+    ip("link", "set", config.veth(host), "up" if up else "down")
+
+
+def exists(config: LabConfig) -> bool:
+    return ip("link", "show", config.bridge, check=False).returncode == 0
