@@ -32,7 +32,7 @@ class AgentClient:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.host = host
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout_s,
-                                       transport=transport)
+                                       transport=transport, trust_env=False)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -25,7 +25,7 @@ async def heartbeat_loop(host: HostRuntime) -> None:
     config = host.config
     if not config.control_url:
         return
-    async with httpx.AsyncClient(base_url=config.control_url, timeout=5.0) as http:
+    async with httpx.AsyncClient(base_url=config.control_url, timeout=5.0, trust_env=False) as http:
         while True:
             try:
                 beat = AgentHeartbeat(facts=host.facts(), vms=tuple(await host.list_vms()),

@@ -30,7 +30,7 @@ def resolve_url(url: str | None, lab_dir: Path | None = None) -> str:
 class Client:
     def __init__(self, url: str, timeout_s: float = 60.0) -> None:
         self.url = url
-        self._http = httpx.Client(base_url=url, timeout=timeout_s)
+        self._http = httpx.Client(base_url=url, timeout=timeout_s, trust_env=False)
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         try:

@@ -51,7 +51,8 @@ class Monitor:
         return client
 
     async def close(self) -> None:
-        with contextlib.suppress(QMPError, OSError, asyncio.TimeoutError):
+        # disconnect() re-raises whatever ended the reader (EOFError after quit, ...).
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(self._client.disconnect(), 5.0)
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None,

@@ -174,7 +174,7 @@ def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
     last = "control plane not answering"
     while time.monotonic() < deadline:
         try:
-            hosts = httpx.get(f"{config.control_url}/v1/hosts", timeout=2.0).json()
+            hosts = httpx.get(f"{config.control_url}/v1/hosts", timeout=2.0, trust_env=False).json()
             ready = {h["name"] for h in hosts if h["state"] == "connected"}
             if want <= ready:
                 return
