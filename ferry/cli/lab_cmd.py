@@ -88,3 +88,18 @@ def link(host: str, state: Annotated[str, typer.Argument(help="up or down")],
         _fail(f"the lab has no host {host!r}")
     net.set_link(config, host, state == "up")
     console.print(f"link of {host} {state}")
+
+
+@app.command()
+def demo(lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
+    """Bring up a 3-host lab, boot a probe VM on host1, migrate it to host2 and host3."""
+    from ferry.cli.demo import run_demo
+
+    try:
+        cluster.require_root()
+        run_demo(load(lab_dir) or LabConfig.default(lab_dir, 3))
+    except (cluster.LabError, net.LabCommandError) as exc:
+        _fail(str(exc))
+    except FerryError as exc:
+        print_error(exc)
+        raise typer.Exit(1) from None

@@ -1,0 +1,48 @@
+# Two commands on a fresh Debian 12 machine (as root): `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+GUEST := build/guest
+
+.PHONY: deps venv guest demo test test-fast lint bench clean lab-down
+
+deps:
+	@scripts/install-deps.sh
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(GUEST)/initrd.img: guest/build.sh guest/init guest/probe.c
+	guest/build.sh $(GUEST)
+
+guest: deps $(GUEST)/initrd.img
+
+lint: venv
+	$(VENV)/bin/ruff check ferry tests bench
+	$(VENV)/bin/mypy
+
+# The lab demo: a 3-host cluster, a probe VM on host1, live-migrated host1 → host2 → host3.
+demo: deps venv guest
+	$(VENV)/bin/ferry lab demo
+
+# The whole suite, real-QEMU tests (marked slow) included.
+test: deps venv guest lint
+	$(VENV)/bin/pytest -q
+
+# Unit tests only (no root, no QEMU).
+test-fast: venv
+	$(VENV)/bin/pytest -q -m "not slow"
+
+bench: deps venv guest
+	$(PY) bench/migrate_vs_qemu.py
+
+lab-down: venv
+	$(VENV)/bin/ferry lab down
+
+clean:
+	rm -rf build $(VENV)
