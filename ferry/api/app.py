@@ -41,6 +41,7 @@ def create_app(control: ControlPlane) -> FastAPI:
     @app.post("/v1/agents/heartbeat", status_code=204)
     async def heartbeat(beat: AgentHeartbeat) -> None:
         await control.inventory.heartbeat(beat.facts, beat.url, beat.vms)
+        await control.migrations.reap_orphans(beat.facts.name, beat.vms)
 
     @app.get("/v1/hosts")
     async def hosts() -> list[HostRecord]:
@@ -49,6 +50,12 @@ def create_app(control: ControlPlane) -> FastAPI:
     @app.get("/v1/hosts/{name}")
     async def host(name: str) -> HostRecord:
         return await control.store.host(name)
+
+    @app.post("/v1/hosts/{name}/maintenance")
+    async def maintenance(name: str, on: bool = True) -> HostRecord:
+        """Mark a host in (or out of) maintenance: no VM is placed or migrated onto it.
+        Evacuating its VMs is not done here yet."""
+        return await control.store.set_maintenance(name, on)
 
     # --- VMs -------------------------------------------------------------------
     @app.post("/v1/vms", status_code=201)

@@ -90,6 +90,16 @@ def host_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
                     "MiB used/cap", "datastores", "VMs"], rows)
 
 
+@host_app.command("maintenance")
+@handle_errors
+def host_maintenance(name: str, off: Annotated[bool, typer.Option(
+        "--off", help="take the host out of maintenance")] = False, url: UrlOpt = None) -> None:
+    """Mark a host in maintenance (nothing is placed or migrated onto it). It does not
+    evacuate the host's VMs yet: migrate them with `ferry vm migrate`."""
+    h = Client(resolve_url(url)).call("POST", f"/v1/hosts/{name}/maintenance", on=not off)
+    console.print(f"host {name}: {h['state']}")
+
+
 # --- VMs --------------------------------------------------------------------------
 def random_mac() -> str:
     return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
@@ -142,8 +152,8 @@ def vm_create(
     if probe:
         if kernel:
             raise InvalidInput("--probe and --kernel exclude each other", "give one of them")
-        if probe_mib + 48 > memory_mib:
-            raise InvalidInput(f"--probe-mib {probe_mib} needs at least {probe_mib + 48} MiB "
+        if probe_mib + 72 > memory_mib:
+            raise InvalidInput(f"--probe-mib {probe_mib} needs at least {probe_mib + 72} MiB "
                                f"of VM memory, --memory is {memory_mib}",
                                "raise --memory or lower --probe-mib")
         lab = load(DEFAULT_LAB_DIR)

@@ -17,7 +17,7 @@ import uuid
 from collections import defaultdict
 
 from ferry.agent.client import AgentClient
-from ferry.agent.models import AgentVmState
+from ferry.agent.models import AgentVmState, VmInfo
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
@@ -43,6 +43,9 @@ POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
 CONFIRM_TIMEOUT_S = 30.0
 PER_HOST_LIMIT = 2  # outbound and inbound per host, as KubeVirt
 CLUSTER_LIMIT = 5
+
+
+_LEFTOVER_STATES = (AgentVmState.INCOMING, AgentVmState.MIGRATED, AgentVmState.EXITED)
 
 
 class RollBack(Exception):
@@ -114,6 +117,26 @@ class Orchestrator:
             if rec.cancel_requested:
                 self._cancel[rec.id].set()
             self._spawn(rec.id)
+
+    async def reap_orphans(self, host: str, reported: tuple[VmInfo, ...]) -> None:
+        """Stop leftovers an agent reports: a paused or incoming copy of a VM that the
+        inventory places elsewhere and that no unfinished migration involves (e.g. a
+        target whose link was down during rollback). A running copy is never touched."""
+        leftovers = [v for v in reported if v.state in _LEFTOVER_STATES]
+        if not leftovers:
+            return
+        busy = {m.vm for m in await self.store.migrations(unfinished_only=True)}
+        for info in leftovers:
+            try:
+                vm = await self.store.vm(info.name)
+            except NotFound:
+                continue  # not ours to judge: Ferry never kills what it does not know
+            if vm.host == host or info.name in busy:
+                continue
+            log.warning("stopping leftover %s copy of %s on %s", info.state, info.name, host)
+            with contextlib.suppress(FerryError):
+                await self.agents.client(await self.store.host(host)).stop_vm(
+                    info.name, force=True)
 
     async def shutdown(self) -> None:
         """Stop watching; the migrations themselves stay persisted for resume."""

@@ -1,0 +1,64 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ferry.domain.specs import DiskSpec, KernelBoot, NicSpec, VmSpec
+from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
+
+PATHS = RunPaths(Path("/run/ferry/vms/web1"))
+
+
+def argv_of(spec: VmSpec, **kw: object) -> list[str]:
+    return build_argv(spec, machine="pc-i440fx-7.2", accel="tcg", paths=PATHS,
+                      datastores={"shared": "/srv/shared"}, **kw)  # type: ignore[arg-type]
+
+
+def value_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_kernel_boot_argv() -> None:
+    spec = VmSpec(name="web1", vcpus=2, memory_mib=512, cpu_model="Nehalem",
+                  kernel=KernelBoot(kernel="/k", initrd="/i", append="console=ttyS0 a=b"))
+    argv = argv_of(spec)
+    assert argv[0] == "qemu-system-x86_64"
+    assert value_after(argv, "-machine") == ["pc-i440fx-7.2,accel=tcg"]
+    assert value_after(argv, "-cpu") == ["Nehalem"]
+    assert value_after(argv, "-smp") == ["2"]
+    assert value_after(argv, "-m") == ["512M"]
+    assert value_after(argv, "-uuid") == [spec.uuid]
+    assert value_after(argv, "-kernel") == ["/k"]
+    assert value_after(argv, "-initrd") == ["/i"]
+    # the command line stays one argument: no shell splits it
+    assert value_after(argv, "-append") == ["console=ttyS0 a=b"]
+    assert "-nodefaults" in argv and "-incoming" not in argv
+    assert any(str(PATHS.qmp_socket) in a for a in value_after(argv, "-chardev"))
+    assert any(str(PATHS.serial_log) in a for a in value_after(argv, "-chardev"))
+
+
+def test_incoming_adds_defer() -> None:
+    spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/k"))
+    assert value_after(argv_of(spec, incoming=True), "-incoming") == ["defer"]
+
+
+def test_disks_and_nics() -> None:
+    spec = VmSpec(name="web1",
+                  disks=(DiskSpec(name="root", datastore="shared", path="vms/web1.qcow2"),
+                         DiskSpec(name="data", datastore="shared", path="d.raw", format="raw")),
+                  nics=(NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:07"),))
+    argv = argv_of(spec)
+    blockdevs = [json.loads(b) for b in value_after(argv, "-blockdev")]
+    assert blockdevs[0] == {"driver": "file", "node-name": "file-root",
+                            "filename": "/srv/shared/vms/web1.qcow2"}
+    assert blockdevs[1]["driver"] == "qcow2" and blockdevs[3]["driver"] == "raw"
+    devices = value_after(argv, "-device")
+    assert "virtio-blk-pci,drive=disk-root,id=root,bootindex=1" in devices
+    assert "virtio-blk-pci,drive=disk-data,id=data" in devices
+    assert "virtio-net-pci,netdev=net-nic0,mac=52:54:00:00:00:07,id=nic0" in devices
+
+
+def test_disk_path_refuses_symlink_style_escape() -> None:
+    disk = DiskSpec.model_construct(name="d", datastore="shared", path="../../etc/x")
+    with pytest.raises(ValueError, match="escapes"):
+        disk_path(disk, {"shared": "/srv/shared"})
