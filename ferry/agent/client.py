@@ -31,7 +31,9 @@ class AgentClient:
     def __init__(self, host: str, base_url: str, timeout_s: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.host = host
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout_s,
+        # A short connect timeout: an unreachable host must not stall a migration step.
+        self._http = httpx.AsyncClient(base_url=base_url,
+                                       timeout=httpx.Timeout(timeout_s, connect=3.0),
                                        transport=transport, trust_env=False)
 
     async def aclose(self) -> None:
@@ -65,8 +67,8 @@ class AgentClient:
     async def list_vms(self) -> list[VmInfo]:
         return await self._call("GET", "/v1/vms", TypeAdapter(list[VmInfo]))
 
-    async def vm(self, name: str) -> VmInfo:
-        return await self._call("GET", f"/v1/vms/{name}", VmInfo)
+    async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
+        return await self._call("GET", f"/v1/vms/{name}", VmInfo, timeout_s=timeout_s)
 
     async def create_vm(self, spec: VmSpec, paused: bool = False) -> VmInfo:
         return await self._call("POST", "/v1/vms", VmInfo, CreateVm(spec=spec, paused=paused),
@@ -74,7 +76,7 @@ class AgentClient:
 
     async def stop_vm(self, name: str, force: bool = False, grace_s: float = 30.0) -> VmInfo:
         return await self._call("POST", f"/v1/vms/{name}/stop", VmInfo, force=force,
-                                grace_s=grace_s, timeout_s=grace_s + 30.0)
+                                grace_s=grace_s, timeout_s=(grace_s if not force else 0) + 15.0)
 
     async def resume_vm(self, name: str) -> VmInfo:
         return await self._call("POST", f"/v1/vms/{name}/resume", VmInfo)

@@ -229,7 +229,7 @@ class Orchestrator:
                 await source.cancel_migration(rec.vm)
                 raise RollBack("cancelled by the user")
             progress, dest = await asyncio.gather(
-                source.progress(rec.vm, wait_s=POLL_WAIT_S), target.vm(rec.vm),
+                source.progress(rec.vm, wait_s=POLL_WAIT_S), target.vm(rec.vm, timeout_s=5.0),
                 return_exceptions=True)
             if isinstance(progress, BaseException):
                 raise progress

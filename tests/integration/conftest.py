@@ -1,0 +1,51 @@
+"""A real lab for the integration tests: namespaces, agents, control plane, QEMU.
+
+One lab per test session (prefix "ft", subnet 10.211.0.0/24, its own directory), torn
+down at the end even when tests fail; any leftover of an earlier crashed run with the
+same prefix is removed first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ferry.cli.client import Client
+from ferry.lab import cluster
+from ferry.lab.config import LabConfig
+
+LAB_DIR = Path(os.environ.get("FERRY_TEST_LAB_DIR", "/tmp/ferry-test-lab"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[LabConfig]:
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (network namespaces, bridge)")
+    if not all((cluster.GUEST_DIR / f).exists() for f in cluster.GUEST_FILES):
+        pytest.fail(f"no guest image in {cluster.GUEST_DIR}: run `make guest`")
+    config = LabConfig.default(LAB_DIR, 3, cpus=4, memory_mib=2048, prefix="ft",
+                               subnet_octet=211, control_port=8711)
+    cluster.down(config)  # leftovers of a crashed earlier run
+    shutil.rmtree(LAB_DIR, ignore_errors=True)
+    os.environ["FERRY_LAB_DIR"] = str(LAB_DIR)
+    cluster.up(config)
+    try:
+        yield config
+    finally:
+        cluster.down(config)
+        shutil.rmtree(LAB_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def client(lab: LabConfig) -> Client:
+    return Client(lab.control_url, timeout_s=120)

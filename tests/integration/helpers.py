@@ -1,0 +1,98 @@
+"""What the integration tests do again and again: probe VMs, migrations, process checks."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+from ferry.cli.client import Client
+from ferry.cli.demo import probe_spec, wait_heartbeat
+from ferry.domain.errors import NotFound
+from ferry.lab import cluster
+from ferry.lab.config import LabConfig
+
+_macs = itertools.count(0x10)
+
+
+def next_mac() -> str:
+    n = next(_macs)
+    return f"52:54:00:7e:{n >> 8:02x}:{n & 0xFF:02x}"
+
+
+def boot_probe(client: Client, lab: LabConfig, name: str, host: str, dirty: int = 0,
+               memory: int = 192, probe_mib: int = 64) -> dict[str, Any]:
+    """Create a probe VM on `host` and return its first heartbeat."""
+    spec = probe_spec(lab, name, memory, probe_mib, dirty, mac=next_mac())
+    client.call("POST", "/v1/vms", {"spec": spec, "host": host})
+    return wait_heartbeat(client, name, timeout_s=120)
+
+
+def remove_vm(client: Client, name: str) -> None:
+    try:
+        client.call("POST", f"/v1/vms/{name}/stop", force=True)
+        client.call("DELETE", f"/v1/vms/{name}")
+    except NotFound:
+        pass
+
+
+def qemu_hosts(lab: LabConfig, vm: str) -> list[str]:
+    """The lab hosts on which a QEMU process for `vm` exists right now."""
+    found = []
+    for pid, _ in cluster.processes_of(lab.directory):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not cmd[0].endswith(b"qemu-system-x86_64") or f"guest={vm},".encode() not in \
+                b" ".join(cmd):
+            continue
+        for host in lab.hosts:
+            if str(lab.host_dir(host.name)).encode() + b"/" in b" ".join(cmd):
+                found.append(host.name)
+    return sorted(found)
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def follow(client: Client, migration_id: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    for event in client.events(f"/v1/migrations/{migration_id}/events"):
+        rec = event
+    return rec
+
+
+def wait_phase(client: Client, migration_id: str, phase: str, timeout_s: float = 60
+               ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rec: dict[str, Any] = client.call("GET", f"/v1/migrations/{migration_id}")
+        if rec["phase"] == phase:
+            return rec
+        assert rec["phase"] not in ("completed", "failed"), rec
+        time.sleep(0.1)
+    raise AssertionError(f"migration {migration_id} never reached {phase}")
+
+
+def assert_intact(client: Client, vm: str, host: str, lab: LabConfig,
+                  before_seq: int) -> dict[str, Any]:
+    """The VM runs once, on `host`, and its probe keeps counting with zero errors."""
+    view = client.call("GET", f"/v1/vms/{vm}")
+    assert view["host"] == host and view["state"] == "running", view
+    assert qemu_hosts(lab, vm) == [host]
+    hb = wait_heartbeat(client, vm, after_seq=before_seq + 2, timeout_s=30)
+    assert hb["mem_errors"] == 0 and hb["disk_errors"] == 0, hb
+    return hb
+
+
+def slow_options(bandwidth_mib_s: int = 4) -> dict[str, int]:
+    """Stream options that keep pre-copy going for many seconds (time to break things)."""
+    return {"max_bandwidth_bytes_s": bandwidth_mib_s << 20}
