@@ -79,6 +79,12 @@ class Orchestrator:
                     options: StreamOptions | None = None) -> MigrationRecord:
         """Persist a migration, run CHECKING now, and go on in the background."""
         vm = await self.store.vm(vm_name)
+        active = [m for m in await self.store.migrations(unfinished_only=True)
+                  if m.vm == vm_name]
+        if active:
+            raise Conflict(f"VM {vm_name} is already being migrated ({active[0].id})",
+                           "wait for it to finish or cancel it with "
+                           f"`ferry migration cancel {active[0].id}`")
         if vm.state is not VmState.RUNNING:
             raise Conflict(f"VM {vm_name} is {vm.state}, only a running VM migrates live",
                            f"start it with `ferry vm start {vm_name}`")

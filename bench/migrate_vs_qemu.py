@@ -1,0 +1,398 @@
+"""Ferry's live migration against a raw QMP migration between two hand-started QEMUs.
+
+Method
+------
+The benchmark brings up its own 2-host lab (prefix "fb", 10.212.0.0/24, control plane
+on port 8712, in a temporary directory or --lab-dir) and always tears it down at the
+end. For every dirty rate it alternates Ferry and raw runs (F, R, F, R, ...); run i of
+both kinds goes the same direction (host1 -> host2 for even i, host2 -> host1 for odd
+i). Every run boots a fresh probe guest (same kernel, initrd, command line, 256 MiB,
+Nehalem, pc-i440fx-7.2, TCG) on the source host and migrates it as soon as the probe's
+heartbeat reaches seq >= 3, so both kinds start from a guest that has run its probe for
+the same time. Only one guest runs at a time.
+
+- Ferry: the VM is created through the control plane (POST /v1/vms). The clock starts
+  just before POST /v1/migrations and stops when the migration's event stream shows a
+  terminal phase (COMPLETED means Ferry confirmed the destination runs). Downtime and
+  bytes sent come from the migration record.
+- Raw: two QEMUs started by this script, one per lab host namespace (`ip netns exec`),
+  argv from ferry.hypervisor.argv.build_argv, QMP through ferry.hypervisor.monitor.
+  The clock starts before launching the destination QEMU (-incoming defer) and covers
+  the QMP connect, migrate-incoming on tcp:<dest ip>:<port>, the same settings Ferry
+  uses (events=on, downtime-limit 300 ms, max-bandwidth 1 TiB/s), migrate on the
+  source, polling query-migrate every 50 ms until completed, and polling query-status
+  on the destination until 'running'. Downtime and bytes sent (ram.transferred) come
+  from the source's final query-migrate.
+
+After every migration the destination must print a heartbeat with seq > seq_before + 1;
+its mem_errors + disk_errors count as integrity errors.
+
+Summary: per rate, medians over the runs; the wall ratio and downtime delta are medians
+of per-pair values (Ferry run i vs raw run i of that rate). The last line gives the same
+pairwise medians over ALL pairs of all rates, and the total of integrity errors.
+
+Needs root (namespaces, bridge). Run: .venv/bin/python bench/migrate_vs_qemu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import itertools
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ferry.cli.client import Client
+from ferry.cli.demo import probe_spec
+from ferry.domain.errors import FerryError, NotFound
+from ferry.domain.migration import Phase, SourceStatus
+from ferry.domain.probe import Heartbeat, last_heartbeat
+from ferry.domain.specs import VmSpec
+from ferry.hypervisor.argv import RunPaths, build_argv
+from ferry.hypervisor.monitor import Monitor
+from ferry.hypervisor.process import ProcessState, QemuProcess
+from ferry.lab import cluster
+from ferry.lab.config import LabConfig
+
+MACHINE = "pc-i440fx-7.2"
+MIN_SEQ = 3  # migrate once the probe has printed this many heartbeats
+BOOT_TIMEOUT_S = 120.0
+MIGRATE_TIMEOUT_S = 300.0
+POLL_S = 0.05
+RAW_PORT_BASE = 21000  # below the ephemeral range Ferry's agents pick from
+MIB = 1 << 20
+PHASES = ("pending", "checking", "preparing_target", "precopy", "switchover", "completed")
+
+
+@dataclass
+class Run:
+    kind: str  # "ferry" or "raw"
+    rate: int
+    index: int
+    source: str
+    target: str
+    ok: bool = False
+    wall_s: float | None = None
+    downtime_ms: float | None = None
+    sent_bytes: int | None = None
+    qemu_total_ms: float | None = None
+    seq_before: int | None = None
+    seq_after: int | None = None
+    integrity_errors: int = 0
+    error: str | None = None
+    steps_s: dict[str, float] = field(default_factory=dict)  # where the wall time went
+
+
+# --- Ferry ------------------------------------------------------------------------
+def ferry_heartbeat(client: Client, vm: str, after_seq: int) -> Heartbeat:
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        hb = (client.call("GET", f"/v1/vms/{vm}").get("live") or {}).get("heartbeat")
+        if hb and hb["seq"] > after_seq:
+            return Heartbeat.model_validate(hb)
+        time.sleep(0.2)
+    raise FerryError(f"VM {vm}: no probe heartbeat past seq {after_seq}")
+
+
+def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: Run) -> None:
+    vm = f"fb-{run.rate}-{run.index}"
+    spec = probe_spec(config, vm, args.memory, args.probe_mib, run.rate)
+    client.call("POST", "/v1/vms", {"spec": spec, "host": run.source})
+    try:
+        before = ferry_heartbeat(client, vm, MIN_SEQ - 1)
+        run.seq_before = before.seq
+        t0, epoch0 = time.perf_counter(), time.time()
+        rec: dict[str, Any] = client.call("POST", "/v1/migrations",
+                                          {"vm": vm, "target": run.target})
+        for event in client.events(f"/v1/migrations/{rec['id']}/events"):
+            rec = event
+            if Phase(rec["phase"]).terminal:
+                break
+        run.wall_s, epoch1 = time.perf_counter() - t0, time.time()
+        if rec["phase"] != Phase.COMPLETED:
+            raise FerryError(f"migration {rec['phase']}: {rec['reason']}")
+        run.downtime_ms, run.sent_bytes = rec["downtime_ms"], rec["transferred_bytes"]
+        run.qemu_total_ms = rec["total_ms"]
+        times = rec["phase_times"]
+        run.steps_s["request"] = times["pending"] - epoch0
+        for a, b in itertools.pairwise(PHASES):
+            if a in times and b in times:
+                run.steps_s[a] = times[b] - times[a]
+        run.steps_s["notify"] = epoch1 - times["completed"]
+        after = ferry_heartbeat(client, vm, before.seq + 1)
+        run.seq_after, run.integrity_errors = after.seq, after.integrity_errors
+        run.ok = True
+    finally:
+        try:
+            client.call("POST", f"/v1/vms/{vm}/stop", force=True)
+            client.call("DELETE", f"/v1/vms/{vm}")
+        except NotFound:
+            pass
+
+
+# --- raw QEMU ---------------------------------------------------------------------
+async def serial_heartbeat(proc: QemuProcess, after_seq: int) -> Heartbeat:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOOT_TIMEOUT_S
+    while loop.time() < deadline:
+        try:
+            text = proc.paths.serial_log.read_text(errors="replace")
+        except OSError:
+            text = ""
+        hb = last_heartbeat(text.splitlines())
+        if hb is not None and hb.seq > after_seq:
+            return hb
+        if proc.state is not ProcessState.RUNNING:
+            raise FerryError(f"raw QEMU {proc.name} exited: {proc.log_tail()}")
+        await asyncio.sleep(0.2)
+    raise FerryError(f"raw QEMU {proc.name}: no probe heartbeat past seq {after_seq}")
+
+
+def raw_process(config: LabConfig, host: str, spec: VmSpec, directory: Path,
+                incoming: bool) -> QemuProcess:
+    paths = RunPaths(directory)
+    argv = build_argv(spec, machine=MACHINE, accel="tcg", paths=paths, datastores={},
+                      incoming=incoming)
+    return QemuProcess(f"{spec.name}@{host}", ["ip", "netns", "exec", config.netns(host),
+                                                *argv], paths)
+
+
+async def raw_migrate(src: Monitor, dst_proc: QemuProcess, uri: str, run: Run
+                      ) -> Monitor:
+    """Everything inside the clock, from launching the destination to it running."""
+    t0 = time.perf_counter()
+    dst = await dst_proc.start()
+    t1 = time.perf_counter()
+    await dst.set_migration_capabilities({"events": True})
+    await dst.migrate_incoming(uri)
+    await src.set_migration_capabilities({"events": True})
+    await src.set_migration_parameters({"downtime-limit": 300, "max-bandwidth": 1 << 40})
+    await src.migrate(uri)
+    t2 = time.perf_counter()
+    while True:
+        progress = await src.query_migrate()
+        if progress.status is SourceStatus.COMPLETED:
+            break
+        if progress.status.finished or time.perf_counter() - t2 > MIGRATE_TIMEOUT_S:
+            raise FerryError(f"raw migration {progress.status}: {progress.error}")
+        await asyncio.sleep(POLL_S)
+    t3 = time.perf_counter()
+    while (state := await dst.runstate()) != "running":
+        if time.perf_counter() - t3 > 30:
+            raise FerryError(f"raw destination stayed {state}")
+        await asyncio.sleep(0.01)
+    t4 = time.perf_counter()
+    run.wall_s = t4 - t0
+    run.downtime_ms, run.sent_bytes = progress.downtime_ms, progress.transferred_bytes
+    run.qemu_total_ms = progress.elapsed_ms
+    run.steps_s = {"launch_dest": t1 - t0, "incoming+migrate": t2 - t1,
+                   "migrate_done": t3 - t2, "confirm": t4 - t3}
+    return dst
+
+
+async def raw_run(config: LabConfig, args: argparse.Namespace, run: Run, workdir: Path,
+                  port: int) -> None:
+    spec = VmSpec.model_validate(probe_spec(config, f"raw-{run.rate}-{run.index}",
+                                            args.memory, args.probe_mib, run.rate))
+    base = workdir / f"raw-{run.rate}-{run.index}"
+    src_proc = raw_process(config, run.source, spec, base / "src", incoming=False)
+    dst_proc = raw_process(config, run.target, spec, base / "dst", incoming=True)
+    monitors: list[Monitor] = []
+    try:
+        monitors.append(await src_proc.start())
+        before = await serial_heartbeat(src_proc, MIN_SEQ - 1)
+        run.seq_before = before.seq
+        monitors.append(await raw_migrate(monitors[0], dst_proc,
+                                          f"tcp:{config.host_ip(run.target)}:{port}", run))
+        await monitors[0].quit()
+        await src_proc.kill()
+        after = await serial_heartbeat(dst_proc, before.seq + 1)
+        run.seq_after, run.integrity_errors = after.seq, after.integrity_errors
+        run.ok = True
+    finally:
+        for mon in monitors:
+            await mon.close()
+        await src_proc.kill()
+        await dst_proc.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --- the benchmark ----------------------------------------------------------------
+def attempt(run: Run, body: Callable[[], object]) -> Run:
+    try:
+        body()
+    except Exception as exc:  # one broken run is reported, the benchmark goes on
+        run.ok = False
+        run.error = exc.problem if isinstance(exc, FerryError) else repr(exc)
+    status = "ok" if run.ok else f"FAILED: {run.error}"
+    wall = f"{run.wall_s:.2f} s" if run.wall_s is not None else "-"
+    print(f"  {run.kind:5} rate={run.rate:<3} #{run.index} {run.source}->{run.target}: "
+          f"wall {wall}, downtime {run.downtime_ms} ms, "
+          f"{(run.sent_bytes or 0) / MIB:.0f} MiB, seq {run.seq_before}->{run.seq_after}, "
+          f"errors {run.integrity_errors}; {status}", flush=True)
+    return run
+
+
+def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
+    client = Client(config.control_url, timeout_s=120)
+    hosts = [h.name for h in config.hosts]
+    workdir = config.directory / "bench-raw"  # inside the lab dir: `lab down` kills leftovers
+    runs: list[Run] = []
+    for rate in args.rates:
+        for i in range(args.runs):
+            src, dst = (hosts[0], hosts[1]) if i % 2 == 0 else (hosts[1], hosts[0])
+            f = Run("ferry", rate, i, src, dst)
+            runs.append(attempt(f, functools.partial(ferry_run, client, config, args, f)))
+            r = Run("raw", rate, i, src, dst)
+            port = RAW_PORT_BASE + len(runs)
+            runs.append(attempt(r, functools.partial(
+                asyncio.run, raw_run(config, args, r, workdir, port))))
+    return runs
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def pairs(runs: list[Run], rate: int | None = None) -> list[tuple[Run, Run]]:
+    ferry = {(r.rate, r.index): r for r in runs if r.kind == "ferry" and r.ok}
+    return [(ferry[(r.rate, r.index)], r) for r in runs
+            if r.kind == "raw" and r.ok and (r.rate, r.index) in ferry
+            and (rate is None or r.rate == rate)]
+
+
+def ratios(ps: list[tuple[Run, Run]]) -> list[float]:
+    return [f.wall_s / r.wall_s for f, r in ps if f.wall_s and r.wall_s]
+
+
+def deltas(ps: list[tuple[Run, Run]]) -> list[float]:
+    return [f.downtime_ms - r.downtime_ms for f, r in ps
+            if f.downtime_ms is not None and r.downtime_ms is not None]
+
+
+def summarize(runs: list[Run], rates: list[int]) -> tuple[list[dict[str, Any]], str, str]:
+    rows: list[dict[str, Any]] = []
+    for rate in rates:
+        def col(kind: str, attr: str, rate: int = rate) -> float | None:
+            return median([float(getattr(r, attr)) for r in runs if r.kind == kind
+                           and r.rate == rate and r.ok and getattr(r, attr) is not None])
+        ps = pairs(runs, rate)
+        sent = {k: col(k, "sent_bytes") for k in ("ferry", "raw")}
+        rows.append({
+            "rate": rate, "ferry_wall_s": col("ferry", "wall_s"),
+            "raw_wall_s": col("raw", "wall_s"),
+            "wall_ratio": median(ratios(ps)), "ferry_downtime_ms": col("ferry", "downtime_ms"),
+            "raw_downtime_ms": col("raw", "downtime_ms"), "downtime_delta_ms": median(deltas(ps)),
+            "ferry_mib": None if sent["ferry"] is None else sent["ferry"] / MIB,
+            "raw_mib": None if sent["raw"] is None else sent["raw"] / MIB,
+            "integrity_errors": sum(r.integrity_errors for r in runs if r.rate == rate),
+            "failed": sum(1 for r in runs if r.rate == rate and not r.ok), "pairs": len(ps)})
+    head = ("| rate MiB/s | Ferry wall s | raw wall s | wall ratio | Ferry downtime ms "
+            "| raw downtime ms | downtime delta ms | Ferry MiB sent | raw MiB sent "
+            "| integrity errors |\n|" + "---:|" * 10)
+    table = "\n".join([head] + [
+        f"| {w['rate']} | {fmt(w['ferry_wall_s'])} | {fmt(w['raw_wall_s'])} "
+        f"| {fmt(w['wall_ratio'])} | {fmt(w['ferry_downtime_ms'], 0)} "
+        f"| {fmt(w['raw_downtime_ms'], 0)} | {fmt(w['downtime_delta_ms'], 0)} "
+        f"| {fmt(w['ferry_mib'], 0)} | {fmt(w['raw_mib'], 0)} | {w['integrity_errors']} |"
+        for w in rows])
+    steps = "\n".join(
+        f"  {kind:5} median s: " + ", ".join(
+            f"{k} {fmt(median([r.steps_s[k] for r in runs if r.kind == kind and r.ok]), 3)}"
+            for k in next((r.steps_s for r in runs if r.kind == kind and r.ok), {}))
+        for kind in ("ferry", "raw"))
+    return rows, table, steps
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--rates", default="0,20,60",
+                   type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                   help="probe dirty rates in MiB/s, comma-separated (default 0,20,60)")
+    p.add_argument("--runs", type=int, default=5, help="runs of each kind per rate")
+    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB")
+    p.add_argument("--probe-mib", type=int, default=128,
+                   help="memory the probe dirties and checks (at most ~memory-72)")
+    p.add_argument("--lab-dir", type=Path, help="lab directory (default: a fresh temp dir)")
+    p.add_argument("--json", type=Path, help="write per-run results and medians here")
+    args = p.parse_args(argv)
+    if args.runs < 1 or not args.rates:
+        p.error("need --runs >= 1 and at least one rate")
+    if args.probe_mib > args.memory - 72:
+        p.error(f"--probe-mib must be at most --memory - 72 ({args.memory - 72})")
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/migrate_vs_qemu.py needs root: it creates network namespaces and a "
+              "bridge for its lab (run it with sudo)", file=sys.stderr)
+        return 2
+    if not all((cluster.GUEST_DIR / f).exists() for f in cluster.GUEST_FILES):
+        print(f"no guest image in {cluster.GUEST_DIR}: run `make guest`", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    own_dir = args.lab_dir is None
+    lab_dir = Path(tempfile.mkdtemp(prefix="ferry-bench-")) if own_dir else args.lab_dir
+    config = LabConfig.default(lab_dir, 2, prefix="fb", subnet_octet=212, control_port=8712)
+    runs: list[Run] = []
+    try:
+        cluster.down(config)  # leftovers of an earlier crashed run in the same directory
+        began = time.monotonic()
+        cluster.up(config)
+        print(f"lab up in {lab_dir} ({time.monotonic() - began:.1f} s); rates "
+              f"{args.rates} MiB/s, {args.runs} runs each, {args.memory} MiB guest, "
+              f"probe {args.probe_mib} MiB", flush=True)
+        runs = benchmark(config, args)
+    finally:
+        print("tearing the lab down", flush=True)
+        cluster.down(config)
+        failed = any(not r.ok for r in runs) or not runs
+        if own_dir and not failed:
+            shutil.rmtree(lab_dir, ignore_errors=True)
+        elif own_dir:
+            print(f"logs kept in {config.logs_dir}", flush=True)
+    rows, table, steps = summarize(runs, args.rates)
+    ps = pairs(runs)
+    wall_ratio, delta = median(ratios(ps)), median(deltas(ps))
+    errors = sum(r.integrity_errors for r in runs)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "config": {k: v for k, v in vars(args).items() if k not in ("json", "lab_dir")},
+            "runs": [asdict(r) for r in runs], "medians": rows,
+            "overall": {"wall_ratio": wall_ratio, "downtime_delta_ms": delta,
+                        "integrity_errors": errors, "pairs": len(ps)}}, indent=2))
+    print("\n" + table + "\n")
+    print("where the time goes (medians over all rates):\n" + steps)
+    failures = sum(1 for r in runs if not r.ok)
+    if failures:
+        print(f"{failures} of {len(runs)} runs FAILED (left out of the medians)")
+    print("wall_ratio and downtime_delta_ms: medians over all Ferry/raw run pairs")
+    print(f"wall_ratio={fmt(wall_ratio)} downtime_delta_ms={fmt(delta, 0)} "
+          f"integrity_errors={errors}")
+    return 1 if failures or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
