@@ -92,6 +92,7 @@ class Run:
     seq_after: int | None = None
     integrity_errors: int = 0
     error: str | None = None
+    late_stats: bool = False  # query-migrate said completed before total-time/downtime were set
     steps_s: dict[str, float] = field(default_factory=dict)  # where the wall time went
 
 
@@ -125,6 +126,8 @@ def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: 
             raise FerryError(f"migration {rec['phase']}: {rec['reason']}")
         run.downtime_ms, run.sent_bytes = rec["downtime_ms"], rec["transferred_bytes"]
         run.qemu_total_ms = rec["total_ms"]
+        if not rec["total_ms"]:  # Ferry read QEMU's stats too early: downtime not measured
+            run.late_stats, run.downtime_ms = True, None
         times = rec["phase_times"]
         run.steps_s["request"] = times["pending"] - epoch0
         for a, b in itertools.pairwise(PHASES):
@@ -195,6 +198,12 @@ async def raw_migrate(src: Monitor, dst_proc: QemuProcess, uri: str, run: Run
         await asyncio.sleep(0.01)
     t4 = time.perf_counter()
     run.wall_s = t4 - t0
+    run.late_stats = not progress.elapsed_ms
+    for _ in range(100):  # outside the clock: wait for QEMU to fill in total-time/downtime
+        if progress.elapsed_ms:
+            break
+        await asyncio.sleep(0.01)
+        progress = await src.query_migrate()
     run.downtime_ms, run.sent_bytes = progress.downtime_ms, progress.transferred_bytes
     run.qemu_total_ms = progress.elapsed_ms
     run.steps_s = {"launch_dest": t1 - t0, "incoming+migrate": t2 - t1,
@@ -386,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table + "\n")
     print("where the time goes (medians over all rates):\n" + steps)
     failures = sum(1 for r in runs if not r.ok)
+    for kind in ("ferry", "raw"):
+        if late := sum(1 for r in runs if r.kind == kind and r.late_stats):
+            print(f"{kind}: {late} runs read query-migrate 'completed' before QEMU had set "
+                  "total-time/downtime (0)" + (", downtime left out" if kind == "ferry" else
+                                               ", re-queried after the clock"))
     if failures:
         print(f"{failures} of {len(runs)} runs FAILED (left out of the medians)")
     print("wall_ratio and downtime_delta_ms: medians over all Ferry/raw run pairs")
