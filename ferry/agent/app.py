@@ -15,6 +15,7 @@ from ferry.agent.models import (
     PrepareIncoming,
     SerialTail,
     StartOutgoing,
+    Tune,
     VmInfo,
 )
 from ferry.domain.errors import FerryError
@@ -66,16 +67,22 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/incoming")
     async def prepare_incoming(body: PrepareIncoming) -> IncomingReady:
-        return IncomingReady(uri=await host.prepare_incoming(body.migration_id, body.spec))
+        return IncomingReady(uri=await host.prepare_incoming(body.migration_id, body.spec,
+                                                             body.options))
 
     @app.post("/v1/vms/{name}/migrate", status_code=202)
     async def start_outgoing(name: str, body: StartOutgoing) -> dict[str, str]:
-        await host.start_outgoing(name, body.migration_id, body.uri, body.options)
+        await host.start_outgoing(name, body.migration_id, body.uri, body.options,
+                                  body.downtime_ms)
         return {"status": "started"}
 
     @app.get("/v1/vms/{name}/migration")
     async def progress(name: str, wait_s: float = Query(0.0, ge=0, le=10)) -> Progress:
         return await host.progress(name, wait_s)
+
+    @app.post("/v1/vms/{name}/migration/tune")
+    async def tune(name: str, body: Tune) -> Progress:
+        return await host.tune(name, body)
 
     @app.post("/v1/vms/{name}/migration/cancel")
     async def cancel(name: str) -> Progress:

@@ -17,6 +17,7 @@ from ferry.agent.models import (
     PrepareIncoming,
     SerialTail,
     StartOutgoing,
+    Tune,
     VmInfo,
 )
 from ferry.domain.errors import HostUnavailable
@@ -85,16 +86,22 @@ class AgentClient:
         tail = await self._call("GET", f"/v1/vms/{name}/serial", SerialTail, lines=lines)
         return list(tail.lines)
 
-    async def prepare_incoming(self, migration_id: str, spec: VmSpec) -> str:
+    async def prepare_incoming(self, migration_id: str, spec: VmSpec,
+                               options: StreamOptions) -> str:
         ready = await self._call("POST", "/v1/incoming", IncomingReady,
-                                 PrepareIncoming(migration_id=migration_id, spec=spec),
+                                 PrepareIncoming(migration_id=migration_id, spec=spec,
+                                                 options=options),
                                  timeout_s=60.0)
         return ready.uri
 
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
-                             options: StreamOptions) -> None:
+                             options: StreamOptions, downtime_ms: int) -> None:
         await self._call("POST", f"/v1/vms/{name}/migrate", TypeAdapter(dict[str, str]),
-                         StartOutgoing(migration_id=migration_id, uri=uri, options=options))
+                         StartOutgoing(migration_id=migration_id, uri=uri, options=options,
+                                       downtime_ms=downtime_ms))
+
+    async def tune(self, name: str, tune: Tune) -> Progress:
+        return await self._call("POST", f"/v1/vms/{name}/migration/tune", Progress, tune)
 
     async def progress(self, name: str, wait_s: float = 0.0) -> Progress:
         return await self._call("GET", f"/v1/vms/{name}/migration", Progress, wait_s=wait_s,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ferry.agent.config import AgentConfig
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
-from ferry.agent.models import RUNSTATES, AgentVmState, VmInfo
+from ferry.agent.models import RUNSTATES, AgentVmState, Tune, VmInfo
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.probe import last_heartbeat
@@ -216,14 +216,17 @@ class HostRuntime:
         return await self.info(name)
 
     # --- migration: destination side -----------------------------------------
-    async def prepare_incoming(self, migration_id: str, spec: VmSpec) -> str:
+    async def prepare_incoming(self, migration_id: str, spec: VmSpec,
+                               options: StreamOptions) -> str:
         """Start QEMU with -incoming defer and listen; return the URI to send to."""
         rec = await self._launch(spec, incoming=True)
         rec.migration_id = migration_id
         assert rec.monitor is not None
         address = self.config.migration_address or self.config.listen_host
         try:
-            await rec.monitor.set_migration_capabilities({"events": True})
+            # Both ends must agree on these before the stream starts.
+            await rec.monitor.set_migration_capabilities(stream_capabilities(options, False))
+            await rec.monitor.set_migration_parameters(stream_parameters(options))
             port = free_port(address)
             uri = f"tcp:{address}:{port}"
             await rec.monitor.migrate_incoming(uri)
@@ -234,7 +237,7 @@ class HostRuntime:
 
     # --- migration: source side ------------------------------------------------
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
-                             options: StreamOptions) -> None:
+                             options: StreamOptions, downtime_ms: int) -> None:
         rec = self._get(name)
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
@@ -246,14 +249,35 @@ class HostRuntime:
             raise Conflict(f"VM {name} is already migrating ({rec.migration_id})")
         rec.migration_id = migration_id
         rec.monitor.migration_events.clear()
-        await rec.monitor.set_migration_capabilities({"events": True})
-        params: dict[str, object] = {"downtime-limit": options.max_downtime_ms}
-        if options.max_bandwidth_bytes_s:
-            params["max-bandwidth"] = options.max_bandwidth_bytes_s
-        else:
-            params["max-bandwidth"] = 1 << 40  # "unlimited": QEMU's 128 MiB/s cap is not ours
+        await rec.monitor.set_migration_capabilities(stream_capabilities(options, True))
+        params = stream_parameters(options)
+        params["downtime-limit"] = downtime_ms
+        # "unlimited" unless capped: QEMU's own 128 MiB/s default is not ours.
+        params["max-bandwidth"] = options.max_bandwidth_bytes_s or 1 << 40
+        if options.allow_throttle:
+            # Armed but inert (1 %) until the policy raises it.
+            params.update({"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
+                           "max-cpu-throttle": 1})
         await rec.monitor.set_migration_parameters(params)
         await rec.monitor.migrate(uri)
+
+    async def tune(self, name: str, tune: Tune) -> Progress:
+        """Pull a convergence lever on the running outgoing migration."""
+        rec = self._get(name)
+        if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
+            raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
+        params: dict[str, object] = {}
+        if tune.downtime_ms is not None:
+            params["downtime-limit"] = tune.downtime_ms
+        if tune.throttle_pct is not None:
+            # The next throttle step QEMU takes lands on the wanted level.
+            params.update({"cpu-throttle-initial": tune.throttle_pct,
+                           "cpu-throttle-increment": tune.throttle_pct,
+                           "max-cpu-throttle": tune.throttle_pct})
+        await rec.monitor.set_migration_parameters(params)
+        if tune.postcopy:
+            await rec.monitor.execute("migrate-start-postcopy")
+        return await rec.monitor.query_migrate()
 
     async def progress(self, name: str, wait_s: float) -> Progress:
         """query-migrate, after the next migration event or wait_s, whichever first."""
@@ -272,6 +296,22 @@ class HostRuntime:
             raise NotRunning(f"VM {name} has no monitor on {self.config.name}")
         await rec.monitor.migrate_cancel()
         return await rec.monitor.query_migrate()
+
+
+def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
+    caps = {"events": True, "postcopy-ram": options.allow_postcopy,
+            "multifd": options.multifd_channels > 0}
+    if source:
+        caps["auto-converge"] = options.allow_throttle
+    return caps
+
+
+def stream_parameters(options: StreamOptions) -> dict[str, object]:
+    params: dict[str, object] = {}
+    if options.multifd_channels:
+        params["multifd-channels"] = options.multifd_channels
+        params["multifd-compression"] = options.compression.value
+    return params
 
 
 def free_port(address: str) -> int:

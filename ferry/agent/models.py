@@ -61,6 +61,7 @@ class CreateVm(Frozen):
 class PrepareIncoming(Frozen):
     migration_id: str
     spec: VmSpec
+    options: StreamOptions = Field(default_factory=StreamOptions)
 
 
 class IncomingReady(Frozen):
@@ -71,6 +72,15 @@ class StartOutgoing(Frozen):
     migration_id: str
     uri: str
     options: StreamOptions = Field(default_factory=StreamOptions)
+    downtime_ms: int = Field(default=300, ge=1)
+
+
+class Tune(Frozen):
+    """A convergence lever pulled on a running outgoing migration."""
+
+    downtime_ms: int | None = Field(default=None, ge=1, le=60_000)
+    throttle_pct: int | None = Field(default=None, ge=1, le=99)
+    postcopy: bool = False
 
 
 class AgentHeartbeat(Frozen):

@@ -17,11 +17,18 @@ import uuid
 from collections import defaultdict
 
 from ferry.agent.client import AgentClient
-from ferry.agent.models import AgentVmState, VmInfo
+from ferry.agent.models import AgentVmState, Tune, VmInfo
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
 from ferry.domain.compat import Refusal, check_migration
+from ferry.domain.convergence import (
+    Action,
+    ActionKind,
+    ConvergenceState,
+    decide,
+    initial_downtime_ms,
+)
 from ferry.domain.errors import Conflict, FerryError, HostUnavailable, Incompatible, NotFound
 from ferry.domain.inventory import VmState
 from ferry.domain.migration import (
@@ -30,11 +37,10 @@ from ferry.domain.migration import (
     Progress,
     SourceStatus,
     StreamOptions,
-    abort_reason,
     record_iteration,
     transition,
 )
-from ferry.domain.records import MigrationRecord
+from ferry.domain.records import ActionRecord, MigrationRecord
 from ferry.store import Store
 
 log = logging.getLogger("ferry.migration")
@@ -209,10 +215,12 @@ class Orchestrator:
             self._check_cancel(rec.id)
             rec = await self._enter(rec, Phase.PREPARING_TARGET)
             vm = await self.store.vm(rec.vm)
-            uri = await target.prepare_incoming(rec.id, vm.spec)
+            uri = await target.prepare_incoming(rec.id, vm.spec, rec.options)
             self._check_cancel(rec.id)
-            rec = await self._enter(rec, Phase.PRECOPY, dest_uri=uri)
-            await source.start_outgoing(rec.vm, rec.id, uri, rec.options)
+            downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
+            rec = await self._enter(rec, Phase.PRECOPY, dest_uri=uri,
+                                    downtime_limit_ms=downtime)
+            await source.start_outgoing(rec.vm, rec.id, uri, rec.options, downtime)
         if rec.phase is Phase.PRECOPY:
             rec = await self._precopy(rec, source, target)
         if rec.phase is Phase.SWITCHOVER:
@@ -264,10 +272,44 @@ class Orchestrator:
                 raise RollBack(f"destination QEMU on {rec.target} is {dest.state}")
             if best_remaining is None or progress.remaining_bytes < best_remaining:
                 best_remaining, best_at = progress.remaining_bytes, now
-            reason = abort_reason(now - began, now - best_at, vm.spec.memory_mib, rec.options)
-            if reason:
-                await _cancel_quietly(source, rec.vm)
-                raise RollBack(reason)
+            state = ConvergenceState(
+                elapsed_s=now - began, since_progress_s=now - best_at,
+                memory_mib=vm.spec.memory_mib, iterations=tuple(iterations),
+                progress=progress, postcopy=rec.postcopy_started,
+                downtime_ms=rec.downtime_limit_ms or rec.options.initial_downtime_ms,
+                throttle_pct=rec.throttle_pct)
+            action = decide(state, rec.options)
+            if action.kind is ActionKind.THROTTLE and it is None:
+                continue  # judge a throttle step only on a fresh pass's numbers
+            rec = await self._apply(rec, source, action, int((now - began) * 1000))
+
+    async def _apply(self, rec: MigrationRecord, source: AgentClient, action: Action,
+                     at_ms: int) -> MigrationRecord:
+        """Pull the lever the policy chose and record it in the migration's history."""
+        if action.kind is ActionKind.CONTINUE:
+            return rec
+        if action.kind is ActionKind.ABORT:
+            await _cancel_quietly(source, rec.vm)
+            raise RollBack(action.reason)
+        log.info("migration %s: %s %s (%s)", rec.id, action.kind, action.value, action.reason)
+        entry = ActionRecord(at_ms=at_ms, kind=action.kind.value, value=action.value,
+                             reason=action.reason)
+        changes: dict[str, object] = {"actions": (*rec.actions, entry)}
+        tune = Tune()
+        if action.kind is ActionKind.RAISE_DOWNTIME:
+            changes["downtime_limit_ms"] = action.value
+            tune = Tune(downtime_ms=action.value)
+        elif action.kind is ActionKind.THROTTLE:
+            changes["throttle_pct"] = action.value
+            tune = Tune(throttle_pct=action.value)
+        elif action.kind is ActionKind.POSTCOPY:
+            # Persist first: from here on a rollback must never resume the source.
+            changes["postcopy_started"] = True
+            tune = Tune(postcopy=True)
+        rec = await self.store.update_migration(rec.id, **changes)
+        await source.tune(rec.vm, tune)
+        await self.bus.changed(rec.id)
+        return rec
 
     async def _switchover(self, rec: MigrationRecord, source: AgentClient,
                           target: AgentClient) -> MigrationRecord:
@@ -327,10 +369,20 @@ class Orchestrator:
             return
         if rec.phase in (Phase.PRECOPY, Phase.SWITCHOVER) and await self._target_runs(rec):
             # The guest already runs on the target: finishing is the only safe outcome.
+            if rec.postcopy_started:
+                # The source may still be serving pages: the leftover reaper stops it
+                # once it reports the migration done.
+                await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING)
+                await self._enter(rec, Phase.COMPLETED, reason=f"finished in post-copy "
+                                  f"after: {reason}")
+                return
             await self._finish(rec, (await self._clients(rec))[0])
             return
         if rec.phase is not Phase.ROLLING_BACK:
             rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
+        if rec.postcopy_started:
+            await self._lost_in_postcopy(rec, reason)
+            return
         try:
             source, target = await self._clients(rec)
             await _cancel_quietly(source, rec.vm)
@@ -351,6 +403,16 @@ class Orchestrator:
             await self.store.update_vm(rec.vm, host=rec.source, state=VmState.UNKNOWN)
         await self._enter(rec, Phase.FAILED, reason=reason)
 
+
+    async def _lost_in_postcopy(self, rec: MigrationRecord, reason: str) -> None:
+        """Post-copy failed: the guest's memory is split between two hosts, so neither
+        copy may run. Stop the target, leave the source paused, report the loss."""
+        with contextlib.suppress(FerryError):
+            await (await self._clients(rec))[1].stop_vm(rec.vm, force=True)
+        await self.store.update_vm(rec.vm, state=VmState.CRASHED)
+        await self._enter(rec, Phase.FAILED, reason=(
+            f"{reason}; post-copy had started, so the VM could not be rolled back and is "
+            f"lost (its source copy is kept paused on {rec.source} for inspection)"))
 
     async def _target_runs(self, rec: MigrationRecord) -> bool:
         try:

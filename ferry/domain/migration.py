@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ferry.domain.errors import Conflict
 from ferry.domain.specs import Frozen
@@ -98,6 +98,8 @@ class Progress(Frozen):
     downtime_ms: int | None = None
     setup_time_ms: int | None = None
     error: str | None = None
+    throttle_pct: int = 0
+    postcopy_requests: int = 0
 
     @property
     def dirty_rate_bytes_s(self) -> int:
@@ -108,13 +110,49 @@ class Progress(Frozen):
         return self.mbps * 1_000_000 / 8
 
 
-class StreamOptions(Frozen):
-    """How the memory stream is run; later policies fill more of these."""
+class PolicyKind(StrEnum):
+    """Which convergence policy drives the stream (see domain/convergence.py)."""
 
-    max_downtime_ms: int = Field(default=300, ge=1, le=60_000)
+    FERRY = "ferry"  # targeted downtime, SDPS-style throttling, post-copy if allowed
+    NOVA = "nova"  # OpenStack Nova: downtime ramp in 10 steps, post-copy on stall
+    QEMU = "qemu"  # QEMU's defaults: fixed downtime limit, nothing else
+
+
+class Compression(StrEnum):
+    NONE = "none"
+    ZLIB = "zlib"
+    ZSTD = "zstd"
+
+
+class StreamOptions(Frozen):
+    """How a migration's memory stream is run and kept converging.
+
+    Cluster defaults come from `ferry policy`, a migration may override each field.
+    """
+
+    policy: PolicyKind = PolicyKind.FERRY
+    max_downtime_ms: int = Field(default=500, ge=10, le=60_000)
     max_bandwidth_bytes_s: int = Field(default=0, ge=0)  # 0: unlimited
-    completion_budget_s_per_gib: int = Field(default=800, ge=1)
-    progress_timeout_s: int = Field(default=150, ge=1)
+    completion_budget_s_per_gib: int = Field(default=800, ge=1, le=100_000)
+    progress_timeout_s: int = Field(default=150, ge=1, le=100_000)
+    allow_throttle: bool = True
+    max_throttle_pct: int = Field(default=80, ge=1, le=99)
+    # Post-copy moves execution to the target before all memory is there: a network
+    # failure after the switch loses the VM. Off unless asked for.
+    allow_postcopy: bool = False
+    multifd_channels: int = Field(default=0, ge=0, le=16)
+    compression: Compression = Compression.NONE
+
+    @model_validator(mode="after")
+    def _compression_needs_multifd(self) -> StreamOptions:
+        if self.compression is not Compression.NONE and self.multifd_channels == 0:
+            raise ValueError("compression works only with multifd: set multifd_channels "
+                             "(e.g. 4) or compression none")
+        return self
+
+    @property
+    def initial_downtime_ms(self) -> int:
+        return min(300, self.max_downtime_ms)  # QEMU's default limit, if allowed
 
 
 class Iteration(Frozen):

@@ -36,6 +36,15 @@ class VmRecord(Frozen):
         return self.spec.name
 
 
+class ActionRecord(Frozen):
+    """A convergence decision the control plane applied, with when and why."""
+
+    at_ms: int
+    kind: str
+    value: int | None = None
+    reason: str = ""
+
+
 class MigrationRecord(Frozen):
     id: str
     vm: str
@@ -54,3 +63,16 @@ class MigrationRecord(Frozen):
     transferred_bytes: int | None = None
     remaining_bytes: int | None = None
     iterations: tuple[Iteration, ...] = ()
+    downtime_limit_ms: int | None = None
+    throttle_pct: int = 0
+    postcopy_started: bool = False
+    actions: tuple[ActionRecord, ...] = ()
+
+    @property
+    def levers(self) -> list[str]:
+        """The convergence levers this migration used, in the order first used."""
+        seen: list[str] = []
+        for a in self.actions:
+            if a.kind not in seen:
+                seen.append(a.kind)
+        return seen

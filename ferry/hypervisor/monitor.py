@@ -134,4 +134,6 @@ def progress_from_reply(reply: Mapping[str, Any]) -> Progress:
         downtime_ms=reply.get("downtime"),
         setup_time_ms=reply.get("setup-time"),
         error=reply.get("error-desc"),
+        throttle_pct=int(reply.get("cpu-throttle-percentage", 0)),
+        postcopy_requests=int(ram.get("postcopy-requests", 0)),
     )

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ HAPPY = [Phase.PENDING, Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY,
 
 
 def test_happy_path_is_allowed() -> None:
-    for a, b in zip(HAPPY, HAPPY[1:], strict=False):
+    for a, b in itertools.pairwise(HAPPY):
         assert transition(a, b) is b
 
 

@@ -1,0 +1,153 @@
+"""The convergence policies, as pure functions of a snapshot."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ferry.domain.convergence import (
+    ActionKind,
+    ConvergenceState,
+    decide,
+    initial_downtime_ms,
+    nova_downtime_ms,
+)
+from ferry.domain.migration import (
+    Iteration,
+    PolicyKind,
+    Progress,
+    SourceStatus,
+    StreamOptions,
+    completion_deadline_s,
+)
+
+MIB = 1 << 20
+
+
+def its(*remaining_mib: int) -> tuple[Iteration, ...]:
+    return tuple(Iteration(number=i + 1, at_ms=i * 1000, remaining_bytes=r * MIB,
+                           transferred_bytes=0, dirty_rate_bytes_s=0, throughput_bytes_s=0,
+                           expected_downtime_ms=None) for i, r in enumerate(remaining_mib))
+
+
+def state(remaining_mib: int = 100, dirty_mib_s: float = 10, link_mib_s: float = 25,
+          iterations: tuple[Iteration, ...] = its(256, 120), elapsed: float = 10,
+          since: float = 0, downtime: int = 300, throttle: int = 0, postcopy: bool = False,
+          memory: int = 256) -> ConvergenceState:
+    progress = Progress(status=SourceStatus.ACTIVE, remaining_bytes=remaining_mib * MIB,
+                        dirty_pages_rate=int(dirty_mib_s * MIB / 4096),
+                        mbps=link_mib_s * MIB * 8 / 1e6)
+    return ConvergenceState(elapsed_s=elapsed, since_progress_s=since, memory_mib=memory,
+                            iterations=iterations, progress=progress, downtime_ms=downtime,
+                            throttle_pct=throttle, postcopy=postcopy)
+
+
+FERRY = StreamOptions()
+
+
+def test_first_pass_is_left_alone() -> None:
+    assert decide(state(dirty_mib_s=100, iterations=its(256)), FERRY).kind is ActionKind.CONTINUE
+
+
+def test_converging_stream_continues() -> None:
+    assert decide(state(dirty_mib_s=5), FERRY).kind is ActionKind.CONTINUE
+
+
+def test_remaining_that_fits_max_downtime_raises_the_limit_just_enough() -> None:
+    action = decide(state(remaining_mib=10, dirty_mib_s=24, link_mib_s=25), FERRY)
+    assert action.kind is ActionKind.RAISE_DOWNTIME
+    assert action.value is not None and 400 < action.value <= 500  # 10/25 s = 400 ms
+
+
+def test_dirtying_faster_than_the_link_throttles_stepwise() -> None:
+    first = decide(state(dirty_mib_s=40, link_mib_s=25), FERRY)
+    assert first.kind is ActionKind.THROTTLE and first.value is not None
+    assert 10 <= first.value <= FERRY.max_throttle_pct
+    more = decide(state(dirty_mib_s=40, link_mib_s=25, throttle=first.value), FERRY)
+    assert more.kind is ActionKind.THROTTLE and more.value is not None
+    assert more.value > first.value or more.value == FERRY.max_throttle_pct
+
+
+def test_throttle_spent_then_postcopy_if_allowed_else_longest_downtime() -> None:
+    spent = state(dirty_mib_s=40, link_mib_s=25, throttle=80)
+    allowed = StreamOptions(allow_postcopy=True)
+    assert decide(spent, allowed).kind is ActionKind.POSTCOPY
+    action = decide(spent, FERRY)
+    assert action.kind is ActionKind.RAISE_DOWNTIME and action.value == 500
+
+
+def test_qemu_policy_never_steers() -> None:
+    qemu = StreamOptions(policy=PolicyKind.QEMU, allow_postcopy=True)
+    assert decide(state(dirty_mib_s=400), qemu).kind is ActionKind.CONTINUE
+    assert decide(state(elapsed=10_000), qemu).kind is ActionKind.ABORT
+
+
+def test_nova_ramp_and_postcopy_on_stall() -> None:
+    nova = StreamOptions(policy=PolicyKind.NOVA, allow_postcopy=True)
+    assert initial_downtime_ms(nova, 256) == 50
+    assert nova_downtime_ms(150 * 10, 256, nova) == 500  # 10 steps of 150 s (2 GiB floor)
+    assert nova_downtime_ms(151, 256, nova) == 95
+    stalled = state(iterations=its(256, 100, 95), downtime=50)
+    assert decide(stalled, nova).kind is ActionKind.POSTCOPY
+    shrinking = state(iterations=its(256, 100, 50), downtime=50, elapsed=200)
+    action = decide(shrinking, nova)
+    assert action.kind is ActionKind.RAISE_DOWNTIME and action.value == 95
+
+
+rates = st.floats(0, 2000)
+policies = st.sampled_from(list(PolicyKind))
+
+
+@given(st.integers(1, 4096), rates, st.floats(1, 2000), st.floats(0, 5000),
+       st.integers(32, 8192), policies, st.booleans(), st.integers(0, 99))
+def test_never_aborts_while_within_budget_and_progressing(
+        remaining: int, dirty: float, link: float, elapsed: float, memory: int,
+        policy: PolicyKind, postcopy_ok: bool, throttle: int) -> None:
+    opts = StreamOptions(policy=policy, allow_postcopy=postcopy_ok)
+    elapsed = min(elapsed, completion_deadline_s(memory, opts))
+    s = state(remaining, dirty, link, elapsed=elapsed, since=0, memory=memory,
+              throttle=throttle)
+    assert decide(s, opts).kind is not ActionKind.ABORT
+
+
+@given(st.floats(0, 1e6), st.floats(0, 1e6), st.integers(32, 8192), policies, st.booleans(),
+       rates)
+def test_always_ends_within_the_budget(elapsed: float, since: float, memory: int,
+                                       policy: PolicyKind, postcopy_ok: bool,
+                                       dirty: float) -> None:
+    opts = StreamOptions(policy=policy, allow_postcopy=postcopy_ok)
+    s = state(elapsed=elapsed, since=since, memory=memory, dirty_mib_s=dirty)
+    over = elapsed > completion_deadline_s(memory, opts) or since > opts.progress_timeout_s
+    if over:
+        assert decide(s, opts).kind in (ActionKind.ABORT, ActionKind.POSTCOPY)
+
+
+@given(st.integers(1, 4096), rates, st.floats(1, 2000), st.floats(0, 1e5), st.floats(0, 1e4),
+       policies, st.integers(0, 99), st.lists(st.integers(1, 4096), max_size=6))
+def test_postcopy_never_chosen_when_not_allowed(
+        remaining: int, dirty: float, link: float, elapsed: float, since: float,
+        policy: PolicyKind, throttle: int, passes: list[int]) -> None:
+    opts = StreamOptions(policy=policy, allow_postcopy=False)
+    s = state(remaining, dirty, link, iterations=its(*passes), elapsed=elapsed, since=since,
+              throttle=throttle)
+    assert decide(s, opts).kind is not ActionKind.POSTCOPY
+
+
+@given(rates, st.floats(1, 2000), st.integers(0, 99))
+def test_throttle_stays_within_the_allowed_maximum(dirty: float, link: float,
+                                                   throttle: int) -> None:
+    opts = StreamOptions(max_throttle_pct=60)
+    action = decide(state(dirty_mib_s=dirty, link_mib_s=link, throttle=throttle), opts)
+    if action.kind is ActionKind.THROTTLE:
+        assert action.value is not None and throttle < action.value <= 60
+
+
+def test_no_throttle_when_not_allowed() -> None:
+    opts = StreamOptions(allow_throttle=False)
+    assert decide(state(dirty_mib_s=40), opts).kind is not ActionKind.THROTTLE
+
+
+def test_compression_needs_multifd() -> None:
+    import pytest
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="only with multifd"):
+        StreamOptions(compression="zstd")
+    assert StreamOptions(compression="zstd", multifd_channels=4).multifd_channels == 4
