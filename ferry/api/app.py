@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,8 +13,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.agent.models import AgentHeartbeat
 from ferry.api.schemas import CheckResult, CreateVmRequest, MigrateRequest, SerialLines, VmView
+from ferry.control.migration import merge_options
 from ferry.control.service import ControlPlane
 from ferry.domain.errors import FerryError, InvalidInput
+from ferry.domain.migration import StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord
 from ferry.wire import describe_validation, error_body, status_for
 
@@ -97,13 +100,25 @@ def create_app(control: ControlPlane) -> FastAPI:
     # --- migrations --------------------------------------------------------------
     @app.post("/v1/migrations", status_code=202)
     async def migrate(body: MigrateRequest) -> MigrationRecord:
-        return await control.migrations.start(body.vm, body.target, body.options)
+        options = await control.migrations.options_for(body.options)
+        return await control.migrations.start(body.vm, body.target, options)
 
     @app.post("/v1/migrations/check")
     async def check(body: MigrateRequest) -> CheckResult:
         refusals = await control.migrations.check(body.vm, body.target)
         return CheckResult(vm=body.vm, target=body.target, ok=not refusals,
                            refusals=tuple(refusals))
+
+    @app.get("/v1/policy")
+    async def policy() -> StreamOptions:
+        """The cluster's default migration policy."""
+        return await control.store.migration_defaults()
+
+    @app.patch("/v1/policy")
+    async def set_policy(changes: dict[str, Any]) -> StreamOptions:
+        """Change some fields of the default migration policy; the rest stay."""
+        current = await control.store.migration_defaults()
+        return await control.store.set_migration_defaults(merge_options(current, changes))
 
     @app.get("/v1/migrations")
     async def migrations() -> list[MigrationRecord]:

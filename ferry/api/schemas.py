@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ferry.agent.models import VmInfo
 from ferry.domain.compat import Refusal
 from ferry.domain.inventory import VmState
-from ferry.domain.migration import StreamOptions
 from ferry.domain.specs import Frozen, VmSpec
 
 
@@ -25,7 +26,8 @@ class VmView(Frozen):
 class MigrateRequest(Frozen):
     vm: str
     target: str
-    options: StreamOptions | None = None
+    # Overrides of the cluster's defaults (`GET /v1/policy`), field by field.
+    options: dict[str, Any] | None = None
 
 
 class CheckResult(Frozen):

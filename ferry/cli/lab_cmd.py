@@ -11,6 +11,7 @@ import typer
 
 from ferry.cli.output import console, print_error, table
 from ferry.domain.errors import FerryError
+from ferry.domain.units import parse_rate
 from ferry.lab import cluster, net
 from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, load
 
@@ -78,16 +79,32 @@ def status(lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
 
 
 @app.command()
-def link(host: str, state: Annotated[str, typer.Argument(help="up or down")],
+def link(host: str,
+         state: Annotated[str | None, typer.Argument(help="up or down (cut the link)")] = None,
+         rate: Annotated[str | None, typer.Option(
+             help="limit the host's link both ways, e.g. 200mbit or 25MiB; 'none' lifts it")
+         ] = None,
          lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
-    """Cut (down) or restore (up) a host's network link."""
-    if state not in ("up", "down"):
+    """Cut or restore a host's network link, or shape its bandwidth (tc tbf)."""
+    if state not in (None, "up", "down"):
         _fail(f"link state {state!r} is neither up nor down")
+    if state is None and rate is None:
+        _fail("nothing to do: give up/down and/or --rate")
     config = _config(lab_dir)
     if host not in [h.name for h in config.hosts]:
-        _fail(f"the lab has no host {host!r}")
-    net.set_link(config, host, state == "up")
-    console.print(f"link of {host} {state}")
+        _fail(f"the lab has no host {host!r}; it has {', '.join(h.name for h in config.hosts)}")
+    if rate is not None:
+        try:
+            bits = None if rate == "none" else parse_rate(rate) * 8
+        except FerryError as exc:
+            print_error(exc)
+            raise typer.Exit(1) from None
+        net.shape(config, host, bits)
+        console.print(f"link of {host}: " + (f"{bits / 1e6:.0f} Mbit/s each way" if bits
+                                             else "unlimited"))
+    if state is not None:
+        net.set_link(config, host, state == "up")
+        console.print(f"link of {host} {state}")
 
 
 @app.command()

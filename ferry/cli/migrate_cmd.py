@@ -12,8 +12,19 @@ from rich.table import Table
 
 from ferry.cli.client import Client, resolve_url
 from ferry.cli.output import console, mib, print_json, table
+from ferry.cli.policy_cmd import (
+    AllowThrottleOpt,
+    BandwidthOpt,
+    BudgetOpt,
+    CompressOpt,
+    DowntimeOpt,
+    MultifdOpt,
+    PolicyOpt,
+    PostcopyOpt,
+    ThrottleOpt,
+    overrides,
+)
 from ferry.domain.migration import Phase
-from ferry.domain.units import parse_duration_ms, parse_rate
 
 migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
 STAGES = [Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY, Phase.SWITCHOVER]
@@ -60,8 +71,10 @@ def summary(rec: dict[str, Any]) -> str:
     t = rec["phase_times"]
     total = t.get("completed", t.get("failed", time.time())) - t["pending"]
     if rec["phase"] == Phase.COMPLETED:
+        levers = list(dict.fromkeys(a["kind"] for a in rec.get("actions", []))) or ["none"]
         return (f"[green]completed[/] in {total:.2f} s: downtime {rec['downtime_ms']} ms, "
-                f"{len(rec['iterations'])} passes, {mib(rec['transferred_bytes'])} MiB sent")
+                f"{len(rec['iterations'])} passes, {mib(rec['transferred_bytes'])} MiB sent, "
+                f"levers: {', '.join(levers)}")
     return f"[red]failed[/] after {total:.2f} s: {rec['reason']}"
 
 
@@ -87,12 +100,15 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
             help="only run the compatibility checks")] = False,
         no_wait: Annotated[bool, typer.Option(help="print the migration id and return")
                            ] = False,
-        max_downtime: Annotated[str, typer.Option(help="e.g. 300ms")] = "300ms",
-        bandwidth: Annotated[str | None, typer.Option(
-            help="cap the stream, e.g. 200MiB (per second) or 500mbit")] = None,
+        policy: PolicyOpt = None, max_downtime: DowntimeOpt = None,
+        bandwidth: BandwidthOpt = None, budget: BudgetOpt = None,
+        max_throttle: ThrottleOpt = None, throttle: AllowThrottleOpt = None,
+        allow_postcopy: PostcopyOpt = None, multifd: MultifdOpt = None,
+        compress: CompressOpt = None,
         url: UrlOpt = None, json_out: JsonOpt = False,
     ) -> None:
-        """Live-migrate a running VM to another host (vMotion)."""
+        """Live-migrate a running VM to another host (vMotion). Options not given come
+        from the cluster's policy (`ferry policy show`)."""
         client = Client(resolve_url(url))
         if check_only:
             result = client.call("POST", "/v1/migrations/check", {"vm": name, "target": host})
@@ -104,8 +120,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
                 for r in result["refusals"]:
                     console.print(f"[red]refused ({r['reason']}):[/] {r['message']}")
             raise typer.Exit(0 if result["ok"] else 1)
-        options = {"max_downtime_ms": parse_duration_ms(max_downtime),
-                   "max_bandwidth_bytes_s": parse_rate(bandwidth) if bandwidth else 0}
+        options = overrides(policy, max_downtime, bandwidth, budget, max_throttle, throttle,
+                            allow_postcopy, multifd, compress)
         rec = client.call("POST", "/v1/migrations",
                           {"vm": name, "target": host, "options": options})
         if no_wait:
@@ -151,6 +167,9 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
                 mib(i["transferred_bytes"]), mib(i["dirty_rate_bytes_s"]),
                 mib(int(i["throughput_bytes_s"])), i["expected_downtime_ms"]]
                for i in rec["iterations"]])
+        if rec.get("actions"):
+            table("Convergence actions", ["at ms", "action", "value", "why"],
+                  [[a["at_ms"], a["kind"], a["value"], a["reason"]] for a in rec["actions"]])
         if rec["phase"] in (Phase.COMPLETED, Phase.FAILED):
             console.print(summary(rec))
 

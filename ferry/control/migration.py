@@ -15,6 +15,9 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
+
+from pydantic import ValidationError
 
 from ferry.agent.client import AgentClient
 from ferry.agent.models import AgentVmState, Tune, VmInfo
@@ -29,7 +32,14 @@ from ferry.domain.convergence import (
     decide,
     initial_downtime_ms,
 )
-from ferry.domain.errors import Conflict, FerryError, HostUnavailable, Incompatible, NotFound
+from ferry.domain.errors import (
+    Conflict,
+    FerryError,
+    HostUnavailable,
+    Incompatible,
+    InvalidInput,
+    NotFound,
+)
 from ferry.domain.inventory import VmState
 from ferry.domain.migration import (
     Iteration,
@@ -42,6 +52,7 @@ from ferry.domain.migration import (
 )
 from ferry.domain.records import ActionRecord, MigrationRecord
 from ferry.store import Store
+from ferry.wire import describe_validation
 
 log = logging.getLogger("ferry.migration")
 
@@ -81,6 +92,11 @@ class Orchestrator:
         snap = next(s for s in snaps if s.name == target)
         return check_migration(vm.spec, vm.host, snap)
 
+    async def options_for(self, overrides: Mapping[str, object] | None) -> StreamOptions:
+        """The cluster's defaults with a migration's overrides; InvalidInput if bad."""
+        defaults = await self.store.migration_defaults()
+        return merge_options(defaults, overrides)
+
     async def start(self, vm_name: str, target: str,
                     options: StreamOptions | None = None) -> MigrationRecord:
         """Persist a migration, run CHECKING now, and go on in the background."""
@@ -98,7 +114,8 @@ class Orchestrator:
         now = time.time()
         rec = await self.store.add_migration(MigrationRecord(
             id=uuid.uuid4().hex[:12], vm=vm_name, source=vm.host, target=target,
-            phase=Phase.PENDING, options=options or StreamOptions(), created_at=now,
+            phase=Phase.PENDING, options=options or await self.options_for(None),
+            created_at=now,
             phase_times={Phase.PENDING.value: now}))
         rec = await self._enter(rec, Phase.CHECKING)
         refusals = await self.check(vm_name, target)
@@ -420,6 +437,15 @@ class Orchestrator:
         except FerryError:
             return False
         return dest.state is AgentVmState.RUNNING
+
+
+def merge_options(base: StreamOptions, overrides: Mapping[str, object] | None
+                  ) -> StreamOptions:
+    try:
+        return StreamOptions.model_validate(base.model_dump() | dict(overrides or {}))
+    except ValidationError as exc:
+        raise InvalidInput(describe_validation(exc.errors()),
+                           "see `ferry policy show` for the fields and their ranges") from None
 
 
 def _summary(progress: Progress) -> dict[str, object]:

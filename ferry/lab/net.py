@@ -60,3 +60,23 @@ def set_link(config: LabConfig, host: str, up: bool) -> None:
 
 def exists(config: LabConfig) -> bool:
     return ip("link", "show", config.bridge, check=False).returncode == 0
+
+
+def tc(*args: str, ns: str | None = None, check: bool = True) -> None:
+    argv = (["ip", "netns", "exec", ns] if ns else []) + ["tc", *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise LabCommandError(f"tc {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def shape(config: LabConfig, host: str, rate_bits_s: int | None) -> None:
+    """Limit a host's link to rate_bits_s both ways (tbf; netem is not available),
+    or remove the limit with None."""
+    ends = [(config.veth(host), None), ("eth0", config.netns(host))]
+    for dev, ns in ends:
+        tc("qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+        if rate_bits_s:
+            # A burst of ~10 ms of traffic (at least 32 KiB) keeps tbf accurate at speed.
+            burst = max(32 * 1024, rate_bits_s // 8 // 100)
+            tc("qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_bits_s}bit",
+               "burst", str(burst), "latency", "100ms", ns=ns)

@@ -12,10 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from ferry.domain.errors import Conflict, NotFound
 from ferry.domain.inventory import HostState, VmState
-from ferry.domain.migration import Iteration, Phase
+from ferry.domain.migration import Iteration, Phase, StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import HostFacts, VmSpec
-from ferry.store.tables import Base, HostRow, IterationRow, MigrationRow, VmRow
+from ferry.store.tables import Base, HostRow, IterationRow, MigrationRow, SettingRow, VmRow
 
 HEARTBEAT_TIMEOUT_S = 5.0
 
@@ -187,3 +187,20 @@ class Store:
         async with self._session.begin() as s:
             s.add(IterationRow(migration_id=migration_id, number=iteration.number,
                                iteration_json=iteration.model_dump_json()))
+
+    # --- cluster settings --------------------------------------------------------------
+    async def migration_defaults(self) -> StreamOptions:
+        async with self._session() as s:
+            row = await s.get(SettingRow, "migration_defaults")
+            if row is None:
+                return StreamOptions()
+            return StreamOptions.model_validate_json(row.value_json)
+
+    async def set_migration_defaults(self, options: StreamOptions) -> StreamOptions:
+        async with self._session.begin() as s:
+            row = await s.get(SettingRow, "migration_defaults")
+            if row is None:
+                s.add(SettingRow(key="migration_defaults", value_json=options.model_dump_json()))
+            else:
+                row.value_json = options.model_dump_json()
+        return options

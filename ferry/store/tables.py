@@ -43,3 +43,9 @@ class IterationRow(Base):
     migration_id: Mapped[str] = mapped_column(ForeignKey("migrations.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     iteration_json: Mapped[str] = mapped_column(Text)
+
+
+class SettingRow(Base):
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value_json: Mapped[str] = mapped_column(Text)
