@@ -254,10 +254,12 @@ class HostRuntime:
         params["downtime-limit"] = downtime_ms
         # "unlimited" unless capped: QEMU's own 128 MiB/s default is not ours.
         params["max-bandwidth"] = options.max_bandwidth_bytes_s or 1 << 40
-        if options.allow_throttle:
-            # Armed but inert (1 %) until the policy raises it.
-            params.update({"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
-                           "max-cpu-throttle": 1})
+        if options.throttles:
+            # Armed at a first step: QEMU applies it itself once two passes in a row
+            # dirty more than half of what they sent; the policy raises the ceiling.
+            first = options.first_throttle_pct
+            params.update({"cpu-throttle-initial": first, "cpu-throttle-increment": first,
+                           "max-cpu-throttle": first})
         await rec.monitor.set_migration_parameters(params)
         await rec.monitor.migrate(uri)
 
@@ -270,10 +272,9 @@ class HostRuntime:
         if tune.downtime_ms is not None:
             params["downtime-limit"] = tune.downtime_ms
         if tune.throttle_pct is not None:
-            # The next throttle step QEMU takes lands on the wanted level.
+            # QEMU's next throttle step lands on the wanted level (it only ever raises).
             params.update({"cpu-throttle-initial": tune.throttle_pct,
-                           "cpu-throttle-increment": tune.throttle_pct,
-                           "max-cpu-throttle": tune.throttle_pct})
+                           "cpu-throttle-increment": 99, "max-cpu-throttle": tune.throttle_pct})
         await rec.monitor.set_migration_parameters(params)
         if tune.postcopy:
             await rec.monitor.execute("migrate-start-postcopy")
@@ -302,7 +303,7 @@ def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]
     caps = {"events": True, "postcopy-ram": options.allow_postcopy,
             "multifd": options.multifd_channels > 0}
     if source:
-        caps["auto-converge"] = options.allow_throttle
+        caps["auto-converge"] = options.throttles
     return caps
 
 

@@ -30,7 +30,7 @@ from ferry.domain.migration import (
 from ferry.domain.specs import Frozen
 
 CONVERGING = 0.8  # dirty rate below 80 % of throughput: pre-copy shrinks on its own
-THROTTLE_STEP = 10
+THROTTLE_STEP = 20
 NOVA_STEPS = 10
 NOVA_STEP_S_PER_GIB = 75.0
 
@@ -95,8 +95,9 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
     dirty = p.dirty_rate_bytes_s
     if dirty < CONVERGING * rate:
         return CONTINUE
-    if options.allow_throttle and state.throttle_pct < options.max_throttle_pct:
-        # Throttle t leaves (1 - t) of the dirty rate; aim below CONVERGING * rate.
+    if options.throttles and state.throttle_pct < options.max_throttle_pct:
+        # A throttle t leaves a CPU-bound guest (1 - t) of its dirty rate; a guest that
+        # dirties with little CPU needs more, so each step also adds at least 20 points.
         wanted = math.ceil((1 - CONVERGING * 0.75 * rate / dirty) * 100)
         target = min(options.max_throttle_pct,
                      max(wanted, state.throttle_pct + THROTTLE_STEP))

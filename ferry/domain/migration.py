@@ -136,7 +136,7 @@ class StreamOptions(Frozen):
     completion_budget_s_per_gib: int = Field(default=800, ge=1, le=100_000)
     progress_timeout_s: int = Field(default=150, ge=1, le=100_000)
     allow_throttle: bool = True
-    max_throttle_pct: int = Field(default=80, ge=1, le=99)
+    max_throttle_pct: int = Field(default=99, ge=1, le=99)
     # Post-copy moves execution to the target before all memory is there: a network
     # failure after the switch loses the VM. Off unless asked for.
     allow_postcopy: bool = False
@@ -149,6 +149,16 @@ class StreamOptions(Frozen):
             raise ValueError("compression works only with multifd: set multifd_channels "
                              "(e.g. 4) or compression none")
         return self
+
+    @property
+    def throttles(self) -> bool:
+        """Only Ferry's policy slows the guest; Nova's and QEMU's defaults do not."""
+        return self.allow_throttle and self.policy is PolicyKind.FERRY
+
+    @property
+    def first_throttle_pct(self) -> int:
+        """The throttle QEMU is armed with when the stream starts (0: none)."""
+        return min(30, self.max_throttle_pct) if self.throttles else 0
 
     @property
     def initial_downtime_ms(self) -> int:

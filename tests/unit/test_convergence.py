@@ -67,7 +67,7 @@ def test_dirtying_faster_than_the_link_throttles_stepwise() -> None:
 
 
 def test_throttle_spent_then_postcopy_if_allowed_else_longest_downtime() -> None:
-    spent = state(dirty_mib_s=40, link_mib_s=25, throttle=80)
+    spent = state(dirty_mib_s=40, link_mib_s=25, throttle=99)
     allowed = StreamOptions(allow_postcopy=True)
     assert decide(spent, allowed).kind is ActionKind.POSTCOPY
     action = decide(spent, FERRY)
