@@ -255,11 +255,10 @@ class HostRuntime:
         # "unlimited" unless capped: QEMU's own 128 MiB/s default is not ours.
         params["max-bandwidth"] = options.max_bandwidth_bytes_s or 1 << 40
         if options.throttles:
-            # Armed at a first step: QEMU applies it itself once two passes in a row
-            # dirty more than half of what they sent; the policy raises the ceiling.
-            first = options.first_throttle_pct
-            params.update({"cpu-throttle-initial": first, "cpu-throttle-increment": first,
-                           "max-cpu-throttle": first})
+            # auto-converge must be on from the start (capabilities are fixed while a
+            # migration runs) but stays inert (1 %) until the policy raises the ceiling.
+            params.update({"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
+                           "max-cpu-throttle": 1})
         await rec.monitor.set_migration_parameters(params)
         await rec.monitor.migrate(uri)
 

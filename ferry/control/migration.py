@@ -236,8 +236,7 @@ class Orchestrator:
             self._check_cancel(rec.id)
             downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
             rec = await self._enter(rec, Phase.PRECOPY, dest_uri=uri,
-                                    downtime_limit_ms=downtime,
-                                    throttle_pct=rec.options.first_throttle_pct)
+                                    downtime_limit_ms=downtime)
             await source.start_outgoing(rec.vm, rec.id, uri, rec.options, downtime)
         if rec.phase is Phase.PRECOPY:
             rec = await self._precopy(rec, source, target)

@@ -5,10 +5,10 @@ query-migrate reading, the levers already pulled) and returns one Action. Three
 policies, so that Ferry can be measured against the others in one run:
 
 - FERRY: when what is left fits the allowed downtime, raise the limit to just that much
-  and switch now. When the guest dirties memory nearly as fast as the link carries it,
-  slow its vCPUs just enough (vMotion's SDPS idea, via QEMU's CPU throttle), stepping up
-  while it still does not converge; post-copy only if allowed and throttling is spent;
-  abort only when the time budget or the progress timeout runs out.
+  and switch now. When the guest dirties memory nearly as fast as the link carries it:
+  post-copy at once if the user allowed it; otherwise slow its vCPUs (vMotion's SDPS
+  idea, via QEMU's CPU throttle), stepping up each pass while it does not converge, then
+  the longest allowed downtime; abort only when the budget or progress timeout runs out.
 - NOVA: OpenStack Nova's defaults: the downtime limit ramps to its maximum in 10 steps
   (one step every 75 s per GiB of RAM); post-copy (if allowed) once remaining memory
   shrinks by less than 10 % per pass.
@@ -95,17 +95,18 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
     dirty = p.dirty_rate_bytes_s
     if dirty < CONVERGING * rate:
         return CONTINUE
+    why = f"dirty {dirty >> 20} MiB/s vs link {int(rate) >> 20} MiB/s"
+    if options.allow_postcopy:
+        # Pre-copy cannot converge; post-copy sends each page at most once more and
+        # stalls only the vCPU that touches a missing page, so it beats more passes.
+        return Action(kind=ActionKind.POSTCOPY, reason=f"{why}: pre-copy cannot converge")
     if options.throttles and state.throttle_pct < options.max_throttle_pct:
         # A throttle t leaves a CPU-bound guest (1 - t) of its dirty rate; a guest that
-        # dirties with little CPU needs more, so each step also adds at least 20 points.
+        # dirties with little CPU needs more, so each step adds at least 20 points.
         wanted = math.ceil((1 - CONVERGING * 0.75 * rate / dirty) * 100)
         target = min(options.max_throttle_pct,
                      max(wanted, state.throttle_pct + THROTTLE_STEP))
-        return Action(kind=ActionKind.THROTTLE, value=target,
-                      reason=f"dirty {dirty >> 20} MiB/s vs link {int(rate) >> 20} MiB/s")
-    if options.allow_postcopy:
-        return Action(kind=ActionKind.POSTCOPY,
-                      reason="still dirtying faster than the link at the throttle limit")
+        return Action(kind=ActionKind.THROTTLE, value=target, reason=why)
     if state.downtime_ms < options.max_downtime_ms:
         return Action(kind=ActionKind.RAISE_DOWNTIME, value=options.max_downtime_ms,
                       reason="throttle limit reached; allow the longest downtime")

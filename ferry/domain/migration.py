@@ -156,11 +156,6 @@ class StreamOptions(Frozen):
         return self.allow_throttle and self.policy is PolicyKind.FERRY
 
     @property
-    def first_throttle_pct(self) -> int:
-        """The throttle QEMU is armed with when the stream starts (0: none)."""
-        return min(30, self.max_throttle_pct) if self.throttles else 0
-
-    @property
     def initial_downtime_ms(self) -> int:
         return min(300, self.max_downtime_ms)  # QEMU's default limit, if allowed
 

@@ -66,12 +66,14 @@ def test_dirtying_faster_than_the_link_throttles_stepwise() -> None:
     assert more.value > first.value or more.value == FERRY.max_throttle_pct
 
 
-def test_throttle_spent_then_postcopy_if_allowed_else_longest_downtime() -> None:
-    spent = state(dirty_mib_s=40, link_mib_s=25, throttle=99)
+def test_postcopy_first_when_allowed_else_throttle_then_longest_downtime() -> None:
     allowed = StreamOptions(allow_postcopy=True)
-    assert decide(spent, allowed).kind is ActionKind.POSTCOPY
+    assert decide(state(dirty_mib_s=40, link_mib_s=25), allowed).kind is ActionKind.POSTCOPY
+    spent = state(dirty_mib_s=40, link_mib_s=25, throttle=99)
     action = decide(spent, FERRY)
     assert action.kind is ActionKind.RAISE_DOWNTIME and action.value == 500
+    assert decide(state(dirty_mib_s=40, link_mib_s=25, throttle=99, downtime=500),
+                  FERRY).kind is ActionKind.CONTINUE
 
 
 def test_qemu_policy_never_steers() -> None:
