@@ -11,7 +11,9 @@ from fastapi.responses import JSONResponse
 from ferry.agent.host import HostRuntime
 from ferry.agent.models import (
     CreateVm,
+    ImageRef,
     IncomingReady,
+    MirrorRequest,
     PrepareIncoming,
     SerialTail,
     StartOutgoing,
@@ -21,6 +23,7 @@ from ferry.agent.models import (
 from ferry.domain.errors import FerryError
 from ferry.domain.migration import Progress
 from ferry.domain.specs import HostFacts
+from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.wire import error_body, status_for
 
 
@@ -83,6 +86,30 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/vms/{name}/migration/tune")
     async def tune(name: str, body: Tune) -> Progress:
         return await host.tune(name, body)
+
+    @app.post("/v1/images/info")
+    async def image_info(body: ImageRef) -> ImageInfo | None:
+        return await host.image(body.disk)
+
+    @app.post("/v1/images/delete")
+    async def delete_image(body: ImageRef) -> dict[str, bool]:
+        return {"deleted": host.delete_image(body.disk)}
+
+    @app.post("/v1/vms/{name}/mirror")
+    async def start_mirror(name: str, body: MirrorRequest) -> MirrorProgress:
+        return await host.start_mirror(name, body.job_id, body.target)
+
+    @app.get("/v1/vms/{name}/mirror/{job_id}")
+    async def mirror(name: str, job_id: str) -> MirrorProgress:
+        return await host.mirror(name, job_id)
+
+    @app.post("/v1/vms/{name}/mirror/pivot")
+    async def pivot(name: str, body: MirrorRequest) -> VmInfo:
+        return await host.pivot(name, body.job_id, body.target)
+
+    @app.post("/v1/vms/{name}/mirror/cancel", status_code=204)
+    async def cancel_mirror(name: str, body: MirrorRequest) -> None:
+        await host.cancel_mirror(name, body.job_id, body.target)
 
     @app.post("/v1/vms/{name}/migration/cancel")
     async def cancel(name: str) -> Progress:

@@ -13,7 +13,9 @@ from pydantic import BaseModel, TypeAdapter
 
 from ferry.agent.models import (
     CreateVm,
+    ImageRef,
     IncomingReady,
+    MirrorRequest,
     PrepareIncoming,
     SerialTail,
     StartOutgoing,
@@ -22,7 +24,8 @@ from ferry.agent.models import (
 )
 from ferry.domain.errors import HostUnavailable
 from ferry.domain.migration import Progress, StreamOptions
-from ferry.domain.specs import HostFacts, VmSpec
+from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
+from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.wire import error_from_body
 
 T = TypeVar("T")
@@ -60,6 +63,8 @@ class AgentClient:
                 data = resp.text
             raise error_from_body(resp.status_code, data)
         adapter = out if isinstance(out, TypeAdapter) else TypeAdapter(out)
+        if not resp.content:  # 204 No Content
+            return adapter.validate_python(None)
         return adapter.validate_json(resp.content)
 
     async def facts(self) -> HostFacts:
@@ -109,3 +114,27 @@ class AgentClient:
 
     async def cancel_migration(self, name: str) -> Progress:
         return await self._call("POST", f"/v1/vms/{name}/migration/cancel", Progress)
+
+    async def image(self, disk: DiskSpec) -> ImageInfo | None:
+        return await self._call("POST", "/v1/images/info", TypeAdapter(ImageInfo | None),
+                                ImageRef(disk=disk))
+
+    async def delete_image(self, disk: DiskSpec) -> bool:
+        out = await self._call("POST", "/v1/images/delete", TypeAdapter(dict[str, bool]),
+                               ImageRef(disk=disk))
+        return out["deleted"]
+
+    async def start_mirror(self, name: str, job_id: str, target: DiskSpec) -> MirrorProgress:
+        return await self._call("POST", f"/v1/vms/{name}/mirror", MirrorProgress,
+                                MirrorRequest(job_id=job_id, target=target), timeout_s=600.0)
+
+    async def mirror(self, name: str, job_id: str) -> MirrorProgress:
+        return await self._call("GET", f"/v1/vms/{name}/mirror/{job_id}", MirrorProgress)
+
+    async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
+        return await self._call("POST", f"/v1/vms/{name}/mirror/pivot", VmInfo,
+                                MirrorRequest(job_id=job_id, target=target), timeout_s=90.0)
+
+    async def cancel_mirror(self, name: str, job_id: str, target: DiskSpec) -> None:
+        await self._call("POST", f"/v1/vms/{name}/mirror/cancel", TypeAdapter(None),
+                         MirrorRequest(job_id=job_id, target=target), timeout_s=90.0)

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferry.agent.config import AgentConfig
+from ferry.agent.disks import DiskOps, check_disk_target
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
 from ferry.agent.models import RUNSTATES, AgentVmState, Tune, VmInfo
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.probe import last_heartbeat
-from ferry.domain.specs import HostFacts, VmSpec
+from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
+from ferry.domain.storage import ImageInfo, MirrorProgress
+from ferry.hypervisor import blockjobs
 from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
 from ferry.hypervisor.errors import MonitorError, NotRunning
 from ferry.hypervisor.monitor import Monitor
@@ -55,6 +58,7 @@ def tail_lines(path: Path, max_lines: int) -> list[str]:
 class HostRuntime:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.disks = DiskOps(config.datastore_paths)
         self.accel = detect_accel(config.accel)
         self._qemu: QemuCapabilities | None = None
         self._vms: dict[str, VmRecord] = {}
@@ -290,12 +294,57 @@ class HostRuntime:
             rec.monitor.migration_events.clear()
         return await rec.monitor.query_migrate()
 
+    # --- disks -------------------------------------------------------------------
+    async def image(self, disk: DiskSpec) -> ImageInfo | None:
+        return await self.disks.info(disk)
+
+    def delete_image(self, disk: DiskSpec) -> bool:
+        in_use = [r.spec.name for r in self._vms.values()
+                  if r.process.state is ProcessState.RUNNING and any(
+                      (d.datastore, d.path) == (disk.datastore, disk.path)
+                      for d in r.spec.disks)]
+        if in_use:
+            raise Conflict(f"{disk.datastore}:{disk.path} is in use by VM {in_use[0]}")
+        return self.disks.delete(disk)
+
+    async def start_mirror(self, name: str, job_id: str, target: DiskSpec) -> MirrorProgress:
+        rec = self._get(name)
+        check_disk_target(rec.spec, target)
+        async with rec.lock:
+            return await self.disks.start_mirror(_running_monitor(rec, self.config.name),
+                                                 rec.spec, job_id, target)
+
+    async def mirror(self, name: str, job_id: str) -> MirrorProgress:
+        rec = self._get(name)
+        return await blockjobs.job(_running_monitor(rec, self.config.name), job_id)
+
+    async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
+        rec = self._get(name)
+        async with rec.lock:
+            rec.spec = await self.disks.pivot(_running_monitor(rec, self.config.name),
+                                              rec.spec, job_id, target)
+            rec.paths.spec_file.write_text(rec.spec.model_dump_json())
+        return await self.info(name)
+
+    async def cancel_mirror(self, name: str, job_id: str, target: DiskSpec) -> None:
+        rec = self._vms.get(name)
+        monitor = None
+        if rec is not None and rec.process.state is ProcessState.RUNNING:
+            monitor = rec.monitor
+        await self.disks.cancel_mirror(monitor, job_id, target)
+
     async def cancel_outgoing(self, name: str) -> Progress:
         rec = self._get(name)
         if rec.monitor is None:
             raise NotRunning(f"VM {name} has no monitor on {self.config.name}")
         await rec.monitor.migrate_cancel()
         return await rec.monitor.query_migrate()
+
+
+def _running_monitor(rec: VmRecord, host: str) -> Monitor:
+    if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
+        raise NotRunning(f"VM {rec.spec.name} has no running QEMU on {host}")
+    return rec.monitor
 
 
 def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from ferry.domain.migration import StreamOptions
 from ferry.domain.probe import Heartbeat
-from ferry.domain.specs import Frozen, HostFacts, VmSpec
+from ferry.domain.specs import DiskSpec, Frozen, HostFacts, VmSpec
 
 
 class AgentVmState(StrEnum):
@@ -91,3 +91,14 @@ class AgentHeartbeat(Frozen):
 
 class SerialTail(Frozen):
     lines: tuple[str, ...]
+
+
+class MirrorRequest(Frozen):
+    """Start, pivot or cancel the live copy of one disk to `target` (same disk name)."""
+
+    job_id: str
+    target: DiskSpec
+
+
+class ImageRef(Frozen):
+    disk: DiskSpec

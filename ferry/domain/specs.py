@@ -38,11 +38,17 @@ class DiskFormat(StrEnum):
     RAW = "raw"
 
 
+class Provisioning(StrEnum):
+    THIN = "thin"  # allocate on write
+    THICK = "thick"  # allocate the whole virtual size up front
+
+
 class DiskSpec(Frozen):
     name: Name
     datastore: Name
     path: str = Field(description="image path relative to the datastore root")
     format: DiskFormat = DiskFormat.QCOW2
+    provisioning: Provisioning = Provisioning.THIN
 
     @field_validator("path")
     @classmethod

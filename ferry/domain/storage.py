@@ -1,0 +1,121 @@
+"""Storage vMotion: a disk's live move to another datastore, as a persisted state machine.
+
+    PENDING → CHECKING → COPYING → PIVOTING → COMPLETED
+                 │          │         │
+                 └──────────┴─────────┴──→ ROLLING_BACK → FAILED
+
+COPYING runs QEMU's blockdev-mirror (write-blocking: every guest write lands on both
+images, so the copy converges whatever the write rate); PIVOTING is job-complete, after
+which the VM runs on the new image. The source image is removed only after the pivot,
+and only if not asked to keep it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from ferry.domain.errors import Conflict
+from ferry.domain.specs import DatastoreInfo, DiskFormat, DiskSpec, Frozen, Provisioning
+
+
+class RelocationPhase(StrEnum):
+    PENDING = "pending"
+    CHECKING = "checking"
+    COPYING = "copying"
+    PIVOTING = "pivoting"
+    COMPLETED = "completed"
+    ROLLING_BACK = "rolling_back"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RelocationPhase.COMPLETED, RelocationPhase.FAILED)
+
+
+_NEXT: dict[RelocationPhase, frozenset[RelocationPhase]] = {
+    RelocationPhase.PENDING: frozenset({RelocationPhase.CHECKING,
+                                        RelocationPhase.ROLLING_BACK}),
+    RelocationPhase.CHECKING: frozenset({RelocationPhase.COPYING,
+                                         RelocationPhase.ROLLING_BACK}),
+    RelocationPhase.COPYING: frozenset({RelocationPhase.PIVOTING,
+                                        RelocationPhase.ROLLING_BACK}),
+    RelocationPhase.PIVOTING: frozenset({RelocationPhase.COMPLETED,
+                                         RelocationPhase.ROLLING_BACK}),
+    RelocationPhase.ROLLING_BACK: frozenset({RelocationPhase.FAILED}),
+    RelocationPhase.COMPLETED: frozenset(),
+    RelocationPhase.FAILED: frozenset(),
+}
+
+
+def relocation_transition(current: RelocationPhase, new: RelocationPhase) -> RelocationPhase:
+    if new not in _NEXT[current]:
+        raise Conflict(f"a relocation cannot go from {current} to {new}")
+    return new
+
+
+class ImageInfo(Frozen):
+    """What qemu-img / query-block say about an image."""
+
+    path: str
+    format: DiskFormat
+    virtual_size: int
+    allocated: int
+
+
+class MirrorProgress(Frozen):
+    """One reading of a mirror job (query-jobs)."""
+
+    job_id: str
+    status: str  # QEMU's job status: created, running, ready, concluded, ...
+    offset: int = 0
+    length: int = 0
+    ready: bool = False
+    error: str | None = None
+
+    @property
+    def missing(self) -> bool:
+        return self.status == "absent"
+
+
+class RelocationRecord(Frozen):
+    id: str
+    vm: str
+    host: str
+    disk: str
+    source: DiskSpec
+    target: DiskSpec
+    phase: RelocationPhase
+    keep_source: bool = False
+    reason: str | None = None
+    created_at: float
+    phase_times: dict[str, float] = Field(default_factory=dict)
+    copied_bytes: int = 0
+    total_bytes: int = 0
+    rate_bytes_s: float = 0.0
+
+
+def needed_bytes(image: ImageInfo, provisioning: Provisioning) -> int:
+    """Space the copy will take: the full virtual size if thick, else what is allocated."""
+    return image.virtual_size if provisioning is Provisioning.THICK else image.allocated
+
+
+def check_relocation(disk: DiskSpec, target: DiskSpec, image: ImageInfo,
+                     datastore: DatastoreInfo | None, target_exists: bool) -> list[str]:
+    """Every reason the move cannot start; empty when it can."""
+    reasons: list[str] = []
+    if datastore is None:
+        reasons.append(f"the host does not see datastore {target.datastore}; "
+                       "pick one listed by `ferry host list`")
+    elif datastore.free_bytes < needed_bytes(image, target.provisioning):
+        need = needed_bytes(image, target.provisioning)
+        reasons.append(f"datastore {target.datastore} has {datastore.free_bytes >> 20} MiB "
+                       f"free, the {target.provisioning} copy needs {need >> 20} MiB; free "
+                       "space there or choose thin provisioning")
+    if (disk.datastore, disk.path) == (target.datastore, target.path):
+        reasons.append(f"disk {disk.name} already is {disk.datastore}:{disk.path}")
+    elif target_exists:
+        reasons.append(f"{target.datastore}:{target.path} already exists; "
+                       "remove it or pick another path")
+    return reasons

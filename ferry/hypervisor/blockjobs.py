@@ -1,0 +1,100 @@
+"""Typed block-layer operations over QMP: find a disk's nodes, mirror, pivot, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from ferry.domain.specs import DiskFormat
+from ferry.domain.storage import MirrorProgress
+from ferry.hypervisor.errors import MonitorError
+from ferry.hypervisor.monitor import Monitor
+
+
+@dataclass(frozen=True)
+class DiskNodes:
+    format_node: str
+    file_node: str
+    filename: str
+    virtual_size: int
+
+
+async def disk_nodes(monitor: Monitor, disk: str) -> DiskNodes:
+    """The block nodes a guest disk (qdev id `disk`) reads and writes right now."""
+    blocks: list[dict[str, Any]] = await monitor.execute("query-block")
+    for block in blocks:
+        qdev = str(block.get("qdev", ""))
+        if qdev == disk or qdev.startswith(f"/machine/peripheral/{disk}/"):
+            inserted = block["inserted"]
+            fmt_node = str(inserted["node-name"])
+            nodes: list[dict[str, Any]] = await monitor.execute(
+                "query-named-block-nodes", {"flat": True})
+            filename = str(inserted["image"]["filename"])
+            file_node = next((str(n["node-name"]) for n in nodes
+                              if n.get("drv") == "file" and n.get("file") == filename), "")
+            if not file_node:
+                # qcow2's image filename is its file child's; raw's is the file itself.
+                file_node = next((str(n["node-name"]) for n in nodes
+                                  if n.get("drv") == "file" and filename.endswith(
+                                      str(n.get("file")))), "")
+            return DiskNodes(format_node=fmt_node, file_node=file_node, filename=filename,
+                             virtual_size=int(inserted["image"]["virtual-size"]))
+    raise MonitorError(f"the VM has no disk {disk}")
+
+
+async def add_image(monitor: Monitor, file_node: str, format_node: str, path: str,
+                    fmt: DiskFormat) -> None:
+    await monitor.execute("blockdev-add", {"driver": "file", "node-name": file_node,
+                                           "filename": path})
+    try:
+        await monitor.execute("blockdev-add", {"driver": fmt.value, "node-name": format_node,
+                                               "file": file_node})
+    except MonitorError:
+        await remove_nodes(monitor, file_node)
+        raise
+
+
+async def remove_nodes(monitor: Monitor, *nodes: str) -> None:
+    """blockdev-del each node that exists (format node before its file node)."""
+    for node in nodes:
+        try:
+            await monitor.execute("blockdev-del", {"node-name": node})
+        except MonitorError as exc:
+            if "not found" not in str(exc).lower() and "cannot find" not in str(exc).lower():
+                raise
+
+
+async def start_mirror(monitor: Monitor, job_id: str, source_node: str,
+                       target_node: str) -> None:
+    await monitor.execute("blockdev-mirror", {
+        "job-id": job_id, "device": source_node, "target": target_node, "sync": "full",
+        # Guest writes go to both images synchronously: the copy converges for any
+        # write rate, at the price of write latency during the move.
+        "copy-mode": "write-blocking", "auto-dismiss": False})
+
+
+async def job(monitor: Monitor, job_id: str) -> MirrorProgress:
+    jobs: list[dict[str, Any]] = await monitor.execute("query-jobs")
+    for j in jobs:
+        if j["id"] == job_id:
+            return MirrorProgress(job_id=job_id, status=str(j["status"]),
+                                  offset=int(j.get("current-progress", 0)),
+                                  length=int(j.get("total-progress", 0)),
+                                  ready=j["status"] == "ready", error=j.get("error"))
+    return MirrorProgress(job_id=job_id, status="absent")
+
+
+async def wait_concluded(monitor: Monitor, job_id: str, timeout_s: float) -> MirrorProgress:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        state = await job(monitor, job_id)
+        if state.status in ("concluded", "absent"):
+            if state.status == "concluded":
+                await monitor.execute("job-dismiss", {"id": job_id})
+            return state
+        if loop.time() > deadline:
+            raise MonitorError(f"block job {job_id} did not finish within {timeout_s:.0f} s "
+                               f"(status {state.status})")
+        await asyncio.sleep(0.05)
