@@ -331,6 +331,10 @@ class HostRuntime:
         monitor = None
         if rec is not None and rec.process.state is ProcessState.RUNNING:
             monitor = rec.monitor
+            if any((d.datastore, d.path) == (target.datastore, target.path)
+                   for d in rec.spec.disks):
+                raise Conflict(f"VM {name} already runs on {target.datastore}:{target.path}; "
+                               "the move completed and cannot be cancelled")
         await self.disks.cancel_mirror(monitor, job_id, target)
 
     async def cancel_outgoing(self, name: str) -> Progress:

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.agent.models import AgentHeartbeat
-from ferry.api.schemas import CheckResult, CreateVmRequest, MigrateRequest, SerialLines, VmView
+from ferry.api.schemas import (
+    CheckResult,
+    CreateVmRequest,
+    MigrateRequest,
+    RelocateRequest,
+    SerialLines,
+    VmView,
+)
 from ferry.control.migration import merge_options
 from ferry.control.service import ControlPlane
 from ferry.domain.errors import FerryError, InvalidInput
 from ferry.domain.migration import StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord
+from ferry.domain.storage import RelocationRecord
 from ferry.wire import describe_validation, error_body, status_for
 
 
@@ -136,18 +144,58 @@ def create_app(control: ControlPlane) -> FastAPI:
     async def events(migration_id: str) -> StreamingResponse:
         """Server-sent events: the migration record each time it changes, to the end."""
         await control.store.migration(migration_id)  # 404 before the stream starts
+        return sse(control, migration_id, control.store.migration)
 
-        async def stream() -> AsyncIterator[str]:
-            seen = -1
-            while True:
-                version = control.bus.version(migration_id)
-                rec = await control.store.migration(migration_id)
-                yield f"data: {json.dumps(rec.model_dump(mode='json'))}\n\n"
-                if rec.phase.terminal:
-                    return
-                seen = version
-                await control.bus.wait(migration_id, seen, timeout_s=1.0)
+    # --- relocations (Storage vMotion) --------------------------------------------
+    @app.post("/v1/relocations", status_code=202)
+    async def relocate(body: RelocateRequest) -> RelocationRecord:
+        return await control.relocations.start(
+            body.vm, body.datastore, body.disk, body.format, body.provisioning, body.path,
+            body.keep_source)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+    @app.get("/v1/relocations")
+    async def relocations() -> list[RelocationRecord]:
+        return await control.store.relocations()
+
+    @app.get("/v1/relocations/{relocation_id}")
+    async def relocation(relocation_id: str) -> RelocationRecord:
+        return await control.store.relocation(relocation_id)
+
+    @app.post("/v1/relocations/{relocation_id}/cancel")
+    async def cancel_relocation(relocation_id: str) -> RelocationRecord:
+        return await control.relocations.cancel(relocation_id)
+
+    @app.get("/v1/relocations/{relocation_id}/events")
+    async def relocation_events(relocation_id: str) -> StreamingResponse:
+        await control.store.relocation(relocation_id)
+        return sse(control, relocation_id, control.store.relocation)
 
     return app
+
+
+class _Job(Protocol):
+    @property
+    def phase(self) -> _Phase: ...
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+class _Phase(Protocol):
+    @property
+    def terminal(self) -> bool: ...
+
+
+def sse(control: ControlPlane, key: str,
+        fetch: Callable[[str], Awaitable[_Job]]) -> StreamingResponse:
+    """Stream a long job's record as server-sent events whenever it changes, to its end."""
+
+    async def stream() -> AsyncIterator[str]:
+        while True:
+            version = control.bus.version(key)
+            rec = await fetch(key)
+            yield f"data: {json.dumps(rec.model_dump(mode='json'))}\n\n"
+            if rec.phase.terminal:
+                return
+            await control.bus.wait(key, version, timeout_s=1.0)
+
+    return StreamingResponse(stream(), media_type="text/event-stream")

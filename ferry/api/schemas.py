@@ -7,7 +7,7 @@ from typing import Any
 from ferry.agent.models import VmInfo
 from ferry.domain.compat import Refusal
 from ferry.domain.inventory import VmState
-from ferry.domain.specs import Frozen, VmSpec
+from ferry.domain.specs import DiskFormat, Frozen, Provisioning, VmSpec
 
 
 class CreateVmRequest(Frozen):
@@ -39,3 +39,13 @@ class CheckResult(Frozen):
 
 class SerialLines(Frozen):
     lines: tuple[str, ...]
+
+
+class RelocateRequest(Frozen):
+    vm: str
+    datastore: str
+    disk: str | None = None
+    format: DiskFormat | None = None
+    provisioning: Provisioning | None = None
+    path: str | None = None
+    keep_source: bool = False

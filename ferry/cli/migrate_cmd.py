@@ -97,9 +97,9 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         name: Annotated[str, typer.Argument(help="VM to move")],
         host: Annotated[str, typer.Argument(help="destination host")],
         check_only: Annotated[bool, typer.Option(
-            help="only run the compatibility checks")] = False,
-        no_wait: Annotated[bool, typer.Option(help="print the migration id and return")
-                           ] = False,
+            "--check-only", help="only run the compatibility checks")] = False,
+        no_wait: Annotated[bool, typer.Option(
+            "--no-wait", help="print the migration id and return")] = False,
         policy: PolicyOpt = None, max_downtime: DowntimeOpt = None,
         bandwidth: BandwidthOpt = None, budget: BudgetOpt = None,
         max_throttle: ThrottleOpt = None, throttle: AllowThrottleOpt = None,

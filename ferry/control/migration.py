@@ -107,6 +107,11 @@ class Orchestrator:
             raise Conflict(f"VM {vm_name} is already being migrated ({active[0].id})",
                            "wait for it to finish or cancel it with "
                            f"`ferry migration cancel {active[0].id}`")
+        moving = [r for r in await self.store.relocations(unfinished_only=True)
+                  if r.vm == vm_name]
+        if moving:
+            raise Conflict(f"VM {vm_name} has a disk move running ({moving[0].id})",
+                           "wait for it to finish first")
         if vm.state is not VmState.RUNNING:
             raise Conflict(f"VM {vm_name} is {vm.state}, only a running VM migrates live",
                            f"start it with `ferry vm start {vm_name}`")

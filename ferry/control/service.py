@@ -6,6 +6,7 @@ from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
+from ferry.control.storage import Relocator
 from ferry.store import Store
 
 
@@ -16,6 +17,7 @@ class ControlPlane:
         self.bus = ChangeBus()
         self.inventory = Inventory(store, self.agents)
         self.migrations = Orchestrator(store, self.inventory, self.agents, self.bus)
+        self.relocations = Relocator(store, self.agents, self.bus)
 
     @classmethod
     async def open(cls, db_url: str) -> ControlPlane:
@@ -23,8 +25,10 @@ class ControlPlane:
 
     async def start(self) -> None:
         await self.migrations.resume_unfinished()
+        await self.relocations.resume_unfinished()
 
     async def close(self) -> None:
         await self.migrations.shutdown()
+        await self.relocations.shutdown()
         await self.agents.aclose()
         await self.store.close()

@@ -15,7 +15,16 @@ from ferry.domain.inventory import HostState, VmState
 from ferry.domain.migration import Iteration, Phase, StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import HostFacts, VmSpec
-from ferry.store.tables import Base, HostRow, IterationRow, MigrationRow, SettingRow, VmRow
+from ferry.domain.storage import RelocationPhase, RelocationRecord
+from ferry.store.tables import (
+    Base,
+    HostRow,
+    IterationRow,
+    MigrationRow,
+    RelocationRow,
+    SettingRow,
+    VmRow,
+)
 
 HEARTBEAT_TIMEOUT_S = 5.0
 
@@ -118,7 +127,7 @@ class Store:
             return self._vm(row)
 
     async def update_vm(self, name: str, *, host: str | None = None,
-                        state: VmState | None = None) -> VmRecord:
+                        state: VmState | None = None, spec: VmSpec | None = None) -> VmRecord:
         async with self._session.begin() as s:
             row = await s.get(VmRow, name)
             if row is None:
@@ -127,6 +136,8 @@ class Store:
                 row.host = host
             if state is not None:
                 row.state = state.value
+            if spec is not None:
+                row.spec_json = spec.model_dump_json()
             return self._vm(row)
 
     async def delete_vm(self, name: str) -> None:
@@ -204,3 +215,45 @@ class Store:
             else:
                 row.value_json = options.model_dump_json()
         return options
+
+    # --- relocations (Storage vMotion) -----------------------------------------------
+    async def add_relocation(self, record: RelocationRecord) -> RelocationRecord:
+        async with self._session.begin() as s:
+            busy = (await s.scalars(select(RelocationRow).where(
+                RelocationRow.vm == record.vm, RelocationRow.phase.not_in(
+                    [RelocationPhase.COMPLETED.value, RelocationPhase.FAILED.value])))).first()
+            if busy is not None:
+                raise Conflict(f"VM {record.vm} already has a disk move running ({busy.id})",
+                               "wait for it or cancel it with "
+                               f"`ferry relocation cancel {busy.id}`")
+            s.add(RelocationRow(id=record.id, vm=record.vm, record_json=record.model_dump_json(),
+                                phase=record.phase.value, created_at=record.created_at))
+        return record
+
+    async def relocation(self, relocation_id: str) -> RelocationRecord:
+        async with self._session() as s:
+            row = await s.get(RelocationRow, relocation_id)
+            if row is None:
+                raise NotFound(f"there is no relocation {relocation_id!r}",
+                               "see `ferry relocation list`")
+            return RelocationRecord.model_validate_json(row.record_json)
+
+    async def relocations(self, unfinished_only: bool = False) -> list[RelocationRecord]:
+        async with self._session() as s:
+            query = select(RelocationRow).order_by(RelocationRow.created_at)
+            if unfinished_only:
+                query = query.where(RelocationRow.phase.not_in(
+                    [RelocationPhase.COMPLETED.value, RelocationPhase.FAILED.value]))
+            rows = (await s.scalars(query)).all()
+            return [RelocationRecord.model_validate_json(r.record_json) for r in rows]
+
+    async def update_relocation(self, relocation_id: str, **changes: Any) -> RelocationRecord:
+        async with self._session.begin() as s:
+            row = await s.get(RelocationRow, relocation_id)
+            if row is None:
+                raise NotFound(f"there is no relocation {relocation_id!r}")
+            record = RelocationRecord.model_validate(
+                RelocationRecord.model_validate_json(row.record_json).model_dump() | changes)
+            row.record_json = record.model_dump_json()
+            row.phase = record.phase.value
+        return record

@@ -49,3 +49,12 @@ class SettingRow(Base):
     __tablename__ = "settings"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value_json: Mapped[str] = mapped_column(Text)
+
+
+class RelocationRow(Base):
+    __tablename__ = "relocations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    record_json: Mapped[str] = mapped_column(Text)
+    phase: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,225 @@
+"""Storage vMotion: move a running VM's disk to another datastore on the same host.
+
+Walks domain/storage.py's state machine, persisting each phase before acting, like the
+migration orchestrator; resumed after a restart. The source image is deleted only after
+the pivot succeeded and the store points at the copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+
+from ferry.agent.client import AgentClient
+from ferry.control.agents import AgentPool
+from ferry.control.events import ChangeBus
+from ferry.domain.errors import Conflict, FerryError, Incompatible, InvalidInput, NotFound
+from ferry.domain.inventory import VmState
+from ferry.domain.specs import DiskFormat, DiskSpec, Provisioning
+from ferry.domain.storage import (
+    RelocationPhase,
+    RelocationRecord,
+    check_relocation,
+    relocation_transition,
+)
+from ferry.store import Store
+
+log = logging.getLogger("ferry.storage")
+POLL_S = 0.25
+COPY_TIMEOUT_S = 6 * 3600.0
+
+
+class RollBack(Exception):
+    pass
+
+
+class Relocator:
+    def __init__(self, store: Store, agents: AgentPool, bus: ChangeBus) -> None:
+        self.store = store
+        self.agents = agents
+        self.bus = bus
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancel: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    async def start(self, vm_name: str, datastore: str, disk: str | None = None,
+                    fmt: DiskFormat | None = None, provisioning: Provisioning | None = None,
+                    path: str | None = None, keep_source: bool = False) -> RelocationRecord:
+        vm = await self.store.vm(vm_name)
+        if vm.state is not VmState.RUNNING:
+            raise Conflict(f"VM {vm_name} is {vm.state}; a live disk move needs it running",
+                           f"start it with `ferry vm start {vm_name}`")
+        if any(m.vm == vm_name for m in await self.store.migrations(unfinished_only=True)):
+            raise Conflict(f"VM {vm_name} is being migrated", "wait for the migration first")
+        current = self._pick_disk(vm.spec.disks, disk, vm_name)
+        fmt = fmt or current.format
+        try:
+            target = DiskSpec(name=current.name, datastore=datastore,
+                              path=path or f"{vm_name}/{current.name}.{fmt.value}",
+                              format=fmt, provisioning=provisioning or current.provisioning)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        now = time.time()
+        rec = await self.store.add_relocation(RelocationRecord(
+            id=uuid.uuid4().hex[:12], vm=vm_name, host=vm.host, disk=current.name,
+            source=current, target=target, phase=RelocationPhase.PENDING,
+            keep_source=keep_source, created_at=now, phase_times={"pending": now}))
+        rec = await self._enter(rec, RelocationPhase.CHECKING)
+        try:
+            reasons = await self._check(rec)
+        except FerryError as exc:
+            reasons = [exc.problem]
+        if reasons:
+            rec = await self._enter(rec, RelocationPhase.ROLLING_BACK, reason="; ".join(reasons))
+            await self._enter(rec, RelocationPhase.FAILED)
+            raise Incompatible(f"cannot move disk {current.name} of {vm_name}: "
+                               + "; ".join(reasons))
+        self._spawn(rec.id)
+        return rec
+
+    @staticmethod
+    def _pick_disk(disks: tuple[DiskSpec, ...], name: str | None, vm: str) -> DiskSpec:
+        if name is None:
+            if len(disks) != 1:
+                raise InvalidInput(f"VM {vm} has {len(disks)} disks; say which with --disk",
+                                   f"its disks: {', '.join(d.name for d in disks) or 'none'}")
+            return disks[0]
+        found = next((d for d in disks if d.name == name), None)
+        if found is None:
+            raise NotFound(f"VM {vm} has no disk {name!r}",
+                           f"its disks: {', '.join(d.name for d in disks) or 'none'}")
+        return found
+
+    async def _agent(self, rec: RelocationRecord) -> AgentClient:
+        return self.agents.client(await self.store.host(rec.host))
+
+    async def _check(self, rec: RelocationRecord) -> list[str]:
+        host = await self.store.host(rec.host)
+        agent = self.agents.client(host)
+        image = await agent.image(rec.source)
+        if image is None:
+            return [f"the image of disk {rec.disk} ({rec.source.datastore}:{rec.source.path}) "
+                    f"is missing on {rec.host}"]
+        facts = (await agent.facts())
+        exists = await agent.image(rec.target) is not None \
+            if facts.datastore(rec.target.datastore) else False
+        return check_relocation(rec.source, rec.target, image,
+                                facts.datastore(rec.target.datastore), exists)
+
+    async def cancel(self, relocation_id: str) -> RelocationRecord:
+        rec = await self.store.relocation(relocation_id)
+        if rec.phase.terminal:
+            raise Conflict(f"relocation {relocation_id} already ended ({rec.phase})")
+        if rec.phase is RelocationPhase.PIVOTING:
+            raise Conflict(f"relocation {relocation_id} is pivoting; too late to cancel")
+        self._cancel[relocation_id].set()
+        return rec
+
+    async def resume_unfinished(self) -> None:
+        for rec in await self.store.relocations(unfinished_only=True):
+            self._spawn(rec.id)
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, relocation_id: str) -> None:
+        task = asyncio.create_task(self._run(relocation_id))
+        self._tasks[relocation_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(relocation_id, None))
+
+    async def _enter(self, rec: RelocationRecord, phase: RelocationPhase, **changes: object
+                     ) -> RelocationRecord:
+        relocation_transition(rec.phase, phase)
+        times = dict(rec.phase_times)
+        times[phase.value] = time.time()
+        rec = await self.store.update_relocation(rec.id, phase=phase, phase_times=times,
+                                                 **changes)
+        log.info("relocation %s of %s/%s: %s", rec.id, rec.vm, rec.disk, phase)
+        await self.bus.changed(rec.id)
+        return rec
+
+    async def _run(self, relocation_id: str) -> None:
+        rec = await self.store.relocation(relocation_id)
+        try:
+            if rec.phase in (RelocationPhase.PENDING, RelocationPhase.ROLLING_BACK):
+                raise RollBack(rec.reason or "control plane restarted before the copy began")
+            agent = await self._agent(rec)
+            if rec.phase is RelocationPhase.CHECKING:
+                rec = await self._enter(rec, RelocationPhase.COPYING)
+            if rec.phase is RelocationPhase.COPYING:
+                rec = await self._copy(rec, agent)
+            if rec.phase is RelocationPhase.PIVOTING:
+                await self._pivot(rec, agent)
+        except asyncio.CancelledError:
+            raise
+        except RollBack as exc:
+            await self._roll_back(rec.id, str(exc))
+        except FerryError as exc:
+            await self._roll_back(rec.id, exc.problem)
+        except Exception as exc:
+            log.exception("relocation %s crashed", relocation_id)
+            await self._roll_back(rec.id, f"internal error: {exc!r}")
+
+    async def _copy(self, rec: RelocationRecord, agent: AgentClient) -> RelocationRecord:
+        began = time.monotonic()
+        await agent.start_mirror(rec.vm, rec.id, rec.target)
+        while True:
+            if self._cancel[rec.id].is_set():
+                raise RollBack("cancelled by the user")
+            state = await agent.mirror(rec.vm, rec.id)
+            if state.missing or state.status == "concluded" or state.error:
+                raise RollBack(f"the copy stopped: {state.error or state.status}")
+            elapsed = max(time.monotonic() - began, 1e-3)
+            rec = await self.store.update_relocation(
+                rec.id, copied_bytes=state.offset, total_bytes=state.length,
+                rate_bytes_s=state.offset / elapsed)
+            await self.bus.changed(rec.id)
+            if state.ready:
+                return await self._enter(rec, RelocationPhase.PIVOTING)
+            if elapsed > COPY_TIMEOUT_S:
+                raise RollBack(f"the copy did not get in sync within {COPY_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(POLL_S)
+
+    async def _pivot(self, rec: RelocationRecord, agent: AgentClient) -> None:
+        live = await agent.vm(rec.vm)
+        if not any((d.datastore, d.path) == (rec.target.datastore, rec.target.path)
+                   for d in live.spec.disks):
+            live = await agent.pivot(rec.vm, rec.id, rec.target)
+        await self.store.update_vm(rec.vm, spec=live.spec)
+        note = None
+        if not rec.keep_source:
+            try:
+                await agent.delete_image(rec.source)
+            except FerryError as exc:
+                note = f"moved, but the old image could not be removed: {exc.problem}"
+        await self._enter(rec, RelocationPhase.COMPLETED, reason=note)
+
+    async def _roll_back(self, relocation_id: str, reason: str) -> None:
+        rec = await self.store.relocation(relocation_id)
+        if rec.phase.terminal:
+            return
+        if rec.phase is RelocationPhase.PIVOTING and await self._runs_on_target(rec):
+            # The guest already writes to the copy: finishing is the only safe outcome.
+            await self._pivot(rec, await self._agent(rec))
+            return
+        if rec.phase is not RelocationPhase.ROLLING_BACK:
+            rec = await self._enter(rec, RelocationPhase.ROLLING_BACK, reason=reason)
+        try:
+            await (await self._agent(rec)).cancel_mirror(rec.vm, rec.id, rec.target)
+        except FerryError as exc:
+            reason = f"{reason}; cleanup incomplete: {exc.problem}"
+        await self._enter(rec, RelocationPhase.FAILED, reason=reason)
+
+    async def _runs_on_target(self, rec: RelocationRecord) -> bool:
+        try:
+            live = await (await self._agent(rec)).vm(rec.vm)
+        except FerryError:
+            return False
+        return any((d.datastore, d.path) == (rec.target.datastore, rec.target.path)
+                   for d in live.spec.disks)
