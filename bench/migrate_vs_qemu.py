@@ -18,11 +18,17 @@ the same time. Only one guest runs at a time.
 - Raw: two QEMUs started by this script, one per lab host namespace (`ip netns exec`),
   argv from ferry.hypervisor.argv.build_argv, QMP through ferry.hypervisor.monitor.
   The clock starts before launching the destination QEMU (-incoming defer) and covers
-  the QMP connect, migrate-incoming on tcp:<dest ip>:<port>, the same settings Ferry
-  uses (events=on, downtime-limit 300 ms, max-bandwidth 1 TiB/s), migrate on the
+  the QMP connect, migrate-incoming on tcp:<dest ip>:<port>, the stream settings Ferry
+  starts with (events=on, downtime-limit 300 ms, max-bandwidth 1 TiB/s), migrate on the
   source, polling query-migrate every 50 ms until completed, and polling query-status
   on the destination until 'running'. Downtime and bytes sent (ram.transferred) come
   from the source's final query-migrate.
+
+Ferry's default "ferry" convergence policy starts from the same downtime limit and
+bandwidth but also arms auto-converge (30 % throttle) and may retune while the stream
+runs; raw QEMU does none of that. `--ferry-policy qemu` makes Ferry run exactly the raw
+stream settings, so the difference is orchestration alone. Each Ferry run records the
+levers its policy pulled (JSON: ferry_levers, throttle_pct, downtime_limit_ms).
 
 After every migration the destination must print a heartbeat with seq > seq_before + 1;
 its mem_errors + disk_errors count as integrity errors.
@@ -30,7 +36,6 @@ its mem_errors + disk_errors count as integrity errors.
 Summary: per rate, medians over the runs; the wall ratio and downtime delta are medians
 of per-pair values (Ferry run i vs raw run i of that rate). The last line gives the same
 pairwise medians over ALL pairs of all rates, and the total of integrity errors.
-
 Needs root (namespaces, bridge). Run: .venv/bin/python bench/migrate_vs_qemu.py
 """
 
@@ -92,6 +97,9 @@ class Run:
     seq_after: int | None = None
     integrity_errors: int = 0
     error: str | None = None
+    ferry_levers: list[str] = field(default_factory=list)
+    throttle_pct: int = 0
+    downtime_limit_ms: int | None = None
     late_stats: bool = False  # query-migrate said completed before total-time/downtime were set
     steps_s: dict[str, float] = field(default_factory=dict)  # where the wall time went
 
@@ -115,8 +123,10 @@ def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: 
         before = ferry_heartbeat(client, vm, MIN_SEQ - 1)
         run.seq_before = before.seq
         t0, epoch0 = time.perf_counter(), time.time()
-        rec: dict[str, Any] = client.call("POST", "/v1/migrations",
-                                          {"vm": vm, "target": run.target})
+        request: dict[str, Any] = {"vm": vm, "target": run.target}
+        if args.ferry_policy:
+            request["options"] = {"policy": args.ferry_policy}
+        rec: dict[str, Any] = client.call("POST", "/v1/migrations", request)
         for event in client.events(f"/v1/migrations/{rec['id']}/events"):
             rec = event
             if Phase(rec["phase"]).terminal:
@@ -126,6 +136,9 @@ def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: 
             raise FerryError(f"migration {rec['phase']}: {rec['reason']}")
         run.downtime_ms, run.sent_bytes = rec["downtime_ms"], rec["transferred_bytes"]
         run.qemu_total_ms = rec["total_ms"]
+        run.ferry_levers = list(dict.fromkeys(a["kind"] for a in rec.get("actions", ())))
+        run.throttle_pct = rec.get("throttle_pct", 0)
+        run.downtime_limit_ms = rec.get("downtime_limit_ms")
         if not rec["total_ms"]:  # Ferry read QEMU's stats too early: downtime not measured
             run.late_stats, run.downtime_ms = True, None
         times = rec["phase_times"]
@@ -235,7 +248,8 @@ async def raw_run(config: LabConfig, args: argparse.Namespace, run: Run, workdir
             await mon.close()
         await src_proc.kill()
         await dst_proc.kill()
-        shutil.rmtree(base, ignore_errors=True)
+        if run.ok:  # a failed run keeps its serial and QEMU logs (in the kept lab dir)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 # --- the benchmark ----------------------------------------------------------------
@@ -250,7 +264,8 @@ def attempt(run: Run, body: Callable[[], object]) -> Run:
     print(f"  {run.kind:5} rate={run.rate:<3} #{run.index} {run.source}->{run.target}: "
           f"wall {wall}, downtime {run.downtime_ms} ms, "
           f"{(run.sent_bytes or 0) / MIB:.0f} MiB, seq {run.seq_before}->{run.seq_after}, "
-          f"errors {run.integrity_errors}; {status}", flush=True)
+          f"errors {run.integrity_errors}; {status}"
+          + (f"; levers {run.ferry_levers}" if run.ferry_levers else ""), flush=True)
     return run
 
 
@@ -286,11 +301,11 @@ def pairs(runs: list[Run], rate: int | None = None) -> list[tuple[Run, Run]]:
             and (rate is None or r.rate == rate)]
 
 
-def ratios(ps: list[tuple[Run, Run]]) -> list[float]:
+def ratios(ps: list[tuple[Run, Run]]) -> list[float]:  # wall, Ferry / raw
     return [f.wall_s / r.wall_s for f, r in ps if f.wall_s and r.wall_s]
 
 
-def deltas(ps: list[tuple[Run, Run]]) -> list[float]:
+def deltas(ps: list[tuple[Run, Run]]) -> list[float]:  # downtime, Ferry - raw
     return [f.downtime_ms - r.downtime_ms for f, r in ps
             if f.downtime_ms is not None and r.downtime_ms is not None]
 
@@ -338,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", type=int, default=256, help="guest memory in MiB")
     p.add_argument("--probe-mib", type=int, default=128,
                    help="memory the probe dirties and checks (at most ~memory-72)")
+    p.add_argument("--ferry-policy", choices=("ferry", "nova", "qemu"),
+                   help="override Ferry's convergence policy (default: the cluster's)")
     p.add_argument("--lab-dir", type=Path, help="lab directory (default: a fresh temp dir)")
     p.add_argument("--json", type=Path, help="write per-run results and medians here")
     args = p.parse_args(argv)
@@ -374,7 +391,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.rates} MiB/s, {args.runs} runs each, {args.memory} MiB guest, "
               f"probe {args.probe_mib} MiB", flush=True)
         runs = benchmark(config, args)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): no results", file=sys.stderr)
+        return 130
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not stop teardown
+            signal.signal(sig, signal.SIG_IGN)
         print("tearing the lab down", flush=True)
         cluster.down(config)
         failed = any(not r.ok for r in runs) or not runs
@@ -395,11 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table + "\n")
     print("where the time goes (medians over all rates):\n" + steps)
     failures = sum(1 for r in runs if not r.ok)
-    for kind in ("ferry", "raw"):
-        if late := sum(1 for r in runs if r.kind == kind and r.late_stats):
-            print(f"{kind}: {late} runs read query-migrate 'completed' before QEMU had set "
-                  "total-time/downtime (0)" + (", downtime left out" if kind == "ferry" else
-                                               ", re-queried after the clock"))
+    late = {k: sum(1 for r in runs if r.kind == k and r.late_stats) for k in ("ferry", "raw")}
+    if any(late.values()):
+        print(f"query-migrate said 'completed' before QEMU had set total-time/downtime in "
+              f"{late['ferry']} Ferry runs (downtime left out) and {late['raw']} raw runs "
+              "(re-queried after the clock)")
     if failures:
         print(f"{failures} of {len(runs)} runs FAILED (left out of the medians)")
     print("wall_ratio and downtime_delta_ms: medians over all Ferry/raw run pairs")

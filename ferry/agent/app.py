@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from ferry.agent.host import HostRuntime
 from ferry.agent.models import (
     CreateVm,
+    DiskMirrors,
     ImageRef,
     IncomingReady,
     MirrorRequest,
@@ -70,8 +71,24 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/incoming")
     async def prepare_incoming(body: PrepareIncoming) -> IncomingReady:
-        return IncomingReady(uri=await host.prepare_incoming(body.migration_id, body.spec,
-                                                             body.options))
+        return await host.prepare_incoming(body.migration_id, body.spec, body.options,
+                                           body.new_disks)
+
+    @app.post("/v1/vms/{name}/incoming/finish-storage", status_code=204)
+    async def finish_incoming_storage(name: str, body: DiskMirrors) -> None:
+        await host.finish_incoming_storage(name, body.disks)
+
+    @app.post("/v1/vms/{name}/disk-mirrors")
+    async def start_disk_mirrors(name: str, body: DiskMirrors) -> list[MirrorProgress]:
+        return await host.start_disk_mirrors(name, body)
+
+    @app.post("/v1/vms/{name}/disk-mirrors/progress")
+    async def disk_mirrors(name: str, body: DiskMirrors) -> list[MirrorProgress]:
+        return await host.disk_mirrors(name, body)
+
+    @app.post("/v1/vms/{name}/disk-mirrors/stop", status_code=204)
+    async def stop_disk_mirrors(name: str, body: DiskMirrors) -> None:
+        await host.stop_disk_mirrors(name, body)
 
     @app.post("/v1/vms/{name}/migrate", status_code=202)
     async def start_outgoing(name: str, body: StartOutgoing) -> dict[str, str]:

@@ -13,9 +13,11 @@ from pydantic import BaseModel, TypeAdapter
 
 from ferry.agent.models import (
     CreateVm,
+    DiskMirrors,
     ImageRef,
     IncomingReady,
     MirrorRequest,
+    NewDisk,
     PrepareIncoming,
     SerialTail,
     StartOutgoing,
@@ -91,13 +93,33 @@ class AgentClient:
         tail = await self._call("GET", f"/v1/vms/{name}/serial", SerialTail, lines=lines)
         return list(tail.lines)
 
-    async def prepare_incoming(self, migration_id: str, spec: VmSpec,
-                               options: StreamOptions) -> str:
-        ready = await self._call("POST", "/v1/incoming", IncomingReady,
-                                 PrepareIncoming(migration_id=migration_id, spec=spec,
-                                                 options=options),
-                                 timeout_s=60.0)
-        return ready.uri
+    async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
+                               new_disks: tuple[NewDisk, ...] = ()) -> IncomingReady:
+        return await self._call("POST", "/v1/incoming", IncomingReady,
+                                PrepareIncoming(migration_id=migration_id, spec=spec,
+                                                options=options, new_disks=new_disks),
+                                timeout_s=600.0)
+
+    async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
+        await self._call("POST", f"/v1/vms/{name}/incoming/finish-storage", TypeAdapter(None),
+                         DiskMirrors(migration_id="", disks=disks))
+
+    async def start_disk_mirrors(self, name: str, migration_id: str, nbd: str,
+                                 disks: tuple[str, ...]) -> list[MirrorProgress]:
+        return await self._call("POST", f"/v1/vms/{name}/disk-mirrors",
+                                TypeAdapter(list[MirrorProgress]),
+                                DiskMirrors(migration_id=migration_id, nbd=nbd, disks=disks))
+
+    async def disk_mirrors(self, name: str, migration_id: str, disks: tuple[str, ...]
+                           ) -> list[MirrorProgress]:
+        return await self._call("POST", f"/v1/vms/{name}/disk-mirrors/progress",
+                                TypeAdapter(list[MirrorProgress]),
+                                DiskMirrors(migration_id=migration_id, disks=disks))
+
+    async def stop_disk_mirrors(self, name: str, migration_id: str, disks: tuple[str, ...]
+                                ) -> None:
+        await self._call("POST", f"/v1/vms/{name}/disk-mirrors/stop", TypeAdapter(None),
+                         DiskMirrors(migration_id=migration_id, disks=disks), timeout_s=90.0)
 
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
                              options: StreamOptions, downtime_ms: int) -> None:

@@ -102,3 +102,63 @@ def check_disk_target(spec: VmSpec, target: DiskSpec) -> DiskSpec:
     if current is None:
         raise InvalidInput(f"VM {spec.name} has no disk {target.name}")
     return current
+
+
+def nbd_job_id(migration_id: str, disk: str) -> str:
+    return f"mig-{migration_id[:8]}-{disk}"
+
+
+async def export_disks(monitor: Monitor, address: str, port: int,
+                       disks: tuple[str, ...]) -> None:
+    """Serve the incoming VM's (still inactive) disks over NBD for the source to fill."""
+    await monitor.execute("nbd-server-start", {
+        "addr": {"type": "inet", "data": {"host": address, "port": str(port)}}})
+    for disk in disks:
+        await monitor.execute("block-export-add", {
+            "type": "nbd", "id": f"exp-{disk}", "node-name": f"disk-{disk}",
+            "name": disk, "writable": True})
+
+
+async def unexport_disks(monitor: Monitor, disks: tuple[str, ...]) -> None:
+    for disk in disks:
+        try:
+            await monitor.execute("block-export-del", {"id": f"exp-{disk}"})
+        except MonitorError as exc:
+            if "not found" not in str(exc).lower():
+                raise
+    try:
+        await monitor.execute("nbd-server-stop")
+    except MonitorError as exc:
+        if "not running" not in str(exc).lower():
+            raise
+
+
+async def start_nbd_mirrors(monitor: Monitor, migration_id: str, nbd: str,
+                            disks: tuple[str, ...]) -> None:
+    host, _, port = nbd.rpartition(":")
+    for disk in disks:
+        job_id = nbd_job_id(migration_id, disk)
+        if not (await blockjobs.job(monitor, job_id)).missing:
+            continue  # already mirroring (asked again after a restart)
+        source = await blockjobs.disk_nodes(monitor, disk)
+        await monitor.execute("blockdev-add", {
+            "driver": "nbd", "node-name": f"nbd-{disk}", "export": disk,
+            "server": {"type": "inet", "host": host, "port": port}})
+        await blockjobs.start_mirror(monitor, job_id, source.format_node, f"nbd-{disk}")
+
+
+async def nbd_mirrors(monitor: Monitor, migration_id: str,
+                      disks: tuple[str, ...]) -> list[MirrorProgress]:
+    return [await blockjobs.job(monitor, nbd_job_id(migration_id, d)) for d in disks]
+
+
+async def stop_nbd_mirrors(monitor: Monitor, migration_id: str,
+                           disks: tuple[str, ...]) -> None:
+    """Cancel the mirrors (a ready mirror ends in sync) and drop the NBD client nodes."""
+    for disk in disks:
+        job_id = nbd_job_id(migration_id, disk)
+        state = await blockjobs.job(monitor, job_id)
+        if not state.missing and state.status != "concluded":
+            await monitor.execute("job-cancel", {"id": job_id})
+        await blockjobs.wait_concluded(monitor, job_id, PIVOT_TIMEOUT_S)
+        await blockjobs.remove_nodes(monitor, f"nbd-{disk}")

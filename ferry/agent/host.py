@@ -15,9 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferry.agent.config import AgentConfig
-from ferry.agent.disks import DiskOps, check_disk_target
+from ferry.agent.disks import (
+    DiskOps,
+    check_disk_target,
+    export_disks,
+    nbd_mirrors,
+    start_nbd_mirrors,
+    stop_nbd_mirrors,
+    unexport_disks,
+)
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
-from ferry.agent.models import RUNSTATES, AgentVmState, Tune, VmInfo
+from ferry.agent.models import (
+    RUNSTATES,
+    AgentVmState,
+    DiskMirrors,
+    IncomingReady,
+    NewDisk,
+    Tune,
+    VmInfo,
+)
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.probe import last_heartbeat
@@ -26,6 +42,7 @@ from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.hypervisor import blockjobs
 from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
 from ferry.hypervisor.errors import MonitorError, NotRunning
+from ferry.hypervisor.images import create_image
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
 
@@ -220,24 +237,70 @@ class HostRuntime:
         return await self.info(name)
 
     # --- migration: destination side -----------------------------------------
-    async def prepare_incoming(self, migration_id: str, spec: VmSpec,
-                               options: StreamOptions) -> str:
-        """Start QEMU with -incoming defer and listen; return the URI to send to."""
-        rec = await self._launch(spec, incoming=True)
+    async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
+                               new_disks: tuple[NewDisk, ...] = ()) -> IncomingReady:
+        """Start QEMU with -incoming defer and listen; return where to send memory (and,
+        without shared storage, the NBD server exporting the freshly created disks)."""
+        created = await self._create_disks(new_disks)
+        try:
+            rec = await self._launch(spec, incoming=True)
+        except Exception:
+            for disk in created:
+                self.disks.delete(disk)
+            raise
         rec.migration_id = migration_id
         assert rec.monitor is not None
         address = self.config.migration_address or self.config.listen_host
+        nbd = None
         try:
             # Both ends must agree on these before the stream starts.
             await rec.monitor.set_migration_capabilities(stream_capabilities(options, False))
             await rec.monitor.set_migration_parameters(stream_parameters(options))
-            port = free_port(address)
-            uri = f"tcp:{address}:{port}"
+            if new_disks:
+                nbd_port = free_port(address)
+                await export_disks(rec.monitor, address, nbd_port,
+                                   tuple(d.disk.name for d in new_disks))
+                nbd = f"{address}:{nbd_port}"
+            uri = f"tcp:{address}:{free_port(address)}"
             await rec.monitor.migrate_incoming(uri)
         except Exception:
             await self.stop(spec.name, force=True)
+            for disk in created:
+                self.disks.delete(disk)
             raise
-        return uri
+        return IncomingReady(uri=uri, nbd=nbd)
+
+    async def _create_disks(self, new_disks: tuple[NewDisk, ...]) -> list[DiskSpec]:
+        created: list[DiskSpec] = []
+        try:
+            for new in new_disks:
+                path = self.disks.path(new.disk)
+                if path.exists():
+                    raise Conflict(f"{new.disk.datastore}:{new.disk.path} already exists "
+                                   f"on {self.config.name}", "remove it or pick another path")
+                await create_image(path, new.disk.format, new.size, new.disk.provisioning)
+                created.append(new.disk)
+        except Exception:
+            for disk in created:
+                self.disks.delete(disk)
+            raise
+        return created
+
+    async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
+        await unexport_disks(_running_monitor(self._get(name), self.config.name), disks)
+
+    async def start_disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
+        monitor = _running_monitor(self._get(name), self.config.name)
+        await start_nbd_mirrors(monitor, req.migration_id, req.nbd, req.disks)
+        return await nbd_mirrors(monitor, req.migration_id, req.disks)
+
+    async def disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
+        monitor = _running_monitor(self._get(name), self.config.name)
+        return await nbd_mirrors(monitor, req.migration_id, req.disks)
+
+    async def stop_disk_mirrors(self, name: str, req: DiskMirrors) -> None:
+        monitor = _running_monitor(self._get(name), self.config.name)
+        await stop_nbd_mirrors(monitor, req.migration_id, req.disks)
 
     # --- migration: source side ------------------------------------------------
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
@@ -292,7 +355,14 @@ class HostRuntime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rec.monitor.migration_events.get(), wait_s)
             rec.monitor.migration_events.clear()
-        return await rec.monitor.query_migrate()
+        progress = await rec.monitor.query_migrate()
+        for _ in range(100):
+            # QEMU says 'completed' a moment before it fills in total-time and downtime.
+            if progress.status is not SourceStatus.COMPLETED or progress.elapsed_ms > 0:
+                break
+            await asyncio.sleep(0.01)
+            progress = await rec.monitor.query_migrate()
+        return progress
 
     # --- disks -------------------------------------------------------------------
     async def image(self, disk: DiskSpec) -> ImageInfo | None:

@@ -58,14 +58,31 @@ class CreateVm(Frozen):
     paused: bool = False
 
 
+class NewDisk(Frozen):
+    """An empty image the destination creates and fills over NBD (no shared storage)."""
+
+    disk: DiskSpec
+    size: int
+
+
 class PrepareIncoming(Frozen):
     migration_id: str
     spec: VmSpec
     options: StreamOptions = Field(default_factory=StreamOptions)
+    new_disks: tuple[NewDisk, ...] = ()
 
 
 class IncomingReady(Frozen):
     uri: str
+    nbd: str | None = None  # host:port of the NBD server exporting the new disks
+
+
+class DiskMirrors(Frozen):
+    """Mirror a VM's disks to the destination's NBD exports, for a migration."""
+
+    migration_id: str
+    nbd: str = ""
+    disks: tuple[str, ...]
 
 
 class StartOutgoing(Frozen):

@@ -109,11 +109,11 @@ def create_app(control: ControlPlane) -> FastAPI:
     @app.post("/v1/migrations", status_code=202)
     async def migrate(body: MigrateRequest) -> MigrationRecord:
         options = await control.migrations.options_for(body.options)
-        return await control.migrations.start(body.vm, body.target, options)
+        return await control.migrations.start(body.vm, body.target, options, body.datastore)
 
     @app.post("/v1/migrations/check")
     async def check(body: MigrateRequest) -> CheckResult:
-        refusals = await control.migrations.check(body.vm, body.target)
+        refusals = await control.migrations.check(body.vm, body.target, body.datastore)
         return CheckResult(vm=body.vm, target=body.target, ok=not refusals,
                            refusals=tuple(refusals))
 

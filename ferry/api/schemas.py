@@ -28,6 +28,8 @@ class MigrateRequest(Frozen):
     target: str
     # Overrides of the cluster's defaults (`GET /v1/policy`), field by field.
     options: dict[str, Any] | None = None
+    # Move the disks too, onto this datastore of the target (no shared storage needed).
+    datastore: str | None = None
 
 
 class CheckResult(Frozen):

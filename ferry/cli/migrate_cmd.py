@@ -48,7 +48,11 @@ def stage_table(rec: dict[str, Any]) -> Table:
             state, detail = "[cyan]running[/]", ""
         else:
             state, detail = "[green]done[/]", ""
-        if stage is Phase.PRECOPY and stage.value in times:
+        if stage is Phase.PRECOPY and stage.value in times and rec.get("target_disks") \
+                and not rec["iterations"]:
+            detail = (f"disks: {mib(rec['disk_copied_bytes'])} of "
+                      f"{mib(rec['disk_total_bytes'])} MiB copied")
+        elif stage is Phase.PRECOPY and stage.value in times:
             its = rec["iterations"]
             last = its[-1] if its else {}
             detail = (f"pass {last.get('number', 0)}, "
@@ -105,13 +109,16 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         max_throttle: ThrottleOpt = None, throttle: AllowThrottleOpt = None,
         allow_postcopy: PostcopyOpt = None, multifd: MultifdOpt = None,
         compress: CompressOpt = None,
+        datastore: Annotated[str | None, typer.Option(
+            help="move the disks too, onto this datastore of the target host")] = None,
         url: UrlOpt = None, json_out: JsonOpt = False,
     ) -> None:
         """Live-migrate a running VM to another host (vMotion). Options not given come
         from the cluster's policy (`ferry policy show`)."""
         client = Client(resolve_url(url))
         if check_only:
-            result = client.call("POST", "/v1/migrations/check", {"vm": name, "target": host})
+            result = client.call("POST", "/v1/migrations/check",
+                                 {"vm": name, "target": host, "datastore": datastore})
             if json_out:
                 print_json(result)
             elif result["ok"]:
@@ -123,7 +130,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         options = overrides(policy, max_downtime, bandwidth, budget, max_throttle, throttle,
                             allow_postcopy, multifd, compress)
         rec = client.call("POST", "/v1/migrations",
-                          {"vm": name, "target": host, "options": options})
+                          {"vm": name, "target": host, "options": options,
+                           "datastore": datastore})
         if no_wait:
             print_json(rec) if json_out else print(rec["id"])
             return

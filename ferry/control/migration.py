@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from ferry.agent.client import AgentClient
 from ferry.agent.models import AgentVmState, Tune, VmInfo
+from ferry.control import migration_storage as storage
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
@@ -85,21 +86,28 @@ class Orchestrator:
         self._cluster = asyncio.Semaphore(CLUSTER_LIMIT)
 
     # --- requests ----------------------------------------------------------------
-    async def check(self, vm_name: str, target: str) -> list[Refusal]:
+    async def check(self, vm_name: str, target: str,
+                    datastore: str | None = None) -> list[Refusal]:
+        """Every reason the VM cannot go to `target` (with its disks moved onto
+        `datastore` there, when given)."""
         vm = await self.store.vm(vm_name)
         await self.store.host(target)  # NotFound names the known hosts
         snaps = await self.inventory.snapshots(exclude_vm=vm_name)
         snap = next(s for s in snaps if s.name == target)
-        return check_migration(vm.spec, vm.host, snap)
+        spec = vm.spec
+        if datastore is not None:
+            spec = spec.model_copy(update={"disks": storage.target_disks(spec, datastore)})
+        return check_migration(spec, vm.host, snap)
 
     async def options_for(self, overrides: Mapping[str, object] | None) -> StreamOptions:
         """The cluster's defaults with a migration's overrides; InvalidInput if bad."""
         defaults = await self.store.migration_defaults()
         return merge_options(defaults, overrides)
 
-    async def start(self, vm_name: str, target: str,
-                    options: StreamOptions | None = None) -> MigrationRecord:
-        """Persist a migration, run CHECKING now, and go on in the background."""
+    async def start(self, vm_name: str, target: str, options: StreamOptions | None = None,
+                    datastore: str | None = None) -> MigrationRecord:
+        """Persist a migration, run CHECKING now, and go on in the background. With
+        `datastore`, the disks move too, onto that datastore of the target."""
         vm = await self.store.vm(vm_name)
         active = [m for m in await self.store.migrations(unfinished_only=True)
                   if m.vm == vm_name]
@@ -120,10 +128,10 @@ class Orchestrator:
         rec = await self.store.add_migration(MigrationRecord(
             id=uuid.uuid4().hex[:12], vm=vm_name, source=vm.host, target=target,
             phase=Phase.PENDING, options=options or await self.options_for(None),
-            created_at=now,
-            phase_times={Phase.PENDING.value: now}))
+            created_at=now, phase_times={Phase.PENDING.value: now},
+            target_disks=storage.target_disks(vm.spec, datastore) if datastore else ()))
         rec = await self._enter(rec, Phase.CHECKING)
-        refusals = await self.check(vm_name, target)
+        refusals = await self.check(vm_name, target, datastore)
         if refusals:
             reason = "; ".join(r.message for r in refusals)
             rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
@@ -237,17 +245,31 @@ class Orchestrator:
             self._check_cancel(rec.id)
             rec = await self._enter(rec, Phase.PREPARING_TARGET)
             vm = await self.store.vm(rec.vm)
-            uri = await target.prepare_incoming(rec.id, vm.spec, rec.options)
+            disks = await storage.new_disks(source, vm.spec, rec) if rec.target_disks else ()
+            ready = await target.prepare_incoming(
+                rec.id, storage.target_spec(vm.spec, rec), rec.options, disks)
             self._check_cancel(rec.id)
             downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
-            rec = await self._enter(rec, Phase.PRECOPY, dest_uri=uri,
+            rec = await self._enter(rec, Phase.PRECOPY, dest_uri=ready.uri, nbd=ready.nbd,
                                     downtime_limit_ms=downtime)
-            await source.start_outgoing(rec.vm, rec.id, uri, rec.options, downtime)
+            if rec.target_disks:
+                await self._copy_disks(rec, source)
+            await source.start_outgoing(rec.vm, rec.id, ready.uri, rec.options, downtime)
         if rec.phase is Phase.PRECOPY:
             rec = await self._precopy(rec, source, target)
         if rec.phase is Phase.SWITCHOVER:
             rec = await self._switchover(rec, source, target)
         return rec
+
+    async def _copy_disks(self, rec: MigrationRecord, source: AgentClient) -> None:
+        async def report(copied: int, total: int) -> None:
+            await self.store.update_migration(rec.id, disk_copied_bytes=copied,
+                                              disk_total_bytes=total)
+            await self.bus.changed(rec.id)
+        try:
+            await storage.copy_disks(rec, source, report, self._cancel[rec.id].is_set)
+        except storage.DiskCopyFailed as exc:
+            raise RollBack(str(exc)) from None
 
     def _check_cancel(self, migration_id: str) -> None:
         if self._cancel[migration_id].is_set():
@@ -366,7 +388,14 @@ class Orchestrator:
 
     async def _finish(self, rec: MigrationRecord, source: AgentClient) -> MigrationRecord:
         """The destination runs: record that first, then tear the source down."""
-        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING)
+        vm = await self.store.vm(rec.vm)
+        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING,
+                                   spec=storage.target_spec(vm.spec, rec))
+        if rec.target_disks:
+            target = (await self._clients(rec))[1]
+            problems = await storage.finish(rec, source, target, vm.spec.disks)
+            return await self._enter(rec, Phase.COMPLETED,
+                                     reason="; ".join(problems) or None)
         rec = await self._enter(rec, Phase.COMPLETED)
         try:
             await source.stop_vm(rec.vm, force=True)
@@ -415,6 +444,8 @@ class Orchestrator:
                 pass
             except FerryError:
                 dest_gone = False  # unreachable: its QEMU exits once the stream breaks
+            if rec.target_disks and dest_gone:
+                await storage.undo(rec, source, target)
             src = await source.vm(rec.vm)
             if dest_gone and src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
                 await source.resume_vm(rec.vm)

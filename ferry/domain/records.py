@@ -6,7 +6,7 @@ from pydantic import Field
 
 from ferry.domain.inventory import HostState, VmState
 from ferry.domain.migration import Iteration, Phase, StreamOptions
-from ferry.domain.specs import Frozen, HostFacts, VmSpec
+from ferry.domain.specs import DiskSpec, Frozen, HostFacts, VmSpec
 
 
 class HostRecord(Frozen):
@@ -67,6 +67,12 @@ class MigrationRecord(Frozen):
     throttle_pct: int = 0
     postcopy_started: bool = False
     actions: tuple[ActionRecord, ...] = ()
+    # Without shared storage: the VM's disks as they will be on the target, the NBD
+    # server there, and the copy's progress.
+    target_disks: tuple[DiskSpec, ...] = ()
+    nbd: str | None = None
+    disk_copied_bytes: int = 0
+    disk_total_bytes: int = 0
 
     @property
     def levers(self) -> list[str]:
