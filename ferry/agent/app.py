@@ -114,7 +114,7 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/vms/{name}/mirror")
     async def start_mirror(name: str, body: MirrorRequest) -> MirrorProgress:
-        return await host.start_mirror(name, body.job_id, body.target)
+        return await host.start_mirror(name, body.job_id, body.target, body.speed_bytes_s)
 
     @app.get("/v1/vms/{name}/mirror/{job_id}")
     async def mirror(name: str, job_id: str) -> MirrorProgress:

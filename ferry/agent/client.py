@@ -146,9 +146,11 @@ class AgentClient:
                                ImageRef(disk=disk))
         return out["deleted"]
 
-    async def start_mirror(self, name: str, job_id: str, target: DiskSpec) -> MirrorProgress:
+    async def start_mirror(self, name: str, job_id: str, target: DiskSpec,
+                           speed_bytes_s: int = 0) -> MirrorProgress:
         return await self._call("POST", f"/v1/vms/{name}/mirror", MirrorProgress,
-                                MirrorRequest(job_id=job_id, target=target), timeout_s=600.0)
+                                MirrorRequest(job_id=job_id, target=target,
+                                              speed_bytes_s=speed_bytes_s), timeout_s=600.0)
 
     async def mirror(self, name: str, job_id: str) -> MirrorProgress:
         return await self._call("GET", f"/v1/vms/{name}/mirror/{job_id}", MirrorProgress)

@@ -44,7 +44,7 @@ class DiskOps:
         return existed
 
     async def start_mirror(self, monitor: Monitor, spec: VmSpec, job_id: str,
-                           target: DiskSpec) -> MirrorProgress:
+                           target: DiskSpec, speed_bytes_s: int = 0) -> MirrorProgress:
         """Create the target image and mirror the live disk into it."""
         if target.name not in {d.name for d in spec.disks}:
             raise NotFound(f"VM {spec.name} has no disk {target.name}")
@@ -60,7 +60,8 @@ class DiskOps:
         file_node, fmt_node = target_nodes(target.name, job_id)
         try:
             await blockjobs.add_image(monitor, file_node, fmt_node, str(path), target.format)
-            await blockjobs.start_mirror(monitor, job_id, nodes.format_node, fmt_node)
+            await blockjobs.start_mirror(monitor, job_id, nodes.format_node, fmt_node,
+                                         speed_bytes_s)
         except Exception:
             await blockjobs.remove_nodes(monitor, fmt_node, file_node)
             path.unlink(missing_ok=True)

@@ -377,12 +377,13 @@ class HostRuntime:
             raise Conflict(f"{disk.datastore}:{disk.path} is in use by VM {in_use[0]}")
         return self.disks.delete(disk)
 
-    async def start_mirror(self, name: str, job_id: str, target: DiskSpec) -> MirrorProgress:
+    async def start_mirror(self, name: str, job_id: str, target: DiskSpec,
+                           speed_bytes_s: int = 0) -> MirrorProgress:
         rec = self._get(name)
         check_disk_target(rec.spec, target)
         async with rec.lock:
             return await self.disks.start_mirror(_running_monitor(rec, self.config.name),
-                                                 rec.spec, job_id, target)
+                                                 rec.spec, job_id, target, speed_bytes_s)
 
     async def mirror(self, name: str, job_id: str) -> MirrorProgress:
         rec = self._get(name)

@@ -115,6 +115,7 @@ class MirrorRequest(Frozen):
 
     job_id: str
     target: DiskSpec
+    speed_bytes_s: int = Field(default=0, ge=0)
 
 
 class ImageRef(Frozen):

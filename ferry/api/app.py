@@ -151,7 +151,7 @@ def create_app(control: ControlPlane) -> FastAPI:
     async def relocate(body: RelocateRequest) -> RelocationRecord:
         return await control.relocations.start(
             body.vm, body.datastore, body.disk, body.format, body.provisioning, body.path,
-            body.keep_source)
+            body.keep_source, body.bandwidth_bytes_s)
 
     @app.get("/v1/relocations")
     async def relocations() -> list[RelocationRecord]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from ferry.agent.models import VmInfo
 from ferry.domain.compat import Refusal
 from ferry.domain.inventory import VmState
@@ -51,3 +53,4 @@ class RelocateRequest(Frozen):
     provisioning: Provisioning | None = None
     path: str | None = None
     keep_source: bool = False
+    bandwidth_bytes_s: int = Field(default=0, ge=0)

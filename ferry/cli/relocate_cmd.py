@@ -10,6 +10,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from ferry.cli.client import Client, resolve_url
 from ferry.cli.output import console, print_json, table
+from ferry.domain.units import parse_rate
 
 relocation_app = typer.Typer(help="Disk moves (Storage vMotion): list, show, cancel.",
                              no_args_is_help=True)
@@ -66,6 +67,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         path: Annotated[str | None, typer.Option(help="image path inside the datastore "
                                                  "(default VM/DISK.FORMAT)")] = None,
         keep_source: Annotated[bool, typer.Option(help="keep the old image")] = False,
+        bandwidth: Annotated[str | None, typer.Option(
+            help="cap the copy, e.g. 50MiB (per second), to spare the storage")] = None,
         no_wait: Annotated[bool, typer.Option("--no-wait", help="print the id and return")
                            ] = False,
         url: UrlOpt = None, json_out: JsonOpt = False,
@@ -74,7 +77,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         client = Client(resolve_url(url))
         rec = client.call("POST", "/v1/relocations", {
             "vm": name, "datastore": datastore, "disk": disk, "format": fmt,
-            "provisioning": provisioning, "path": path, "keep_source": keep_source})
+            "provisioning": provisioning, "path": path, "keep_source": keep_source,
+            "bandwidth_bytes_s": parse_rate(bandwidth) if bandwidth else 0})
         if no_wait:
             print_json(rec) if json_out else print(rec["id"])
             return

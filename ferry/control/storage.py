@@ -47,7 +47,8 @@ class Relocator:
 
     async def start(self, vm_name: str, datastore: str, disk: str | None = None,
                     fmt: DiskFormat | None = None, provisioning: Provisioning | None = None,
-                    path: str | None = None, keep_source: bool = False) -> RelocationRecord:
+                    path: str | None = None, keep_source: bool = False,
+                    speed_bytes_s: int = 0) -> RelocationRecord:
         vm = await self.store.vm(vm_name)
         if vm.state is not VmState.RUNNING:
             raise Conflict(f"VM {vm_name} is {vm.state}; a live disk move needs it running",
@@ -66,7 +67,8 @@ class Relocator:
         rec = await self.store.add_relocation(RelocationRecord(
             id=uuid.uuid4().hex[:12], vm=vm_name, host=vm.host, disk=current.name,
             source=current, target=target, phase=RelocationPhase.PENDING,
-            keep_source=keep_source, created_at=now, phase_times={"pending": now}))
+            keep_source=keep_source, speed_bytes_s=speed_bytes_s, created_at=now,
+            phase_times={"pending": now}))
         rec = await self._enter(rec, RelocationPhase.CHECKING)
         try:
             reasons = await self._check(rec)
@@ -168,7 +170,7 @@ class Relocator:
 
     async def _copy(self, rec: RelocationRecord, agent: AgentClient) -> RelocationRecord:
         began = time.monotonic()
-        await agent.start_mirror(rec.vm, rec.id, rec.target)
+        await agent.start_mirror(rec.vm, rec.id, rec.target, rec.speed_bytes_s)
         while True:
             if self._cancel[rec.id].is_set():
                 raise RollBack("cancelled by the user")

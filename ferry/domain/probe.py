@@ -27,6 +27,8 @@ class Heartbeat(BaseModel):
     pages_written: int
     mem_errors: int
     disk_errors: int
+    disk_written: int = 0  # disk blocks (4 KiB) rewritten since start
+    disk_passes: int = 0  # full verify passes over the probe's disk region
 
     @property
     def integrity_errors(self) -> int:
@@ -44,7 +46,8 @@ def parse_heartbeat(line: str) -> Heartbeat | None:
         values[key] = int(value)
     if not all(f in values for f in _FIELDS):
         return None
-    return Heartbeat(**{f: values[f] for f in _FIELDS})
+    extra = {k: values[k] for k in ("disk_written", "disk_passes") if k in values}
+    return Heartbeat(**{f: values[f] for f in _FIELDS}, **extra)
 
 
 def heartbeats(lines: Iterable[str]) -> list[Heartbeat]:

@@ -88,6 +88,7 @@ class RelocationRecord(Frozen):
     target: DiskSpec
     phase: RelocationPhase
     keep_source: bool = False
+    speed_bytes_s: int = 0  # cap for the background copy (0: as fast as it goes)
     reason: str | None = None
     created_at: float
     phase_times: dict[str, float] = Field(default_factory=dict)

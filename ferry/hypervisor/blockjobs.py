@@ -66,9 +66,10 @@ async def remove_nodes(monitor: Monitor, *nodes: str) -> None:
 
 
 async def start_mirror(monitor: Monitor, job_id: str, source_node: str,
-                       target_node: str) -> None:
+                       target_node: str, speed_bytes_s: int = 0) -> None:
     await monitor.execute("blockdev-mirror", {
         "job-id": job_id, "device": source_node, "target": target_node, "sync": "full",
+        "speed": speed_bytes_s,
         # Guest writes go to both images synchronously: the copy converges for any
         # write rate, at the price of write latency during the move.
         "copy-mode": "write-blocking", "auto-dismiss": False})

@@ -96,7 +96,9 @@ def agent_config(config: LabConfig, host: str) -> AgentConfig:
         datastores=(DatastoreConfig(name="shared", path=str(config.shared_datastore),
                                     shared=True),
                     DatastoreConfig(name=f"local-{host}",
-                                    path=str(config.local_datastore(host)))),
+                                    path=str(config.local_datastore(host))))
+        + ((DatastoreConfig(name="small", path=str(config.small_datastore), shared=True),)
+           if config.small_datastore_mib else ()),
         networks=(NETWORK,))
 
 
@@ -200,6 +202,7 @@ def up(config: LabConfig) -> LabStatus:
     config.config_file.write_text(config.model_dump_json(indent=2))
     install_guest_image(config)
     try:
+        mount_small_datastore(config)
         net.create(config)
         if _alive_pid(_pidfile(config, "control")) is None:
             start_control(config)
@@ -222,6 +225,7 @@ def down(config: LabConfig) -> list[str]:
     for pid, argv0 in processes_of(config.directory):
         kill_pid(pid, grace_s=2.0)
         removed.append(f"process {pid} ({Path(argv0).name})")
+    removed += [f"mount {m}" for m in unmount_all(config.directory)]
     if net.exists(config):
         removed.append(f"bridge {config.bridge}")
     net.destroy(config)
@@ -240,3 +244,28 @@ def status(config: LabConfig) -> LabStatus:
         agent_pids={h.name: _alive_pid(_pidfile(config, f"agent-{h.name}"))
                     for h in config.hosts},
         qemu_pids=qemus)
+
+
+def mount_small_datastore(config: LabConfig) -> None:
+    """A tmpfs of small_datastore_mib: a datastore that really runs out of space."""
+    if not config.small_datastore_mib:
+        return
+    path = config.small_datastore
+    path.mkdir(parents=True, exist_ok=True)
+    if str(path) in _mounts():
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={config.small_datastore_mib}m",
+                    "ferry-small", str(path)], check=True, capture_output=True, timeout=30)
+
+
+def _mounts() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f]
+
+
+def unmount_all(directory: Path) -> list[str]:
+    """Unmount everything mounted under the lab directory (deepest first)."""
+    inside = sorted((m for m in _mounts() if m.startswith(f"{directory}/")), reverse=True)
+    for mount in inside:
+        subprocess.run(["umount", "-l", mount], capture_output=True, timeout=30)
+    return inside

@@ -26,6 +26,9 @@ class LabConfig(Frozen):
     subnet_octet: int = Field(default=210, ge=1, le=254)  # 10.<octet>.0.0/24
     control_port: int = Field(default=8700, ge=1024, le=65535)
     hosts: tuple[LabHost, ...]
+    # A size-limited datastore "small" (tmpfs) seen by every host, for tests of a full
+    # datastore; 0 = none.
+    small_datastore_mib: int = Field(default=0, ge=0, le=65536)
 
     @model_validator(mode="after")
     def _sane(self) -> LabConfig:
@@ -83,6 +86,10 @@ class LabConfig(Frozen):
     @property
     def shared_datastore(self) -> Path:
         return self.directory / "datastores" / "shared"
+
+    @property
+    def small_datastore(self) -> Path:
+        return self.directory / "datastores" / "small"
 
     def local_datastore(self, host: str) -> Path:
         return self.directory / "datastores" / f"local-{host}"
