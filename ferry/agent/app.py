@@ -112,6 +112,10 @@ def create_app(host: HostRuntime) -> FastAPI:
     async def delete_image(body: ImageRef) -> dict[str, bool]:
         return {"deleted": host.delete_image(body.disk)}
 
+    @app.get("/v1/vms/{name}/disk-files")
+    async def disk_files(name: str) -> dict[str, str]:
+        return await host.disk_files(name)
+
     @app.post("/v1/vms/{name}/mirror")
     async def start_mirror(name: str, body: MirrorRequest) -> MirrorProgress:
         return await host.start_mirror(name, body.job_id, body.target, body.speed_bytes_s)

@@ -152,6 +152,10 @@ class AgentClient:
                                 MirrorRequest(job_id=job_id, target=target,
                                               speed_bytes_s=speed_bytes_s), timeout_s=600.0)
 
+    async def disk_files(self, name: str) -> dict[str, str]:
+        return await self._call("GET", f"/v1/vms/{name}/disk-files",
+                                TypeAdapter(dict[str, str]))
+
     async def mirror(self, name: str, job_id: str) -> MirrorProgress:
         return await self._call("GET", f"/v1/vms/{name}/mirror/{job_id}", MirrorProgress)
 

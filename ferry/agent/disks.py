@@ -21,7 +21,7 @@ PIVOT_TIMEOUT_S = 60.0
 
 def target_nodes(disk: str, job_id: str) -> tuple[str, str]:
     """(file node, format node) names for a mirror target, unique per job."""
-    return f"file-{disk}-{job_id[:8]}", f"disk-{disk}-{job_id[:8]}"
+    return f"file-{disk}-{job_id[-8:]}", f"disk-{disk}-{job_id[-8:]}"
 
 
 class DiskOps:

@@ -377,6 +377,13 @@ class HostRuntime:
             raise Conflict(f"{disk.datastore}:{disk.path} is in use by VM {in_use[0]}")
         return self.disks.delete(disk)
 
+    async def disk_files(self, name: str) -> dict[str, str]:
+        """Each disk's image file as QEMU itself reports it (query-block)."""
+        rec = self._get(name)
+        monitor = _running_monitor(rec, self.config.name)
+        return {d.name: (await blockjobs.disk_nodes(monitor, d.name)).filename
+                for d in rec.spec.disks}
+
     async def start_mirror(self, name: str, job_id: str, target: DiskSpec,
                            speed_bytes_s: int = 0) -> MirrorProgress:
         rec = self._get(name)

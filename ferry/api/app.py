@@ -101,6 +101,11 @@ def create_app(control: ControlPlane) -> FastAPI:
     async def delete_vm(name: str) -> None:
         await control.inventory.delete_vm(name)
 
+    @app.get("/v1/vms/{name}/disk-files")
+    async def disk_files(name: str) -> dict[str, str]:
+        """The image file each disk uses right now, as QEMU reports it."""
+        return await control.inventory.disk_files(name)
+
     @app.get("/v1/vms/{name}/serial")
     async def serial(name: str, lines: int = Query(20, ge=1, le=1000)) -> SerialLines:
         return SerialLines(lines=tuple(await control.inventory.serial(name, lines)))

@@ -113,6 +113,11 @@ class Inventory:
         except (NotFound, HostUnavailable):
             return vm, None
 
+    async def disk_files(self, name: str) -> dict[str, str]:
+        vm = await self.store.vm(name)
+        host = await self.connected_host(vm.host)
+        return await self.agents.client(host).disk_files(name)
+
     async def serial(self, name: str, lines: int) -> list[str]:
         vm = await self.store.vm(name)
         host = await self.connected_host(vm.host)

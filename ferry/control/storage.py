@@ -37,6 +37,11 @@ class RollBack(Exception):
     pass
 
 
+def job_id(rec: RelocationRecord) -> str:
+    """QEMU wants job ids to start with a letter; ours are hex."""
+    return f"mv-{rec.id}"
+
+
 class Relocator:
     def __init__(self, store: Store, agents: AgentPool, bus: ChangeBus) -> None:
         self.store = store
@@ -170,11 +175,11 @@ class Relocator:
 
     async def _copy(self, rec: RelocationRecord, agent: AgentClient) -> RelocationRecord:
         began = time.monotonic()
-        await agent.start_mirror(rec.vm, rec.id, rec.target, rec.speed_bytes_s)
+        await agent.start_mirror(rec.vm, job_id(rec), rec.target, rec.speed_bytes_s)
         while True:
             if self._cancel[rec.id].is_set():
                 raise RollBack("cancelled by the user")
-            state = await agent.mirror(rec.vm, rec.id)
+            state = await agent.mirror(rec.vm, job_id(rec))
             if state.missing or state.status == "concluded" or state.error:
                 raise RollBack(f"the copy stopped: {state.error or state.status}")
             elapsed = max(time.monotonic() - began, 1e-3)
@@ -192,7 +197,7 @@ class Relocator:
         live = await agent.vm(rec.vm)
         if not any((d.datastore, d.path) == (rec.target.datastore, rec.target.path)
                    for d in live.spec.disks):
-            live = await agent.pivot(rec.vm, rec.id, rec.target)
+            live = await agent.pivot(rec.vm, job_id(rec), rec.target)
         await self.store.update_vm(rec.vm, spec=live.spec)
         note = None
         if not rec.keep_source:
@@ -213,7 +218,7 @@ class Relocator:
         if rec.phase is not RelocationPhase.ROLLING_BACK:
             rec = await self._enter(rec, RelocationPhase.ROLLING_BACK, reason=reason)
         try:
-            await (await self._agent(rec)).cancel_mirror(rec.vm, rec.id, rec.target)
+            await (await self._agent(rec)).cancel_mirror(rec.vm, job_id(rec), rec.target)
         except FerryError as exc:
             reason = f"{reason}; cleanup incomplete: {exc.problem}"
         await self._enter(rec, RelocationPhase.FAILED, reason=reason)

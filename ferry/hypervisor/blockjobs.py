@@ -61,7 +61,8 @@ async def remove_nodes(monitor: Monitor, *nodes: str) -> None:
         try:
             await monitor.execute("blockdev-del", {"node-name": node})
         except MonitorError as exc:
-            if "not found" not in str(exc).lower() and "cannot find" not in str(exc).lower():
+            text = str(exc).lower()
+            if not any(m in text for m in ("not found", "cannot find", "failed to find")):
                 raise
 
 
