@@ -6,6 +6,7 @@ from STATUS; clients turn that body back into the same exception class.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ferry.domain.errors import (
@@ -38,6 +39,15 @@ def status_for(exc: FerryError) -> int:
 
 def error_body(exc: FerryError) -> dict[str, Any]:
     return {"error": {"code": exc.code, "problem": exc.problem, "fix": exc.fix}}
+
+
+def error_from_response(status: int, content: bytes) -> FerryError:
+    """The FerryError an HTTP error response stands for (JSON body or plain text)."""
+    try:
+        body: Any = json.loads(content)
+    except ValueError:
+        body = content.decode(errors="replace")
+    return error_from_body(status, body)
 
 
 def error_from_body(status: int, body: Any) -> FerryError:

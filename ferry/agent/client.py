@@ -28,7 +28,7 @@ from ferry.domain.errors import HostUnavailable
 from ferry.domain.migration import Progress, StreamOptions
 from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.storage import ImageInfo, MirrorProgress
-from ferry.wire import error_from_body
+from ferry.wire import error_from_response
 
 T = TypeVar("T")
 
@@ -59,11 +59,7 @@ class AgentClient:
                                   f"{type(exc).__name__} {exc}".strip(),
                                   "check that ferry-agent runs on that host") from exc
         if resp.status_code >= 400:
-            try:
-                data = resp.json()
-            except ValueError:
-                data = resp.text
-            raise error_from_body(resp.status_code, data)
+            raise error_from_response(resp.status_code, resp.content)
         adapter = out if isinstance(out, TypeAdapter) else TypeAdapter(out)
         if not resp.content:  # 204 No Content
             return adapter.validate_python(None)

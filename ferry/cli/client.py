@@ -12,7 +12,7 @@ import httpx
 
 from ferry.domain.errors import FerryError, HostUnavailable
 from ferry.lab.config import DEFAULT_LAB_DIR, load
-from ferry.wire import error_from_body
+from ferry.wire import error_from_body, error_from_response
 
 DEFAULT_URL = "http://127.0.0.1:8700"
 
@@ -41,11 +41,7 @@ class Client:
                                   "start it with `ferry lab up` or set --url/FERRY_URL"
                                   ) from exc
         if resp.status_code >= 400:
-            try:
-                data = resp.json()
-            except ValueError:
-                data = resp.text
-            raise error_from_body(resp.status_code, data)
+            raise error_from_response(resp.status_code, resp.content)
         return resp.json() if resp.content else None
 
     def events(self, path: str) -> Iterator[dict[str, Any]]:
