@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast lint bench clean lab-down
+.PHONY: deps venv guest demo test test-fast lint bench bench-sweep bench-storage clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -38,8 +38,15 @@ test: deps venv guest lint
 test-fast: venv
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# Benchmarks (root; each brings up and removes its own lab). Tables go to stdout.
 bench: deps venv guest
-	$(PY) bench/migrate_vs_qemu.py
+	$(PY) bench/migrate_vs_qemu.py --json build/bench-migrate.json
+
+bench-sweep: deps venv guest
+	$(PY) bench/convergence_sweep.py --json build/bench-sweep.json
+
+bench-storage: deps venv guest
+	$(PY) bench/storage_vs_copy.py --json build/bench-storage.json
 
 lab-down: venv
 	$(VENV)/bin/ferry lab down
