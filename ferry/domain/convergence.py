@@ -87,11 +87,14 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
     rate = p.throughput_bytes_s
     if rate <= 0:
         return CONTINUE
-    needed_ms = math.ceil(p.remaining_bytes / rate * 1000)
+    # What a pass leaves dirty is the remaining at its start (the last sync); the
+    # remaining mid-pass shrinks towards zero every pass and says nothing.
+    dirty_set = state.iterations[-1].remaining_bytes
+    needed_ms = math.ceil(dirty_set / rate * 1000)
     if state.downtime_ms < needed_ms <= options.max_downtime_ms:
         target = min(options.max_downtime_ms, math.ceil(needed_ms * 1.25) + 10)
         return Action(kind=ActionKind.RAISE_DOWNTIME, value=target,
-                      reason=f"{p.remaining_bytes >> 20} MiB left fit in {needed_ms} ms")
+                      reason=f"{dirty_set >> 20} MiB dirty fit in {needed_ms} ms")
     dirty = p.dirty_rate_bytes_s
     if dirty < CONVERGING * rate:
         return CONTINUE

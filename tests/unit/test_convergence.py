@@ -51,10 +51,16 @@ def test_converging_stream_continues() -> None:
     assert decide(state(dirty_mib_s=5), FERRY).kind is ActionKind.CONTINUE
 
 
-def test_remaining_that_fits_max_downtime_raises_the_limit_just_enough() -> None:
-    action = decide(state(remaining_mib=10, dirty_mib_s=24, link_mib_s=25), FERRY)
+def test_dirty_set_that_fits_max_downtime_raises_the_limit_just_enough() -> None:
+    action = decide(state(dirty_mib_s=24, link_mib_s=25, iterations=its(256, 10)), FERRY)
     assert action.kind is ActionKind.RAISE_DOWNTIME
     assert action.value is not None and 400 < action.value <= 500  # 10/25 s = 400 ms
+
+
+def test_mid_pass_remaining_does_not_fool_the_downtime_lever() -> None:
+    # 2 MiB left of this pass, but the last sync found 120 MiB dirty: no switch now
+    action = decide(state(remaining_mib=2, dirty_mib_s=24, link_mib_s=25), FERRY)
+    assert action.kind is not ActionKind.RAISE_DOWNTIME
 
 
 def test_dirtying_faster_than_the_link_throttles_stepwise() -> None:
