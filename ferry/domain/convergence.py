@@ -31,6 +31,7 @@ from ferry.domain.specs import Frozen
 
 CONVERGING = 0.8  # dirty rate below 80 % of throughput: pre-copy shrinks on its own
 THROTTLE_STEP = 20
+DIRTY_SHARE = 0.5  # QEMU's auto-converge trigger: a pass dirtied half of what it sent
 NOVA_STEPS = 10
 NOVA_STEP_S_PER_GIB = 75.0
 
@@ -96,9 +97,9 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
         return Action(kind=ActionKind.RAISE_DOWNTIME, value=target,
                       reason=f"{dirty_set >> 20} MiB dirty fit in {needed_ms} ms")
     dirty = p.dirty_rate_bytes_s
-    if dirty < CONVERGING * rate:
+    why = _not_converging(state.iterations, dirty, rate)
+    if why is None:
         return CONTINUE
-    why = f"dirty {dirty >> 20} MiB/s vs link {int(rate) >> 20} MiB/s"
     if options.allow_postcopy:
         # Pre-copy cannot converge; post-copy sends each page at most once more and
         # stalls only the vCPU that touches a missing page, so it beats more passes.
@@ -114,6 +115,25 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
         return Action(kind=ActionKind.RAISE_DOWNTIME, value=options.max_downtime_ms,
                       reason="throttle limit reached; allow the longest downtime")
     return CONTINUE
+
+
+def _not_converging(its: tuple[Iteration, ...], dirty: int, rate: float) -> str | None:
+    """Why pre-copy will not converge on its own, or None while it still may.
+
+    QEMU's dirty rate counts distinct pages per pass, so it saturates at the guest's
+    working set; the dirty set a pass leaves behind, compared with what that pass sent
+    and with the set before it, tells earlier that pre-copy is losing.
+    """
+    if dirty >= CONVERGING * rate:
+        return f"dirty {dirty >> 20} MiB/s vs link {int(rate) >> 20} MiB/s"
+    last, before = its[-1], its[-2]
+    sent = last.transferred_bytes - before.transferred_bytes
+    if sent > 0 and last.remaining_bytes >= DIRTY_SHARE * sent:
+        return (f"the last pass left {last.remaining_bytes >> 20} MiB dirty after sending "
+                f"{sent >> 20} MiB")
+    if len(its) >= 3 and last.remaining_bytes > 0.9 * before.remaining_bytes:
+        return "the dirty set shrank less than 10 % in a pass"
+    return None
 
 
 def nova_downtime_ms(elapsed_s: float, memory_mib: int, options: StreamOptions) -> int:

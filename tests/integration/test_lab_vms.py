@@ -29,7 +29,7 @@ def test_hosts_register_with_declared_capacity(client: Client, lab: LabConfig) -
         assert (h["facts"]["cpus"], h["facts"]["memory_mib"]) == (4, 2048)
         assert "Nehalem" in h["facts"]["cpu_models"]
         names = {d["name"] for d in h["facts"]["datastores"]}
-        assert names == {"shared", f"local-{h['name']}"}
+        assert names == {"shared", "small", f"local-{h['name']}"}
     out = ferry("host", "list")
     assert out.returncode == 0 and "host3" in out.stdout and "2048" in out.stdout
 
