@@ -173,7 +173,7 @@ def test_saturated_dirty_rate_still_reveals_a_losing_precopy() -> None:
     action = decide(s, StreamOptions(allow_postcopy=True))
     assert action.kind is ActionKind.POSTCOPY and "left 127 MiB dirty" in action.reason
     # a pass that leaves little behind is left alone
-    fine = passes[:1] + (passes[1].model_copy(update={"remaining_bytes": 40 * MIB}),)
+    fine = (*passes[:1], passes[1].model_copy(update={"remaining_bytes": 40 * MIB}))
     assert decide(state(dirty_mib_s=5, link_mib_s=25, iterations=fine),
                   StreamOptions(allow_postcopy=True)).kind is ActionKind.CONTINUE
 
