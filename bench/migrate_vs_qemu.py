@@ -46,38 +46,44 @@ import asyncio
 import functools
 import itertools
 import json
-import os
 import shutil
-import signal
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from common import (
+    BOOT_TIMEOUT_S,
+    MIB,
+    add_guest_args,
+    bench_lab,
+    check_guest_args,
+    ferry_heartbeat,
+    fmt,
+    median,
+    preflight,
+    problem,
+    remove_vm,
+)
 
 from ferry.cli.client import Client
 from ferry.cli.demo import probe_spec
-from ferry.domain.errors import FerryError, NotFound
+from ferry.domain.errors import FerryError
 from ferry.domain.migration import Phase, SourceStatus
 from ferry.domain.probe import Heartbeat, last_heartbeat
 from ferry.domain.specs import VmSpec
 from ferry.hypervisor.argv import RunPaths, build_argv
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
-from ferry.lab import cluster
 from ferry.lab.config import LabConfig
 
 MACHINE = "pc-i440fx-7.2"
 MIN_SEQ = 3  # migrate once the probe has printed this many heartbeats
-BOOT_TIMEOUT_S = 120.0
 MIGRATE_TIMEOUT_S = 300.0
 POLL_S = 0.05
 RAW_PORT_BASE = 21000  # below the ephemeral range Ferry's agents pick from
-MIB = 1 << 20
 PHASES = ("pending", "checking", "preparing_target", "precopy", "switchover", "completed")
 
 
@@ -105,16 +111,6 @@ class Run:
 
 
 # --- Ferry ------------------------------------------------------------------------
-def ferry_heartbeat(client: Client, vm: str, after_seq: int) -> Heartbeat:
-    deadline = time.monotonic() + BOOT_TIMEOUT_S
-    while time.monotonic() < deadline:
-        hb = (client.call("GET", f"/v1/vms/{vm}").get("live") or {}).get("heartbeat")
-        if hb and hb["seq"] > after_seq:
-            return Heartbeat.model_validate(hb)
-        time.sleep(0.2)
-    raise FerryError(f"VM {vm}: no probe heartbeat past seq {after_seq}")
-
-
 def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: Run) -> None:
     vm = f"fb-{run.rate}-{run.index}"
     spec = probe_spec(config, vm, args.memory, args.probe_mib, run.rate)
@@ -151,11 +147,7 @@ def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: 
         run.seq_after, run.integrity_errors = after.seq, after.integrity_errors
         run.ok = True
     finally:
-        try:
-            client.call("POST", f"/v1/vms/{vm}/stop", force=True)
-            client.call("DELETE", f"/v1/vms/{vm}")
-        except NotFound:
-            pass
+        remove_vm(client, vm)
 
 
 # --- raw QEMU ---------------------------------------------------------------------
@@ -258,7 +250,7 @@ def attempt(run: Run, body: Callable[[], object]) -> Run:
         body()
     except Exception as exc:  # one broken run is reported, the benchmark goes on
         run.ok = False
-        run.error = exc.problem if isinstance(exc, FerryError) else repr(exc)
+        run.error = problem(exc)
     status = "ok" if run.ok else f"FAILED: {run.error}"
     wall = f"{run.wall_s:.2f} s" if run.wall_s is not None else "-"
     print(f"  {run.kind:5} rate={run.rate:<3} #{run.index} {run.source}->{run.target}: "
@@ -284,14 +276,6 @@ def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
             runs.append(attempt(r, functools.partial(
                 asyncio.run, raw_run(config, args, r, workdir, port))))
     return runs
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def pairs(runs: list[Run], rate: int | None = None) -> list[tuple[Run, Run]]:
@@ -346,64 +330,32 @@ def summarize(runs: list[Run], rates: list[int]) -> tuple[list[dict[str, Any]], 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--rates", default="0,20,60",
-                   type=lambda s: [int(x) for x in s.split(",") if x.strip()],
-                   help="probe dirty rates in MiB/s, comma-separated (default 0,20,60)")
+    add_guest_args(p, "0,20,60")
     p.add_argument("--runs", type=int, default=5, help="runs of each kind per rate")
-    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB")
-    p.add_argument("--probe-mib", type=int, default=128,
-                   help="memory the probe dirties and checks (at most ~memory-72)")
     p.add_argument("--ferry-policy", choices=("ferry", "nova", "qemu"),
                    help="override Ferry's convergence policy (default: the cluster's)")
-    p.add_argument("--lab-dir", type=Path, help="lab directory (default: a fresh temp dir)")
-    p.add_argument("--json", type=Path, help="write per-run results and medians here")
     args = p.parse_args(argv)
-    if args.runs < 1 or not args.rates:
-        p.error("need --runs >= 1 and at least one rate")
-    if args.probe_mib > args.memory - 72:
-        p.error(f"--probe-mib must be at most --memory - 72 ({args.memory - 72})")
+    check_guest_args(p, args)
+    if args.runs < 1:
+        p.error("need --runs >= 1")
     return args
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/migrate_vs_qemu.py needs root: it creates network namespaces and a "
-              "bridge for its lab (run it with sudo)", file=sys.stderr)
-        return 2
-    if not all((cluster.GUEST_DIR / f).exists() for f in cluster.GUEST_FILES):
-        print(f"no guest image in {cluster.GUEST_DIR}: run `make guest`", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    own_dir = args.lab_dir is None
-    lab_dir = Path(tempfile.mkdtemp(prefix="ferry-bench-")) if own_dir else args.lab_dir
-    config = LabConfig.default(lab_dir, 2, prefix="fb", subnet_octet=212, control_port=8712)
-    runs: list[Run] = []
+    if (code := preflight("bench/migrate_vs_qemu.py")) is not None:
+        return code
     try:
-        cluster.down(config)  # leftovers of an earlier crashed run in the same directory
-        began = time.monotonic()
-        cluster.up(config)
-        print(f"lab up in {lab_dir} ({time.monotonic() - began:.1f} s); rates "
-              f"{args.rates} MiB/s, {args.runs} runs each, {args.memory} MiB guest, "
-              f"probe {args.probe_mib} MiB", flush=True)
-        runs = benchmark(config, args)
+        with bench_lab(args.lab_dir, 2, prefix="fb", subnet_octet=212,
+                       control_port=8712) as lab:
+            print(f"lab up in {lab.config.directory} ({lab.up_s:.1f} s); rates "
+                  f"{args.rates} MiB/s, {args.runs} runs each, {args.memory} MiB guest, "
+                  f"probe {args.probe_mib} MiB", flush=True)
+            runs = benchmark(lab.config, args)
+            lab.keep_logs = any(not r.ok for r in runs) or not runs
     except KeyboardInterrupt as exc:
         print(f"interrupted ({exc or 'Ctrl-C'}): no results", file=sys.stderr)
         return 130
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not stop teardown
-            signal.signal(sig, signal.SIG_IGN)
-        print("tearing the lab down", flush=True)
-        cluster.down(config)
-        failed = any(not r.ok for r in runs) or not runs
-        if own_dir and not failed:
-            shutil.rmtree(lab_dir, ignore_errors=True)
-        elif own_dir:
-            print(f"logs kept in {config.logs_dir}", flush=True)
     rows, table, steps = summarize(runs, args.rates)
     ps = pairs(runs)
     wall_ratio, delta = median(ratios(ps)), median(deltas(ps))

@@ -1,0 +1,138 @@
+"""Helpers shared by the benchmarks: their own throw-away lab, probe heartbeats, medians.
+
+Each benchmark brings up a lab of its own (own prefix, subnet and control port, in a
+temporary directory unless --lab-dir) and always tears it down, also on Ctrl-C/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from ferry.cli.client import Client
+from ferry.domain.errors import FerryError, NotFound
+from ferry.domain.probe import Heartbeat
+from ferry.lab import cluster
+from ferry.lab.config import LabConfig
+
+MIB = 1 << 20
+BOOT_TIMEOUT_S = 120.0
+
+
+# --- arguments --------------------------------------------------------------------
+def rate_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_guest_args(p: argparse.ArgumentParser, rates: str) -> None:
+    """--rates, --memory, --probe-mib, --lab-dir, --json (checked by check_guest_args)."""
+    p.add_argument("--rates", default=rates, type=rate_list,
+                   help=f"probe dirty rates in MiB/s, comma-separated (default {rates})")
+    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB")
+    p.add_argument("--probe-mib", type=int, default=128,
+                   help="memory the probe dirties and checks (at most ~memory-72)")
+    p.add_argument("--lab-dir", type=Path, help="lab directory (default: a fresh temp dir)")
+    p.add_argument("--json", type=Path, help="write every measurement here")
+
+
+def check_guest_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.rates:
+        p.error("need at least one rate")
+    if args.probe_mib > args.memory - 72:
+        p.error(f"--probe-mib must be at most --memory - 72 ({args.memory - 72})")
+
+
+# --- the lab ----------------------------------------------------------------------
+def preflight(script: str) -> int | None:
+    """An exit code if this machine cannot run a benchmark, else None."""
+    if os.geteuid() != 0:
+        print(f"{script} needs root: it creates network namespaces and a bridge for its "
+              "lab (run it with sudo)", file=sys.stderr)
+        return 2
+    if not all((cluster.GUEST_DIR / f).exists() for f in cluster.GUEST_FILES):
+        print(f"no guest image in {cluster.GUEST_DIR}: run `make guest`", file=sys.stderr)
+        return 2
+    return None
+
+
+@dataclass
+class BenchLab:
+    config: LabConfig
+    up_s: float = 0.0
+    keep_logs: bool = True  # set False once the benchmark ran cleanly
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def bench_lab(lab_dir: Path | None, hosts: int, prefix: str, subnet_octet: int,
+              control_port: int) -> Iterator[BenchLab]:
+    """A fresh lab, torn down on the way out whatever happens (SIGTERM raises
+    KeyboardInterrupt in here like Ctrl-C). An own temp dir is removed unless
+    `keep_logs` is still set; the caller catches the KeyboardInterrupt."""
+    signal.signal(signal.SIGTERM, _terminate)
+    own_dir = lab_dir is None
+    directory = Path(tempfile.mkdtemp(prefix="ferry-bench-")) if lab_dir is None else lab_dir
+    lab = BenchLab(LabConfig.default(directory, hosts, prefix=prefix,
+                                     subnet_octet=subnet_octet, control_port=control_port))
+    try:
+        cluster.down(lab.config)  # leftovers of an earlier crashed run in the same directory
+        began = time.monotonic()
+        cluster.up(lab.config)
+        lab.up_s = time.monotonic() - began
+        yield lab
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not stop teardown
+            signal.signal(sig, signal.SIG_IGN)
+        print("tearing the lab down", flush=True)
+        cluster.down(lab.config)
+        if own_dir and not lab.keep_logs:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif own_dir:
+            print(f"logs kept in {lab.config.logs_dir}", flush=True)
+
+
+# --- VMs through the control plane ------------------------------------------------
+def ferry_heartbeat(client: Client, vm: str, after_seq: int,
+                    timeout_s: float = BOOT_TIMEOUT_S) -> Heartbeat:
+    """The VM's latest probe heartbeat (as the control plane reports it) past after_seq."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        hb = (client.call("GET", f"/v1/vms/{vm}").get("live") or {}).get("heartbeat")
+        if hb and hb["seq"] > after_seq:
+            return Heartbeat.model_validate(hb)
+        time.sleep(0.2)
+    raise FerryError(f"VM {vm}: no probe heartbeat past seq {after_seq}")
+
+
+def remove_vm(client: Client, vm: str) -> None:
+    """Stop (forced) and delete a VM; one that is already gone is fine."""
+    with contextlib.suppress(NotFound):
+        client.call("POST", f"/v1/vms/{vm}/stop", force=True)
+        client.call("DELETE", f"/v1/vms/{vm}")
+
+
+def problem(exc: BaseException) -> str:
+    return exc.problem if isinstance(exc, FerryError) else repr(exc)
+
+
+# --- numbers ----------------------------------------------------------------------
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
