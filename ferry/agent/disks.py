@@ -145,7 +145,10 @@ async def start_nbd_mirrors(monitor: Monitor, migration_id: str, nbd: str,
         await monitor.execute("blockdev-add", {
             "driver": "nbd", "node-name": f"nbd-{disk}", "export": disk,
             "server": {"type": "inet", "host": host, "port": port}})
-        await blockjobs.start_mirror(monitor, job_id, source.format_node, f"nbd-{disk}")
+        # Write-blocking: when the source pauses at switchover the target disk must
+        # already hold every write, because the destination resumes at once.
+        await blockjobs.start_mirror(monitor, job_id, source.format_node, f"nbd-{disk}",
+                                     write_blocking=True)
 
 
 async def nbd_mirrors(monitor: Monitor, migration_id: str,

@@ -67,13 +67,16 @@ async def remove_nodes(monitor: Monitor, *nodes: str) -> None:
 
 
 async def start_mirror(monitor: Monitor, job_id: str, source_node: str,
-                       target_node: str, speed_bytes_s: int = 0) -> None:
+                       target_node: str, speed_bytes_s: int = 0,
+                       write_blocking: bool = False) -> None:
+    """Mirror source_node into target_node. `write_blocking`: every guest write lands
+    on both sides before it completes (always in sync once ready, at the price of write
+    latency); otherwise writes are copied in the background (the guest barely notices,
+    and job-complete waits for the copy to catch up before it pivots)."""
     await monitor.execute("blockdev-mirror", {
         "job-id": job_id, "device": source_node, "target": target_node, "sync": "full",
-        "speed": speed_bytes_s,
-        # Guest writes go to both images synchronously: the copy converges for any
-        # write rate, at the price of write latency during the move.
-        "copy-mode": "write-blocking", "auto-dismiss": False})
+        "speed": speed_bytes_s, "auto-dismiss": False,
+        "copy-mode": "write-blocking" if write_blocking else "background"})
 
 
 async def job(monitor: Monitor, job_id: str) -> MirrorProgress:
