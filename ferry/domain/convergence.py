@@ -107,7 +107,7 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
     if options.throttles and state.throttle_pct < options.max_throttle_pct:
         # A throttle t leaves a CPU-bound guest (1 - t) of its dirty rate; a guest that
         # dirties with little CPU needs more, so each step adds at least 20 points.
-        wanted = math.ceil((1 - CONVERGING * 0.75 * rate / dirty) * 100)
+        wanted = math.ceil((1 - CONVERGING * 0.75 * rate / dirty) * 100) if dirty else 0
         target = min(options.max_throttle_pct,
                      max(wanted, state.throttle_pct + THROTTLE_STEP))
         return Action(kind=ActionKind.THROTTLE, value=target, reason=why)

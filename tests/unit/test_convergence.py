@@ -139,11 +139,13 @@ def test_postcopy_never_chosen_when_not_allowed(
     assert decide(s, opts).kind is not ActionKind.POSTCOPY
 
 
-@given(rates, st.floats(1, 2000), st.integers(0, 99))
+@given(rates, st.floats(1, 2000), st.integers(0, 99), st.lists(st.integers(0, 4096),
+                                                                min_size=2, max_size=5))
 def test_throttle_stays_within_the_allowed_maximum(dirty: float, link: float,
-                                                   throttle: int) -> None:
+                                                   throttle: int, passes: list[int]) -> None:
     opts = StreamOptions(max_throttle_pct=60)
-    action = decide(state(dirty_mib_s=dirty, link_mib_s=link, throttle=throttle), opts)
+    action = decide(state(dirty_mib_s=dirty, link_mib_s=link, throttle=throttle,
+                          iterations=its(*passes)), opts)
     if action.kind is ActionKind.THROTTLE:
         assert action.value is not None and throttle < action.value <= 60
 
