@@ -31,7 +31,7 @@ from ferry.domain.specs import Frozen
 
 CONVERGING = 0.8  # dirty rate below 80 % of throughput: pre-copy shrinks on its own
 THROTTLE_STEP = 20
-DIRTY_SHARE = 0.5  # QEMU's auto-converge trigger: a pass dirtied half of what it sent
+DIRTY_SHARE = 0.6  # a pass that leaves 60 % of what it sent dirty is losing
 NOVA_STEPS = 10
 NOVA_STEP_S_PER_GIB = 75.0
 
@@ -96,6 +96,8 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
         target = min(options.max_downtime_ms, math.ceil(needed_ms * 1.25) + 10)
         return Action(kind=ActionKind.RAISE_DOWNTIME, value=target,
                       reason=f"{dirty_set >> 20} MiB dirty fit in {needed_ms} ms")
+    if needed_ms <= state.downtime_ms:
+        return CONTINUE  # the dirty set already fits: QEMU switches at the next check
     dirty = p.dirty_rate_bytes_s
     why = _not_converging(state.iterations, dirty, rate)
     if why is None:
@@ -128,7 +130,9 @@ def _not_converging(its: tuple[Iteration, ...], dirty: int, rate: float) -> str 
         return f"dirty {dirty >> 20} MiB/s vs link {int(rate) >> 20} MiB/s"
     last, before = its[-1], its[-2]
     sent = last.transferred_bytes - before.transferred_bytes
-    if sent > 0 and last.remaining_bytes >= DIRTY_SHARE * sent:
+    # Only a pass that sent most of the set before it says something (QEMU also syncs
+    # at the very end of a pass, a tiny "pass").
+    if sent >= 0.5 * before.remaining_bytes and last.remaining_bytes >= DIRTY_SHARE * sent:
         return (f"the last pass left {last.remaining_bytes >> 20} MiB dirty after sending "
                 f"{sent >> 20} MiB")
     if len(its) >= 3 and last.remaining_bytes > 0.9 * before.remaining_bytes:

@@ -184,3 +184,14 @@ def test_dirty_set_not_shrinking_is_not_converging() -> None:
     action = decide(state(dirty_mib_s=5, iterations=its(256, 100, 95)),
                     StreamOptions(allow_postcopy=True))
     assert action.kind is ActionKind.POSTCOPY
+
+
+def test_a_tiny_end_of_pass_sync_is_not_taken_for_a_losing_pass() -> None:
+    # seen in the sweep: the set before was 8 MiB, the last "pass" sent 2 MiB and left 6
+    tail = (Iteration(number=4, at_ms=0, remaining_bytes=8 * MIB, transferred_bytes=256 * MIB,
+                      dirty_rate_bytes_s=0, throughput_bytes_s=0, expected_downtime_ms=None),
+            Iteration(number=6, at_ms=100, remaining_bytes=6 * MIB,
+                      transferred_bytes=258 * MIB, dirty_rate_bytes_s=0,
+                      throughput_bytes_s=0, expected_downtime_ms=None))
+    s = state(dirty_mib_s=6, link_mib_s=23, iterations=tail, downtime=404)
+    assert decide(s, StreamOptions(allow_postcopy=True)).kind is ActionKind.CONTINUE
