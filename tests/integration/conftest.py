@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def lab() -> Iterator[LabConfig]:
     if os.geteuid() != 0:
-        pytest.skip("the lab needs root (network namespaces, bridge)")
+        pytest.fail("the lab needs root (network namespaces, bridge): run `make test` as root")
     if not all((cluster.GUEST_DIR / f).exists() for f in cluster.GUEST_FILES):
         pytest.fail(f"no guest image in {cluster.GUEST_DIR}: run `make guest`")
     config = LabConfig.default(LAB_DIR, 3, cpus=4, memory_mib=2048, prefix="ft",
