@@ -38,8 +38,9 @@ before the request to the last heartbeat before it. During: from that last heart
 the first heartbeat printed after the completed event (so the window is up to ~1 s
 longer than the move on each side; heartbeats come once per second).
 
-All datastores are directories on the same host filesystem and the source image was just
-written, so both kinds mostly copy from the page cache. The machine is shared with other
+All datastores are directories on the same host filesystem. The VM's disk uses Ferry's
+default cache mode, none (O_DIRECT), so neither kind finds the image in the page cache;
+both start right after a `sync`, so neither competes with writeback of earlier runs. The machine is shared with other
 benchmarks and tests (2 cores): numbers are noisy. Needs root (namespaces, bridge).
 Run: .venv/bin/python bench/storage_vs_copy.py [--runs 3] [--disk-mib 1024]
 """
@@ -50,6 +51,7 @@ import argparse
 import functools
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -181,6 +183,7 @@ def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: 
         pre = [hb for hb in beats if hb.uptime_ms <= last.uptime_ms - BASELINE_S * 1000]
         run.write_before_mib_s = write_rate(pre[-1] if pre else beats[0], last)
         run.passes_before = last.disk_passes
+        os.sync()
         t0, epoch0 = time.perf_counter(), time.time()
         rec: dict[str, Any] = client.call("POST", "/v1/relocations", {
             "vm": vm, "datastore": TARGET_DS, "format": "qcow2", "provisioning": "thin"})
@@ -229,6 +232,7 @@ def qemu_img_run(client: Client, config: LabConfig, args: argparse.Namespace,
         run.virtual_bytes, run.allocated_bytes = info["virtual-size"], info["actual-size"]
         target = config.local_datastore(HOST) / vm / "root.qcow2"
         target.parent.mkdir(parents=True, exist_ok=True)
+        os.sync()
         t0 = time.perf_counter()
         subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(target)],
                        check=True, capture_output=True, timeout=3600)

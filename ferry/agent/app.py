@@ -121,8 +121,9 @@ def create_app(host: HostRuntime) -> FastAPI:
         return await host.start_mirror(name, body.job_id, body.target, body.speed_bytes_s)
 
     @app.get("/v1/vms/{name}/mirror/{job_id}")
-    async def mirror(name: str, job_id: str) -> MirrorProgress:
-        return await host.mirror(name, job_id)
+    async def mirror(name: str, job_id: str,
+                     wait_s: float = Query(0.0, ge=0, le=10)) -> MirrorProgress:
+        return await host.mirror(name, job_id, wait_s)
 
     @app.post("/v1/vms/{name}/mirror/pivot")
     async def pivot(name: str, body: MirrorRequest) -> VmInfo:

@@ -152,8 +152,10 @@ class AgentClient:
         return await self._call("GET", f"/v1/vms/{name}/disk-files",
                                 TypeAdapter(dict[str, str]))
 
-    async def mirror(self, name: str, job_id: str) -> MirrorProgress:
-        return await self._call("GET", f"/v1/vms/{name}/mirror/{job_id}", MirrorProgress)
+    async def mirror(self, name: str, job_id: str, wait_s: float = 0.0) -> MirrorProgress:
+        """The mirror's state; with wait_s the agent answers as soon as it is ready."""
+        return await self._call("GET", f"/v1/vms/{name}/mirror/{job_id}", MirrorProgress,
+                                wait_s=wait_s, timeout_s=wait_s + 10.0)
 
     async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
         return await self._call("POST", f"/v1/vms/{name}/mirror/pivot", VmInfo,

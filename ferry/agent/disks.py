@@ -59,7 +59,8 @@ class DiskOps:
         await create_image(path, target.format, nodes.virtual_size, target.provisioning)
         file_node, fmt_node = target_nodes(target.name, job_id)
         try:
-            await blockjobs.add_image(monitor, file_node, fmt_node, str(path), target.format)
+            await blockjobs.add_image(monitor, file_node, fmt_node, str(path), target.format,
+                                      target.cache)
             await blockjobs.start_mirror(monitor, job_id, nodes.format_node, fmt_node,
                                          speed_bytes_s)
         except Exception:

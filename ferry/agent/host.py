@@ -392,9 +392,11 @@ class HostRuntime:
             return await self.disks.start_mirror(_running_monitor(rec, self.config.name),
                                                  rec.spec, job_id, target, speed_bytes_s)
 
-    async def mirror(self, name: str, job_id: str) -> MirrorProgress:
+    async def mirror(self, name: str, job_id: str, wait_s: float = 0.0) -> MirrorProgress:
+        """The mirror job's state; with wait_s, once it is ready or after wait_s."""
         rec = self._get(name)
-        return await blockjobs.job(_running_monitor(rec, self.config.name), job_id)
+        return await blockjobs.wait_ready(_running_monitor(rec, self.config.name), job_id,
+                                          wait_s)
 
     async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
         rec = self._get(name)
@@ -431,6 +433,7 @@ def _running_monitor(rec: VmRecord, host: str) -> Monitor:
 
 def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
     caps = {"events": True, "postcopy-ram": options.allow_postcopy,
+            "postcopy-preempt": options.postcopy_preempt,
             "multifd": options.multifd_channels > 0}
     if source:
         caps["auto-converge"] = options.throttles

@@ -29,7 +29,9 @@ from ferry.domain.storage import (
 from ferry.store import Store
 
 log = logging.getLogger("ferry.storage")
-POLL_S = 0.25
+# The agent answers a progress query at once when the copy is in sync, else after this
+# long: progress is shown every second and the pivot starts without a poll's delay.
+PROGRESS_WAIT_S = 1.0
 COPY_TIMEOUT_S = 6 * 3600.0
 
 
@@ -65,7 +67,8 @@ class Relocator:
         try:
             target = DiskSpec(name=current.name, datastore=datastore,
                               path=path or f"{vm_name}/{current.name}.{fmt.value}",
-                              format=fmt, provisioning=provisioning or current.provisioning)
+                              format=fmt, provisioning=provisioning or current.provisioning,
+                              cache=current.cache)
         except ValueError as exc:
             raise InvalidInput(str(exc)) from None
         now = time.time()
@@ -179,7 +182,7 @@ class Relocator:
         while True:
             if self._cancel[rec.id].is_set():
                 raise RollBack("cancelled by the user")
-            state = await agent.mirror(rec.vm, job_id(rec))
+            state = await agent.mirror(rec.vm, job_id(rec), wait_s=PROGRESS_WAIT_S)
             if state.missing or state.status == "concluded" or state.error:
                 raise RollBack(f"the copy stopped: {state.error or state.status}")
             elapsed = max(time.monotonic() - began, 1e-3)
@@ -191,7 +194,6 @@ class Relocator:
                 return await self._enter(rec, RelocationPhase.PIVOTING)
             if elapsed > COPY_TIMEOUT_S:
                 raise RollBack(f"the copy did not get in sync within {COPY_TIMEOUT_S:.0f} s")
-            await asyncio.sleep(POLL_S)
 
     async def _pivot(self, rec: RelocationRecord, agent: AgentClient) -> None:
         live = await agent.vm(rec.vm)

@@ -38,6 +38,17 @@ class DiskFormat(StrEnum):
     RAW = "raw"
 
 
+class DiskCache(StrEnum):
+    """How QEMU opens the image file.
+
+    none: O_DIRECT, bypassing the host page cache (Proxmox's default; with it a VM on
+    shared storage can move between hosts without stale cached pages, and a disk copy
+    does not compete with the page cache). writeback: through the host page cache."""
+
+    NONE = "none"
+    WRITEBACK = "writeback"
+
+
 class Provisioning(StrEnum):
     THIN = "thin"  # allocate on write
     THICK = "thick"  # allocate the whole virtual size up front
@@ -49,6 +60,7 @@ class DiskSpec(Frozen):
     path: str = Field(description="image path relative to the datastore root")
     format: DiskFormat = DiskFormat.QCOW2
     provisioning: Provisioning = Provisioning.THIN
+    cache: DiskCache = DiskCache.NONE
 
     @field_validator("path")
     @classmethod

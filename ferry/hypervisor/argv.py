@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.domain.specs import DiskSpec, VmSpec
+from ferry.domain.specs import DiskCache, DiskSpec, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 
@@ -47,6 +47,11 @@ def disk_path(disk: DiskSpec, datastores: Mapping[str, str]) -> Path:
     return path
 
 
+def file_cache(cache: DiskCache) -> dict[str, bool]:
+    """The `cache` option of a file node."""
+    return {"direct": cache is DiskCache.NONE}
+
+
 def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
                datastores: Mapping[str, str], incoming: bool = False,
                binary: str = QEMU_BINARY) -> list[str]:
@@ -77,7 +82,8 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
         file_node, fmt_node = f"file-{disk.name}", f"disk-{disk.name}"
         argv += [
             "-blockdev", json.dumps({"driver": "file", "node-name": file_node,
-                                     "filename": str(disk_path(disk, datastores))}),
+                                     "filename": str(disk_path(disk, datastores)),
+                                     "cache": file_cache(disk.cache)}),
             "-blockdev", json.dumps({"driver": disk.format.value, "node-name": fmt_node,
                                      "file": file_node}),
             "-device", f"virtio-blk-pci,drive={fmt_node},id={disk.name}"

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-from ferry.domain.specs import DiskFormat
+from ferry.domain.specs import DiskCache, DiskFormat
 from ferry.domain.storage import MirrorProgress
+from ferry.hypervisor.argv import file_cache
 from ferry.hypervisor.errors import MonitorError
 from ferry.hypervisor.monitor import Monitor
+
+# The mirror's copy buffer. QEMU's default (16 MiB) keeps too few requests in flight
+# to read O_DIRECT images at disk speed; 64 MiB measured 10-30 % faster here.
+MIRROR_BUF_BYTES = 64 << 20
+JOB_POLL_S = 0.01  # local QMP round trips are cheap; a pivot waits on this
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,9 @@ async def disk_nodes(monitor: Monitor, disk: str) -> DiskNodes:
 
 
 async def add_image(monitor: Monitor, file_node: str, format_node: str, path: str,
-                    fmt: DiskFormat) -> None:
+                    fmt: DiskFormat, cache: DiskCache) -> None:
     await monitor.execute("blockdev-add", {"driver": "file", "node-name": file_node,
-                                           "filename": path})
+                                           "filename": path, "cache": file_cache(cache)})
     try:
         await monitor.execute("blockdev-add", {"driver": fmt.value, "node-name": format_node,
                                                "file": file_node})
@@ -75,7 +82,7 @@ async def start_mirror(monitor: Monitor, job_id: str, source_node: str,
     and job-complete waits for the copy to catch up before it pivots)."""
     await monitor.execute("blockdev-mirror", {
         "job-id": job_id, "device": source_node, "target": target_node, "sync": "full",
-        "speed": speed_bytes_s, "auto-dismiss": False,
+        "speed": speed_bytes_s, "auto-dismiss": False, "buf-size": MIRROR_BUF_BYTES,
         "copy-mode": "write-blocking" if write_blocking else "background"})
 
 
@@ -90,6 +97,25 @@ async def job(monitor: Monitor, job_id: str) -> MirrorProgress:
     return MirrorProgress(job_id=job_id, status="absent")
 
 
+async def wait_ready(monitor: Monitor, job_id: str, timeout_s: float) -> MirrorProgress:
+    """The job's state once it is ready or stopped, or after timeout_s (a long poll:
+    the caller learns of readiness at once instead of at its next poll)."""
+    monitor.job_events.clear()  # events from here on wake us; none is lost before the query
+    state = await job(monitor, job_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not (state.ready or state.missing or state.error
+               or state.status in ("concluded", "aborting", "null")):
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(monitor.job_events.get(), left)
+        monitor.job_events.clear()
+        state = await job(monitor, job_id)
+    return state
+
+
 async def wait_concluded(monitor: Monitor, job_id: str, timeout_s: float) -> MirrorProgress:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -102,4 +128,4 @@ async def wait_concluded(monitor: Monitor, job_id: str, timeout_s: float) -> Mir
         if loop.time() > deadline:
             raise MonitorError(f"block job {job_id} did not finish within {timeout_s:.0f} s "
                                f"(status {state.status})")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(JOB_POLL_S)

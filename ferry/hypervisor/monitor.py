@@ -28,7 +28,9 @@ class Monitor:
         self._socket = socket_path
         self._client = QMPClient(name)
         self.migration_events = EventListener(("MIGRATION", "MIGRATION_PASS"))
+        self.job_events = EventListener(("JOB_STATUS_CHANGE",))
         self._client.register_listener(self.migration_events)
+        self._client.register_listener(self.job_events)
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect, retrying while QEMU creates its socket, for at most timeout_s."""
@@ -48,6 +50,7 @@ class Monitor:
     def _fresh_client(self) -> QMPClient:
         client = QMPClient(self._name)
         client.register_listener(self.migration_events)
+        client.register_listener(self.job_events)
         return client
 
     async def close(self) -> None:

@@ -45,12 +45,15 @@ def test_incoming_adds_defer() -> None:
 def test_disks_and_nics() -> None:
     spec = VmSpec(name="web1",
                   disks=(DiskSpec(name="root", datastore="shared", path="vms/web1.qcow2"),
-                         DiskSpec(name="data", datastore="shared", path="d.raw", format="raw")),
+                         DiskSpec(name="data", datastore="shared", path="d.raw", format="raw",
+                                  cache="writeback")),
                   nics=(NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:07"),))
     argv = argv_of(spec)
     blockdevs = [json.loads(b) for b in value_after(argv, "-blockdev")]
     assert blockdevs[0] == {"driver": "file", "node-name": "file-root",
-                            "filename": "/srv/shared/vms/web1.qcow2"}
+                            "filename": "/srv/shared/vms/web1.qcow2",
+                            "cache": {"direct": True}}  # cache=none is the default
+    assert blockdevs[2]["cache"] == {"direct": False}  # writeback: the page cache
     assert blockdevs[1]["driver"] == "qcow2" and blockdevs[3]["driver"] == "raw"
     devices = value_after(argv, "-device")
     assert "virtio-blk-pci,drive=disk-root,id=root,bootindex=1" in devices
