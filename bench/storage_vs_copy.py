@@ -40,8 +40,8 @@ longer than the move on each side; heartbeats come once per second).
 
 All datastores are directories on the same host filesystem. The VM's disk uses Ferry's
 default cache mode, none (O_DIRECT), so neither kind finds the image in the page cache;
-both start right after a `sync`, so neither competes with writeback of earlier runs. The machine is shared with other
-benchmarks and tests (2 cores): numbers are noisy. Needs root (namespaces, bridge).
+both start right after a `sync`, so neither competes with writeback of earlier runs.
+The machine has 2 cores: numbers are noisy. Needs root (namespaces, bridge).
 Run: .venv/bin/python bench/storage_vs_copy.py [--runs 3] [--disk-mib 1024]
 """
 

@@ -155,8 +155,9 @@ def create_app(control: ControlPlane) -> FastAPI:
     @app.post("/v1/relocations", status_code=202)
     async def relocate(body: RelocateRequest) -> RelocationRecord:
         return await control.relocations.start(
-            body.vm, body.datastore, body.disk, body.format, body.provisioning, body.path,
-            body.keep_source, body.bandwidth_bytes_s)
+            body.vm, body.datastore, disk=body.disk, fmt=body.format,
+            provisioning=body.provisioning, path=body.path, keep_source=body.keep_source,
+            speed_bytes_s=body.bandwidth_bytes_s, progress_timeout_s=body.progress_timeout_s)
 
     @app.get("/v1/relocations")
     async def relocations() -> list[RelocationRecord]:

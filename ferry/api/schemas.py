@@ -10,6 +10,7 @@ from ferry.agent.models import VmInfo
 from ferry.domain.compat import Refusal
 from ferry.domain.inventory import VmState
 from ferry.domain.specs import DiskFormat, Frozen, Provisioning, VmSpec
+from ferry.domain.storage import DEFAULT_COPY_PROGRESS_TIMEOUT_S
 
 
 class CreateVmRequest(Frozen):
@@ -54,3 +55,5 @@ class RelocateRequest(Frozen):
     path: str | None = None
     keep_source: bool = False
     bandwidth_bytes_s: int = Field(default=0, ge=0)
+    progress_timeout_s: int = Field(default=DEFAULT_COPY_PROGRESS_TIMEOUT_S, ge=5,
+                                    le=24 * 3600)

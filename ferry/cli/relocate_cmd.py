@@ -10,6 +10,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from ferry.cli.client import Client, resolve_url
 from ferry.cli.output import console, print_json, table
+from ferry.domain.storage import DEFAULT_COPY_PROGRESS_TIMEOUT_S
 from ferry.domain.units import parse_rate
 
 relocation_app = typer.Typer(help="Disk moves (Storage vMotion): list, show, cancel.",
@@ -69,6 +70,10 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         keep_source: Annotated[bool, typer.Option(help="keep the old image")] = False,
         bandwidth: Annotated[str | None, typer.Option(
             help="cap the copy, e.g. 50MiB (per second), to spare the storage")] = None,
+        progress_timeout: Annotated[int, typer.Option(
+            help="give up (and keep the VM on its disk) when the copy has not gained on "
+                 "the guest's writes for this many seconds")
+        ] = DEFAULT_COPY_PROGRESS_TIMEOUT_S,
         no_wait: Annotated[bool, typer.Option("--no-wait", help="print the id and return")
                            ] = False,
         url: UrlOpt = None, json_out: JsonOpt = False,
@@ -78,7 +83,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         rec = client.call("POST", "/v1/relocations", {
             "vm": name, "datastore": datastore, "disk": disk, "format": fmt,
             "provisioning": provisioning, "path": path, "keep_source": keep_source,
-            "bandwidth_bytes_s": parse_rate(bandwidth) if bandwidth else 0})
+            "bandwidth_bytes_s": parse_rate(bandwidth) if bandwidth else 0,
+            "progress_timeout_s": progress_timeout})
         if no_wait:
             print_json(rec) if json_out else print(rec["id"])
             return

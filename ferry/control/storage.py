@@ -21,6 +21,8 @@ from ferry.domain.errors import Conflict, FerryError, Incompatible, InvalidInput
 from ferry.domain.inventory import VmState
 from ferry.domain.specs import DiskFormat, DiskSpec, Provisioning
 from ferry.domain.storage import (
+    DEFAULT_COPY_PROGRESS_TIMEOUT_S,
+    CopyWatch,
     RelocationPhase,
     RelocationRecord,
     check_relocation,
@@ -52,10 +54,12 @@ class Relocator:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
-    async def start(self, vm_name: str, datastore: str, disk: str | None = None,
+    async def start(self, vm_name: str, datastore: str, *, disk: str | None = None,
                     fmt: DiskFormat | None = None, provisioning: Provisioning | None = None,
                     path: str | None = None, keep_source: bool = False,
-                    speed_bytes_s: int = 0) -> RelocationRecord:
+                    speed_bytes_s: int = 0,
+                    progress_timeout_s: int = DEFAULT_COPY_PROGRESS_TIMEOUT_S
+                    ) -> RelocationRecord:
         vm = await self.store.vm(vm_name)
         if vm.state is not VmState.RUNNING:
             raise Conflict(f"VM {vm_name} is {vm.state}; a live disk move needs it running",
@@ -76,7 +80,7 @@ class Relocator:
             id=uuid.uuid4().hex[:12], vm=vm_name, host=vm.host, disk=current.name,
             source=current, target=target, phase=RelocationPhase.PENDING,
             keep_source=keep_source, speed_bytes_s=speed_bytes_s, created_at=now,
-            phase_times={"pending": now}))
+            phase_times={"pending": now}, progress_timeout_s=progress_timeout_s))
         rec = await self._enter(rec, RelocationPhase.CHECKING)
         try:
             reasons = await self._check(rec)
@@ -178,6 +182,7 @@ class Relocator:
 
     async def _copy(self, rec: RelocationRecord, agent: AgentClient) -> RelocationRecord:
         began = time.monotonic()
+        watch = CopyWatch()
         await agent.start_mirror(rec.vm, job_id(rec), rec.target, rec.speed_bytes_s)
         while True:
             if self._cancel[rec.id].is_set():
@@ -192,6 +197,13 @@ class Relocator:
             await self.bus.changed(rec.id)
             if state.ready:
                 return await self._enter(rec, RelocationPhase.PIVOTING)
+            left = max(state.length - state.offset, 0)
+            watch = watch.observe(elapsed, left)
+            if watch.stalled(elapsed, rec.progress_timeout_s):
+                raise RollBack(
+                    f"the copy has not gained on the guest's writes for "
+                    f"{rec.progress_timeout_s} s ({left >> 20} MiB behind); retry with a "
+                    "higher bandwidth cap, or when the guest writes less")
             if elapsed > COPY_TIMEOUT_S:
                 raise RollBack(f"the copy did not get in sync within {COPY_TIMEOUT_S:.0f} s")
 

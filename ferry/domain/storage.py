@@ -4,10 +4,11 @@
                  │          │         │
                  └──────────┴─────────┴──→ ROLLING_BACK → FAILED
 
-COPYING runs QEMU's blockdev-mirror (write-blocking: every guest write lands on both
-images, so the copy converges whatever the write rate); PIVOTING is job-complete, after
-which the VM runs on the new image. The source image is removed only after the pivot,
-and only if not asked to keep it.
+COPYING runs QEMU's blockdev-mirror in background mode (guest writes complete at once
+and are copied after; the guest barely notices). A copy that stops gaining on the
+guest's writes for progress_timeout_s is rolled back (CopyWatch). PIVOTING is
+job-complete, after which the VM runs on the new image. The source image is removed only
+after the pivot, and only if not asked to keep it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pydantic import Field
 
 from ferry.domain.errors import Conflict
 from ferry.domain.specs import DatastoreInfo, DiskFormat, DiskSpec, Frozen, Provisioning
+
+DEFAULT_COPY_PROGRESS_TIMEOUT_S = 150  # as a migration's default progress timeout
 
 
 class RelocationPhase(StrEnum):
@@ -95,6 +98,26 @@ class RelocationRecord(Frozen):
     copied_bytes: int = 0
     total_bytes: int = 0
     rate_bytes_s: float = 0.0
+    progress_timeout_s: int = DEFAULT_COPY_PROGRESS_TIMEOUT_S
+
+
+class CopyWatch(Frozen):
+    """Whether a background copy still gains on the guest's writes.
+
+    `left` is what the copy still has to do (the mirror's total minus its offset; the
+    total grows with every guest write). The copy gains while `left` reaches new lows;
+    when it has not for the timeout, the guest writes faster than the copy can go."""
+
+    best_left: int | None = None
+    best_at: float = 0.0
+
+    def observe(self, now: float, left: int) -> CopyWatch:
+        if self.best_left is None or left < self.best_left:
+            return CopyWatch(best_left=left, best_at=now)
+        return self
+
+    def stalled(self, now: float, timeout_s: float) -> bool:
+        return self.best_left is not None and now - self.best_at > timeout_s
 
 
 def needed_bytes(image: ImageInfo, provisioning: Provisioning) -> int:

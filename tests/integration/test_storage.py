@@ -101,7 +101,7 @@ def test_relocate_qcow2_to_thick_raw_while_writing(client: Client, lab: LabConfi
         view = client.call("GET", "/v1/vms/sv1")
         assert view["spec"]["disks"][0] == {"name": "root", "datastore": "local-host1",
                                             "path": "sv1/root.raw", "format": "raw",
-                                            "provisioning": "thick"}
+                                            "provisioning": "thick", "cache": "none"}
         info = image_info(new)
         assert info["format"] == "raw" and info["actual-size"] >= info["virtual-size"]
         assert not old.exists()
@@ -186,6 +186,23 @@ def test_cancel_relocation(client: Client, lab: LabConfig) -> None:
         assert_disk_intact(client, lab, "sv4", "host1", before)
     finally:
         remove_vm(client, "sv4")
+
+
+def test_copy_that_cannot_keep_up_with_the_guest_gives_up_cleanly(
+        client: Client, lab: LabConfig) -> None:
+    # 1 MiB/s of copy against 4 MiB/s of random guest writes: the copy never gets in
+    # sync, so it must end FAILED after its progress timeout with the VM untouched.
+    before = boot_disk_probe(client, lab, "sv6", "host2", "shared", disk_mib=32, rate=4)
+    try:
+        rec = relocate(client, "sv6", datastore="local-host2", bandwidth_bytes_s=MIB,
+                       progress_timeout_s=8)
+        assert rec["phase"] == "failed", rec
+        assert "has not gained on the guest's writes for 8 s" in rec["reason"]
+        assert not (lab.local_datastore("host2") / "sv6" / "root.qcow2").exists()
+        assert live_disk_file(client, "sv6").endswith("shared/sv6/root.qcow2")
+        assert_disk_intact(client, lab, "sv6", "host2", before)
+    finally:
+        remove_vm(client, "sv6")
 
 
 def test_migration_without_shared_storage(client: Client, lab: LabConfig) -> None:
