@@ -433,7 +433,6 @@ def _running_monitor(rec: VmRecord, host: str) -> Monitor:
 
 def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
     caps = {"events": True, "postcopy-ram": options.allow_postcopy,
-            "postcopy-preempt": options.postcopy_preempt,
             "multifd": options.multifd_channels > 0}
     if source:
         caps["auto-converge"] = options.throttles

@@ -156,15 +156,6 @@ class StreamOptions(Frozen):
         return self.allow_throttle and self.policy is PolicyKind.FERRY
 
     @property
-    def postcopy_preempt(self) -> bool:
-        """Ferry's policy gives the pages a post-copy guest faults on a channel of their
-        own, so they do not queue behind the background stream (QEMU's postcopy-preempt);
-        the Nova-style policy uses plain post-copy. Not combined with multifd, which QEMU
-        7.2 accepts but these tests do not cover."""
-        return (self.allow_postcopy and self.policy is PolicyKind.FERRY
-                and self.multifd_channels == 0)
-
-    @property
     def initial_downtime_ms(self) -> int:
         return min(300, self.max_downtime_ms)  # QEMU's default limit, if allowed
 
