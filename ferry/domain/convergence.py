@@ -31,7 +31,7 @@ from ferry.domain.specs import Frozen
 
 CONVERGING = 0.8  # dirty rate below 80 % of throughput: pre-copy shrinks on its own
 THROTTLE_STEP = 20
-DIRTY_SHARE = 0.7  # a pass that leaves 70 % of what it sent dirty is losing
+DIRTY_SHARE = 0.6  # a pass that leaves 60 % of what it sent dirty is losing
 NOVA_STEPS = 10
 NOVA_STEP_S_PER_GIB = 75.0
 
