@@ -45,6 +45,9 @@ Last line, over the rates where both Ferry and Nova completed:
 bytes_vs_nova = median of Ferry MiB sent / Nova MiB sent; slowdown_vs_nova = median of
 (max(0, 1 - Ferry share) + 0.05) / (max(0, 1 - Nova share) + 0.05), rates with a share
 left out; the 0.05 keeps two near-zero slowdowns (noise) from making a wild ratio.
+Also printed (not in the last line): writes lost = (rate before - rate during) x window in
+guest seconds, the slowdown's total; the share is its average over a window whose length
+depends on the policy, so a policy that ends sooner shows a lower share for the same loss.
 Needs root. Run: .venv/bin/python bench/convergence_sweep.py [--rates 0,48 --cap-s 60]
 """
 
@@ -113,6 +116,7 @@ class Run:
     during_mib_s: float | None = None
     write_share: float | None = None
     wall_share: float | None = None
+    window_s: float | None = None  # guest time from the last beat before to the first after
     seq_before: int | None = None
     seq_after: int | None = None
     integrity_errors: int = 0
@@ -122,6 +126,15 @@ class Run:
     @property
     def sent_mib(self) -> float | None:
         return None if self.sent_bytes is None else self.sent_bytes / MIB
+
+    @property
+    def lost_mib(self) -> float | None:
+        """Writes the guest did not make in the window, at its rate before: the
+        slowdown's total, where the share is its average over a window whose length
+        depends on the policy."""
+        if self.before_mib_s is None or self.during_mib_s is None or not self.window_s:
+            return None
+        return max(0.0, self.before_mib_s - self.during_mib_s) * self.window_s
 
 
 def serial(client: Client, vm: str, lines: int = 40) -> list[Heartbeat]:
@@ -184,6 +197,7 @@ def migrate(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
         after, t_after = next_heartbeat(client, run.vm, seen)
         run.seq_after, run.integrity_errors = after.seq, after.integrity_errors
         run.during_mib_s = mib_s(last, after)
+        run.window_s = (after.uptime_ms - last.uptime_ms) / 1000
         if run.before_mib_s and run.during_mib_s is not None:
             run.write_share = run.during_mib_s / run.before_mib_s
             wall = (after.pages_written - last.pages_written) * PAGE / MIB / (t_after - t_before)
@@ -225,14 +239,14 @@ def levers(run: Run) -> str:
 
 def table(runs: list[Run]) -> str:
     head = ("| rate MiB/s | policy | completed | total s | downtime ms | MiB sent | levers "
-            "| writes MiB/s before -> during | write share |\n"
-            "|---:|---|---|---:|---:|---:|---|---:|---:|")
+            "| writes MiB/s before -> during | write share | writes lost MiB |\n"
+            "|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
     rows = [f"| {r.rate} | {r.policy} | "
             f"{'error' if r.phase is None else 'yes' if r.completed else 'NO'}"
             f"{' (post-copy)' if r.postcopy else ''} | {fmt(r.total_s, 1)} "
             f"| {r.downtime_ms if r.downtime_ms is not None else '-'} | {fmt(r.sent_mib, 0)} "
             f"| {levers(r)} | {fmt(r.before_mib_s, 1)} -> {fmt(r.during_mib_s, 1)} "
-            f"| {fmt(r.write_share)} |" for r in runs]
+            f"| {fmt(r.write_share)} | {fmt(r.lost_mib, 0)} |" for r in runs]
     return "\n".join([head, *rows])
 
 
@@ -258,6 +272,9 @@ def summarize(runs: list[Run], rates: list[int]) -> dict[str, Any]:
         "slowdown_vs_nova": median([slowdown(f.write_share) / slowdown(n.write_share)
                                     for f, n in both if f.write_share is not None
                                     and n.write_share is not None]),
+        "lost_vs_nova": median([(f.lost_mib + 1) / (n.lost_mib + 1) for f, n in both
+                                if f.lost_mib is not None and n.lost_mib is not None
+                                and f.write_share is not None]),
         "integrity_errors": sum(r.integrity_errors for r in runs),
         "bench_errors": sum(1 for r in runs if r.error),
         "rates_both_completed": [f.rate for f, _ in both]}
@@ -325,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
           "before it (pauses excluded; see the docstring). bytes_vs_nova and "
           f"slowdown_vs_nova: medians over rates {summary['rates_both_completed']} where "
           f"Ferry and Nova both completed; slowdown = max(0, 1 - share) + {EPS}.")
+    print("writes lost: (rate before - rate during) x the window in guest seconds; "
+          "lost_vs_nova = median of (Ferry + 1 MiB) / (Nova + 1 MiB) over the same rates "
+          f"(rates with a share): {fmt(summary['lost_vs_nova'])}")
     if summary["bench_errors"]:
         print(f"{summary['bench_errors']} runs could not be measured fully (BENCH ERROR above)")
     print(last_line(summary))
