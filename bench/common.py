@@ -15,10 +15,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from ferry.cli.client import Client
 from ferry.domain.errors import FerryError, NotFound
@@ -27,6 +28,7 @@ from ferry.lab import cluster
 from ferry.lab.config import LabConfig
 
 MIB = 1 << 20
+R = TypeVar("R")
 BOOT_TIMEOUT_S = 120.0
 
 
@@ -103,6 +105,28 @@ def bench_lab(lab_dir: Path | None, hosts: int, prefix: str, subnet_octet: int,
             shutil.rmtree(directory, ignore_errors=True)
         elif own_dir:
             print(f"logs kept in {lab.config.logs_dir}", flush=True)
+
+
+def run_in_lab(script: str, lab_dir: Path | None, hosts: int, *, prefix: str,
+               subnet_octet: int, control_port: int, banner: Callable[[BenchLab], str],
+               body: Callable[[LabConfig], list[R]], failed: Callable[[list[R]], bool]
+               ) -> list[R] | int:
+    """Check the machine, run `body` in a fresh lab and tear it down; the runs, or an
+    exit code (2: this machine cannot run it, 130: interrupted). The lab's logs are
+    kept when `failed(runs)` says something went wrong."""
+    if (code := preflight(script)) is not None:
+        return code
+    try:
+        with bench_lab(lab_dir, hosts, prefix=prefix, subnet_octet=subnet_octet,
+                       control_port=control_port) as lab:
+            print(f"lab up in {lab.config.directory} ({lab.up_s:.1f} s); {banner(lab)}",
+                  flush=True)
+            runs = body(lab.config)
+            lab.keep_logs = failed(runs)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): no results", file=sys.stderr)
+        return 130
+    return runs
 
 
 # --- VMs through the control plane ------------------------------------------------

@@ -64,14 +64,13 @@ from typing import Any
 from common import (
     MIB,
     add_guest_args,
-    bench_lab,
     check_guest_args,
     ferry_heartbeat,
     fmt,
     median,
-    preflight,
     problem,
     remove_vm,
+    run_in_lab,
 )
 
 from ferry.cli.client import Client
@@ -317,20 +316,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (code := preflight("bench/convergence_sweep.py")) is not None:
-        return code
-    try:
-        with bench_lab(args.lab_dir, 2, prefix="fc", subnet_octet=213,
-                       control_port=8713) as lab:
-            print(f"lab up in {lab.config.directory} ({lab.up_s:.1f} s); link "
-                  f"{args.link_mbit} Mbit/s (~{args.link_mbit * 1e6 / 8 / MIB:.1f} MiB/s), "
-                  f"rates {args.rates} MiB/s, policies {args.policies}, {args.memory} MiB "
-                  f"guest, probe {args.probe_mib} MiB, cap {args.cap_s} s", flush=True)
-            runs = sweep(lab.config, args)
-            lab.keep_logs = any(r.error or r.integrity_errors for r in runs)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): no results", file=sys.stderr)
-        return 130
+    runs = run_in_lab(
+        "bench/convergence_sweep.py", args.lab_dir, 2, prefix="fc", subnet_octet=213,
+        control_port=8713,
+        banner=lambda lab: (
+            f"link {args.link_mbit} Mbit/s (~{args.link_mbit * 1e6 / 8 / MIB:.1f} MiB/s), "
+            f"rates {args.rates} MiB/s, policies {args.policies}, {args.memory} MiB guest, "
+            f"probe {args.probe_mib} MiB, cap {args.cap_s} s"),
+        body=lambda config: sweep(config, args),
+        failed=lambda runs: any(r.error or r.integrity_errors for r in runs))
+    if isinstance(runs, int):
+        return runs
     summary = summarize(runs, args.rates)
     if args.json:
         args.json.write_text(json.dumps({

@@ -58,14 +58,13 @@ from common import (
     BOOT_TIMEOUT_S,
     MIB,
     add_guest_args,
-    bench_lab,
     check_guest_args,
     ferry_heartbeat,
     fmt,
     median,
-    preflight,
     problem,
     remove_vm,
+    run_in_lab,
 )
 
 from ferry.cli.client import Client
@@ -343,19 +342,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (code := preflight("bench/migrate_vs_qemu.py")) is not None:
-        return code
-    try:
-        with bench_lab(args.lab_dir, 2, prefix="fb", subnet_octet=212,
-                       control_port=8712) as lab:
-            print(f"lab up in {lab.config.directory} ({lab.up_s:.1f} s); rates "
-                  f"{args.rates} MiB/s, {args.runs} runs each, {args.memory} MiB guest, "
-                  f"probe {args.probe_mib} MiB", flush=True)
-            runs = benchmark(lab.config, args)
-            lab.keep_logs = any(not r.ok for r in runs) or not runs
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): no results", file=sys.stderr)
-        return 130
+    runs = run_in_lab(
+        "bench/migrate_vs_qemu.py", args.lab_dir, 2, prefix="fb", subnet_octet=212,
+        control_port=8712,
+        banner=lambda lab: (f"rates {args.rates} MiB/s, {args.runs} runs each, "
+                            f"{args.memory} MiB guest, probe {args.probe_mib} MiB"),
+        body=lambda config: benchmark(config, args),
+        failed=lambda runs: any(not r.ok for r in runs) or not runs)
+    if isinstance(runs, int):
+        return runs
     rows, table, steps = summarize(runs, args.rates)
     ps = pairs(runs)
     wall_ratio, delta = median(ratios(ps)), median(deltas(ps))

@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import MIB, bench_lab, fmt, median, preflight, problem, remove_vm
+from common import MIB, fmt, median, problem, remove_vm, run_in_lab
 
 from ferry.cli.client import Client
 from ferry.cli.demo import probe_spec
@@ -330,20 +330,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if (code := preflight("bench/storage_vs_copy.py")) is not None:
-        return code
-    try:
-        with bench_lab(args.lab_dir, 1, prefix="fs", subnet_octet=214,
-                       control_port=8714) as lab:
-            print(f"lab up in {lab.config.directory} ({lab.up_s:.1f} s); {args.disk_mib} MiB "
-                  f"qcow2 disk, probe region {args.disk_mib // 2} MiB, busy writes "
-                  f"{args.write_mib_s} MiB/s, {args.runs} runs each; "
-                  f"{SOURCE_DS} -> {TARGET_DS}", flush=True)
-            runs = benchmark(lab.config, args)
-            lab.keep_logs = any(not r.ok for r in runs)
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): no results", file=sys.stderr)
-        return 130
+    runs = run_in_lab(
+        "bench/storage_vs_copy.py", args.lab_dir, 1, prefix="fs", subnet_octet=214,
+        control_port=8714,
+        banner=lambda lab: (f"{args.disk_mib} MiB qcow2 disk, probe region "
+                            f"{args.disk_mib // 2} MiB, busy writes {args.write_mib_s} MiB/s, "
+                            f"{args.runs} runs each; {SOURCE_DS} -> {TARGET_DS}"),
+        body=lambda config: benchmark(config, args),
+        failed=lambda runs: any(not r.ok for r in runs))
+    if isinstance(runs, int):
+        return runs
     rows, table = summarize(runs)
     idle_ratio = rows[0]["ratio"]
     share = rows[1]["write_share"]

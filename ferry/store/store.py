@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +27,11 @@ from ferry.store.tables import (
 )
 
 HEARTBEAT_TIMEOUT_S = 5.0
+# Migrations and relocations end in phases of these names.
+TERMINAL = tuple(p.value for p in Phase if p.terminal)
+assert set(TERMINAL) == {p.value for p in RelocationPhase if p.terminal}
+JobRow = TypeVar("JobRow", MigrationRow, RelocationRow)
+Job = TypeVar("Job", MigrationRecord, RelocationRecord)
 
 
 def sqlite_url(path: str) -> str:
@@ -148,18 +153,36 @@ class Store:
             await s.delete(row)
 
     # --- migrations ------------------------------------------------------------
+    async def _add_job(self, row_type: type[JobRow], record: MigrationRecord | RelocationRecord,
+                       busy: Callable[[str], Conflict]) -> None:
+        """Insert a job's row, unless its VM has an unfinished job of that kind."""
+        async with self._session.begin() as s:
+            unfinished = (await s.scalars(select(row_type).where(
+                row_type.vm == record.vm, row_type.phase.not_in(TERMINAL)))).first()
+            if unfinished is not None:
+                raise busy(unfinished.id)
+            s.add(row_type(id=record.id, vm=record.vm, record_json=record.model_dump_json(),
+                           phase=record.phase.value, created_at=record.created_at))
+
+    async def _update_job(self, row_type: type[JobRow], model: type[Job], job_id: str,
+                          changes: dict[str, Any], kind: str) -> Job:
+        """Apply changes to a job's record, validated as a whole, in one transaction."""
+        async with self._session.begin() as s:
+            row = await s.get(row_type, job_id)
+            if row is None:
+                raise NotFound(f"there is no {kind} {job_id!r}")
+            record = model.model_validate(
+                model.model_validate_json(row.record_json).model_dump() | changes)
+            # iterations live in their own table (a migration's grow by the pass)
+            row.record_json = record.model_dump_json(exclude={"iterations"})
+            row.phase = record.phase.value
+        return record
+
     async def add_migration(self, record: MigrationRecord) -> MigrationRecord:
         """Persist a new migration; Conflict if the VM already has an unfinished one."""
-        async with self._session.begin() as s:
-            busy = (await s.scalars(select(MigrationRow).where(
-                MigrationRow.vm == record.vm,
-                MigrationRow.phase.not_in([Phase.COMPLETED.value, Phase.FAILED.value])))).first()
-            if busy is not None:
-                raise Conflict(f"VM {record.vm} is already being migrated ({busy.id})",
-                               "wait for it to finish or cancel it with "
-                               f"`ferry migration cancel {busy.id}`")
-            s.add(MigrationRow(id=record.id, vm=record.vm, record_json=record.model_dump_json(),
-                               phase=record.phase.value, created_at=record.created_at))
+        await self._add_job(MigrationRow, record, lambda busy: Conflict(
+            f"VM {record.vm} is already being migrated ({busy})",
+            f"wait for it to finish or cancel it with `ferry migration cancel {busy}`"))
         return record
 
     async def migration(self, migration_id: str) -> MigrationRecord:
@@ -178,21 +201,13 @@ class Store:
         async with self._session() as s:
             query = select(MigrationRow.id).order_by(MigrationRow.created_at)
             if unfinished_only:
-                query = query.where(MigrationRow.phase.not_in(
-                    [Phase.COMPLETED.value, Phase.FAILED.value]))
+                query = query.where(MigrationRow.phase.not_in(TERMINAL))
             ids: Sequence[str] = (await s.scalars(query)).all()
         return [await self.migration(i) for i in ids]
 
     async def update_migration(self, migration_id: str, **changes: Any) -> MigrationRecord:
-        async with self._session.begin() as s:
-            row = await s.get(MigrationRow, migration_id)
-            if row is None:
-                raise NotFound(f"there is no migration {migration_id!r}")
-            record = MigrationRecord.model_validate_json(row.record_json)
-            record = MigrationRecord.model_validate(record.model_dump() | changes)
-            row.record_json = record.model_dump_json(exclude={"iterations"})
-            row.phase = record.phase.value
-        return record
+        return await self._update_job(MigrationRow, MigrationRecord, migration_id, changes,
+                                      "migration")
 
     async def add_iteration(self, migration_id: str, iteration: Iteration) -> None:
         async with self._session.begin() as s:
@@ -218,16 +233,9 @@ class Store:
 
     # --- relocations (Storage vMotion) -----------------------------------------------
     async def add_relocation(self, record: RelocationRecord) -> RelocationRecord:
-        async with self._session.begin() as s:
-            busy = (await s.scalars(select(RelocationRow).where(
-                RelocationRow.vm == record.vm, RelocationRow.phase.not_in(
-                    [RelocationPhase.COMPLETED.value, RelocationPhase.FAILED.value])))).first()
-            if busy is not None:
-                raise Conflict(f"VM {record.vm} already has a disk move running ({busy.id})",
-                               "wait for it or cancel it with "
-                               f"`ferry relocation cancel {busy.id}`")
-            s.add(RelocationRow(id=record.id, vm=record.vm, record_json=record.model_dump_json(),
-                                phase=record.phase.value, created_at=record.created_at))
+        await self._add_job(RelocationRow, record, lambda busy: Conflict(
+            f"VM {record.vm} already has a disk move running ({busy})",
+            f"wait for it or cancel it with `ferry relocation cancel {busy}`"))
         return record
 
     async def relocation(self, relocation_id: str) -> RelocationRecord:
@@ -242,18 +250,10 @@ class Store:
         async with self._session() as s:
             query = select(RelocationRow).order_by(RelocationRow.created_at)
             if unfinished_only:
-                query = query.where(RelocationRow.phase.not_in(
-                    [RelocationPhase.COMPLETED.value, RelocationPhase.FAILED.value]))
+                query = query.where(RelocationRow.phase.not_in(TERMINAL))
             rows = (await s.scalars(query)).all()
             return [RelocationRecord.model_validate_json(r.record_json) for r in rows]
 
     async def update_relocation(self, relocation_id: str, **changes: Any) -> RelocationRecord:
-        async with self._session.begin() as s:
-            row = await s.get(RelocationRow, relocation_id)
-            if row is None:
-                raise NotFound(f"there is no relocation {relocation_id!r}")
-            record = RelocationRecord.model_validate(
-                RelocationRecord.model_validate_json(row.record_json).model_dump() | changes)
-            row.record_json = record.model_dump_json()
-            row.phase = record.phase.value
-        return record
+        return await self._update_job(RelocationRow, RelocationRecord, relocation_id, changes,
+                                      "relocation")

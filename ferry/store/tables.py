@@ -27,14 +27,19 @@ class VmRow(Base):
     state: Mapped[str] = mapped_column(String(32))
 
 
-class MigrationRow(Base):
-    __tablename__ = "migrations"
+class JobColumns:
+    """A persisted long job (a migration, a relocation): the columns queries need, and
+    the whole record as the domain model's JSON (one schema, not two)."""
+
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     vm: Mapped[str] = mapped_column(String(64), index=True)
-    # The record's other fields, as the domain model's JSON: one schema, not two.
     record_json: Mapped[str] = mapped_column(Text)
     phase: Mapped[str] = mapped_column(String(32), index=True)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class MigrationRow(JobColumns, Base):
+    __tablename__ = "migrations"
 
 
 class IterationRow(Base):
@@ -51,10 +56,5 @@ class SettingRow(Base):
     value_json: Mapped[str] = mapped_column(Text)
 
 
-class RelocationRow(Base):
+class RelocationRow(JobColumns, Base):
     __tablename__ = "relocations"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    vm: Mapped[str] = mapped_column(String(64), index=True)
-    record_json: Mapped[str] = mapped_column(Text)
-    phase: Mapped[str] = mapped_column(String(32), index=True)
-    created_at: Mapped[float] = mapped_column(Float)
