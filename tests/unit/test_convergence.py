@@ -165,19 +165,23 @@ def test_compression_needs_multifd() -> None:
 
 def test_saturated_dirty_rate_still_reveals_a_losing_precopy() -> None:
     # QEMU reports 15 MiB/s (its working set per pass) against a 25 MiB/s link, but the
-    # first pass sent 200 MiB and left 150 MiB dirty: pre-copy is losing.
-    passes = (Iteration(number=1, at_ms=0, remaining_bytes=256 * MIB, transferred_bytes=0,
-                        dirty_rate_bytes_s=0, throughput_bytes_s=0, expected_downtime_ms=None),
-              Iteration(number=2, at_ms=9000, remaining_bytes=150 * MIB,
-                        transferred_bytes=200 * MIB, dirty_rate_bytes_s=0,
-                        throughput_bytes_s=0, expected_downtime_ms=None))
-    s = state(dirty_mib_s=15, link_mib_s=25, iterations=passes)
-    action = decide(s, StreamOptions(allow_postcopy=True))
-    assert action.kind is ActionKind.POSTCOPY and "left 150 MiB dirty" in action.reason
+    # second pass sent 127 MiB and left 125 MiB dirty: pre-copy is losing.
+    def it(n: int, at_ms: int, left: int, sent: int) -> Iteration:
+        return Iteration(number=n, at_ms=at_ms, remaining_bytes=left * MIB,
+                         transferred_bytes=sent * MIB, dirty_rate_bytes_s=0,
+                         throughput_bytes_s=0, expected_downtime_ms=None)
+    first = (it(1, 0, 256, 0), it(2, 9000, 132, 191))
+    passes = (*first, it(3, 14000, 125, 318))
+    losing = StreamOptions(allow_postcopy=True)
+    action = decide(state(dirty_mib_s=15, link_mib_s=25, iterations=passes), losing)
+    assert action.kind is ActionKind.POSTCOPY and "left 125 MiB dirty" in action.reason
+    # the first pass alone says nothing: it sent all memory, not a dirty set
+    assert decide(state(dirty_mib_s=15, link_mib_s=25, iterations=first),
+                  losing).kind is ActionKind.CONTINUE
     # a pass that leaves half behind still converges geometrically: left alone
-    fine = (*passes[:1], passes[1].model_copy(update={"remaining_bytes": 100 * MIB}))
+    fine = (*first, it(3, 12000, 66, 323))
     assert decide(state(dirty_mib_s=5, link_mib_s=25, iterations=fine),
-                  StreamOptions(allow_postcopy=True)).kind is ActionKind.CONTINUE
+                  losing).kind is ActionKind.CONTINUE
 
 
 def test_dirty_set_not_shrinking_is_not_converging() -> None:
