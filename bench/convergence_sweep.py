@@ -121,6 +121,7 @@ class Run:
     integrity_errors: int = 0
     vm_after: str | None = None  # "<state>@<host>" once the migration ended
     error: str | None = None  # the benchmark could not measure something
+    serial_tail: list[str] = field(default_factory=list)  # when the guest went silent
 
     @property
     def sent_mib(self) -> float | None:
@@ -193,7 +194,13 @@ def migrate(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
         vm = client.call("GET", f"/v1/vms/{run.vm}")
         run.vm_after = f"{vm['state']}@{vm['host']}"
         seen = max([hb.seq for hb in serial(client, run.vm)] + [last.seq + 1])
-        after, t_after = next_heartbeat(client, run.vm, seen)
+        try:
+            after, t_after = next_heartbeat(client, run.vm, seen)
+        except FerryError:
+            # keep what the guest printed last: the VM and its log go with remove_vm
+            run.serial_tail = client.call("GET", f"/v1/vms/{run.vm}/serial",
+                                          lines=15)["lines"]
+            raise
         run.seq_after, run.integrity_errors = after.seq, after.integrity_errors
         run.during_mib_s = mib_s(last, after)
         run.window_s = (after.uptime_ms - last.uptime_ms) / 1000
@@ -218,6 +225,8 @@ def attempt(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
           f"errors {run.integrity_errors}, VM {run.vm_after}"
           + (f"; reason: {run.reason}" if run.reason else "")
           + (f"; BENCH ERROR: {run.error}" if run.error else ""), flush=True)
+    for line in run.serial_tail:
+        print(f"    serial: {line}", flush=True)
     return run
 
 

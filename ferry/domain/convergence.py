@@ -31,6 +31,8 @@ from ferry.domain.specs import Frozen
 
 CONVERGING = 0.8  # dirty rate below 80 % of throughput: pre-copy shrinks on its own
 THROTTLE_STEP = 20
+NEAR_FIT = 2.0  # a dirty set needing up to 2x the max downtime is within reach...
+NEAR_FIT_PASSES = 8  # ...for this many passes (short ones: each sends that small set)
 DIRTY_SHARE = 0.6  # a pass that leaves 60 % of what it sent dirty is losing
 NOVA_STEPS = 10
 NOVA_STEP_S_PER_GIB = 75.0
@@ -98,6 +100,13 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
                       reason=f"{dirty_set >> 20} MiB dirty fit in {needed_ms} ms")
     if needed_ms <= state.downtime_ms:
         return CONTINUE  # the dirty set already fits: QEMU switches at the next check
+    near = [it for it in state.iterations
+            if it.remaining_bytes / rate * 1000 <= NEAR_FIT * options.max_downtime_ms]
+    if needed_ms <= NEAR_FIT * options.max_downtime_ms and len(near) <= NEAR_FIT_PASSES:
+        # Within reach: QEMU re-syncs mid-pass and switches as soon as what is left
+        # fits, which a set this small allows within a few passes (measured at 12 MiB/s
+        # over a 23.8 MiB/s link). Post-copy would put the VM at risk for little gain.
+        return CONTINUE
     dirty = p.dirty_rate_bytes_s
     why = _not_converging(state.iterations, dirty, rate)
     if why is None:
