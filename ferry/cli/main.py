@@ -14,7 +14,7 @@ from ferry.cli import lab_cmd, migrate_cmd, policy_cmd, relocate_cmd
 from ferry.cli.client import Client, resolve_url
 from ferry.cli.output import console, heartbeat_text, print_error, print_json, table
 from ferry.domain.errors import FerryError, InvalidInput
-from ferry.domain.specs import DiskFormat
+from ferry.domain.specs import DiskCache, DiskFormat
 from ferry.domain.units import parse_size
 from ferry.lab.config import DEFAULT_LAB_DIR, NETWORK, load
 
@@ -110,14 +110,23 @@ def random_mac() -> str:
 
 
 def parse_disk(text: str) -> dict[str, Any]:
-    """NAME=DATASTORE:PATH[:FORMAT]"""
+    """NAME=DATASTORE:PATH[:FORMAT[:CACHE]]"""
     name, _, rest = text.partition("=")
     parts = rest.split(":")
-    if not name or len(parts) not in (2, 3):
-        raise InvalidInput(f"--disk {text!r} is not NAME=DATASTORE:PATH[:FORMAT]",
-                           "e.g. --disk root=shared:images/web1.qcow2")
-    fmt = parts[2] if len(parts) == 3 else DiskFormat.QCOW2.value
-    return {"name": name, "datastore": parts[0], "path": parts[1], "format": fmt}
+    if not name or len(parts) not in (2, 3, 4):
+        raise InvalidInput(f"--disk {text!r} is not NAME=DATASTORE:PATH[:FORMAT[:CACHE]]",
+                           "e.g. --disk root=shared:images/web1.qcow2 or "
+                           "--disk root=shared:web1.raw:raw:writeback")
+    disk = {"name": name, "datastore": parts[0], "path": parts[1],
+            "format": parts[2] if len(parts) >= 3 else DiskFormat.QCOW2.value}
+    if len(parts) == 4:
+        caches = [c.value for c in DiskCache]
+        if parts[3] not in caches:
+            raise InvalidInput(f"--disk {text!r}: cache {parts[3]!r} is not one of "
+                               f"{', '.join(caches)}",
+                               "none (O_DIRECT, the default) or writeback (host page cache)")
+        disk["cache"] = parts[3]
+    return disk
 
 
 @vm_app.command("create")
@@ -135,7 +144,8 @@ def vm_create(
     initrd: Annotated[str | None, typer.Option(help="initrd for --kernel")] = None,
     append: Annotated[str, typer.Option(help="kernel command line")] = "",
     disk: Annotated[list[str] | None, typer.Option(
-        help="NAME=DATASTORE:PATH[:qcow2|raw], repeatable; the first boots if no kernel")
+        help="NAME=DATASTORE:PATH[:qcow2|raw[:none|writeback]], repeatable; the first "
+             "boots if no kernel; cache none (O_DIRECT) is the default")
     ] = None,
     nic: Annotated[list[str] | None, typer.Option(
         help="NETWORK or NETWORK=MAC, repeatable")] = None,

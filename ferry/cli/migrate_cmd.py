@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from ferry.cli.client import Client, resolve_url
@@ -79,7 +80,7 @@ def summary(rec: dict[str, Any]) -> str:
         return (f"[green]completed[/] in {total:.2f} s: downtime {rec['downtime_ms']} ms, "
                 f"{len(rec['iterations'])} passes, {mib(rec['transferred_bytes'])} MiB sent, "
                 f"levers: {', '.join(levers)}")
-    return f"[red]failed[/] after {total:.2f} s: {rec['reason']}"
+    return f"[red]failed[/] after {total:.2f} s: {escape(str(rec['reason']))}"
 
 
 def follow(client: Client, migration_id: str, quiet: bool) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
                 console.print(f"[green]ok:[/] {name} can migrate to {host}")
             else:
                 for r in result["refusals"]:
-                    console.print(f"[red]refused ({r['reason']}):[/] {r['message']}")
+                    console.print(f"[red]refused ({r['reason']}):[/] {escape(r['message'])}")
             raise typer.Exit(0 if result["ok"] else 1)
         options = overrides(policy, max_downtime, bandwidth, budget, max_throttle, throttle,
                             allow_postcopy, multifd, compress)

@@ -7,12 +7,15 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ferry.domain.errors import FerryError
 
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+# No emoji codes: user text such as "shared:a:qcow2" must print as written.
+console = Console(width=None if sys.stdout.isatty() else 200, emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def print_json(data: Any) -> None:
@@ -20,9 +23,10 @@ def print_json(data: Any) -> None:
 
 
 def print_error(exc: FerryError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc.problem}")
+    # escape: problems quote user input and syntax like "PATH[:FORMAT]", not markup
+    err_console.print(f"[bold red]error:[/] {escape(exc.problem)}")
     if exc.fix:
-        err_console.print(f"[yellow]fix:[/] {exc.fix}")
+        err_console.print(f"[yellow]fix:[/] {escape(exc.fix)}")
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -30,7 +34,7 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for col in columns:
         t.add_column(col)
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+        t.add_row(*(Text("" if v is None else str(v)) for v in row))
     console.print(t)
 
 

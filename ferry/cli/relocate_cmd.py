@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from ferry.cli.client import Client, resolve_url
@@ -31,7 +32,7 @@ def describe(rec: dict[str, Any]) -> str:
         return f"[green]completed[/]{took}: {where}; old image {kept}" + (
             f" ({rec['reason']})" if rec.get("reason") else "")
     if rec["phase"] == "failed":
-        return f"[red]failed[/]{took}: {rec['reason']}"
+        return f"[red]failed[/]{took}: {escape(str(rec['reason']))}"
     return f"{rec['phase']}: {where}"
 
 
