@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -67,6 +68,24 @@ def meminfo_mib() -> tuple[int, int]:
     return values["MemTotal"], values.get("MemAvailable", values["MemFree"])
 
 
+@functools.cache
+def takes_direct_io(directory: str) -> bool:
+    """Whether files there can be opened with O_DIRECT (disk cache none). Some
+    filesystems refuse it (tmpfs before Linux 6.6); QEMU would then fail to open the disk."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ferry-odirect-", dir=directory)
+    except OSError:
+        return True  # cannot tell (read-only?); QEMU will say more if it matters
+    os.close(fd)
+    try:
+        os.close(os.open(name, os.O_RDWR | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(name)
+
+
 def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
                used_memory_mib: int) -> HostFacts:
     total, free = meminfo_mib()
@@ -75,7 +94,8 @@ def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
     for ds in config.datastores:
         usage = shutil.disk_usage(ds.path)
         datastores.append(DatastoreInfo(name=ds.name, path=ds.path, shared=ds.shared,
-                                        total_bytes=usage.total, free_bytes=usage.free))
+                                        total_bytes=usage.total, free_bytes=usage.free,
+                                        direct_io=takes_direct_io(ds.path)))
     return HostFacts(
         name=config.name, address=config.migration_address or config.listen_host,
         accel=accel, cpus=config.cpus or os.cpu_count() or 1, memory_mib=capacity,

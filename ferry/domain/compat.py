@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from ferry.domain.inventory import HostSnapshot, HostState
-from ferry.domain.specs import Frozen, VmSpec
+from ferry.domain.specs import DiskCache, DiskSpec, Frozen, VmSpec
 
 
 class RefusalReason(StrEnum):
@@ -18,6 +18,7 @@ class RefusalReason(StrEnum):
     NO_MEMORY = "no_memory"
     NO_CPU = "no_cpu"
     DATASTORE_MISSING = "datastore_missing"
+    NO_DIRECT_IO = "no_direct_io"
     NETWORK_MISSING = "network_missing"
     MAC_IN_USE = "mac_in_use"
     CPU_MODEL = "cpu_model"
@@ -27,6 +28,12 @@ class RefusalReason(StrEnum):
 class Refusal(Frozen):
     reason: RefusalReason
     message: str
+
+
+def direct_io_problem(disk: DiskSpec, host: str) -> str:
+    return (f"datastore {disk.datastore} on host {host} does not support O_DIRECT, which "
+            f"disk {disk.name} needs (cache none); set its cache to writeback, or use "
+            "another datastore")
 
 
 def check_host(spec: VmSpec, host: HostSnapshot, *, counted: bool = False) -> list[Refusal]:
@@ -63,10 +70,13 @@ def check_host(spec: VmSpec, host: HostSnapshot, *, counted: bool = False) -> li
                f"host {host.name} has {host.free_vcpus} vCPU slots free, the VM needs "
                f"{spec.vcpus}; pick another host")
     for disk in spec.disks:
-        if facts.datastore(disk.datastore) is None:
+        datastore = facts.datastore(disk.datastore)
+        if datastore is None:
             refuse(RefusalReason.DATASTORE_MISSING,
                    f"host {host.name} does not see datastore {disk.datastore} "
                    f"(disk {disk.name}); pick a host that mounts it")
+        elif disk.cache is DiskCache.NONE and not datastore.direct_io:
+            refuse(RefusalReason.NO_DIRECT_IO, direct_io_problem(disk, host.name))
     for nic in spec.nics:
         if nic.network not in facts.networks:
             refuse(RefusalReason.NETWORK_MISSING,

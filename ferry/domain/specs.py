@@ -156,6 +156,7 @@ class DatastoreInfo(Frozen):
     shared: bool
     total_bytes: int
     free_bytes: int
+    direct_io: bool = True  # its filesystem takes O_DIRECT (disk cache none)
 
 
 class HostFacts(Frozen):

@@ -18,7 +18,14 @@ from enum import StrEnum
 from pydantic import Field
 
 from ferry.domain.errors import Conflict
-from ferry.domain.specs import DatastoreInfo, DiskFormat, DiskSpec, Frozen, Provisioning
+from ferry.domain.specs import (
+    DatastoreInfo,
+    DiskCache,
+    DiskFormat,
+    DiskSpec,
+    Frozen,
+    Provisioning,
+)
 
 DEFAULT_COPY_PROGRESS_TIMEOUT_S = 150  # as a migration's default progress timeout
 
@@ -132,11 +139,15 @@ def check_relocation(disk: DiskSpec, target: DiskSpec, image: ImageInfo,
     if datastore is None:
         reasons.append(f"the host does not see datastore {target.datastore}; "
                        "pick one listed by `ferry host list`")
-    elif datastore.free_bytes < needed_bytes(image, target.provisioning):
+    else:
+        if target.cache is DiskCache.NONE and not datastore.direct_io:
+            reasons.append(f"datastore {target.datastore} does not support O_DIRECT, which "
+                           f"disk {target.name} uses (cache none); pick another datastore")
         need = needed_bytes(image, target.provisioning)
-        reasons.append(f"datastore {target.datastore} has {datastore.free_bytes >> 20} MiB "
-                       f"free, the {target.provisioning} copy needs {need >> 20} MiB; free "
-                       "space there or choose thin provisioning")
+        if datastore.free_bytes < need:
+            reasons.append(f"datastore {target.datastore} has {datastore.free_bytes >> 20} "
+                           f"MiB free, the {target.provisioning} copy needs {need >> 20} MiB; "
+                           "free space there or choose thin provisioning")
     if (disk.datastore, disk.path) == (target.datastore, target.path):
         reasons.append(f"disk {disk.name} already is {disk.datastore}:{disk.path}")
     elif target_exists:

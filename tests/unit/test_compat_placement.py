@@ -46,6 +46,9 @@ def test_compatible_host_has_no_refusal() -> None:
     (host(state=HostState.MAINTENANCE), RefusalReason.HOST_IN_MAINTENANCE),
     (host(alloc_mem=1800), RefusalReason.NO_MEMORY),
     (host(datastores=()), RefusalReason.DATASTORE_MISSING),
+    (host(datastores=(DatastoreInfo(name="shared", path="/s", shared=True, total_bytes=1,
+                                    free_bytes=1, direct_io=False),)),
+     RefusalReason.NO_DIRECT_IO),
     (host(networks=("other",)), RefusalReason.NETWORK_MISSING),
     (host(macs={"52:54:00:00:00:01"}), RefusalReason.MAC_IN_USE),
     (host(cpu_models=("qemu64",)), RefusalReason.CPU_MODEL),
@@ -84,3 +87,15 @@ def test_memory_larger_than_any_host() -> None:
 def test_no_room_anywhere_lists_reasons() -> None:
     with pytest.raises(NoCapacity, match="no host can run"):
         place(SPEC, [host("host1", alloc_mem=2000)])
+
+
+def test_a_writeback_disk_does_not_need_direct_io() -> None:
+    no_odirect = host(datastores=(DatastoreInfo(name="shared", path="/s", shared=True,
+                                                total_bytes=1, free_bytes=1,
+                                                direct_io=False),))
+    [refusal] = check_migration(SPEC, "host1", no_odirect)
+    assert "does not support O_DIRECT" in refusal.message
+    assert "set its cache to writeback" in refusal.message
+    writeback = SPEC.model_copy(update={"disks": (DiskSpec(
+        name="root", datastore="shared", path="w.qcow2", cache="writeback"),)})
+    assert check_migration(writeback, "host1", no_odirect) == []

@@ -53,6 +53,12 @@ def test_an_unseen_datastore_and_a_move_onto_itself_are_refused() -> None:
     assert "already is shared:vm/root.qcow2" in same
 
 
+def test_a_datastore_without_o_direct_is_refused_for_a_cache_none_disk() -> None:
+    no_odirect = store(4000).model_copy(update={"direct_io": False})
+    [reason] = check_relocation(DISK, target(), IMAGE, no_odirect, False)
+    assert "fast does not support O_DIRECT" in reason
+
+
 def test_phases_only_move_forward_or_into_rollback() -> None:
     assert relocation_transition(RelocationPhase.COPYING, RelocationPhase.PIVOTING) \
         is RelocationPhase.PIVOTING
