@@ -152,7 +152,7 @@ class Store:
                 raise NotFound(f"there is no VM {name!r}")
             await s.delete(row)
 
-    # --- migrations ------------------------------------------------------------
+    # --- long jobs: migrations and relocations share these ------------------------
     async def _add_job(self, row_type: type[JobRow], record: MigrationRecord | RelocationRecord,
                        busy: Callable[[str], Conflict]) -> None:
         """Insert a job's row, unless its VM has an unfinished job of that kind."""
@@ -178,6 +178,7 @@ class Store:
             row.phase = record.phase.value
         return record
 
+    # --- migrations ------------------------------------------------------------
     async def add_migration(self, record: MigrationRecord) -> MigrationRecord:
         """Persist a new migration; Conflict if the VM already has an unfinished one."""
         await self._add_job(MigrationRow, record, lambda busy: Conflict(
