@@ -30,7 +30,7 @@ def describe(rec: dict[str, Any]) -> str:
     if rec["phase"] == "completed":
         kept = "kept" if rec["keep_source"] else "removed"
         return f"[green]completed[/]{took}: {where}; old image {kept}" + (
-            f" ({rec['reason']})" if rec.get("reason") else "")
+            f" ({escape(str(rec['reason']))})" if rec.get("reason") else "")
     if rec["phase"] == "failed":
         return f"[red]failed[/]{took}: {escape(str(rec['reason']))}"
     return f"{rec['phase']}: {where}"

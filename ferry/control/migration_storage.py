@@ -60,7 +60,7 @@ async def copy_disks(rec: MigrationRecord, source: AgentClient,
         if cancelled():
             raise DiskCopyFailed("cancelled by the user")
         jobs = await source.disk_mirrors(rec.vm, rec.id, names)
-        broken = [j for j in jobs if j.missing or j.error or j.status == "concluded"]
+        broken = [j for j in jobs if j.stopped]
         if broken:
             raise DiskCopyFailed(f"copying disk {broken[0].job_id} failed: "
                                  f"{broken[0].error or broken[0].status}")

@@ -188,7 +188,7 @@ class Relocator:
             if self._cancel[rec.id].is_set():
                 raise RollBack("cancelled by the user")
             state = await agent.mirror(rec.vm, job_id(rec), wait_s=PROGRESS_WAIT_S)
-            if state.missing or state.status == "concluded" or state.error:
+            if state.stopped:
                 raise RollBack(f"the copy stopped: {state.error or state.status}")
             elapsed = max(time.monotonic() - began, 1e-3)
             rec = await self.store.update_relocation(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from ferry.domain.inventory import HostSnapshot, HostState
-from ferry.domain.specs import DiskCache, DiskSpec, Frozen, VmSpec
+from ferry.domain.specs import Frozen, VmSpec
 
 
 class RefusalReason(StrEnum):
@@ -28,12 +28,6 @@ class RefusalReason(StrEnum):
 class Refusal(Frozen):
     reason: RefusalReason
     message: str
-
-
-def direct_io_problem(disk: DiskSpec, host: str) -> str:
-    return (f"datastore {disk.datastore} on host {host} does not support O_DIRECT, which "
-            f"disk {disk.name} needs (cache none); set its cache to writeback, or use "
-            "another datastore")
 
 
 def check_host(spec: VmSpec, host: HostSnapshot, *, counted: bool = False) -> list[Refusal]:
@@ -75,8 +69,8 @@ def check_host(spec: VmSpec, host: HostSnapshot, *, counted: bool = False) -> li
             refuse(RefusalReason.DATASTORE_MISSING,
                    f"host {host.name} does not see datastore {disk.datastore} "
                    f"(disk {disk.name}); pick a host that mounts it")
-        elif disk.cache is DiskCache.NONE and not datastore.direct_io:
-            refuse(RefusalReason.NO_DIRECT_IO, direct_io_problem(disk, host.name))
+        elif (problem := datastore.cache_problem(disk)) is not None:
+            refuse(RefusalReason.NO_DIRECT_IO, f"host {host.name}: {problem}")
     for nic in spec.nics:
         if nic.network not in facts.networks:
             refuse(RefusalReason.NETWORK_MISSING,

@@ -137,18 +137,20 @@ def _not_converging(its: tuple[Iteration, ...], dirty: int, rate: float) -> str 
     """
     if dirty >= CONVERGING * rate:
         return f"dirty {dirty >> 20} MiB/s vs link {int(rate) >> 20} MiB/s"
+    if len(its) < 3:
+        # The first pass says nothing: it sends all of memory, so what it leaves dirty is
+        # bounded by the guest's working set, not by how fast the set shrinks (measured:
+        # it left 0.69 of what it sent for a guest whose whole working set is dirty
+        # again after every later pass).
+        return None
     last, before = its[-1], its[-2]
     sent = last.transferred_bytes - before.transferred_bytes
     # Only a pass that sent most of the set before it says something (QEMU also syncs
-    # at the very end of a pass, a tiny "pass"). The first pass says nothing either: it
-    # sends all of memory, so what it leaves dirty is bounded by the guest's working set,
-    # not by how fast the set shrinks (measured: it left 0.69 of what it sent for a guest
-    # whose whole working set is dirty again after every later pass).
-    if (len(its) >= 3 and sent >= 0.5 * before.remaining_bytes
-            and last.remaining_bytes >= DIRTY_SHARE * sent):
+    # at the very end of a pass, a tiny "pass").
+    if sent >= 0.5 * before.remaining_bytes and last.remaining_bytes >= DIRTY_SHARE * sent:
         return (f"the last pass left {last.remaining_bytes >> 20} MiB dirty after sending "
                 f"{sent >> 20} MiB")
-    if len(its) >= 3 and last.remaining_bytes > 0.9 * before.remaining_bytes:
+    if last.remaining_bytes > 0.9 * before.remaining_bytes:
         return "the dirty set shrank less than 10 % in a pass"
     return None
 

@@ -158,6 +158,14 @@ class DatastoreInfo(Frozen):
     free_bytes: int
     direct_io: bool = True  # its filesystem takes O_DIRECT (disk cache none)
 
+    def cache_problem(self, disk: DiskSpec) -> str | None:
+        """Why `disk` cannot live here with its cache mode, or None."""
+        if disk.cache is DiskCache.NONE and not self.direct_io:
+            return (f"datastore {self.name} does not support O_DIRECT, which disk "
+                    f"{disk.name} needs (cache none); set its cache to writeback, or use "
+                    "another datastore")
+        return None
+
 
 class HostFacts(Frozen):
     """What an agent reports about its host, probed at agent start and on request."""

@@ -18,16 +18,10 @@ from enum import StrEnum
 from pydantic import Field
 
 from ferry.domain.errors import Conflict
-from ferry.domain.specs import (
-    DatastoreInfo,
-    DiskCache,
-    DiskFormat,
-    DiskSpec,
-    Frozen,
-    Provisioning,
-)
+from ferry.domain.specs import DatastoreInfo, DiskFormat, DiskSpec, Frozen, Provisioning
 
 DEFAULT_COPY_PROGRESS_TIMEOUT_S = 150  # as a migration's default progress timeout
+STOPPED_STATUSES = ("concluded", "aborting", "null")  # QEMU job statuses past running
 
 
 class RelocationPhase(StrEnum):
@@ -88,6 +82,11 @@ class MirrorProgress(Frozen):
     def missing(self) -> bool:
         return self.status == "absent"
 
+    @property
+    def stopped(self) -> bool:
+        """The job is gone, failed or ending: it will never become ready."""
+        return self.missing or bool(self.error) or self.status in STOPPED_STATUSES
+
 
 class RelocationRecord(Frozen):
     id: str
@@ -140,9 +139,8 @@ def check_relocation(disk: DiskSpec, target: DiskSpec, image: ImageInfo,
         reasons.append(f"the host does not see datastore {target.datastore}; "
                        "pick one listed by `ferry host list`")
     else:
-        if target.cache is DiskCache.NONE and not datastore.direct_io:
-            reasons.append(f"datastore {target.datastore} does not support O_DIRECT, which "
-                           f"disk {target.name} uses (cache none); pick another datastore")
+        if (problem := datastore.cache_problem(target)) is not None:
+            reasons.append(problem)
         need = needed_bytes(image, target.provisioning)
         if datastore.free_bytes < need:
             reasons.append(f"datastore {target.datastore} has {datastore.free_bytes >> 20} "
