@@ -2,7 +2,8 @@
 
 One lab per test session (prefix "ft", subnet 10.211.0.0/24, its own directory), torn
 down at the end even when tests fail; any leftover of an earlier crashed run with the
-same prefix is removed first.
+same prefix is removed first. FERRY_TEST_LAB_PREFIX / _OCTET / _PORT let two checkouts
+run their suites side by side.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from ferry.lab import cluster
 from ferry.lab.config import LabConfig
 
 LAB_DIR = Path(os.environ.get("FERRY_TEST_LAB_DIR", "/tmp/ferry-test-lab"))
+LAB_PREFIX = os.environ.get("FERRY_TEST_LAB_PREFIX", "ft")
+LAB_OCTET = int(os.environ.get("FERRY_TEST_LAB_OCTET", "211"))
+LAB_PORT = int(os.environ.get("FERRY_TEST_LAB_PORT", "8711"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -33,8 +37,8 @@ def lab() -> Iterator[LabConfig]:
         pytest.fail("the lab needs root (network namespaces, bridge): run `make test` as root")
     if not all((cluster.GUEST_DIR / f).exists() for f in cluster.GUEST_FILES):
         pytest.fail(f"no guest image in {cluster.GUEST_DIR}: run `make guest`")
-    config = LabConfig.default(LAB_DIR, 3, cpus=4, memory_mib=2048, prefix="ft",
-                               subnet_octet=211, control_port=8711, small_datastore_mib=64)
+    config = LabConfig.default(LAB_DIR, 3, cpus=4, memory_mib=2048, prefix=LAB_PREFIX,
+                               subnet_octet=LAB_OCTET, control_port=LAB_PORT, small_datastore_mib=64)
     cluster.down(config)  # leftovers of a crashed earlier run
     shutil.rmtree(LAB_DIR, ignore_errors=True)
     os.environ["FERRY_LAB_DIR"] = str(LAB_DIR)
