@@ -73,7 +73,7 @@ from common import (
     run_in_lab,
 )
 
-from ferry.cli.client import Client
+from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec
 from ferry.domain.errors import FerryError
 from ferry.domain.migration import Phase
@@ -231,7 +231,7 @@ def attempt(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
 
 
 def sweep(config: LabConfig, args: argparse.Namespace) -> list[Run]:
-    client = Client(config.control_url, timeout_s=120)
+    client = lab_client(config, timeout_s=120)
     runs: list[Run] = []
     for i, rate in enumerate(args.rates):
         k = i % len(args.policies)

@@ -67,7 +67,7 @@ from common import (
     run_in_lab,
 )
 
-from ferry.cli.client import Client
+from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec
 from ferry.domain.errors import FerryError
 from ferry.domain.migration import Phase, SourceStatus
@@ -261,7 +261,7 @@ def attempt(run: Run, body: Callable[[], object]) -> Run:
 
 
 def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
-    client = Client(config.control_url, timeout_s=120)
+    client = lab_client(config, timeout_s=120)
     hosts = [h.name for h in config.hosts]
     workdir = config.directory / "bench-raw"  # inside the lab dir: `lab down` kills leftovers
     runs: list[Run] = []

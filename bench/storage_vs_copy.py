@@ -63,7 +63,7 @@ from typing import Any
 
 from common import MIB, fmt, median, problem, remove_vm, run_in_lab
 
-from ferry.cli.client import Client
+from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec
 from ferry.domain.errors import FerryError
 from ferry.domain.probe import Heartbeat, heartbeats
@@ -263,7 +263,7 @@ def attempt(run: Run, body: Callable[[], object]) -> Run:
 
 
 def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
-    client = Client(config.control_url, timeout_s=120)
+    client = lab_client(config, timeout_s=120)
     runs: list[Run] = []
     for case in ("idle", "busy"):
         for i in range(args.runs):

@@ -13,11 +13,13 @@ from ferry.domain.errors import (
     ERRORS_BY_CODE,
     Conflict,
     FerryError,
+    Forbidden,
     HostUnavailable,
     Incompatible,
     InvalidInput,
     NoCapacity,
     NotFound,
+    Unauthenticated,
 )
 
 STATUS: dict[type[FerryError], int] = {
@@ -27,6 +29,8 @@ STATUS: dict[type[FerryError], int] = {
     NoCapacity: 409,
     Incompatible: 409,
     HostUnavailable: 502,
+    Unauthenticated: 401,
+    Forbidden: 403,
 }
 
 

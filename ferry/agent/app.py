@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ferry.agent.host import HostRuntime
 from ferry.agent.models import (
@@ -21,10 +21,12 @@ from ferry.agent.models import (
     Tune,
     VmInfo,
 )
-from ferry.domain.errors import FerryError
+from ferry.domain.errors import FerryError, Forbidden
 from ferry.domain.migration import Progress
 from ferry.domain.specs import HostFacts
 from ferry.domain.storage import ImageInfo, MirrorProgress
+from ferry.pki import Role
+from ferry.pki.serve import peer_identity
 from ferry.wire import error_body, status_for
 
 
@@ -39,6 +41,19 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=status_for(exc))
+
+    @app.middleware("http")
+    async def only_the_control_plane(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """TLS already refused callers without a certificate of the cluster's CA; of
+        those, only the control plane drives an agent (not another host)."""
+        peer = peer_identity(request)
+        if peer is None or peer.role is not Role.CONTROL:
+            who = f"{peer.role} {peer.name}" if peer else "a caller without a certificate"
+            err = Forbidden(f"{who} may not call the agent of {host.config.name}",
+                            "only the cluster's control plane drives agents")
+            return JSONResponse(error_body(err), status_code=status_for(err))
+        return await call_next(request)
 
     @app.get("/v1/facts")
     async def facts() -> HostFacts:

@@ -6,6 +6,7 @@ agent becomes the same FerryError subclass the agent raised.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, TypeVar
 
 import httpx
@@ -35,12 +36,14 @@ T = TypeVar("T")
 
 class AgentClient:
     def __init__(self, host: str, base_url: str, timeout_s: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.host = host
         # A short connect timeout: an unreachable host must not stall a migration step.
         self._http = httpx.AsyncClient(base_url=base_url,
                                        timeout=httpx.Timeout(timeout_s, connect=3.0),
-                                       transport=transport, trust_env=False)
+                                       transport=transport, trust_env=False,
+                                       verify=verify)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -28,10 +28,26 @@ class AgentConfig(Frozen):
     datastores: tuple[DatastoreConfig, ...] = ()
     networks: tuple[str, ...] = ()
     heartbeat_interval_s: float = 1.0
+    # Trust: where the host's key and certificate live (default: next to run_dir), the
+    # CA that signs the control plane's certificate, and a one-time join token used
+    # once, when the host has no certificate yet.
+    tls_dir: Path | None = None
+    control_ca: Path | None = None
+    join_token: str | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.listen_host}:{self.listen_port}"
+        return f"https://{self.listen_host}:{self.listen_port}"
+
+    @property
+    def tls_path(self) -> Path:
+        return self.tls_dir or self.run_dir.parent / "tls"
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The addresses this host's certificate must carry."""
+        return tuple(dict.fromkeys(a for a in (self.listen_host, self.migration_address)
+                                   if a is not None))
 
     @property
     def datastore_paths(self) -> dict[str, str]:

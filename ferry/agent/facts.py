@@ -13,6 +13,7 @@ from ferry.agent.config import AgentConfig
 from ferry.domain.specs import DatastoreInfo, HostFacts
 from ferry.hypervisor.argv import QEMU_BINARY, RunPaths
 from ferry.hypervisor.process import QemuProcess
+from ferry.pki import HostTls
 
 
 @dataclass(frozen=True)
@@ -102,4 +103,5 @@ def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
         memory_free_mib=max(0, min(free, capacity - used_memory_mib)),
         cpu_models=qemu.cpu_models, qemu_version=qemu.version,
         machine_types=qemu.machine_types, machine_aliases=qemu.machine_aliases,
-        datastores=tuple(datastores), networks=config.networks)
+        datastores=tuple(datastores), networks=config.networks,
+        migration_tls=HostTls(config.tls_path).enrolled())

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.agent.models import AgentHeartbeat
+from ferry.api.auth import enrolled_host, install_gates, requires, unauthenticated_response
 from ferry.api.schemas import (
     CheckResult,
     CreateVmRequest,
@@ -20,16 +21,22 @@ from ferry.api.schemas import (
     SerialLines,
     VmView,
 )
+from ferry.api.trust_routes import register_trust_routes
 from ferry.control.migration import merge_options
 from ferry.control.service import ControlPlane
-from ferry.domain.errors import FerryError, InvalidInput
+from ferry.domain.auth import Privilege
+from ferry.domain.errors import FerryError, InvalidInput, Unauthenticated
 from ferry.domain.migration import StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord
 from ferry.domain.storage import RelocationRecord
+from ferry.pki import Identity
 from ferry.wire import describe_validation, error_body, status_for
 
+DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost")
 
-def create_app(control: ControlPlane) -> FastAPI:
+
+def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
+               ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await control.start()
@@ -37,10 +44,18 @@ def create_app(control: ControlPlane) -> FastAPI:
         await control.close()
 
     app = FastAPI(title="Ferry control plane", version="0.1.0", lifespan=lifespan)
+    store = control.store
+    read = requires(store, Privilege.READ)
+    install_gates(app, store, allowed_hosts)
+    register_trust_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=status_for(exc))
+
+    @app.exception_handler(Unauthenticated)
+    async def _unauthenticated(_: Request, exc: Unauthenticated) -> JSONResponse:
+        return unauthenticated_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -50,31 +65,35 @@ def create_app(control: ControlPlane) -> FastAPI:
 
     # --- agents and hosts ------------------------------------------------------
     @app.post("/v1/agents/heartbeat", status_code=204)
-    async def heartbeat(beat: AgentHeartbeat) -> None:
+    async def heartbeat(beat: AgentHeartbeat,
+                        peer: Annotated[Identity, Depends(enrolled_host)]) -> None:
+        """From enrolled agents only: the host is the one its certificate names."""
+        await control.trust.check_heartbeat(peer, beat.facts.name, beat.url)
         await control.inventory.heartbeat(beat.facts, beat.url, beat.vms)
         await control.migrations.reap_orphans(beat.facts.name, beat.vms)
 
-    @app.get("/v1/hosts")
+    @app.get("/v1/hosts", dependencies=read)
     async def hosts() -> list[HostRecord]:
         return await control.store.hosts()
 
-    @app.get("/v1/hosts/{name}")
+    @app.get("/v1/hosts/{name}", dependencies=read)
     async def host(name: str) -> HostRecord:
         return await control.store.host(name)
 
-    @app.post("/v1/hosts/{name}/maintenance")
+    @app.post("/v1/hosts/{name}/maintenance",
+              dependencies=requires(store, Privilege.HOST_MAINTENANCE))
     async def maintenance(name: str, on: bool = True) -> HostRecord:
         """Mark a host in (or out of) maintenance: no VM is placed or migrated onto it.
         Evacuating its VMs is not done here yet."""
         return await control.store.set_maintenance(name, on)
 
     # --- VMs -------------------------------------------------------------------
-    @app.post("/v1/vms", status_code=201)
+    @app.post("/v1/vms", status_code=201, dependencies=requires(store, Privilege.VM_CREATE))
     async def create_vm(body: CreateVmRequest) -> VmView:
         vm = await control.inventory.create_vm(body.spec, body.host, body.start)
         return VmView(spec=vm.spec, host=vm.host, state=vm.state)
 
-    @app.get("/v1/vms")
+    @app.get("/v1/vms", dependencies=read)
     async def list_vms() -> list[VmView]:
         views = []
         for vm in await control.store.vms():
@@ -82,96 +101,101 @@ def create_app(control: ControlPlane) -> FastAPI:
             views.append(VmView(spec=vm.spec, host=vm.host, state=vm.state, live=live))
         return views
 
-    @app.get("/v1/vms/{name}")
+    @app.get("/v1/vms/{name}", dependencies=read)
     async def show_vm(name: str) -> VmView:
         vm, live = await control.inventory.live(name)
         return VmView(spec=vm.spec, host=vm.host, state=vm.state, live=live)
 
-    @app.post("/v1/vms/{name}/start")
+    @app.post("/v1/vms/{name}/start", dependencies=requires(store, Privilege.VM_POWER))
     async def start_vm(name: str) -> VmView:
         vm = await control.inventory.start_vm(name)
         return VmView(spec=vm.spec, host=vm.host, state=vm.state)
 
-    @app.post("/v1/vms/{name}/stop")
+    @app.post("/v1/vms/{name}/stop", dependencies=requires(store, Privilege.VM_POWER))
     async def stop_vm(name: str, force: bool = False) -> VmView:
         vm = await control.inventory.stop_vm(name, force)
         return VmView(spec=vm.spec, host=vm.host, state=vm.state)
 
-    @app.delete("/v1/vms/{name}", status_code=204)
+    @app.delete("/v1/vms/{name}", status_code=204,
+                dependencies=requires(store, Privilege.VM_DELETE))
     async def delete_vm(name: str) -> None:
         await control.inventory.delete_vm(name)
 
-    @app.get("/v1/vms/{name}/disk-files")
+    @app.get("/v1/vms/{name}/disk-files", dependencies=read)
     async def disk_files(name: str) -> dict[str, str]:
         """The image file each disk uses right now, as QEMU reports it."""
         return await control.inventory.disk_files(name)
 
-    @app.get("/v1/vms/{name}/serial")
+    @app.get("/v1/vms/{name}/serial", dependencies=read)
     async def serial(name: str, lines: int = Query(20, ge=1, le=1000)) -> SerialLines:
         return SerialLines(lines=tuple(await control.inventory.serial(name, lines)))
 
     # --- migrations --------------------------------------------------------------
-    @app.post("/v1/migrations", status_code=202)
+    @app.post("/v1/migrations", status_code=202,
+              dependencies=requires(store, Privilege.VM_MIGRATE))
     async def migrate(body: MigrateRequest) -> MigrationRecord:
         options = await control.migrations.options_for(body.options)
         return await control.migrations.start(body.vm, body.target, options, body.datastore)
 
-    @app.post("/v1/migrations/check")
+    @app.post("/v1/migrations/check", dependencies=read)
     async def check(body: MigrateRequest) -> CheckResult:
         refusals = await control.migrations.check(body.vm, body.target, body.datastore)
         return CheckResult(vm=body.vm, target=body.target, ok=not refusals,
                            refusals=tuple(refusals))
 
-    @app.get("/v1/policy")
+    @app.get("/v1/policy", dependencies=read)
     async def policy() -> StreamOptions:
         """The cluster's default migration policy."""
         return await control.store.migration_defaults()
 
-    @app.patch("/v1/policy")
+    @app.patch("/v1/policy", dependencies=requires(store, Privilege.POLICY_SET))
     async def set_policy(changes: dict[str, Any]) -> StreamOptions:
         """Change some fields of the default migration policy; the rest stay."""
         current = await control.store.migration_defaults()
         return await control.store.set_migration_defaults(merge_options(current, changes))
 
-    @app.get("/v1/migrations")
+    @app.get("/v1/migrations", dependencies=read)
     async def migrations() -> list[MigrationRecord]:
         return await control.store.migrations()
 
-    @app.get("/v1/migrations/{migration_id}")
+    @app.get("/v1/migrations/{migration_id}", dependencies=read)
     async def migration(migration_id: str) -> MigrationRecord:
         return await control.store.migration(migration_id)
 
-    @app.post("/v1/migrations/{migration_id}/cancel")
+    @app.post("/v1/migrations/{migration_id}/cancel",
+              dependencies=requires(store, Privilege.VM_MIGRATE))
     async def cancel(migration_id: str) -> MigrationRecord:
         return await control.migrations.cancel(migration_id)
 
-    @app.get("/v1/migrations/{migration_id}/events")
+    @app.get("/v1/migrations/{migration_id}/events", dependencies=read)
     async def events(migration_id: str) -> StreamingResponse:
         """Server-sent events: the migration record each time it changes, to the end."""
         await control.store.migration(migration_id)  # 404 before the stream starts
         return sse(control, migration_id, control.store.migration)
 
     # --- relocations (Storage vMotion) --------------------------------------------
-    @app.post("/v1/relocations", status_code=202)
+    @app.post("/v1/relocations", status_code=202,
+              dependencies=requires(store, Privilege.VM_RELOCATE))
     async def relocate(body: RelocateRequest) -> RelocationRecord:
         return await control.relocations.start(
             body.vm, body.datastore, disk=body.disk, fmt=body.format,
             provisioning=body.provisioning, path=body.path, keep_source=body.keep_source,
             speed_bytes_s=body.bandwidth_bytes_s, progress_timeout_s=body.progress_timeout_s)
 
-    @app.get("/v1/relocations")
+    @app.get("/v1/relocations", dependencies=read)
     async def relocations() -> list[RelocationRecord]:
         return await control.store.relocations()
 
-    @app.get("/v1/relocations/{relocation_id}")
+    @app.get("/v1/relocations/{relocation_id}", dependencies=read)
     async def relocation(relocation_id: str) -> RelocationRecord:
         return await control.store.relocation(relocation_id)
 
-    @app.post("/v1/relocations/{relocation_id}/cancel")
+    @app.post("/v1/relocations/{relocation_id}/cancel",
+              dependencies=requires(store, Privilege.VM_RELOCATE))
     async def cancel_relocation(relocation_id: str) -> RelocationRecord:
         return await control.relocations.cancel(relocation_id)
 
-    @app.get("/v1/relocations/{relocation_id}/events")
+    @app.get("/v1/relocations/{relocation_id}/events", dependencies=read)
     async def relocation_events(relocation_id: str) -> StreamingResponse:
         await control.store.relocation(relocation_id)
         return sse(control, relocation_id, control.store.relocation)

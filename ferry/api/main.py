@@ -1,28 +1,40 @@
-"""`ferry server`: run the control plane (REST API, orchestrator) with uvicorn."""
+"""`ferry server`: run the control plane (REST API, orchestrator) with uvicorn over TLS.
+
+Clients without a certificate are let in by TLS (they authenticate with bearer tokens);
+agents present their host certificate, which is how heartbeats are attributed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import uvicorn
 
-from ferry.api.app import create_app
+from ferry.api.app import DEFAULT_ALLOWED_HOSTS, create_app
 from ferry.control.service import ControlPlane
+from ferry.pki import ControlPki
+from ferry.pki.serve import tls_config
 
 
-async def serve(db_url: str, host: str, port: int) -> None:
-    control = await ControlPlane.open(db_url)
-    server = uvicorn.Server(uvicorn.Config(create_app(control), host=host, port=port,
-                                           log_level="warning"))
+async def serve(db_url: str, host: str, port: int, pki_dir: Path,
+                allowed_hosts: tuple[str, ...] = ()) -> None:
+    pki = ControlPki(pki_dir)
+    pki.init((host,) if host not in ("0.0.0.0", "127.0.0.1") else ())
+    control = await ControlPlane.open(db_url, pki)
+    app = create_app(control, (*DEFAULT_ALLOWED_HOSTS, host, *allowed_hosts))
+    server = uvicorn.Server(tls_config(app, host, port, ca=pki.ca_cert, cert=pki.cert,
+                                       key=pki.key, require_client_cert=False))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     await server.serve()
 
 
-def run(db_url: str, host: str, port: int, log_level: str = "info") -> None:
+def run(db_url: str, host: str, port: int, pki_dir: Path,
+        allowed_hosts: tuple[str, ...] = (), log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(db_url, host, port))
+    asyncio.run(serve(db_url, host, port, pki_dir, allowed_hosts))

@@ -7,9 +7,11 @@ from typing import Any
 from pydantic import Field
 
 from ferry.agent.models import VmInfo
+from ferry.domain.audit import TokenInfo
+from ferry.domain.auth import TokenRole
 from ferry.domain.compat import Refusal
 from ferry.domain.inventory import VmState
-from ferry.domain.specs import DiskFormat, Frozen, Provisioning, VmSpec
+from ferry.domain.specs import DiskFormat, Frozen, Name, Provisioning, VmSpec
 from ferry.domain.storage import DEFAULT_COPY_PROGRESS_TIMEOUT_S
 
 
@@ -57,3 +59,37 @@ class RelocateRequest(Frozen):
     bandwidth_bytes_s: int = Field(default=0, ge=0)
     progress_timeout_s: int = Field(default=DEFAULT_COPY_PROGRESS_TIMEOUT_S, ge=5,
                                     le=24 * 3600)
+
+
+class TokenRequest(Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    role: TokenRole = TokenRole.VIEWER
+
+
+class NewToken(Frozen):
+    """A token as created: the secret is shown this once and stored only hashed."""
+
+    token: str
+    info: TokenInfo
+
+
+class JoinTokenRequest(Frozen):
+    host: Name
+    ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+
+class JoinToken(Frozen):
+    host: str
+    token: str
+    expires_in_s: int
+
+
+class EnrolRequest(Frozen):
+    token: str = Field(max_length=256)
+    csr: str = Field(max_length=16384)
+
+
+class Enrolment(Frozen):
+    host: str
+    cert: str
+    ca: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,26 +12,62 @@ from typing import Any
 import httpx
 
 from ferry.domain.errors import FerryError, HostUnavailable
-from ferry.lab.config import DEFAULT_LAB_DIR, load
+from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, load
+from ferry.pki.layout import client_context
 from ferry.wire import error_from_body, error_from_response
 
-DEFAULT_URL = "http://127.0.0.1:8700"
+DEFAULT_URL = "https://127.0.0.1:8700"
 
 
-def resolve_url(url: str | None, lab_dir: Path | None = None) -> str:
-    """--url, else $FERRY_URL, else the lab's control plane, else localhost."""
-    if url:
-        return url
-    if os.environ.get("FERRY_URL"):
-        return os.environ["FERRY_URL"]
+def lab_running(lab: LabConfig) -> bool:
+    """The lab's bridge exists: its addresses are on this machine, nothing leaves it."""
+    from ferry.lab import net
+    return net.exists(lab)
+
+
+def connect(url: str | None = None, timeout_s: float = 60.0,
+            lab_dir: Path | None = None) -> Client:
+    """A client of the control plane: --url, else $FERRY_URL, else the lab's; the token
+    from $FERRY_TOKEN, else the lab's admin token; the CA from $FERRY_CA, else the lab's.
+
+    A request meant for the lab never leaves the machine: when the lab's bridge is down
+    its addresses would route off the machine (with a token in the request), so the
+    client refuses before connecting."""
     lab = load(lab_dir or DEFAULT_LAB_DIR)
-    return lab.control_url if lab is not None else DEFAULT_URL
+    url = url or os.environ.get("FERRY_URL") or (lab.control_url if lab else DEFAULT_URL)
+    is_lab = lab is not None and url.rstrip("/") == lab.control_url
+    if is_lab and lab is not None and not lab_running(lab):
+        raise HostUnavailable("the lab is not running: `ferry lab up`",
+                              f"(its control plane {lab.control_url} is a lab address; "
+                              "nothing is sent there while the lab is down)")
+    token = os.environ.get("FERRY_TOKEN") or (_read(lab.admin_token_file)
+                                               if is_lab and lab else None)
+    ca_env = os.environ.get("FERRY_CA")
+    ca = Path(ca_env) if ca_env else (lab.ca_file if lab and lab.ca_file.exists() else None)
+    return Client(url, timeout_s, token=token, ca=ca)
+
+
+def lab_client(lab: LabConfig, timeout_s: float = 60.0) -> Client:
+    """The lab's admin client (for the demo, benchmarks and tests)."""
+    return Client(lab.control_url, timeout_s, token=_read(lab.admin_token_file),
+                  ca=lab.ca_file)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class Client:
-    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 60.0, token: str | None = None,
+                 ca: Path | None = None) -> None:
         self.url = url
-        self._http = httpx.Client(base_url=url, timeout=timeout_s, trust_env=False)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        verify: ssl.SSLContext | bool = client_context(ca) if ca is not None else True
+        self._http = httpx.Client(base_url=url, timeout=timeout_s, trust_env=False,
+                                  headers=headers, verify=verify)
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
         try:

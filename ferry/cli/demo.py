@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ferry.cli.client import Client
+from ferry.cli.client import Client, lab_client
 from ferry.cli.output import console, heartbeat_text, mib, table
 from ferry.domain.errors import FerryError, NotFound
 from ferry.domain.migration import Phase
@@ -47,7 +47,7 @@ def run_demo(config: LabConfig) -> None:
     if not cluster.install_guest_image(config):
         raise FerryError(f"no guest image in {cluster.GUEST_DIR}", "run `make guest`")
     console.print(f"lab up in {time.monotonic() - began:.1f} s")
-    client = Client(config.control_url, timeout_s=120)
+    client = lab_client(config, timeout_s=120)
     try:
         client.call("POST", f"/v1/vms/{DEMO_VM}/stop", force=True)
         client.call("DELETE", f"/v1/vms/{DEMO_VM}")

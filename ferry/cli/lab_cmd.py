@@ -37,12 +37,25 @@ def _config(lab_dir: Path) -> LabConfig:
 
 
 @app.command()
-def up(hosts: Annotated[int, typer.Option(help="number of hosts", min=1, max=32)] = 3,
+def up(hosts: Annotated[int | None, typer.Option(
+           help="number of hosts (default 3; an existing lab keeps its own)", min=1, max=32)
+       ] = None,
        cpus: Annotated[int, typer.Option(help="declared CPUs per host")] = 4,
        memory: Annotated[int, typer.Option(help="declared MiB per host")] = 2048,
+       subnet: Annotated[str | None, typer.Option(
+           help="IPv4 network of the lab bridge (default 198.18.210.0/24, a range "
+                "reserved for test networks)")] = None,
        lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
     """Create the hosts, start one agent per host and the control plane."""
-    config = load(lab_dir) or LabConfig.default(lab_dir, hosts, cpus, memory)
+    existing = load(lab_dir)
+    extra = {"subnet": subnet} if subnet else {}
+    try:
+        config = LabConfig.default(lab_dir, hosts or (len(existing.hosts) if existing else 3),
+                                   cpus, memory, **extra) if (
+            existing is None or hosts is not None or subnet) else existing
+    except ValueError as exc:
+        _fail(f"invalid lab settings: {exc}")
+        return
     began = time.monotonic()
     try:
         st = cluster.up(config)
@@ -51,6 +64,10 @@ def up(hosts: Annotated[int, typer.Option(help="number of hosts", min=1, max=32)
         return
     console.print(f"lab up in {time.monotonic() - began:.1f} s: {len(st.config.hosts)} hosts, "
                   f"control plane at {config.control_url}")
+    if st.new_admin_token:
+        console.print(f"admin token (kept 0600 in {config.admin_token_file}, where the CLI "
+                      "finds it):")
+        console.print(st.new_admin_token, markup=False, highlight=False)
     if not cluster.install_guest_image(config):
         console.print(f"[yellow]note:[/] no probe guest image in {cluster.GUEST_DIR}; "
                       "build it with `make guest` to use `ferry vm create --probe`")

@@ -5,18 +5,20 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 
 from ferry.cli import lab_cmd, migrate_cmd, policy_cmd, relocate_cmd
-from ferry.cli.client import Client, resolve_url
+from ferry.cli.client import connect
 from ferry.cli.output import console, heartbeat_text, print_error, print_json, table
 from ferry.domain.errors import FerryError, InvalidInput
 from ferry.domain.specs import DiskCache, DiskFormat
 from ferry.domain.units import parse_size
 from ferry.lab.config import DEFAULT_LAB_DIR, NETWORK, load
+from ferry.pki import ControlPki
 
 app = typer.Typer(help="Ferry: live migration, and what builds on it, for QEMU/KVM hosts.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -63,11 +65,39 @@ def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] 
            "sqlite+aiosqlite:///ferry.db",
            listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
            port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
+           pki: Annotated[Path, typer.Option(help="directory of the cluster CA and the "
+                                             "control plane's certificate (created by "
+                                             "`ferry init` or here if missing)")] =
+           Path("pki"),
+           allowed_host: Annotated[list[str] | None, typer.Option(
+               help="another name clients may use in the Host header (repeatable)")] = None,
            log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
            ) -> None:
-    """Run the control plane (REST API at /v1, OpenAPI at /docs)."""
+    """Run the control plane over TLS (REST API at /v1, OpenAPI at /docs)."""
     from ferry.api.main import run
-    run(db, listen, port, log_level)
+    run(db, listen, port, pki, tuple(allowed_host or ()), log_level)
+
+
+@app.command()
+@handle_errors
+def init(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] =
+         "sqlite+aiosqlite:///ferry.db",
+         pki: Annotated[Path, typer.Option(help="directory for the cluster CA")] =
+         Path("pki"),
+         address: Annotated[list[str] | None, typer.Option(
+             help="address the control plane listens on (repeatable; in its certificate)")
+         ] = None,
+         token_file: Annotated[Path | None, typer.Option(
+             help="also write the admin token to this file (0600)")] = None) -> None:
+    """Create a cluster: its CA, the control plane's certificate and a first admin token
+    (printed once; only its hash is stored)."""
+    from ferry.control.bootstrap import init_cluster
+    token = init_cluster(db, ControlPki(pki), tuple(address or ()), token_file)
+    if token is None:
+        console.print(f"the cluster in {pki} already exists; nothing changed")
+        return
+    console.print(f"cluster CA in {pki}; admin token (shown once, keep it secret):")
+    console.print(token, markup=False, highlight=False)
 
 
 # --- hosts ------------------------------------------------------------------------
@@ -75,7 +105,7 @@ def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] 
 @handle_errors
 def host_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
     """Hosts with their state, capacity and what is allotted."""
-    client = Client(resolve_url(url))
+    client = connect(url)
     hosts = client.call("GET", "/v1/hosts")
     vms = client.call("GET", "/v1/vms")
     if json_out:
@@ -100,7 +130,7 @@ def host_maintenance(name: str, off: Annotated[bool, typer.Option(
         "--off", help="take the host out of maintenance")] = False, url: UrlOpt = None) -> None:
     """Mark a host in maintenance (nothing is placed or migrated onto it). It does not
     evacuate the host's VMs yet: migrate them with `ferry vm migrate`."""
-    h = Client(resolve_url(url)).call("POST", f"/v1/hosts/{name}/maintenance", on=not off)
+    h = connect(url).call("POST", f"/v1/hosts/{name}/maintenance", on=not off)
     console.print(f"host {name}: {h['state']}")
 
 
@@ -182,7 +212,7 @@ def vm_create(
             spec["nics"].append({"name": "nic0", "network": NETWORK, "mac": random_mac()})
     if kernel:
         spec["kernel"] = {"kernel": kernel, "initrd": initrd, "append": append}
-    view = Client(resolve_url(url)).call("POST", "/v1/vms",
+    view = connect(url).call("POST", "/v1/vms",
                                          {"spec": spec, "host": host, "start": start})
     if json_out:
         print_json(view)
@@ -194,7 +224,7 @@ def vm_create(
 @handle_errors
 def vm_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
     """VMs with their host, state and latest probe heartbeat."""
-    vms = Client(resolve_url(url)).call("GET", "/v1/vms")
+    vms = connect(url).call("GET", "/v1/vms")
     if json_out:
         print_json(vms)
         return
@@ -208,7 +238,7 @@ def vm_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
 @handle_errors
 def vm_show(name: str, url: UrlOpt = None, json_out: JsonOpt = False) -> None:
     """One VM: spec, where it runs, its QEMU state and probe heartbeat."""
-    v = Client(resolve_url(url)).call("GET", f"/v1/vms/{name}")
+    v = connect(url).call("GET", f"/v1/vms/{name}")
     if json_out:
         print_json(v)
         return
@@ -230,7 +260,7 @@ def vm_show(name: str, url: UrlOpt = None, json_out: JsonOpt = False) -> None:
 @handle_errors
 def vm_start(name: str, url: UrlOpt = None) -> None:
     """Power a VM on, on its host."""
-    v = Client(resolve_url(url)).call("POST", f"/v1/vms/{name}/start")
+    v = connect(url).call("POST", f"/v1/vms/{name}/start")
     console.print(f"VM {name} on {v['host']}: {v['state']}")
 
 
@@ -240,7 +270,7 @@ def vm_stop(name: str, force: Annotated[bool, typer.Option(
         help="power off at once instead of an ACPI shutdown first")] = False,
         url: UrlOpt = None) -> None:
     """Shut a VM down (ACPI, then power off after 30 s; --force at once)."""
-    Client(resolve_url(url), timeout_s=120).call("POST", f"/v1/vms/{name}/stop", force=force)
+    connect(url, timeout_s=120).call("POST", f"/v1/vms/{name}/stop", force=force)
     console.print(f"VM {name} stopped")
 
 
@@ -248,7 +278,7 @@ def vm_stop(name: str, force: Annotated[bool, typer.Option(
 @handle_errors
 def vm_delete(name: str, url: UrlOpt = None) -> None:
     """Remove a stopped VM from the inventory (its disk images stay)."""
-    Client(resolve_url(url)).call("DELETE", f"/v1/vms/{name}")
+    connect(url).call("DELETE", f"/v1/vms/{name}")
     console.print(f"VM {name} deleted")
 
 
@@ -256,7 +286,7 @@ def vm_delete(name: str, url: UrlOpt = None) -> None:
 @handle_errors
 def vm_serial(name: str, lines: int = 20, url: UrlOpt = None) -> None:
     """The last lines of the VM's serial console."""
-    out = Client(resolve_url(url)).call("GET", f"/v1/vms/{name}/serial", lines=lines)
+    out = connect(url).call("GET", f"/v1/vms/{name}/serial", lines=lines)
     for line in out["lines"]:
         print(line)
 

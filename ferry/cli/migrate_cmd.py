@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from ferry.cli.client import Client, resolve_url
+from ferry.cli.client import Client, connect
 from ferry.cli.output import console, mib, print_json, table
 from ferry.cli.policy_cmd import (
     AllowThrottleOpt,
@@ -116,7 +116,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     ) -> None:
         """Live-migrate a running VM to another host (vMotion). Options not given come
         from the cluster's policy (`ferry policy show`)."""
-        client = Client(resolve_url(url))
+        client = connect(url)
         if check_only:
             result = client.call("POST", "/v1/migrations/check",
                                  {"vm": name, "target": host, "datastore": datastore})
@@ -148,7 +148,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     @handle_errors
     def migration_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
         """Every migration, newest last."""
-        recs = Client(resolve_url(url)).call("GET", "/v1/migrations")
+        recs = connect(url).call("GET", "/v1/migrations")
         if json_out:
             print_json(recs)
             return
@@ -162,7 +162,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     def migration_show(migration_id: str, url: UrlOpt = None, json_out: JsonOpt = False
                        ) -> None:
         """One migration: stage timestamps and every pre-copy pass."""
-        rec = Client(resolve_url(url)).call("GET", f"/v1/migrations/{migration_id}")
+        rec = connect(url).call("GET", f"/v1/migrations/{migration_id}")
         if json_out:
             print_json(rec)
             return
@@ -186,7 +186,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     @handle_errors
     def migration_cancel(migration_id: str, url: UrlOpt = None) -> None:
         """Cancel a migration before switchover; the VM keeps running on its source."""
-        Client(resolve_url(url)).call("POST", f"/v1/migrations/{migration_id}/cancel")
+        connect(url).call("POST", f"/v1/migrations/{migration_id}/cancel")
         console.print(f"cancel requested for {migration_id}")
 
 

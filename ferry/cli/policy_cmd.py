@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ferry.cli.client import Client, resolve_url
+from ferry.cli.client import connect
 from ferry.cli.output import console, print_json, table
 from ferry.domain.units import parse_duration_ms, parse_rate
 
@@ -79,7 +79,7 @@ def register(handle_errors: Callable[..., Any]) -> None:
     def policy_show(url: Annotated[str | None, typer.Option("--url")] = None,
                     json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
         """Show the defaults every migration starts from."""
-        p = Client(resolve_url(url)).call("GET", "/v1/policy")
+        p = connect(url).call("GET", "/v1/policy")
         print_json(p) if json_out else show_policy(p)
 
     @app.command("set")
@@ -96,4 +96,4 @@ def register(handle_errors: Callable[..., Any]) -> None:
         if not changes:
             console.print("nothing to change; see `ferry policy set --help`")
             raise typer.Exit(2)
-        show_policy(Client(resolve_url(url)).call("PATCH", "/v1/policy", changes))
+        show_policy(connect(url).call("PATCH", "/v1/policy", changes))

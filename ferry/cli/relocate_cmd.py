@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from ferry.cli.client import Client, resolve_url
+from ferry.cli.client import Client, connect
 from ferry.cli.output import console, print_json, table
 from ferry.domain.storage import DEFAULT_COPY_PROGRESS_TIMEOUT_S
 from ferry.domain.units import parse_rate
@@ -80,7 +80,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         url: UrlOpt = None, json_out: JsonOpt = False,
     ) -> None:
         """Move a running VM's disk to another datastore, live (Storage vMotion)."""
-        client = Client(resolve_url(url))
+        client = connect(url)
         rec = client.call("POST", "/v1/relocations", {
             "vm": name, "datastore": datastore, "disk": disk, "format": fmt,
             "provisioning": provisioning, "path": path, "keep_source": keep_source,
@@ -98,7 +98,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     @handle_errors
     def relocation_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
         """Every disk move, newest last."""
-        recs = Client(resolve_url(url)).call("GET", "/v1/relocations")
+        recs = connect(url).call("GET", "/v1/relocations")
         if json_out:
             print_json(recs)
             return
@@ -112,7 +112,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     def relocation_show(relocation_id: str, url: UrlOpt = None, json_out: JsonOpt = False
                         ) -> None:
         """One disk move: phases, progress, outcome."""
-        rec = Client(resolve_url(url)).call("GET", f"/v1/relocations/{relocation_id}")
+        rec = connect(url).call("GET", f"/v1/relocations/{relocation_id}")
         if json_out:
             print_json(rec)
             return
@@ -125,5 +125,5 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     @handle_errors
     def relocation_cancel(relocation_id: str, url: UrlOpt = None) -> None:
         """Cancel a disk move before its pivot; the VM keeps its original disk."""
-        Client(resolve_url(url)).call("POST", f"/v1/relocations/{relocation_id}/cancel")
+        connect(url).call("POST", f"/v1/relocations/{relocation_id}/cancel")
         console.print(f"cancel requested for {relocation_id}")

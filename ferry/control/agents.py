@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from ferry.agent.client import AgentClient
 from ferry.agent.models import VmInfo
 from ferry.domain.errors import HostUnavailable
@@ -9,7 +11,8 @@ from ferry.domain.records import HostRecord
 
 
 class AgentPool:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self._tls = tls
         self._clients: dict[str, AgentClient] = {}
         self._urls: dict[str, str] = {}
         # Latest VM list each agent sent with its heartbeat: what runs where, cheaply.
@@ -19,7 +22,7 @@ class AgentPool:
         if not host.url:
             raise HostUnavailable(f"host {host.name} has no agent address yet")
         if self._urls.get(host.name) != host.url:
-            self._clients[host.name] = AgentClient(host.name, host.url)
+            self._clients[host.name] = AgentClient(host.name, host.url, verify=self._tls)
             self._urls[host.name] = host.url
         return self._clients[host.name]
 

@@ -1,4 +1,4 @@
-"""The control plane assembled: store, agents, inventory, orchestrator."""
+"""The control plane assembled: store, trust, agents, inventory, orchestrator."""
 
 from __future__ import annotations
 
@@ -7,21 +7,26 @@ from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
 from ferry.control.storage import Relocator
+from ferry.control.trust import Trust
+from ferry.pki import ControlPki
 from ferry.store import Store
 
 
 class ControlPlane:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, pki: ControlPki) -> None:
         self.store = store
-        self.agents = AgentPool()
+        self.trust = Trust(store, pki)
+        # Agents are called over mutual TLS: they see the control plane's certificate,
+        # we check theirs against the cluster CA.
+        self.agents = AgentPool(pki.client_context())
         self.bus = ChangeBus()
         self.inventory = Inventory(store, self.agents)
         self.migrations = Orchestrator(store, self.inventory, self.agents, self.bus)
         self.relocations = Relocator(store, self.agents, self.bus)
 
     @classmethod
-    async def open(cls, db_url: str) -> ControlPlane:
-        return cls(await Store.open(db_url))
+    async def open(cls, db_url: str, pki: ControlPki) -> ControlPlane:
+        return cls(await Store.open(db_url), pki)
 
     async def start(self) -> None:
         await self.migrations.resume_unfinished()

@@ -6,7 +6,9 @@
      ├── Conflict               duplicate name, VM busy, wrong state    (HTTP 409)
      ├── NoCapacity             no host has room for the request        (HTTP 409)
      ├── Incompatible           a migration target fails a check        (HTTP 409)
-     └── HostUnavailable        an agent cannot be reached or failed    (HTTP 502)
+     ├── HostUnavailable        an agent cannot be reached or failed    (HTTP 502)
+     ├── Unauthenticated        no valid credentials (token, cert)      (HTTP 401)
+     └── Forbidden              credentials valid, privilege missing    (HTTP 403)
 
 Each carries `problem` (what was wrong) and `fix` (what the user can do); the API
 maps the class to a status code and the CLI prints both parts.
@@ -48,8 +50,16 @@ class HostUnavailable(FerryError):
     code = "host_unavailable"
 
 
+class Unauthenticated(FerryError):
+    code = "unauthenticated"
+
+
+class Forbidden(FerryError):
+    code = "forbidden"
+
+
 ERRORS_BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (FerryError, InvalidInput, NotFound, Conflict, NoCapacity, Incompatible,
-                HostUnavailable)
+                HostUnavailable, Unauthenticated, Forbidden)
 }

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from ferry.domain.errors import Conflict
 from ferry.domain.specs import Frozen
+from ferry.domain.streams import Encryption
 
 
 class Phase(StrEnum):
@@ -142,6 +143,8 @@ class StreamOptions(Frozen):
     allow_postcopy: bool = False
     multifd_channels: int = Field(default=0, ge=0, le=16)
     compression: Compression = Compression.NONE
+    # TLS for the memory and NBD streams; `required` refuses hosts that cannot do it.
+    encryption: Encryption = Encryption.REQUIRED
 
     @model_validator(mode="after")
     def _compression_needs_multifd(self) -> StreamOptions:

@@ -182,6 +182,8 @@ class HostFacts(Frozen):
     machine_aliases: dict[str, str] = Field(default_factory=dict)
     datastores: tuple[DatastoreInfo, ...] = ()
     networks: tuple[str, ...] = ()
+    # The agent holds a cluster certificate QEMU can use for TLS migration streams.
+    migration_tls: bool = False
 
     def resolve_machine(self, machine: str) -> str | None:
         if machine in self.machine_aliases:

@@ -10,14 +10,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 
 from ferry.agent.config import AgentConfig, DatastoreConfig
+from ferry.control.bootstrap import init_cluster, join_tokens
 from ferry.lab import net
 from ferry.lab.config import AGENT_PORT, NETWORK, LabConfig, load
+from ferry.pki import ControlPki, HostTls, write_private
+from ferry.pki.layout import client_context
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("FERRY_GUEST_DIR", REPO_ROOT / "build" / "guest"))
@@ -35,6 +38,7 @@ class LabStatus:
     control_pid: int | None
     agent_pids: dict[str, int | None]
     qemu_pids: list[int]
+    new_admin_token: str | None = None  # shown once, when `up` created it
 
 
 def require_root() -> None:
@@ -87,11 +91,13 @@ def install_guest_image(config: LabConfig) -> bool:
     return True
 
 
-def agent_config(config: LabConfig, host: str) -> AgentConfig:
+def agent_config(config: LabConfig, host: str, join_token: str | None = None
+                 ) -> AgentConfig:
     spec = next(h for h in config.hosts if h.name == host)
     return AgentConfig(
         name=host, listen_host=config.host_ip(host), listen_port=AGENT_PORT,
         control_url=config.control_url, run_dir=config.host_dir(host) / "run",
+        tls_dir=config.host_tls_dir(host), control_ca=config.ca_file, join_token=join_token,
         accel="tcg", cpus=spec.cpus, memory_mib=spec.memory_mib,
         datastores=(DatastoreConfig(name="shared", path=str(config.shared_datastore),
                                     shared=True),
@@ -103,17 +109,33 @@ def agent_config(config: LabConfig, host: str) -> AgentConfig:
 
 
 def start_agent(config: LabConfig, host: str) -> int:
+    """Start a host's agent; a host not enrolled yet gets a fresh one-time join token."""
     cfg_path = config.host_dir(host) / "agent.json"
-    cfg_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(agent_config(config, host).model_dump_json(indent=2))
+    token = None
+    if not HostTls(config.host_tls_dir(host)).enrolled():
+        token = join_tokens(_db_url(config), (host,))[host]
+    # 0600: the join token is a secret until the agent has spent it.
+    write_private(cfg_path, agent_config(config, host, token).model_dump_json(indent=2)
+                  .encode())
     argv = ["ip", "netns", "exec", config.netns(host), sys.executable, "-m",
             "ferry.agent.main", "--config", str(cfg_path)]
     return _spawn(argv, config.logs_dir / f"agent-{host}.log", _pidfile(config, f"agent-{host}"))
 
 
+def _db_url(config: LabConfig) -> str:
+    return f"sqlite+aiosqlite:///{config.db_file}"
+
+
+def init_trust(config: LabConfig) -> str | None:
+    """The lab's CA, control plane certificate and admin token (kept 0600 in the lab
+    directory for the CLI); returns the admin token when made now."""
+    return init_cluster(_db_url(config), ControlPki(config.pki_dir), (config.bridge_ip,),
+                        config.admin_token_file)
+
+
 def start_control(config: LabConfig) -> int:
     argv = [sys.executable, "-m", "ferry.cli.main", "server",
-            "--db", f"sqlite+aiosqlite:///{config.db_file}",
+            "--db", _db_url(config), "--pki", str(config.pki_dir),
             "--listen", config.bridge_ip, "--port", str(config.control_port)]
     return _spawn(argv, config.logs_dir / "control.log", _pidfile(config, "control"))
 
@@ -174,9 +196,12 @@ def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     want = {h.name for h in config.hosts}
     last = "control plane not answering"
+    token = config.admin_token_file.read_text().strip()
+    tls = client_context(config.ca_file)
     while time.monotonic() < deadline:
         try:
-            hosts = httpx.get(f"{config.control_url}/v1/hosts", timeout=2.0, trust_env=False).json()
+            hosts = httpx.get(f"{config.control_url}/v1/hosts", timeout=2.0, trust_env=False,
+                              verify=tls, headers={"authorization": f"Bearer {token}"}).json()
             ready = {h["name"] for h in hosts if h["state"] == "connected"}
             if want <= ready:
                 return
@@ -192,16 +217,22 @@ def up(config: LabConfig) -> LabStatus:
     """Create what is missing and start what is not running (idempotent)."""
     require_root()
     existing = load(config.directory)
-    if existing is not None and existing.hosts != config.hosts:
-        raise LabError(f"a lab with hosts {[h.name for h in existing.hosts]} already exists "
-                       f"in {config.directory}; run `ferry lab down` first")
+    changed = existing is not None and (existing.hosts, existing.subnet) != (
+        config.hosts, config.subnet)
+    if changed and existing is not None and (net.exists(existing)
+                                             or processes_of(config.directory)):
+        raise LabError(f"a lab with {len(existing.hosts)} hosts on {existing.subnet} "
+                           f"is running in {config.directory}; it is not changed while it "
+                           "runs: run `ferry lab down` first, then `ferry lab up` again")
     for d in (config.directory, config.shared_datastore, config.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     for host in config.hosts:
         config.local_datastore(host.name).mkdir(parents=True, exist_ok=True)
     config.config_file.write_text(config.model_dump_json(indent=2))
     install_guest_image(config)
+    new_token = None
     try:
+        new_token = init_trust(config)
         mount_small_datastore(config)
         net.create(config)
         if _alive_pid(_pidfile(config, "control")) is None:
@@ -213,7 +244,7 @@ def up(config: LabConfig) -> LabStatus:
     except Exception:
         down(config)
         raise
-    return status(config)
+    return replace(status(config), new_admin_token=new_token)
 
 
 def down(config: LabConfig) -> list[str]:

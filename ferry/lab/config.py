@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -23,15 +25,30 @@ class LabHost(Frozen):
 class LabConfig(Frozen):
     directory: Path
     prefix: str = Field(default="fy", pattern=r"^[a-z][a-z0-9]{0,5}$")
-    subnet_octet: int = Field(default=210, ge=1, le=254)  # 10.<octet>.0.0/24
+    # 198.18.0.0/15 is reserved for benchmarking networks (RFC 2544): a user's own
+    # network is unlikely to use it. `subnet_octet=N` is shorthand for 198.18.N.0/24.
+    subnet: IPv4Network = IPv4Network("198.18.210.0/24")
     control_port: int = Field(default=8700, ge=1024, le=65535)
     hosts: tuple[LabHost, ...]
     # A size-limited datastore "small" (tmpfs) seen by every host, for tests of a full
     # datastore; 0 = none.
     small_datastore_mib: int = Field(default=0, ge=0, le=65536)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _octet(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "subnet_octet" in data:
+            data = dict(data)
+            octet = int(data.pop("subnet_octet"))
+            if not 1 <= octet <= 254:
+                raise ValueError("subnet_octet must be 1 to 254")
+            data.setdefault("subnet", f"198.18.{octet}.0/24")
+        return data
+
     @model_validator(mode="after")
     def _sane(self) -> LabConfig:
+        if not 16 <= self.subnet.prefixlen <= 26 or self.subnet.is_loopback:
+            raise ValueError(f"the lab subnet {self.subnet} must be a /16 to /26 network")
         if not 1 <= len(self.hosts) <= 32:
             raise ValueError("a lab has 1 to 32 hosts")
         names = [h.name for h in self.hosts]
@@ -54,7 +71,7 @@ class LabConfig(Frozen):
 
     @property
     def bridge_ip(self) -> str:
-        return f"10.{self.subnet_octet}.0.1"
+        return str(self.subnet.network_address + 1)
 
     def netns(self, host: str) -> str:
         return f"{self.prefix}-{host}"
@@ -65,19 +82,34 @@ class LabConfig(Frozen):
 
     def host_ip(self, host: str) -> str:
         index = [h.name for h in self.hosts].index(host)
-        return f"10.{self.subnet_octet}.0.{10 + index}"
+        return str(self.subnet.network_address + 10 + index)
 
     @property
     def control_url(self) -> str:
-        return f"http://{self.bridge_ip}:{self.control_port}"
+        return f"https://{self.bridge_ip}:{self.control_port}"
 
     def agent_url(self, host: str) -> str:
-        return f"http://{self.host_ip(host)}:{AGENT_PORT}"
+        return f"https://{self.host_ip(host)}:{AGENT_PORT}"
 
     # --- files -----------------------------------------------------------------------
     @property
     def config_file(self) -> Path:
         return self.directory / "lab.json"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.directory / "pki"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.pki_dir / "ca.pem"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.directory / "admin.token"
+
+    def host_tls_dir(self, host: str) -> Path:
+        return self.host_dir(host) / "tls"
 
     @property
     def db_file(self) -> Path:

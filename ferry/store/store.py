@@ -16,6 +16,7 @@ from ferry.domain.migration import Iteration, Phase, StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import HostFacts, VmSpec
 from ferry.domain.storage import RelocationPhase, RelocationRecord
+from ferry.store.security import SecurityStore
 from ferry.store.tables import (
     Base,
     HostRow,
@@ -42,6 +43,7 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._session = async_sessionmaker(engine, expire_on_commit=False)
+        self.security = SecurityStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:
