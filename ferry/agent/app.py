@@ -87,7 +87,7 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/incoming")
     async def prepare_incoming(body: PrepareIncoming) -> IncomingReady:
         return await host.prepare_incoming(body.migration_id, body.spec, body.options,
-                                           body.new_disks)
+                                           body.new_disks, body.tls_peer)
 
     @app.post("/v1/vms/{name}/incoming/finish-storage", status_code=204)
     async def finish_incoming_storage(name: str, body: DiskMirrors) -> None:
@@ -108,7 +108,7 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/vms/{name}/migrate", status_code=202)
     async def start_outgoing(name: str, body: StartOutgoing) -> dict[str, str]:
         await host.start_outgoing(name, body.migration_id, body.uri, body.options,
-                                  body.downtime_ms)
+                                  body.downtime_ms, body.tls_peer)
         return {"status": "started"}
 
     @app.get("/v1/vms/{name}/migration")

@@ -93,10 +93,12 @@ class AgentClient:
         return list(tail.lines)
 
     async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
-                               new_disks: tuple[NewDisk, ...] = ()) -> IncomingReady:
+                               new_disks: tuple[NewDisk, ...] = (),
+                               tls_peer: str | None = None) -> IncomingReady:
         return await self._call("POST", "/v1/incoming", IncomingReady,
                                 PrepareIncoming(migration_id=migration_id, spec=spec,
-                                                options=options, new_disks=new_disks),
+                                                options=options, new_disks=new_disks,
+                                                tls_peer=tls_peer),
                                 timeout_s=600.0)
 
     async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
@@ -104,10 +106,12 @@ class AgentClient:
                          DiskMirrors(migration_id="", disks=disks))
 
     async def start_disk_mirrors(self, name: str, migration_id: str, nbd: str,
-                                 disks: tuple[str, ...]) -> list[MirrorProgress]:
+                                 disks: tuple[str, ...], tls_peer: str | None = None
+                                 ) -> list[MirrorProgress]:
         return await self._call("POST", f"/v1/vms/{name}/disk-mirrors",
                                 TypeAdapter(list[MirrorProgress]),
-                                DiskMirrors(migration_id=migration_id, nbd=nbd, disks=disks))
+                                DiskMirrors(migration_id=migration_id, nbd=nbd, disks=disks,
+                                            tls_peer=tls_peer))
 
     async def disk_mirrors(self, name: str, migration_id: str, disks: tuple[str, ...]
                            ) -> list[MirrorProgress]:
@@ -121,10 +125,11 @@ class AgentClient:
                          DiskMirrors(migration_id=migration_id, disks=disks), timeout_s=90.0)
 
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
-                             options: StreamOptions, downtime_ms: int) -> None:
+                             options: StreamOptions, downtime_ms: int,
+                             tls_peer: str | None = None) -> None:
         await self._call("POST", f"/v1/vms/{name}/migrate", TypeAdapter(dict[str, str]),
                          StartOutgoing(migration_id=migration_id, uri=uri, options=options,
-                                       downtime_ms=downtime_ms))
+                                       downtime_ms=downtime_ms, tls_peer=tls_peer))
 
     async def tune(self, name: str, tune: Tune) -> Progress:
         return await self._call("POST", f"/v1/vms/{name}/migration/tune", Progress, tune)

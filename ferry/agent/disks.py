@@ -5,6 +5,7 @@ Used by HostRuntime; kept apart so that each file keeps one job.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
@@ -111,10 +112,11 @@ def nbd_job_id(migration_id: str, disk: str) -> str:
 
 
 async def export_disks(monitor: Monitor, address: str, port: int,
-                       disks: tuple[str, ...]) -> None:
-    """Serve the incoming VM's (still inactive) disks over NBD for the source to fill."""
+                       disks: tuple[str, ...], tls: Mapping[str, str]) -> None:
+    """Serve the incoming VM's (still inactive) disks over NBD for the source to fill;
+    with `tls` (tls-creds, tls-authz) only the migration's source host may connect."""
     await monitor.execute("nbd-server-start", {
-        "addr": {"type": "inet", "data": {"host": address, "port": str(port)}}})
+        "addr": {"type": "inet", "data": {"host": address, "port": str(port)}}, **tls})
     for disk in disks:
         await monitor.execute("block-export-add", {
             "type": "nbd", "id": f"exp-{disk}", "node-name": f"disk-{disk}",
@@ -136,7 +138,7 @@ async def unexport_disks(monitor: Monitor, disks: tuple[str, ...]) -> None:
 
 
 async def start_nbd_mirrors(monitor: Monitor, migration_id: str, nbd: str,
-                            disks: tuple[str, ...]) -> None:
+                            disks: tuple[str, ...], tls: Mapping[str, str]) -> None:
     host, _, port = nbd.rpartition(":")
     for disk in disks:
         job_id = nbd_job_id(migration_id, disk)
@@ -145,7 +147,7 @@ async def start_nbd_mirrors(monitor: Monitor, migration_id: str, nbd: str,
         source = await blockjobs.disk_nodes(monitor, disk)
         await monitor.execute("blockdev-add", {
             "driver": "nbd", "node-name": f"nbd-{disk}", "export": disk,
-            "server": {"type": "inet", "host": host, "port": port}})
+            "server": {"type": "inet", "host": host, "port": port}, **tls})
         # Write-blocking: when the source pauses at switchover the target disk must
         # already hold every write, because the destination resumes at once.
         await blockjobs.start_mirror(monitor, job_id, source.format_node, f"nbd-{disk}",

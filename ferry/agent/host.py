@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferry.agent import stream_tls
 from ferry.agent.config import AgentConfig
 from ferry.agent.disks import (
     DiskOps,
@@ -39,12 +40,14 @@ from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.probe import last_heartbeat
 from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.storage import ImageInfo, MirrorProgress
+from ferry.domain.streams import migration_endpoint, nbd_endpoint
 from ferry.hypervisor import blockjobs
-from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
+from ferry.hypervisor.argv import RunPaths, boot_file, build_argv, disk_path
 from ferry.hypervisor.errors import MonitorError, NotRunning
 from ferry.hypervisor.images import create_image
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
+from ferry.pki import HostTls
 
 SERIAL_TAIL_BYTES = 64 * 1024
 
@@ -108,6 +111,14 @@ class HostRuntime:
             if rec.monitor is not None:
                 await rec.monitor.close()
 
+    def _qemu_tls_dir(self) -> Path:
+        tls = HostTls(self.config.tls_path)
+        if not tls.enrolled():
+            raise Conflict(f"host {self.config.name} has no cluster certificate for "
+                           "encrypted streams", "enrol the host, or migrate with "
+                           "encryption disabled")
+        return tls.qemu_dir
+
     # --- facts -----------------------------------------------------------------
     def facts(self) -> HostFacts:
         assert self._qemu is not None, "setup() not run"
@@ -166,7 +177,7 @@ class HostRuntime:
                                    f"{disk.datastore}", "create the image first")
         if spec.kernel is not None:
             for path in (spec.kernel.kernel, spec.kernel.initrd):
-                if path is not None and not Path(path).is_file():
+                if path is not None and not boot_file(path, stores).is_file():
                     raise InvalidInput(f"host {self.config.name} cannot read boot file {path}",
                                        "put it on storage every host can read")
         for nic in spec.nics:
@@ -174,7 +185,20 @@ class HostRuntime:
                 raise InvalidInput(f"host {self.config.name} has no network {nic.network}")
         return machine
 
+    async def _check_images(self, spec: VmSpec) -> None:
+        """Refuse an image whose header names a backing file: QEMU (as root) would open
+        it wherever it points; Ferry declares no backing chains."""
+        for disk in spec.disks:
+            if disk.datastore not in self.config.datastore_paths:
+                continue  # _check_runnable names the missing datastore
+            info = await self.disks.info(disk)
+            if info is not None and info.backing:
+                raise InvalidInput(f"disk {disk.name} ({disk.datastore}:{disk.path}) names a "
+                                   f"backing file {info.backing!r}, which Ferry does not open",
+                                   "flatten it first: qemu-img convert -O qcow2 OLD NEW")
+
     async def _launch(self, spec: VmSpec, *, incoming: bool) -> VmRecord:
+        await self._check_images(spec)
         async with self._create_lock:
             old = self._vms.get(spec.name)
             if old is not None and old.process.state is ProcessState.RUNNING:
@@ -238,7 +262,8 @@ class HostRuntime:
 
     # --- migration: destination side -----------------------------------------
     async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
-                               new_disks: tuple[NewDisk, ...] = ()) -> IncomingReady:
+                               new_disks: tuple[NewDisk, ...] = (),
+                               tls_peer: str | None = None) -> IncomingReady:
         """Start QEMU with -incoming defer and listen; return where to send memory (and,
         without shared storage, the NBD server exporting the freshly created disks)."""
         created = await self._create_disks(new_disks)
@@ -255,11 +280,13 @@ class HostRuntime:
         try:
             # Both ends must agree on these before the stream starts.
             await rec.monitor.set_migration_capabilities(stream_capabilities(options, False))
-            await rec.monitor.set_migration_parameters(stream_parameters(options))
+            tls = (await stream_tls.accept_from(rec.monitor, self._qemu_tls_dir(), tls_peer)
+                   if tls_peer else {})
+            await rec.monitor.set_migration_parameters(stream_parameters(options) | tls)
             if new_disks:
                 nbd_port = free_port(address)
                 await export_disks(rec.monitor, address, nbd_port,
-                                   tuple(d.disk.name for d in new_disks))
+                                   tuple(d.disk.name for d in new_disks), tls)
                 nbd = f"{address}:{nbd_port}"
             uri = f"tcp:{address}:{free_port(address)}"
             await rec.monitor.migrate_incoming(uri)
@@ -291,7 +318,10 @@ class HostRuntime:
 
     async def start_disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
         monitor = _running_monitor(self._get(name), self.config.name)
-        await start_nbd_mirrors(monitor, req.migration_id, req.nbd, req.disks)
+        nbd_endpoint(req.nbd)  # an address:port, nothing else
+        tls = (await stream_tls.connect_to(monitor, self._qemu_tls_dir(), req.tls_peer)
+               if req.tls_peer else {})
+        await start_nbd_mirrors(monitor, req.migration_id, req.nbd, req.disks, tls)
         return await nbd_mirrors(monitor, req.migration_id, req.disks)
 
     async def disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
@@ -304,7 +334,9 @@ class HostRuntime:
 
     # --- migration: source side ------------------------------------------------
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
-                             options: StreamOptions, downtime_ms: int) -> None:
+                             options: StreamOptions, downtime_ms: int,
+                             tls_peer: str | None = None) -> None:
+        migration_endpoint(uri)  # tcp:<IPv4>:<port> only: never exec:, file:, unix:, fd:
         rec = self._get(name)
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
@@ -318,6 +350,8 @@ class HostRuntime:
         rec.monitor.migration_events.clear()
         await rec.monitor.set_migration_capabilities(stream_capabilities(options, True))
         params = stream_parameters(options)
+        params.update(await stream_tls.connect_to(rec.monitor, self._qemu_tls_dir(), tls_peer)
+                      if tls_peer else stream_tls.CLEARTEXT)
         params["downtime-limit"] = downtime_ms
         # "unlimited" unless capped: QEMU's own 128 MiB/s default is not ours.
         params["max-bandwidth"] = options.max_bandwidth_bytes_s or 1 << 40

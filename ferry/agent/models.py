@@ -8,7 +8,7 @@ from pydantic import Field
 
 from ferry.domain.migration import StreamOptions
 from ferry.domain.probe import Heartbeat
-from ferry.domain.specs import DiskSpec, Frozen, HostFacts, VmSpec
+from ferry.domain.specs import DiskSpec, Frozen, HostFacts, Name, VmSpec
 
 
 class AgentVmState(StrEnum):
@@ -70,6 +70,8 @@ class PrepareIncoming(Frozen):
     spec: VmSpec
     options: StreamOptions = Field(default_factory=StreamOptions)
     new_disks: tuple[NewDisk, ...] = ()
+    # Encrypted streams: the only host allowed to connect (None: cleartext).
+    tls_peer: Name | None = None
 
 
 class IncomingReady(Frozen):
@@ -83,11 +85,13 @@ class DiskMirrors(Frozen):
     migration_id: str
     nbd: str = ""
     disks: tuple[str, ...]
+    tls_peer: Name | None = None  # the NBD server's host, whose certificate is checked
 
 
 class StartOutgoing(Frozen):
     migration_id: str
-    uri: str
+    uri: str  # only tcp:<IPv4>:<port>; the agent refuses anything else
+    tls_peer: Name | None = None  # the destination host, whose certificate is checked
     options: StreamOptions = Field(default_factory=StreamOptions)
     downtime_ms: int = Field(default=300, ge=1)
 

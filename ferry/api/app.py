@@ -139,7 +139,9 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
 
     @app.post("/v1/migrations/check", dependencies=read)
     async def check(body: MigrateRequest) -> CheckResult:
-        refusals = await control.migrations.check(body.vm, body.target, body.datastore)
+        options = await control.migrations.options_for(body.options)
+        refusals = await control.migrations.check(body.vm, body.target, body.datastore,
+                                                  options)
         return CheckResult(vm=body.vm, target=body.target, ok=not refusals,
                            refusals=tuple(refusals))
 

@@ -25,7 +25,7 @@ from ferry.control import migration_storage as storage
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
-from ferry.domain.compat import Refusal, check_migration
+from ferry.domain.compat import Refusal, RefusalReason, check_migration
 from ferry.domain.convergence import (
     Action,
     ActionKind,
@@ -51,7 +51,8 @@ from ferry.domain.migration import (
     record_iteration,
     transition,
 )
-from ferry.domain.records import ActionRecord, MigrationRecord
+from ferry.domain.records import ActionRecord, HostRecord, MigrationRecord
+from ferry.domain.streams import encrypt
 from ferry.store import Store
 from ferry.wire import describe_validation
 
@@ -86,18 +87,32 @@ class Orchestrator:
         self._cluster = asyncio.Semaphore(CLUSTER_LIMIT)
 
     # --- requests ----------------------------------------------------------------
-    async def check(self, vm_name: str, target: str,
-                    datastore: str | None = None) -> list[Refusal]:
+    async def check(self, vm_name: str, target: str, datastore: str | None = None,
+                    options: StreamOptions | None = None) -> list[Refusal]:
         """Every reason the VM cannot go to `target` (with its disks moved onto
         `datastore` there, when given)."""
         vm = await self.store.vm(vm_name)
-        await self.store.host(target)  # NotFound names the known hosts
+        target_host = await self.store.host(target)  # NotFound names the known hosts
         snaps = await self.inventory.snapshots(exclude_vm=vm_name)
         snap = next(s for s in snaps if s.name == target)
         spec = vm.spec
         if datastore is not None:
             spec = spec.model_copy(update={"disks": storage.target_disks(spec, datastore)})
-        return check_migration(spec, vm.host, snap)
+        refusals = check_migration(spec, vm.host, snap)
+        options = options or await self.options_for(None)
+        if await self._encrypted(vm.host, target_host, options) is None:
+            refusals.append(Refusal(
+                reason=RefusalReason.NO_TLS,
+                message=f"encryption is required but {vm.host} or {target} holds no "
+                        "cluster certificate for migration streams (enrol both hosts, or "
+                        "set encryption to opportunistic or disabled)"))
+        return refusals
+
+    async def _encrypted(self, source: str, target: HostRecord, options: StreamOptions
+                         ) -> bool | None:
+        src = await self.store.host(source)
+        return encrypt(options.encryption, bool(src.facts and src.facts.migration_tls),
+                       bool(target.facts and target.facts.migration_tls))
 
     async def options_for(self, overrides: Mapping[str, object] | None) -> StreamOptions:
         """The cluster's defaults with a migration's overrides; InvalidInput if bad."""
@@ -131,12 +146,14 @@ class Orchestrator:
             created_at=now, phase_times={Phase.PENDING.value: now},
             target_disks=storage.target_disks(vm.spec, datastore) if datastore else ()))
         rec = await self._enter(rec, Phase.CHECKING)
-        refusals = await self.check(vm_name, target, datastore)
+        refusals = await self.check(vm_name, target, datastore, rec.options)
         if refusals:
             reason = "; ".join(r.message for r in refusals)
             rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
             await self._enter(rec, Phase.FAILED)
             raise Incompatible(f"cannot migrate {vm_name} to {target}: {reason}")
+        encrypted = await self._encrypted(vm.host, await self.store.host(target), rec.options)
+        rec = await self.store.update_migration(rec.id, encrypted=bool(encrypted))
         await self.store.update_vm(vm_name, state=VmState.MIGRATING)
         self._spawn(rec.id)
         return rec
@@ -247,14 +264,16 @@ class Orchestrator:
             vm = await self.store.vm(rec.vm)
             disks = await storage.new_disks(source, vm.spec, rec) if rec.target_disks else ()
             ready = await target.prepare_incoming(
-                rec.id, storage.target_spec(vm.spec, rec), rec.options, disks)
+                rec.id, storage.target_spec(vm.spec, rec), rec.options, disks,
+                tls_peer=rec.source if rec.encrypted else None)
             self._check_cancel(rec.id)
             downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
             rec = await self._enter(rec, Phase.PRECOPY, dest_uri=ready.uri, nbd=ready.nbd,
                                     downtime_limit_ms=downtime)
             if rec.target_disks:
                 await self._copy_disks(rec, source)
-            await source.start_outgoing(rec.vm, rec.id, ready.uri, rec.options, downtime)
+            await source.start_outgoing(rec.vm, rec.id, ready.uri, rec.options, downtime,
+                                        tls_peer=rec.target if rec.encrypted else None)
         if rec.phase is Phase.PRECOPY:
             rec = await self._precopy(rec, source, target)
         if rec.phase is Phase.SWITCHOVER:

@@ -55,7 +55,8 @@ async def copy_disks(rec: MigrationRecord, source: AgentClient,
     """Mirror every disk to the target's NBD exports; return once all are in sync."""
     names = tuple(d.name for d in rec.target_disks)
     assert rec.nbd is not None
-    await source.start_disk_mirrors(rec.vm, rec.id, rec.nbd, names)
+    await source.start_disk_mirrors(rec.vm, rec.id, rec.nbd, names,
+                                    tls_peer=rec.target if rec.encrypted else None)
     while True:
         if cancelled():
             raise DiskCopyFailed("cancelled by the user")

@@ -73,6 +73,7 @@ class MigrationRecord(Frozen):
     nbd: str | None = None
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0
+    encrypted: bool = False  # memory and disk streams over TLS (decided at CHECKING)
 
     @property
     def levers(self) -> list[str]:

@@ -66,6 +66,7 @@ class ImageInfo(Frozen):
     format: DiskFormat
     virtual_size: int
     allocated: int
+    backing: str | None = None  # the backing file an image header names, if any
 
 
 class MirrorProgress(Frozen):

@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.domain.specs import DiskCache, DiskSpec, VmSpec
+from ferry.domain.errors import InvalidInput
+from ferry.domain.specs import DiskCache, DiskFormat, DiskSpec, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,26 @@ def disk_path(disk: DiskSpec, datastores: Mapping[str, str]) -> Path:
     return path
 
 
+def boot_file(path: str, datastores: Mapping[str, str]) -> Path:
+    """A kernel or initrd, only from inside a datastore: QEMU runs as root and shows what
+    it boots, so `--initrd /etc/shadow` must never be opened."""
+    resolved = Path(path).resolve()
+    for root in datastores.values():
+        base = Path(root).resolve()
+        if base in resolved.parents:
+            return resolved
+    raise InvalidInput(f"boot file {path} is not inside a datastore of this host",
+                       "put kernel and initrd on a datastore (e.g. the lab's "
+                       "shared:images/) and name them by their path there")
+
+
 def file_cache(cache: DiskCache) -> dict[str, bool]:
     """The `cache` option of a file node."""
     return {"direct": cache is DiskCache.NONE}
+
+
+def _no_backing(disk: DiskSpec) -> dict[str, None]:
+    return {"backing": None} if disk.format is DiskFormat.QCOW2 else {}
 
 
 def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
@@ -71,11 +90,14 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
         "-mon", "chardev=qmp,mode=control",
         "-chardev", f"file,id=serial0,path={paths.serial_log}",
         "-serial", "chardev:serial0",
+        # seccomp: no exec (an `exec:` migration URI would spawn a shell), no setuid,
+        # no obsolete syscalls, no scheduler or resource games.
+        "-sandbox", SANDBOX,
     ]
     if spec.kernel is not None:
-        argv += ["-kernel", spec.kernel.kernel]
+        argv += ["-kernel", str(boot_file(spec.kernel.kernel, datastores))]
         if spec.kernel.initrd:
-            argv += ["-initrd", spec.kernel.initrd]
+            argv += ["-initrd", str(boot_file(spec.kernel.initrd, datastores))]
         if spec.kernel.append:
             argv += ["-append", spec.kernel.append]
     for index, disk in enumerate(spec.disks):
@@ -84,8 +106,9 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
             "-blockdev", json.dumps({"driver": "file", "node-name": file_node,
                                      "filename": str(disk_path(disk, datastores)),
                                      "cache": file_cache(disk.cache)}),
+            # No backing file is ever opened from an image header (as root, anywhere).
             "-blockdev", json.dumps({"driver": disk.format.value, "node-name": fmt_node,
-                                     "file": file_node}),
+                                     "file": file_node} | _no_backing(disk)),
             "-device", f"virtio-blk-pci,drive={fmt_node},id={disk.name}"
                        + (",bootindex=1" if index == 0 and spec.kernel is None else ""),
         ]

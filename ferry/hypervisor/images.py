@@ -44,4 +44,5 @@ async def image_info(path: Path) -> ImageInfo:
                                       timeout_s=30.0))
     return ImageInfo(path=str(path), format=DiskFormat(data["format"]),
                      virtual_size=int(data["virtual-size"]),
-                     allocated=int(data.get("actual-size", 0)))
+                     allocated=int(data.get("actual-size", 0)),
+                     backing=data.get("full-backing-filename") or data.get("backing-filename"))
