@@ -317,8 +317,8 @@ class HostRuntime:
         await unexport_disks(_running_monitor(self._get(name), self.config.name), disks)
 
     async def start_disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
-        monitor = _running_monitor(self._get(name), self.config.name)
         nbd_endpoint(req.nbd)  # an address:port, nothing else
+        monitor = _running_monitor(self._get(name), self.config.name)
         tls = (await stream_tls.connect_to(monitor, self._qemu_tls_dir(), req.tls_peer)
                if req.tls_peer else {})
         await start_nbd_mirrors(monitor, req.migration_id, req.nbd, req.disks, tls)

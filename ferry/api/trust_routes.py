@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import Depends, FastAPI, Query
 
 from ferry.api.auth import need
@@ -23,12 +21,14 @@ from ferry.domain.errors import Forbidden
 
 def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
     store = control.store
-    TokenCreator = Annotated[Principal, Depends(need(store, Privilege.TOKEN_CREATE))]
-    Reader = Annotated[Principal, Depends(need(store, Privilege.READ))]
-    Enroller = Annotated[Principal, Depends(need(store, Privilege.HOST_ENROL))]
+    # Default-value style: the routes' annotations are strings (PEP 563), which FastAPI
+    # resolves in module scope, where local Annotated aliases would not be found.
+    token_creator = Depends(need(store, Privilege.TOKEN_CREATE))
+    reader = Depends(need(store, Privilege.READ))
+    enroller = Depends(need(store, Privilege.HOST_ENROL))
 
     @app.post("/v1/tokens", status_code=201)
-    async def create_token(body: TokenRequest, principal: TokenCreator) -> NewToken:
+    async def create_token(body: TokenRequest, principal: Principal = token_creator) -> NewToken:
         """A new API token of at most the caller's role; its secret is shown only here."""
         principal.may_grant(body.role)
         secret = new_secret()
@@ -37,7 +37,7 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
         return NewToken(token=format_token(info.id, secret), info=info)
 
     @app.get("/v1/tokens")
-    async def list_tokens(principal: Reader) -> list[TokenInfo]:
+    async def list_tokens(principal: Principal = reader) -> list[TokenInfo]:
         """Every token for an admin; one's own and those one created for others."""
         tokens = await store.security.tokens()
         if Privilege.TOKEN_ADMIN in _privileges(principal):
@@ -45,7 +45,7 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
         return [t for t in tokens if principal.token_id in (t.id, t.created_by)]
 
     @app.delete("/v1/tokens/{token_id}")
-    async def revoke_token(token_id: str, principal: Reader) -> TokenInfo:
+    async def revoke_token(token_id: str, principal: Principal = reader) -> TokenInfo:
         tokens = {t.id: t for t in await store.security.tokens()}
         target = tokens.get(token_id)
         mine = target is not None and principal.token_id in (target.id, target.created_by)
@@ -55,7 +55,7 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
         return await store.security.revoke_token(token_id)
 
     @app.post("/v1/join-tokens", status_code=201)
-    async def join_token(body: JoinTokenRequest, _: Enroller) -> JoinToken:
+    async def join_token(body: JoinTokenRequest, _: Principal = enroller) -> JoinToken:
         """A one-time token with which host `host` enrols (gets its certificate)."""
         token = await control.trust.join_token(body.host, body.ttl_s)
         return JoinToken(host=body.host, token=token, expires_in_s=body.ttl_s)
@@ -68,7 +68,7 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
                          .read_text())
 
     @app.get("/v1/events")
-    async def events(_: Reader, limit: int = Query(100, ge=1, le=1000),
+    async def events(_: Principal = reader, limit: int = Query(100, ge=1, le=1000),
                      before: int | None = Query(None, ge=1),
                      since: float | None = Query(None, ge=0)) -> list[EventRecord]:
         """The event log, newest first (page with `before`, the last id seen)."""
