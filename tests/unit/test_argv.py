@@ -20,7 +20,8 @@ def value_after(argv: list[str], flag: str) -> list[str]:
 
 def test_kernel_boot_argv() -> None:
     spec = VmSpec(name="web1", vcpus=2, memory_mib=512, cpu_model="Nehalem",
-                  kernel=KernelBoot(kernel="/k", initrd="/i", append="console=ttyS0 a=b"))
+                  kernel=KernelBoot(kernel="/srv/shared/k", initrd="/srv/shared/i",
+                                    append="console=ttyS0 a=b"))
     argv = argv_of(spec)
     assert argv[0] == "qemu-system-x86_64"
     assert value_after(argv, "-machine") == ["pc-i440fx-7.2,accel=tcg"]
@@ -28,8 +29,10 @@ def test_kernel_boot_argv() -> None:
     assert value_after(argv, "-smp") == ["2"]
     assert value_after(argv, "-m") == ["512M"]
     assert value_after(argv, "-uuid") == [spec.uuid]
-    assert value_after(argv, "-kernel") == ["/k"]
-    assert value_after(argv, "-initrd") == ["/i"]
+    assert value_after(argv, "-kernel") == ["/srv/shared/k"]
+    assert value_after(argv, "-initrd") == ["/srv/shared/i"]
+    assert value_after(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     # the command line stays one argument: no shell splits it
     assert value_after(argv, "-append") == ["console=ttyS0 a=b"]
     assert "-nodefaults" in argv and "-incoming" not in argv
@@ -38,7 +41,7 @@ def test_kernel_boot_argv() -> None:
 
 
 def test_incoming_adds_defer() -> None:
-    spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/k"))
+    spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/srv/shared/k"))
     assert value_after(argv_of(spec, incoming=True), "-incoming") == ["defer"]
 
 
@@ -65,3 +68,11 @@ def test_disk_path_refuses_symlink_style_escape() -> None:
     disk = DiskSpec.model_construct(name="d", datastore="shared", path="../../etc/x")
     with pytest.raises(ValueError, match="escapes"):
         disk_path(disk, {"shared": "/srv/shared"})
+
+
+def test_qcow2_never_opens_a_backing_file() -> None:
+    spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/srv/shared/k"),
+                  disks=(DiskSpec(name="root", datastore="shared", path="web1.qcow2"),))
+    nodes = [json.loads(a) for a in value_after(argv_of(spec), "-blockdev")]
+    fmt = next(n for n in nodes if n["driver"] == "qcow2")
+    assert "backing" in fmt and fmt["backing"] is None
