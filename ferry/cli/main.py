@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from ferry.cli import lab_cmd, migrate_cmd, policy_cmd, relocate_cmd
+from ferry.cli import lab_cmd, migrate_cmd, policy_cmd, relocate_cmd, trust_cmd
 from ferry.cli.client import connect
 from ferry.cli.output import console, heartbeat_text, print_error, print_json, table
 from ferry.domain.errors import FerryError, InvalidInput
@@ -57,6 +57,7 @@ def handle_errors(fn: F) -> F:
 migrate_cmd.register(vm_app, handle_errors)
 policy_cmd.register(handle_errors)
 relocate_cmd.register(vm_app, handle_errors)
+trust_cmd.register(app, host_app, handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 

@@ -19,6 +19,7 @@ from ferry.cli.policy_cmd import (
     BudgetOpt,
     CompressOpt,
     DowntimeOpt,
+    EncryptionOpt,
     MultifdOpt,
     PolicyOpt,
     PostcopyOpt,
@@ -109,7 +110,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         bandwidth: BandwidthOpt = None, budget: BudgetOpt = None,
         max_throttle: ThrottleOpt = None, throttle: AllowThrottleOpt = None,
         allow_postcopy: PostcopyOpt = None, multifd: MultifdOpt = None,
-        compress: CompressOpt = None,
+        compress: CompressOpt = None, encryption: EncryptionOpt = None,
         datastore: Annotated[str | None, typer.Option(
             help="move the disks too, onto this datastore of the target host")] = None,
         url: UrlOpt = None, json_out: JsonOpt = False,
@@ -118,8 +119,9 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         from the cluster's policy (`ferry policy show`)."""
         client = connect(url)
         if check_only:
-            result = client.call("POST", "/v1/migrations/check",
-                                 {"vm": name, "target": host, "datastore": datastore})
+            result = client.call("POST", "/v1/migrations/check", {
+                "vm": name, "target": host, "datastore": datastore,
+                "options": overrides(encryption=encryption)})
             if json_out:
                 print_json(result)
             elif result["ok"]:
@@ -129,7 +131,7 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
                     console.print(f"[red]refused ({r['reason']}):[/] {escape(r['message'])}")
             raise typer.Exit(0 if result["ok"] else 1)
         options = overrides(policy, max_downtime, bandwidth, budget, max_throttle, throttle,
-                            allow_postcopy, multifd, compress)
+                            allow_postcopy, multifd, compress, encryption)
         rec = client.call("POST", "/v1/migrations",
                           {"vm": name, "target": host, "options": options,
                            "datastore": datastore})

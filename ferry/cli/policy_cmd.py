@@ -31,13 +31,15 @@ PostcopyOpt = Annotated[bool | None, typer.Option(
 MultifdOpt = Annotated[int | None, typer.Option(help="parallel streams (0 = off)")]
 CompressOpt = Annotated[str | None, typer.Option(
     help="none, zlib or zstd (needs --multifd)")]
+EncryptionOpt = Annotated[str | None, typer.Option(
+    help="TLS for memory and disk streams: required (default), opportunistic, disabled")]
 
 
 def overrides(policy: str | None = None, max_downtime: str | None = None,
               bandwidth: str | None = None, budget: int | None = None,
               max_throttle: int | None = None, throttle: bool | None = None,
               postcopy: bool | None = None, multifd: int | None = None,
-              compress: str | None = None) -> dict[str, Any]:
+              compress: str | None = None, encryption: str | None = None) -> dict[str, Any]:
     """Only the fields the user gave; the server merges them onto its defaults."""
     out: dict[str, Any] = {}
     if policy is not None:
@@ -58,6 +60,8 @@ def overrides(policy: str | None = None, max_downtime: str | None = None,
         out["multifd_channels"] = multifd
     if compress is not None:
         out["compression"] = compress
+    if encryption is not None:
+        out["encryption"] = encryption
     return out
 
 
@@ -70,7 +74,8 @@ def show_policy(p: dict[str, Any]) -> None:
         ["progress timeout", f"{p['progress_timeout_s']} s"],
         ["throttle", f"up to {p['max_throttle_pct']} %" if p["allow_throttle"] else "off"],
         ["post-copy", "allowed" if p["allow_postcopy"] else "off"],
-        ["multifd", p["multifd_channels"] or "off"], ["compression", p["compression"]]])
+        ["multifd", p["multifd_channels"] or "off"], ["compression", p["compression"]],
+        ["encryption", p.get("encryption", "required")]])
 
 
 def register(handle_errors: Callable[..., Any]) -> None:
@@ -88,11 +93,11 @@ def register(handle_errors: Callable[..., Any]) -> None:
                    bandwidth: BandwidthOpt = None, budget: BudgetOpt = None,
                    max_throttle: ThrottleOpt = None, throttle: AllowThrottleOpt = None,
                    allow_postcopy: PostcopyOpt = None, multifd: MultifdOpt = None,
-                   compress: CompressOpt = None,
+                   compress: CompressOpt = None, encryption: EncryptionOpt = None,
                    url: Annotated[str | None, typer.Option("--url")] = None) -> None:
         """Change the defaults; fields not given stay as they are."""
         changes = overrides(policy, max_downtime, bandwidth, budget, max_throttle, throttle,
-                            allow_postcopy, multifd, compress)
+                            allow_postcopy, multifd, compress, encryption)
         if not changes:
             console.print("nothing to change; see `ferry policy set --help`")
             raise typer.Exit(2)

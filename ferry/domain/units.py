@@ -10,7 +10,7 @@ _SIZE = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1 << 20, "mib": 1 << 20,
          "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40,
          "kb": 1000, "mb": 10**6, "gb": 10**9}
 _BITS = {"bit": 1, "kbit": 1000, "mbit": 10**6, "gbit": 10**9}
-_TIME = {"ms": 1, "s": 1000, "": 1}
+_TIME = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "": 1}
 _NUM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -44,5 +44,5 @@ def parse_rate(text: str) -> int:
 def parse_duration_ms(text: str) -> int:
     value, unit = _split(text, "duration", "300ms or 2s")
     if unit not in _TIME:
-        raise InvalidInput(f"unknown time unit {unit!r} in {text!r}", "use ms or s")
+        raise InvalidInput(f"unknown time unit {unit!r} in {text!r}", "use ms, s, min or h")
     return int(value * _TIME[unit])
