@@ -19,10 +19,11 @@ def test_rates() -> None:
 def test_durations() -> None:
     assert parse_duration_ms("300ms") == 300
     assert parse_duration_ms("2s") == 2000
+    assert parse_duration_ms("1h") == 3_600_000 and parse_duration_ms("5min") == 300_000
 
 
 @pytest.mark.parametrize("fn,text", [(parse_size, "lots"), (parse_size, "5 parsecs"),
-                                     (parse_rate, "fast"), (parse_duration_ms, "3h")])
+                                     (parse_rate, "fast"), (parse_duration_ms, "3d")])
 def test_bad_values_name_the_problem(fn, text) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidInput) as err:
         fn(text)
