@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast lint bench bench-sweep bench-storage clean lab-down
+.PHONY: deps venv guest demo test test-fast lint bench bench-sweep bench-storage bench-tls clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -47,6 +47,9 @@ bench-sweep: deps venv guest
 
 bench-storage: deps venv guest
 	$(PY) bench/storage_vs_copy.py --json build/bench-storage.json
+
+bench-tls: deps venv guest
+	$(PY) bench/tls_cost.py --json build/bench-tls.json
 
 lab-down: venv
 	$(VENV)/bin/ferry lab down

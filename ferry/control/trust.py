@@ -42,9 +42,14 @@ class Trust:
         if peer.name != host:
             raise Forbidden(f"host {peer.name} sent a heartbeat for {host!r}",
                             "a host reports only itself")
-        if not await self.store.security.enrolled(peer.name):
+        enrolled = await self.store.security.enrolment(peer.name)
+        if enrolled is None:
             raise Forbidden(f"host {peer.name} is not enrolled in this cluster",
                             "enrol it with a join token (`ferry host join-token`)")
+        if enrolled != peer.fingerprint:
+            raise Forbidden(f"host {peer.name} presented a certificate it no longer holds "
+                            "(the host was enrolled again since)",
+                            "use the certificate of the latest enrolment")
         parts = urlsplit(url)
         if parts.scheme != "https" or parts.hostname not in peer.ips:
             raise InvalidInput(f"agent URL {url!r} is not an https URL on an address of "

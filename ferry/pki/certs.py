@@ -5,6 +5,7 @@ is only `CN=<name>` (so QEMU's tls-authz can name a peer as "CN=host2") and whos
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Identity:
     name: str
     role: Role
     ips: tuple[str, ...] = ()
+    fingerprint: str = ""  # SHA-256 of the certificate (DER), hex
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -161,7 +163,8 @@ def _rsa_public() -> type:
     return rsa.RSAPublicKey
 
 
-def identity_of(peercert: dict[str, object] | None) -> Identity | None:
+def identity_of(peercert: dict[str, object] | None, der: bytes | None = None
+                ) -> Identity | None:
     """The identity in a certificate the TLS layer has already verified against the CA
     (`ssl.SSLSocket.getpeercert()` form), or None without one or without a role."""
     if not peercert:
@@ -183,7 +186,8 @@ def identity_of(peercert: dict[str, object] | None) -> Identity | None:
             ips.append(str(value).strip())
     if name is None or role is None:
         return None
-    return Identity(name=name, role=role, ips=tuple(ips))
+    return Identity(name=name, role=role, ips=tuple(ips),
+                    fingerprint=hashlib.sha256(der).hexdigest() if der else "")
 
 
 def cert_fingerprint(cert_pem: bytes) -> str:

@@ -27,7 +27,8 @@ class PeerCertProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
-        peer = identity_of(ssl_object.getpeercert()) if ssl_object is not None else None
+        peer = (identity_of(ssl_object.getpeercert(), ssl_object.getpeercert(binary_form=True))
+                if ssl_object is not None else None)
         inner: ASGIApp = self.app
 
         async def with_peer(scope: Scope, receive: Receive, send: Send) -> None:

@@ -99,9 +99,11 @@ class SecurityStore:
             else:
                 row.fingerprint, row.enrolled_at = fingerprint, time.time()
 
-    async def enrolled(self, host: str) -> bool:
+    async def enrolment(self, host: str) -> str | None:
+        """The fingerprint of the certificate `host` holds now, or None if not enrolled."""
         async with self._session() as s:
-            return await s.get(EnrolmentRow, host) is not None
+            row = await s.get(EnrolmentRow, host)
+            return row.fingerprint if row is not None else None
 
     # --- event log --------------------------------------------------------------------
     async def add_event(self, kind: str, actor: str, action: str, obj: str,
