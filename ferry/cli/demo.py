@@ -43,10 +43,14 @@ def probe_spec(config: LabConfig, name: str, memory_mib: int, probe_mib: int,
 
 def run_demo(config: LabConfig) -> None:
     began = time.monotonic()
-    cluster.up(config)
+    st = cluster.up(config)
     if not cluster.install_guest_image(config):
         raise FerryError(f"no guest image in {cluster.GUEST_DIR}", "run `make guest`")
     console.print(f"lab up in {time.monotonic() - began:.1f} s")
+    if st.new_admin_token:
+        console.print(f"admin token (kept 0600 in {config.admin_token_file}, where the CLI "
+                      "finds it):")
+        console.print(st.new_admin_token, markup=False, highlight=False)
     client = lab_client(config, timeout_s=120)
     try:
         client.call("POST", f"/v1/vms/{DEMO_VM}/stop", force=True)
