@@ -117,10 +117,13 @@ def test_api_needs_a_token_and_refuses_cross_site_requests(lab: LabConfig,
         token = lab.admin_token_file.read_text().strip()
         ctx = client_context(lab.ca_file)
         # What a page in the operator's browser could send: no body, another Origin.
-        resp = httpx.delete(f"{lab.control_url}/v1/vms/sec-idle", verify=ctx,
-                            trust_env=False, headers={"origin": "https://evil.example",
-                                                      "authorization": f"Bearer {token}"})
-        assert resp.status_code == 403, resp.text
+        for path in ("/v1/vms/sec-idle/start", "/v1/vms/sec-idle/stop?force=true"):
+            resp = httpx.post(f"{lab.control_url}{path}", verify=ctx, trust_env=False,
+                              headers={"origin": "https://evil.example",
+                                       "authorization": f"Bearer {token}"})
+            assert resp.status_code == 403, resp.text
+            resp = httpx.post(f"{lab.control_url}{path}", verify=ctx, trust_env=False)
+            assert resp.status_code == 401, resp.text
         # DNS rebinding: a name that resolves to the lab but is not the control plane's.
         resp = httpx.get(f"{lab.control_url}/v1/vms", verify=ctx, trust_env=False,
                          headers={"host": "rebind.example",
