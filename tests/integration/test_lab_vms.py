@@ -78,9 +78,12 @@ def test_bad_input_is_refused_and_creates_nothing(client: Client, lab: LabConfig
     with pytest.raises(Incompatible, match="does not see datastore local-host1"):
         client.call("POST", "/v1/vms", {"host": "host2", "spec": {**good, "disks": [
             {"name": "root", "datastore": "local-host1", "path": "x.qcow2"}]}})
-    with pytest.raises(InvalidInput, match="cannot read boot file"):
+    with pytest.raises(InvalidInput, match="not inside a datastore"):
         client.call("POST", "/v1/vms", {"host": "host1", "spec": {
             **good, "kernel": {"kernel": "/nonexistent/vmlinuz"}}})
+    with pytest.raises(InvalidInput, match="cannot read boot file"):
+        client.call("POST", "/v1/vms", {"host": "host1", "spec": {
+            **good, "kernel": {"kernel": str(lab.images_dir / "missing-vmlinuz")}}})
     assert count_vms(client) == before
     # the CLI: exit code != 0, the problem and the fix on stderr
     out = ferry("vm", "create", "bad2", "--probe", "--memory", "lots")
