@@ -60,11 +60,14 @@ class Run:
     error: str | None = None
 
 
-def migrate(client: Client, run: Run, seq: int) -> int:
+def migrate(client: Client, run: Run, seq: int, multifd: int | None) -> int:
     """One migration; returns the probe's heartbeat sequence after it."""
     t0 = time.perf_counter()
+    options: dict[str, Any] = {"encryption": run.encryption}
+    if multifd is not None:
+        options["multifd_channels"] = multifd
     rec: dict[str, Any] = client.call("POST", "/v1/migrations", {
-        "vm": VM, "target": run.target, "options": {"encryption": run.encryption}})
+        "vm": VM, "target": run.target, "options": options})
     for event in client.events(f"/v1/migrations/{rec['id']}/events"):
         rec = event
         if Phase(rec["phase"]).terminal:
@@ -99,7 +102,7 @@ def body(config: LabConfig, args: argparse.Namespace) -> list[Run]:
                 run = Run(pair, kind, hosts[where], hosts[1 - where])
                 runs.append(run)
                 try:
-                    seq = migrate(client, run, seq)
+                    seq = migrate(client, run, seq, args.multifd)
                     where = 1 - where
                 except Exception as exc:
                     run.error = problem(exc)
@@ -153,6 +156,8 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=10, help="probe dirty rate, MiB/s")
     p.add_argument("--memory", type=int, default=256, help="guest memory, MiB")
     p.add_argument("--probe-mib", type=int, default=128, help="memory the probe uses")
+    p.add_argument("--multifd", type=int, help="multifd channels for both kinds "
+                   "(default: the cluster policy's)")
     p.add_argument("--lab-dir", type=Path, help="lab directory (default: a fresh temp dir)")
     p.add_argument("--json", type=Path, help="write every run here")
     args = p.parse_args()
