@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
@@ -52,6 +53,7 @@ from ferry.domain.migration import (
     transition,
 )
 from ferry.domain.records import ActionRecord, MigrationRecord
+from ferry.domain.specs import DiskSpec
 from ferry.store import Store
 from ferry.wire import describe_validation
 
@@ -90,14 +92,25 @@ class Orchestrator:
                     datastore: str | None = None) -> list[Refusal]:
         """Every reason the VM cannot go to `target` (with its disks moved onto
         `datastore` there, when given)."""
+        return (await self._check(vm_name, target, datastore)).refusals
+
+    async def _check(self, vm_name: str, target: str, datastore: str | None) -> _Plan:
         vm = await self.store.vm(vm_name)
-        await self.store.host(target)  # NotFound names the known hosts
+        host = await self.store.host(target)  # NotFound names the known hosts
         snaps = await self.inventory.snapshots(exclude_vm=vm_name)
         snap = next(s for s in snaps if s.name == target)
         spec = vm.spec
+        target_disks: tuple[DiskSpec, ...] = ()
+        moved: tuple[DiskSpec, ...] = ()
         if datastore is not None:
-            spec = spec.model_copy(update={"disks": storage.target_disks(spec, datastore)})
-        return check_migration(spec, vm.host, snap)
+            sees = snap.facts is not None and snap.facts.datastore(datastore) is not None
+            target_disks, moved = storage.plan_disks(spec, datastore, sees)
+            spec = storage.target_spec(spec, target_disks)
+        refusals = check_migration(spec, vm.host, snap)
+        if moved and not refusals:
+            refusals = await storage.check_free_paths(
+                self.agents.client(host), target, storage.copies(target_disks, moved))
+        return _Plan(refusals=refusals, target_disks=target_disks, moved_disks=moved)
 
     async def options_for(self, overrides: Mapping[str, object] | None) -> StreamOptions:
         """The cluster's defaults with a migration's overrides; InvalidInput if bad."""
@@ -128,15 +141,18 @@ class Orchestrator:
         rec = await self.store.add_migration(MigrationRecord(
             id=uuid.uuid4().hex[:12], vm=vm_name, source=vm.host, target=target,
             phase=Phase.PENDING, options=options or await self.options_for(None),
-            created_at=now, phase_times={Phase.PENDING.value: now},
-            target_disks=storage.target_disks(vm.spec, datastore) if datastore else ()))
+            created_at=now, phase_times={Phase.PENDING.value: now}))
         rec = await self._enter(rec, Phase.CHECKING)
-        refusals = await self.check(vm_name, target, datastore)
+        plan = await self._check(vm_name, target, datastore)
+        refusals = plan.refusals
         if refusals:
             reason = "; ".join(r.message for r in refusals)
             rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
             await self._enter(rec, Phase.FAILED)
             raise Incompatible(f"cannot migrate {vm_name} to {target}: {reason}")
+        if plan.moved_disks:
+            rec = await self.store.update_migration(rec.id, target_disks=plan.target_disks,
+                                                    moved_disks=plan.moved_disks)
         await self.store.update_vm(vm_name, state=VmState.MIGRATING)
         self._spawn(rec.id)
         return rec
@@ -245,14 +261,26 @@ class Orchestrator:
             self._check_cancel(rec.id)
             rec = await self._enter(rec, Phase.PREPARING_TARGET)
             vm = await self.store.vm(rec.vm)
-            disks = await storage.new_disks(source, vm.spec, rec) if rec.target_disks else ()
-            ready = await target.prepare_incoming(
-                rec.id, storage.target_spec(vm.spec, rec), rec.options, disks)
+            disks = await storage.new_disks(source, rec) if rec.moved_disks else ()
+            if disks:
+                # Recorded before they exist: a rollback deletes these and nothing else.
+                rec = await self.store.update_migration(
+                    rec.id, created_images=tuple(d.disk for d in disks))
+            try:
+                ready = await target.prepare_incoming(
+                    rec.id, storage.target_spec(vm.spec, rec.target_disks), rec.options, disks)
+            except HostUnavailable:
+                raise  # unknown whether the agent created them: they stay recorded
+            except FerryError:
+                # The agent refused and removed whatever it had created itself (e.g. a
+                # path that already existed, which is not ours to delete).
+                rec = await self.store.update_migration(rec.id, created_images=())
+                raise
             self._check_cancel(rec.id)
             downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
             rec = await self._enter(rec, Phase.PRECOPY, dest_uri=ready.uri, nbd=ready.nbd,
                                     downtime_limit_ms=downtime)
-            if rec.target_disks:
+            if rec.moved_disks:
                 await self._copy_disks(rec, source)
             await source.start_outgoing(rec.vm, rec.id, ready.uri, rec.options, downtime)
         if rec.phase is Phase.PRECOPY:
@@ -390,10 +418,10 @@ class Orchestrator:
         """The destination runs: record that first, then tear the source down."""
         vm = await self.store.vm(rec.vm)
         await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING,
-                                   spec=storage.target_spec(vm.spec, rec))
-        if rec.target_disks:
+                                   spec=storage.target_spec(vm.spec, rec.target_disks))
+        if rec.moved_disks:
             target = (await self._clients(rec))[1]
-            problems = await storage.finish(rec, source, target, vm.spec.disks)
+            problems = await storage.finish(rec, source, target)
             return await self._enter(rec, Phase.COMPLETED,
                                      reason="; ".join(problems) or None)
         rec = await self._enter(rec, Phase.COMPLETED)
@@ -444,7 +472,7 @@ class Orchestrator:
                 pass
             except FerryError:
                 dest_gone = False  # unreachable: its QEMU exits once the stream breaks
-            if rec.target_disks and dest_gone:
+            if dest_gone:
                 await storage.undo(rec, source, target)
             src = await source.vm(rec.vm)
             if dest_gone and src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
@@ -473,6 +501,12 @@ class Orchestrator:
         except FerryError:
             return False
         return dest.state is AgentVmState.RUNNING
+
+
+class _Plan(NamedTuple):
+    refusals: list[Refusal]
+    target_disks: tuple[DiskSpec, ...]
+    moved_disks: tuple[DiskSpec, ...]
 
 
 def merge_options(base: StreamOptions, overrides: Mapping[str, object] | None

@@ -23,6 +23,7 @@ class RefusalReason(StrEnum):
     MAC_IN_USE = "mac_in_use"
     CPU_MODEL = "cpu_model"
     MACHINE_TYPE = "machine_type"
+    TARGET_PATH_EXISTS = "target_path_exists"
 
 
 class Refusal(Frozen):

@@ -67,9 +67,13 @@ class MigrationRecord(Frozen):
     throttle_pct: int = 0
     postcopy_started: bool = False
     actions: tuple[ActionRecord, ...] = ()
-    # Without shared storage: the VM's disks as they will be on the target, the NBD
-    # server there, and the copy's progress.
+    # Without shared storage: the VM's disks as they will be on the target (empty: all
+    # stay where they are), the source-side disks that are copied there, the images this
+    # job created on the target (recorded before creating them: a rollback deletes only
+    # these), the NBD server there, and the copy's progress.
     target_disks: tuple[DiskSpec, ...] = ()
+    moved_disks: tuple[DiskSpec, ...] = ()
+    created_images: tuple[DiskSpec, ...] = ()
     nbd: str | None = None
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0
