@@ -233,6 +233,10 @@ class HostRuntime:
         rec = self._get(name)
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
+        if await rec.monitor.runstate() == "inmigrate":
+            # `cont` now would make QEMU start the guest on its own when the stream ends.
+            raise Conflict(f"VM {name} on {self.config.name} is still receiving its "
+                           "migration", "resume it only once the stream has completed")
         await rec.monitor.cont()
         return await self.info(name)
 
@@ -436,6 +440,10 @@ def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]
             "multifd": options.multifd_channels > 0}
     if source:
         caps["auto-converge"] = options.throttles
+    else:
+        # The paused destination leaves shared images inactive (unlocked) until `cont`,
+        # so a rollback can resume the source even while the destination still exists.
+        caps["late-block-activate"] = True
     return caps
 
 

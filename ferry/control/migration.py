@@ -180,7 +180,9 @@ class Orchestrator:
         """Stop leftovers an agent reports: a paused or incoming copy of a VM that the
         inventory places elsewhere and that no unfinished migration involves (e.g. a
         target whose link was down during rollback). A running copy is never touched."""
-        leftovers = [v for v in reported if v.state in _LEFTOVER_STATES]
+        leftovers = [v for v in reported if v.state in _LEFTOVER_STATES or (
+            # a destination that ended its stream but was never resumed (-S)
+            v.state is AgentVmState.PAUSED and v.migration_id is not None)]
         if not leftovers:
             return
         busy = {m.vm for m in await self.store.migrations(unfinished_only=True)}
@@ -381,44 +383,86 @@ class Orchestrator:
         rec = await self.store.update_migration(rec.id, **changes)
         await source.tune(rec.vm, tune)
         await self.bus.changed(rec.id)
+        if tune.postcopy:
+            await self._switch_in_postcopy(rec)
         return rec
+
+    async def _switch_in_postcopy(self, rec: MigrationRecord) -> None:
+        """Post-copy moved execution to the target, which stays paused (-S) until told:
+        record the VM there, then resume it at once (every ms here is downtime)."""
+        target = (await self._clients(rec))[1]
+        await self._await_paused_target(rec, target, "when post-copy started")
+        vm = await self.store.vm(rec.vm)
+        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING,
+                                   spec=storage.target_spec(vm.spec, rec.target_disks))
+        await target.resume_vm(rec.vm)
 
     async def _switchover(self, rec: MigrationRecord, source: AgentClient,
                           target: AgentClient) -> MigrationRecord:
-        """Confirm the destination runs, then tear down the source."""
+        """The source has sent everything: confirm the paused destination holds it,
+        record the VM there, and only then let it run (RESUMING_TARGET)."""
+        if rec.postcopy_started:
+            # The switch was recorded (and the target resumed) when post-copy began.
+            rec = await self._enter(rec, Phase.RESUMING_TARGET)
+            return await self._resume_target(rec, source, target)
+        dest = await self._await_paused_target(rec, target, "at switchover")
+        vm = await self.store.vm(rec.vm)
+        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING,
+                                   spec=storage.target_spec(vm.spec, rec.target_disks))
+        rec = await self._enter(rec, Phase.RESUMING_TARGET)
+        if dest.state is AgentVmState.RUNNING:
+            log.warning("migration %s: destination already running", rec.id)
+        return await self._resume_target(rec, source, target)
+
+    async def _await_paused_target(self, rec: MigrationRecord, target: AgentClient,
+                                   when: str) -> VmInfo:
+        """The destination once it holds the whole state, paused (or already running):
+        RollBack if it is gone or stays away; it never ran the guest, so the source may."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CONFIRM_TIMEOUT_S
         while True:
             try:
-                dest = await target.vm(rec.vm)
+                dest = await target.vm(rec.vm, timeout_s=5.0)
             except NotFound:
-                await _resume_source(source, rec.vm)
-                raise RollBack("the destination QEMU vanished at switchover; "
-                               "the source was resumed") from None
+                raise RollBack(f"the destination QEMU vanished {when}") from None
             except HostUnavailable as exc:
                 if loop.time() > deadline:
-                    # Resuming the source could make two copies: keep it paused, say so.
-                    return await self._fail_unconfirmed(rec, exc.problem)
+                    raise RollBack(f"cannot reach the destination {when}: {exc.problem}"
+                                   ) from None
                 await asyncio.sleep(0.2)
                 continue
-            if dest.state is AgentVmState.RUNNING:
-                break
+            if dest.state in (AgentVmState.PAUSED, AgentVmState.RUNNING):
+                return dest
             if dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
-                with contextlib.suppress(FerryError):
-                    await target.stop_vm(rec.vm, force=True)
-                await _resume_source(source, rec.vm)
-                raise RollBack(f"the destination {dest.state} at switchover; "
-                               "the source was resumed")
+                raise RollBack(f"the destination {dest.state} {when}")
             if loop.time() > deadline:
-                raise RollBack(f"the destination stayed {dest.state} after switchover")
+                raise RollBack(f"the destination stayed {dest.state} {when}")
             await asyncio.sleep(0.02)
+
+    async def _resume_target(self, rec: MigrationRecord, source: AgentClient,
+                             target: AgentClient) -> MigrationRecord:
+        """The store has the VM on the target: run it there (idempotent `cont`), then
+        tear down the source. The source is never resumed from here on."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONFIRM_TIMEOUT_S
+        while True:
+            try:
+                info = await target.resume_vm(rec.vm)
+                if info.state is AgentVmState.RUNNING:
+                    break
+                problem = f"it is {info.state} after `cont`"
+            except NotFound:
+                return await self._fail_unconfirmed(
+                    rec, "the destination QEMU vanished after the switch was recorded")
+            except FerryError as exc:
+                problem = exc.problem
+            if loop.time() > deadline:
+                return await self._fail_unconfirmed(rec, problem)
+            await asyncio.sleep(0.2)
         return await self._finish(rec, source)
 
     async def _finish(self, rec: MigrationRecord, source: AgentClient) -> MigrationRecord:
-        """The destination runs: record that first, then tear the source down."""
-        vm = await self.store.vm(rec.vm)
-        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING,
-                                   spec=storage.target_spec(vm.spec, rec.target_disks))
+        """The destination runs: tear the source down."""
         if rec.moved_disks:
             target = (await self._clients(rec))[1]
             problems = await storage.finish(rec, source, target)
@@ -442,20 +486,23 @@ class Orchestrator:
         return await self._enter(rec, Phase.FAILED)
 
     async def _roll_back(self, migration_id: str, reason: str) -> None:
-        """Undo a migration: the target's QEMU goes, the source keeps (or resumes) running."""
+        """Undo a migration before the switch: the target's QEMU goes, the source keeps
+        (or resumes) running. The destination started paused (-S) and is resumed only
+        after the switch is recorded, so before that it never ran the guest: resuming
+        the source is safe even when the destination cannot be reached."""
         rec = await self.store.migration(migration_id)
         if rec.phase.terminal:
             return
-        if rec.phase in (Phase.PRECOPY, Phase.SWITCHOVER) and await self._target_runs(rec):
+        if rec.phase is Phase.RESUMING_TARGET:
+            await self._fail_unconfirmed(rec, reason)
+            return
+        if rec.postcopy_started and await self._target_runs(rec):
             # The guest already runs on the target: finishing is the only safe outcome.
-            if rec.postcopy_started:
-                # The source may still be serving pages: the leftover reaper stops it
-                # once it reports the migration done.
-                await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING)
-                await self._enter(rec, Phase.COMPLETED, reason=f"finished in post-copy "
-                                  f"after: {reason}")
-                return
-            await self._finish(rec, (await self._clients(rec))[0])
+            # The source may still be serving pages: the leftover reaper stops it once
+            # it reports the migration done.
+            await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING)
+            await self._enter(rec, Phase.COMPLETED, reason=f"finished in post-copy "
+                              f"after: {reason}")
             return
         if rec.phase is not Phase.ROLLING_BACK:
             rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
@@ -471,19 +518,20 @@ class Orchestrator:
             except NotFound:
                 pass
             except FerryError:
-                dest_gone = False  # unreachable: its QEMU exits once the stream breaks
+                dest_gone = False  # unreachable: the reaper stops it once it is back
             if dest_gone:
                 await storage.undo(rec, source, target)
             src = await source.vm(rec.vm)
-            if dest_gone and src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
+            if src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
                 await source.resume_vm(rec.vm)
-            await self.store.update_vm(rec.vm, host=rec.source, state=VmState.RUNNING)
+            vm = await self.store.vm(rec.vm)
+            await self.store.update_vm(rec.vm, host=rec.source, state=VmState.RUNNING,
+                                       spec=storage.source_spec(vm.spec, rec))
         except FerryError as exc:
             log.warning("rollback of %s incomplete: %s", migration_id, exc)
             reason = f"{reason}; rollback incomplete: {exc.problem}"
             await self.store.update_vm(rec.vm, host=rec.source, state=VmState.UNKNOWN)
         await self._enter(rec, Phase.FAILED, reason=reason)
-
 
     async def _lost_in_postcopy(self, rec: MigrationRecord, reason: str) -> None:
         """Post-copy failed: the guest's memory is split between two hosts, so neither
@@ -538,9 +586,3 @@ async def _cancel_quietly(source: AgentClient, vm: str) -> None:
             progress = await source.progress(vm, wait_s=0.1)
             if progress.status.finished:
                 return
-
-
-async def _resume_source(source: AgentClient, vm: str) -> None:
-    info = await source.vm(vm)
-    if info.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
-        await source.resume_vm(vm)

@@ -67,6 +67,15 @@ def target_spec(spec: VmSpec, target_disks: tuple[DiskSpec, ...]) -> VmSpec:
         "disks": [d.model_dump() for d in target_disks]})
 
 
+def source_spec(spec: VmSpec, rec: MigrationRecord) -> VmSpec:
+    """The VM as it runs on the source: its copied disks as they were there."""
+    if not rec.moved_disks:
+        return spec
+    old = {d.name: d for d in rec.moved_disks}
+    return VmSpec.model_validate(spec.model_dump() | {
+        "disks": [old.get(d.name, d).model_dump() for d in spec.disks]})
+
+
 async def check_free_paths(target: AgentClient, host: str, disks: tuple[DiskSpec, ...]
                            ) -> list[Refusal]:
     """A refusal for every image to create that already exists on the target: Ferry

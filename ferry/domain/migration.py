@@ -1,8 +1,12 @@
 """The live migration as a persisted state machine (vMotion's three stages).
 
-    PENDING → CHECKING → PREPARING_TARGET → PRECOPY → SWITCHOVER → COMPLETED
-                │              │               │           │
-                └──────────────┴───────────────┴───────────┴──→ ROLLING_BACK → FAILED
+    PENDING → CHECKING → PREPARING_TARGET → PRECOPY → SWITCHOVER → RESUMING_TARGET → COMPLETED
+                │              │               │           │              │
+                └──────────────┴───────────────┴───────────┴──────────────┴─→ ROLLING_BACK → FAILED
+
+SWITCHOVER waits for the source to finish and the (paused, -S) destination to hold the
+whole state; RESUMING_TARGET is entered once the store records the VM on the target, and
+only then does the destination run. From RESUMING_TARGET on, the source is never resumed.
 
 A phase only moves along an arrow; `transition` refuses anything else, so a resumed
 control plane cannot skip a step by accident.
@@ -24,6 +28,7 @@ class Phase(StrEnum):
     PREPARING_TARGET = "preparing_target"
     PRECOPY = "precopy"
     SWITCHOVER = "switchover"
+    RESUMING_TARGET = "resuming_target"
     COMPLETED = "completed"
     ROLLING_BACK = "rolling_back"
     FAILED = "failed"
@@ -42,7 +47,9 @@ _NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.CHECKING: frozenset({Phase.PREPARING_TARGET, Phase.ROLLING_BACK}),
     Phase.PREPARING_TARGET: frozenset({Phase.PRECOPY, Phase.ROLLING_BACK}),
     Phase.PRECOPY: frozenset({Phase.SWITCHOVER, Phase.COMPLETED, Phase.ROLLING_BACK}),
-    Phase.SWITCHOVER: frozenset({Phase.COMPLETED, Phase.ROLLING_BACK}),
+    Phase.SWITCHOVER: frozenset({Phase.RESUMING_TARGET, Phase.ROLLING_BACK}),
+    # Its ROLLING_BACK never resumes the source: it only reports the VM's place unknown.
+    Phase.RESUMING_TARGET: frozenset({Phase.COMPLETED, Phase.ROLLING_BACK}),
     Phase.ROLLING_BACK: frozenset({Phase.FAILED}),
     Phase.COMPLETED: frozenset(),
     Phase.FAILED: frozenset(),

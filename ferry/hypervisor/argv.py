@@ -95,5 +95,7 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
         argv += ["-netdev", f"user,id=net-{nic.name}",
                  "-device", f"virtio-net-pci,netdev=net-{nic.name},mac={nic.mac},id={nic.name}"]
     if incoming:
-        argv += ["-incoming", "defer"]
+        # -S: the destination stays paused when the stream ends; it runs guest code only
+        # once the control plane has recorded the switch and sends `cont` (as libvirt).
+        argv += ["-S", "-incoming", "defer"]
     return argv

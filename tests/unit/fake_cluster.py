@@ -8,6 +8,7 @@ statuses and can make any agent call fail once, to inject faults.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -81,13 +82,16 @@ class FakeAgent:
         self.calls: list[str] = []
         # method name -> errors to raise on its next calls (one each)
         self.faults: dict[str, list[Exception]] = defaultdict(list)
-        self.on_call: dict[str, Callable[[], None]] = {}
+        # method name -> called (and awaited, if it returns an awaitable) on each call
+        self.on_call: dict[str, Callable[[], Any]] = {}
 
-    def _enter(self, method: str) -> None:
+    async def _enter(self, method: str) -> None:
         self.calls.append(method)
         hook = self.on_call.get(method)
         if hook is not None:
-            hook()
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
         if self.faults[method]:
             raise self.faults[method].pop(0)
 
@@ -99,14 +103,14 @@ class FakeAgent:
 
     # --- the AgentClient methods the orchestrator uses --------------------------------
     async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
-        self._enter("vm")
+        await self._enter("vm")
         vm = self._get(name)
         return VmInfo(name=name, uuid=vm.spec.uuid, state=vm.state, pid=1, spec=vm.spec,
                       migration_id=vm.migration_id)
 
     async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
                                new_disks: tuple[NewDisk, ...] = ()) -> IncomingReady:
-        self._enter("prepare_incoming")
+        await self._enter("prepare_incoming")
         for new in new_disks:
             key = (new.disk.datastore, new.disk.path)
             if key in self.images:
@@ -122,7 +126,7 @@ class FakeAgent:
 
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
                              options: StreamOptions, downtime_ms: int) -> None:
-        self._enter("start_outgoing")
+        await self._enter("start_outgoing")
         vm = self._get(name)
         vm.migration_id = migration_id
         target = uri.split(":")[1]
@@ -148,7 +152,7 @@ class FakeAgent:
         return agent.vms.get(name)
 
     async def progress(self, name: str, wait_s: float = 0.0) -> Progress:
-        self._enter("progress")
+        await self._enter("progress")
         vm = self._get(name)
         self._advance(vm)
         return Progress(status=vm.status, dirty_sync_count=vm.sync, remaining_bytes=1 << 20,
@@ -156,18 +160,18 @@ class FakeAgent:
                         downtime_ms=10 if vm.status is SourceStatus.COMPLETED else None)
 
     async def tune(self, name: str, tune: Tune) -> Progress:
-        self._enter("tune")
+        await self._enter("tune")
         vm = self._get(name)
         if tune.postcopy:
             vm.status = SourceStatus.POSTCOPY_ACTIVE
             vm.state = AgentVmState.MIGRATED
             dest = self._peer_vm(vm)
-            if dest is not None:
+            if dest is not None and dest.state is AgentVmState.INCOMING:
                 dest.state = AgentVmState.PAUSED
         return Progress(status=vm.status)
 
     async def cancel_migration(self, name: str) -> Progress:
-        self._enter("cancel_migration")
+        await self._enter("cancel_migration")
         vm = self._get(name)
         if vm.status in (SourceStatus.ACTIVE, SourceStatus.SETUP):
             vm.status = SourceStatus.CANCELLED
@@ -175,26 +179,30 @@ class FakeAgent:
         return Progress(status=vm.status)
 
     async def resume_vm(self, name: str) -> VmInfo:
-        self._enter("resume_vm")
+        await self._enter("resume_vm")
         vm = self._get(name)
+        if vm.state is AgentVmState.INCOMING:
+            raise FerryError(f"VM {name} is still receiving its migration")
+        if vm.state is not AgentVmState.RUNNING:
+            self.cluster.ran.append((self.host, name))
         vm.state = AgentVmState.RUNNING
         return await self.vm(name)
 
     async def stop_vm(self, name: str, force: bool = False, grace_s: float = 30.0) -> VmInfo:
-        self._enter("stop_vm")
+        await self._enter("stop_vm")
         info = await self.vm(name)
         del self.vms[name]
         return info
 
     async def image(self, disk: DiskSpec) -> ImageInfo | None:
-        self._enter("image")
+        await self._enter("image")
         if (disk.datastore, disk.path) not in self.images:
             return None
         return ImageInfo(path=disk.path, format=DiskFormat.QCOW2, virtual_size=1 << 30,
                          allocated=1 << 20)
 
     async def delete_image(self, disk: DiskSpec) -> bool:
-        self._enter("delete_image")
+        await self._enter("delete_image")
         key = (disk.datastore, disk.path)
         self.deleted.append(key)
         existed = key in self.images
@@ -203,21 +211,21 @@ class FakeAgent:
 
     async def start_disk_mirrors(self, name: str, migration_id: str, nbd: str,
                                  disks: tuple[str, ...]) -> list[MirrorProgress]:
-        self._enter("start_disk_mirrors")
+        await self._enter("start_disk_mirrors")
         return await self.disk_mirrors(name, migration_id, disks)
 
     async def disk_mirrors(self, name: str, migration_id: str, disks: tuple[str, ...]
                            ) -> list[MirrorProgress]:
-        self._enter("disk_mirrors")
+        await self._enter("disk_mirrors")
         return [MirrorProgress(job_id=d, status="ready", offset=10, length=10, ready=True)
                 for d in disks]
 
     async def stop_disk_mirrors(self, name: str, migration_id: str, disks: tuple[str, ...]
                                 ) -> None:
-        self._enter("stop_disk_mirrors")
+        await self._enter("stop_disk_mirrors")
 
     async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
-        self._enter("finish_incoming_storage")
+        await self._enter("finish_incoming_storage")
 
 
 class FakePool(AgentPool):
@@ -240,6 +248,8 @@ class FakeCluster:
         self.bus = ChangeBus()
         self.inventory = Inventory(store, self.pool)
         self.orchestrator = Orchestrator(store, self.inventory, self.pool, self.bus)
+        # (host, vm) each time a paused copy was set running: the guest's history
+        self.ran: list[tuple[str, str]] = []
 
     @classmethod
     async def open(cls, directory: Path, hosts: dict[str, HostFacts] | None = None

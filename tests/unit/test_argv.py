@@ -39,7 +39,10 @@ def test_kernel_boot_argv() -> None:
 
 def test_incoming_adds_defer() -> None:
     spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/k"))
-    assert value_after(argv_of(spec, incoming=True), "-incoming") == ["defer"]
+    argv = argv_of(spec, incoming=True)
+    assert value_after(argv, "-incoming") == ["defer"]
+    assert "-S" in argv  # paused until Ferry resumes it, never on its own
+    assert "-S" not in argv_of(spec)
 
 
 def test_disks_and_nics() -> None:

@@ -19,7 +19,7 @@ from ferry.domain.migration import (
 )
 
 HAPPY = [Phase.PENDING, Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY,
-         Phase.SWITCHOVER, Phase.COMPLETED]
+         Phase.SWITCHOVER, Phase.RESUMING_TARGET, Phase.COMPLETED]
 
 
 def test_happy_path_is_allowed() -> None:
