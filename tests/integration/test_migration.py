@@ -37,7 +37,8 @@ def test_migration_completes_with_probe_intact(client: Client, lab: LabConfig,
             assert rec["source"] == source and rec["downtime_ms"] is not None
             assert rec["transferred_bytes"] > 0 and len(rec["iterations"]) >= 1
             assert list(rec["phase_times"]) == ["pending", "checking", "preparing_target",
-                                                "precopy", "switchover", "completed"]
+                                                "precopy", "switchover", "resuming_target",
+                                                "completed"]
             assert_intact(client, name, target, lab, before["seq"])
     finally:
         remove_vm(client, name)
