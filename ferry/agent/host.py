@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from ferry.agent.config import AgentConfig
 from ferry.agent.disks import (
@@ -47,6 +51,7 @@ from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
 
 SERIAL_TAIL_BYTES = 64 * 1024
+log = logging.getLogger("ferry.agent")
 
 
 @dataclass
@@ -93,7 +98,14 @@ class HostRuntime:
     async def _adopt(self) -> None:
         for spec_file in sorted(self.vms_dir.glob("*/spec.json")):
             paths = RunPaths(spec_file.parent)
-            spec = VmSpec.model_validate_json(spec_file.read_text())
+            try:
+                spec = VmSpec.model_validate_json(spec_file.read_text())
+            except (OSError, ValidationError) as exc:
+                # One unreadable VM must not keep the agent (and every other VM) down;
+                # its QEMU, if any, is left alone for an operator to look at.
+                log.warning("not adopting %s: unreadable spec.json (%s)", paths.directory,
+                            exc)
+                continue
             adopted = await QemuProcess.adopt(spec.name, paths)
             if adopted is None:
                 shutil.rmtree(paths.directory, ignore_errors=True)
@@ -182,7 +194,7 @@ class HostRuntime:
             machine = self._check_runnable(spec)
             paths = RunPaths(self.vms_dir / spec.name)
             paths.directory.mkdir(parents=True, exist_ok=True)
-            paths.spec_file.write_text(spec.model_dump_json())
+            write_spec(paths, spec)
             argv = build_argv(spec, machine=machine, accel=self.accel, paths=paths,
                               datastores=self.config.datastore_paths, incoming=incoming)
             if old is None or old.process.state is not ProcessState.RUNNING:
@@ -313,8 +325,7 @@ class HostRuntime:
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
         current = await rec.monitor.query_migrate()
-        if current.status in (SourceStatus.ACTIVE, SourceStatus.SETUP,
-                              SourceStatus.POSTCOPY_ACTIVE, SourceStatus.DEVICE):
+        if current.status.in_progress:
             if rec.migration_id == migration_id:
                 return  # a resumed control plane asking again: already under way
             raise Conflict(f"VM {name} is already migrating ({rec.migration_id})")
@@ -407,7 +418,7 @@ class HostRuntime:
         async with rec.lock:
             rec.spec = await self.disks.pivot(_running_monitor(rec, self.config.name),
                                               rec.spec, job_id, target)
-            rec.paths.spec_file.write_text(rec.spec.model_dump_json())
+            write_spec(rec.paths, rec.spec)
         return await self.info(name)
 
     async def cancel_mirror(self, name: str, job_id: str, target: DiskSpec) -> None:
@@ -427,6 +438,17 @@ class HostRuntime:
             raise NotRunning(f"VM {name} has no monitor on {self.config.name}")
         await rec.monitor.migrate_cancel()
         return await rec.monitor.query_migrate()
+
+
+def write_spec(paths: RunPaths, spec: VmSpec) -> None:
+    """Replace spec.json atomically: a crash mid-write leaves the old one or the new one,
+    never a torn file that a restarted agent could not read."""
+    tmp = paths.spec_file.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        f.write(spec.model_dump_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, paths.spec_file)
 
 
 def _running_monitor(rec: VmRecord, host: str) -> Monitor:

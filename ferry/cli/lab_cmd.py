@@ -13,7 +13,7 @@ from ferry.cli.output import console, print_error, table
 from ferry.domain.errors import FerryError
 from ferry.domain.units import parse_rate
 from ferry.lab import cluster, net
-from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, load
+from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, config_for_up, load
 
 app = typer.Typer(help="A local cluster: hosts as network namespaces on a bridge.",
                   no_args_is_help=True)
@@ -37,12 +37,19 @@ def _config(lab_dir: Path) -> LabConfig:
 
 
 @app.command()
-def up(hosts: Annotated[int, typer.Option(help="number of hosts", min=1, max=32)] = 3,
-       cpus: Annotated[int, typer.Option(help="declared CPUs per host")] = 4,
-       memory: Annotated[int, typer.Option(help="declared MiB per host")] = 2048,
+def up(hosts: Annotated[int | None, typer.Option(
+           help="number of hosts (new lab: 3)", min=1, max=32)] = None,
+       cpus: Annotated[int | None, typer.Option(
+           help="declared CPUs per host (new lab: 4)", min=1)] = None,
+       memory: Annotated[int | None, typer.Option(
+           help="declared MiB per host (new lab: 2048)", min=64)] = None,
        lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
     """Create the hosts, start one agent per host and the control plane."""
-    config = load(lab_dir) or LabConfig.default(lab_dir, hosts, cpus, memory)
+    try:
+        config = config_for_up(lab_dir, load(lab_dir), hosts, cpus, memory)
+    except FerryError as exc:
+        print_error(exc)
+        raise typer.Exit(1) from None
     began = time.monotonic()
     try:
         st = cluster.up(config)

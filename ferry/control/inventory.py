@@ -69,7 +69,7 @@ class Inventory:
         assert record.facts is not None  # place() only picks hosts with facts
         machine = record.facts.resolve_machine(spec.machine) or spec.machine
         # Pin the versioned machine type now so the VM stays migratable later.
-        spec = spec.model_copy(update={"machine": machine})
+        spec = VmSpec.model_validate(spec.model_dump() | {"machine": machine})
         vm = await self.store.add_vm(VmRecord(spec=spec, host=chosen, state=VmState.DEFINED))
         if start:
             try:

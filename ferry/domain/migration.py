@@ -82,17 +82,36 @@ class SourceStatus(StrEnum):
     WAIT_UNPLUG = "wait-unplug"
     COLO = "colo"
     POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
     POSTCOPY_RECOVER = "postcopy-recover"
+    # Any status a newer QEMU adds: the stream is somewhere in progress, keep watching.
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> SourceStatus:
+        return cls.UNKNOWN
 
     @property
     def finished(self) -> bool:
         return self in (SourceStatus.COMPLETED, SourceStatus.FAILED, SourceStatus.CANCELLED)
+
+    @property
+    def in_progress(self) -> bool:
+        """A stream runs (or is paused mid-way): neither never started nor ended."""
+        return not self.finished and self is not SourceStatus.NONE
+
+    @property
+    def postcopy_fault(self) -> bool:
+        """Post-copy lost its link: QEMU waits for it to be recovered (never cancel)."""
+        return self in (SourceStatus.POSTCOPY_PAUSED, SourceStatus.POSTCOPY_RECOVER_SETUP,
+                        SourceStatus.POSTCOPY_RECOVER)
 
 
 class Progress(Frozen):
     """One reading of a migration's progress, from query-migrate on the source."""
 
     status: SourceStatus
+    qemu_status: str = ""  # QEMU's own word, kept when status is UNKNOWN
     elapsed_ms: int = 0
     dirty_sync_count: int = 0
     remaining_bytes: int = 0

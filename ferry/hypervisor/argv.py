@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.domain.errors import InvalidInput
 from ferry.domain.specs import DiskCache, DiskSpec, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -40,10 +41,14 @@ class RunPaths:
 
 
 def disk_path(disk: DiskSpec, datastores: Mapping[str, str]) -> Path:
+    if disk.datastore not in datastores:
+        raise InvalidInput(f"this host does not see datastore {disk.datastore} "
+                           f"(disk {disk.name})", f"use one of: {', '.join(datastores)}")
     root = Path(datastores[disk.datastore]).resolve()
     path = (root / disk.path).resolve()
-    if root != path and root not in path.parents:  # spec validation already refuses '..'
-        raise ValueError(f"disk {disk.name} escapes datastore {disk.datastore}")
+    if root != path and root not in path.parents:  # e.g. through a symlink
+        raise InvalidInput(f"disk {disk.name} ({disk.path}) resolves outside datastore "
+                           f"{disk.datastore}", "give a path inside the datastore")
     return path
 
 

@@ -125,6 +125,7 @@ def progress_from_reply(reply: Mapping[str, Any]) -> Progress:
     ram: Mapping[str, Any] = reply.get("ram", {})
     return Progress(
         status=SourceStatus(reply.get("status", "none")),
+        qemu_status=str(reply.get("status", "none")),
         elapsed_ms=int(reply.get("total-time", 0)),
         dirty_sync_count=int(ram.get("dirty-sync-count", 0)),
         remaining_bytes=int(ram.get("remaining", 0)),

@@ -194,7 +194,8 @@ def up(config: LabConfig) -> LabStatus:
     existing = load(config.directory)
     if existing is not None and existing.hosts != config.hosts:
         raise LabError(f"a lab with hosts {[h.name for h in existing.hosts]} already exists "
-                       f"in {config.directory}; run `ferry lab down` first")
+                       f"in {config.directory}; run `ferry lab down` and remove that "
+                       "directory (or use another --lab-dir) for a lab of another shape")
     for d in (config.directory, config.shared_datastore, config.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     for host in config.hosts:

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from ferry.domain.errors import InvalidInput
 from ferry.domain.specs import DiskSpec, KernelBoot, NicSpec, VmSpec
 from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
 
@@ -66,5 +67,12 @@ def test_disks_and_nics() -> None:
 
 def test_disk_path_refuses_symlink_style_escape() -> None:
     disk = DiskSpec.model_construct(name="d", datastore="shared", path="../../etc/x")
-    with pytest.raises(ValueError, match="escapes"):
+    with pytest.raises(InvalidInput, match="resolves outside datastore shared"):
         disk_path(disk, {"shared": "/srv/shared"})
+
+
+def test_disk_path_on_a_datastore_the_host_lacks_is_invalid_input() -> None:
+    disk = DiskSpec(name="d", datastore="fast", path="x.qcow2")
+    with pytest.raises(InvalidInput, match="does not see datastore fast") as err:
+        disk_path(disk, {"shared": "/srv/shared"})
+    assert err.value.fix == "use one of: shared"
