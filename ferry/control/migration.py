@@ -46,7 +46,6 @@ from ferry.domain.inventory import VmState
 from ferry.domain.migration import (
     Iteration,
     Phase,
-    Progress,
     SourceStatus,
     StreamOptions,
     record_iteration,
@@ -55,6 +54,7 @@ from ferry.domain.migration import (
 from ferry.domain.records import ActionRecord, MigrationRecord
 from ferry.domain.specs import DiskSpec
 from ferry.store import Store
+from ferry.store.store import VmChange
 from ferry.wire import describe_validation
 
 log = logging.getLogger("ferry.migration")
@@ -158,13 +158,21 @@ class Orchestrator:
         return rec
 
     async def cancel(self, migration_id: str) -> MigrationRecord:
-        rec = await self.store.migration(migration_id)
-        if rec.phase.terminal:
-            raise Conflict(f"migration {migration_id} already ended ({rec.phase})")
-        if not rec.phase.cancellable:
-            raise Conflict(f"migration {migration_id} is in {rec.phase}; past switchover "
-                           "it can no longer be cancelled")
-        rec = await self.store.update_migration(migration_id, cancel_requested=True)
+        def request(cur: MigrationRecord) -> dict[str, object]:
+            # Judged on the record as stored, in the same compare-and-set as the write:
+            # a cancel can never land on a migration that just entered post-copy.
+            if cur.phase.terminal:
+                raise Conflict(f"migration {migration_id} already ended ({cur.phase})")
+            if cur.postcopy_started:
+                raise Conflict(f"migration {migration_id} is in post-copy: the guest already "
+                               "runs on the target and part of its memory is there only",
+                               "wait for it to finish; it cannot be cancelled")
+            if not cur.phase.cancellable:
+                raise Conflict(f"migration {migration_id} is in {cur.phase}; past "
+                               "switchover it can no longer be cancelled")
+            return {"cancel_requested": True}
+
+        rec = await self.store.change_migration(migration_id, request)
         self._cancel[migration_id].set()
         await self.bus.changed(migration_id)
         return rec
@@ -219,12 +227,18 @@ class Orchestrator:
         self._tasks[migration_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(migration_id, None))
 
-    async def _enter(self, rec: MigrationRecord, phase: Phase, **changes: object
-                     ) -> MigrationRecord:
-        transition(rec.phase, phase)
-        times = dict(rec.phase_times)
-        times[phase.value] = time.time()
-        rec = await self.store.update_migration(rec.id, phase=phase, phase_times=times, **changes)
+    async def _enter(self, rec: MigrationRecord, phase: Phase, *, vm: VmChange | None = None,
+                     **changes: object) -> MigrationRecord:
+        """Persist `phase` (and `changes`, and `vm` in the same transaction), checked
+        against the phase as stored: it can only move along an arrow, never back."""
+        now = time.time()
+
+        def change(cur: MigrationRecord) -> dict[str, object]:
+            transition(cur.phase, phase)
+            return {"phase": phase, "phase_times": cur.phase_times | {phase.value: now},
+                    **changes}
+
+        rec = await self.store.change_migration(rec.id, change, vm)
         log.info("migration %s of %s: %s", rec.id, rec.vm, phase)
         await self.bus.changed(rec.id)
         return rec
@@ -331,7 +345,10 @@ class Orchestrator:
                 transferred_bytes=progress.transferred_bytes)
             await self.bus.changed(rec.id)
             if progress.status is SourceStatus.COMPLETED:
-                return await self._enter(rec, Phase.SWITCHOVER, **_summary(progress))
+                return await self._enter(
+                    rec, Phase.SWITCHOVER, downtime_ms=progress.downtime_ms,
+                    total_ms=progress.elapsed_ms, remaining_bytes=0,
+                    transferred_bytes=progress.transferred_bytes)
             if progress.status in (SourceStatus.FAILED, SourceStatus.CANCELLED):
                 raise RollBack(f"QEMU reported the migration {progress.status}: "
                                f"{progress.error or 'the stream to the target broke'}")
@@ -368,7 +385,7 @@ class Orchestrator:
         log.info("migration %s: %s %s (%s)", rec.id, action.kind, action.value, action.reason)
         entry = ActionRecord(at_ms=at_ms, kind=action.kind.value, value=action.value,
                              reason=action.reason)
-        changes: dict[str, object] = {"actions": (*rec.actions, entry)}
+        changes: dict[str, object] = {}
         tune = Tune()
         if action.kind is ActionKind.RAISE_DOWNTIME:
             changes["downtime_limit_ms"] = action.value
@@ -380,7 +397,14 @@ class Orchestrator:
             # Persist first: from here on a rollback must never resume the source.
             changes["postcopy_started"] = True
             tune = Tune(postcopy=True)
-        rec = await self.store.update_migration(rec.id, **changes)
+
+        def pull(cur: MigrationRecord) -> dict[str, object]:
+            if tune.postcopy and cur.cancel_requested:
+                # The cancel won the race: post-copy must not start.
+                raise RollBack("cancelled by the user")
+            return {"actions": (*cur.actions, entry), **changes}
+
+        rec = await self.store.change_migration(rec.id, pull)
         await source.tune(rec.vm, tune)
         await self.bus.changed(rec.id)
         if tune.postcopy:
@@ -407,9 +431,9 @@ class Orchestrator:
             return await self._resume_target(rec, source, target)
         dest = await self._await_paused_target(rec, target, "at switchover")
         vm = await self.store.vm(rec.vm)
-        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING,
-                                   spec=storage.target_spec(vm.spec, rec.target_disks))
-        rec = await self._enter(rec, Phase.RESUMING_TARGET)
+        rec = await self._enter(rec, Phase.RESUMING_TARGET, vm=VmChange(
+            name=rec.vm, host=rec.target, state=VmState.RUNNING,
+            spec=storage.target_spec(vm.spec, rec.target_disks)))
         if dest.state is AgentVmState.RUNNING:
             log.warning("migration %s: destination already running", rec.id)
         return await self._resume_target(rec, source, target)
@@ -564,11 +588,6 @@ def merge_options(base: StreamOptions, overrides: Mapping[str, object] | None
     except ValidationError as exc:
         raise InvalidInput(describe_validation(exc.errors()),
                            "see `ferry policy show` for the fields and their ranges") from None
-
-
-def _summary(progress: Progress) -> dict[str, object]:
-    return {"downtime_ms": progress.downtime_ms, "total_ms": progress.elapsed_ms,
-            "transferred_bytes": progress.transferred_bytes, "remaining_bytes": 0}
 
 
 def _describe(exc: BaseException) -> str:

@@ -47,6 +47,7 @@ class ActionRecord(Frozen):
 
 class MigrationRecord(Frozen):
     id: str
+    version: int = 0  # the store's compare-and-set counter
     vm: str
     source: str
     target: str
