@@ -86,6 +86,9 @@ class Orchestrator:
         self._in: dict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(PER_HOST_LIMIT))
         self._cluster = asyncio.Semaphore(CLUSTER_LIMIT)
+        # CHECKING and persisting the migration (which reserves the target's memory)
+        # happen under this lock, so that two starts cannot both count on the same room.
+        self._admit = asyncio.Lock()
 
     # --- requests ----------------------------------------------------------------
     async def check(self, vm_name: str, target: str,
@@ -137,16 +140,30 @@ class Orchestrator:
             raise Conflict(f"VM {vm_name} is {vm.state}, only a running VM migrates live",
                            f"start it with `ferry vm start {vm_name}`")
         await self.store.host(target)
+        options = options or await self.options_for(None)
+        async with self._admit:
+            rec = await self._admit_one(vm_name, vm.host, target, options, datastore)
+        self._spawn(rec.id)
+        return rec
+
+    async def _admit_one(self, vm_name: str, source: str, target: str,
+                         options: StreamOptions, datastore: str | None) -> MigrationRecord:
+        """Persist the migration (from here on it reserves the target) and check it; a
+        refused one ends FAILED at once and releases the reservation."""
         now = time.time()
         rec = await self.store.add_migration(MigrationRecord(
-            id=uuid.uuid4().hex[:12], vm=vm_name, source=vm.host, target=target,
-            phase=Phase.PENDING, options=options or await self.options_for(None),
-            created_at=now, phase_times={Phase.PENDING.value: now}))
+            id=uuid.uuid4().hex[:12], vm=vm_name, source=source, target=target,
+            phase=Phase.PENDING, options=options, created_at=now,
+            phase_times={Phase.PENDING.value: now}))
         rec = await self._enter(rec, Phase.CHECKING)
-        plan = await self._check(vm_name, target, datastore)
-        refusals = plan.refusals
-        if refusals:
-            reason = "; ".join(r.message for r in refusals)
+        try:
+            plan = await self._check(vm_name, target, datastore)
+        except FerryError as exc:
+            rec = await self._enter(rec, Phase.ROLLING_BACK, reason=exc.problem)
+            await self._enter(rec, Phase.FAILED)
+            raise
+        if plan.refusals:
+            reason = "; ".join(r.message for r in plan.refusals)
             rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
             await self._enter(rec, Phase.FAILED)
             raise Incompatible(f"cannot migrate {vm_name} to {target}: {reason}")
@@ -154,7 +171,6 @@ class Orchestrator:
             rec = await self.store.update_migration(rec.id, target_disks=plan.target_disks,
                                                     moved_disks=plan.moved_disks)
         await self.store.update_vm(vm_name, state=VmState.MIGRATING)
-        self._spawn(rec.id)
         return rec
 
     async def cancel(self, migration_id: str) -> MigrationRecord:
