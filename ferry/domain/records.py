@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ferry.domain.inventory import HostState, VmState
-from ferry.domain.migration import Iteration, Phase, StreamOptions
+from ferry.domain.migration import Iteration, Phase, RollbackKind, StreamOptions
 from ferry.domain.specs import DiskSpec, Frozen, HostFacts, VmSpec
 
 
@@ -67,6 +67,9 @@ class MigrationRecord(Frozen):
     downtime_limit_ms: int | None = None
     throttle_pct: int = 0
     postcopy_started: bool = False
+    # The store records the VM on the target (in post-copy this happens inside POSTCOPY).
+    switched: bool = False
+    rollback: RollbackKind | None = None  # which rollback ROLLING_BACK is doing
     actions: tuple[ActionRecord, ...] = ()
     # Without shared storage: the VM's disks as they will be on the target (empty: all
     # stay where they are), the source-side disks that are copied there, the images this

@@ -8,6 +8,7 @@ statuses and can make any agent call fail once, to inject faults.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections import defaultdict
@@ -82,6 +83,8 @@ class FakeAgent:
         self.calls: list[str] = []
         # method name -> errors to raise on its next calls (one each)
         self.faults: dict[str, list[Exception]] = defaultdict(list)
+        self.mirrors_ready = True  # False: the disk copy never gets in sync
+        self.ignore_cancel = False  # True: QEMU never ends the stream when cancelled
         # method name -> called (and awaited, if it returns an awaitable) on each call
         self.on_call: dict[str, Callable[[], Any]] = {}
 
@@ -153,6 +156,7 @@ class FakeAgent:
 
     async def progress(self, name: str, wait_s: float = 0.0) -> Progress:
         await self._enter("progress")
+        await asyncio.sleep(min(wait_s, 0.005))  # the long poll, briefly: a loop yields
         vm = self._get(name)
         self._advance(vm)
         return Progress(status=vm.status, dirty_sync_count=vm.sync, remaining_bytes=1 << 20,
@@ -173,7 +177,7 @@ class FakeAgent:
     async def cancel_migration(self, name: str) -> Progress:
         await self._enter("cancel_migration")
         vm = self._get(name)
-        if vm.status in (SourceStatus.ACTIVE, SourceStatus.SETUP):
+        if vm.status in (SourceStatus.ACTIVE, SourceStatus.SETUP) and not self.ignore_cancel:
             vm.status = SourceStatus.CANCELLED
             vm.script = [SourceStatus.CANCELLED]
         return Progress(status=vm.status)
@@ -217,7 +221,10 @@ class FakeAgent:
     async def disk_mirrors(self, name: str, migration_id: str, disks: tuple[str, ...]
                            ) -> list[MirrorProgress]:
         await self._enter("disk_mirrors")
-        return [MirrorProgress(job_id=d, status="ready", offset=10, length=10, ready=True)
+        if self.mirrors_ready:
+            return [MirrorProgress(job_id=d, status="ready", offset=10, length=10,
+                                   ready=True) for d in disks]
+        return [MirrorProgress(job_id=d, status="running", offset=5, length=10)
                 for d in disks]
 
     async def stop_disk_mirrors(self, name: str, migration_id: str, disks: tuple[str, ...]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from ferry.agent.models import AgentVmState
-from ferry.control import migration
+from ferry.control import migration_steps as migration
 from ferry.domain.convergence import CONTINUE, Action, ActionKind, ConvergenceState
 from ferry.domain.inventory import VmState
-from ferry.domain.migration import Phase, SourceStatus
+from ferry.domain.migration import Phase, RollbackKind, SourceStatus
 from tests.unit.fake_cluster import FakeCluster, spec, unreachable
 
 
@@ -75,7 +75,8 @@ async def test_a_destination_that_cannot_be_resumed_leaves_the_vm_unknown_not_do
     cluster.agents["host2"].faults["resume_vm"][:] = [unreachable("host2")] * 1000
     rec = await cluster.orchestrator.start("web1", "host2")
     done = await cluster.orchestrator.wait(rec.id, 30)
-    assert done.phase is Phase.FAILED and "cannot confirm" in (done.reason or "")
+    assert done.phase is Phase.FAILED and done.rollback is RollbackKind.UNRESOLVED
+    assert "could not be confirmed, so nothing was resumed" in (done.reason or "")
     assert cluster.ran == [] and cluster.running_on("web1") == []
     assert cluster.agents["host1"].vms["web1"].state is AgentVmState.MIGRATED
     vm = await cluster.store.vm("web1")
