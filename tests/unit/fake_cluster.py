@@ -142,7 +142,8 @@ class FakeAgent:
         if vm.script and vm.status not in (SourceStatus.NONE,) and not vm.status.finished:
             vm.status = vm.script.pop(0) if len(vm.script) > 1 else vm.script[0]
             vm.sync += 1
-        if vm.status is SourceStatus.COMPLETED:
+        if vm.status is SourceStatus.COMPLETED or vm.status is \
+                SourceStatus.POSTCOPY_ACTIVE or vm.status.postcopy_fault:
             vm.state = AgentVmState.MIGRATED
             dest = self._peer_vm(vm)
             if dest is not None and dest.state is AgentVmState.INCOMING:
