@@ -196,6 +196,8 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
         try:
             progress = await job.source.progress(rec.vm, wait_s=POLL_WAIT_S)
         except NotFound:
+            if rec.finishing:  # we stopped it, after every page was over
+                return await finish(job, rec)
             raise RollBack("the source QEMU is gone during post-copy",
                            RollbackKind.LOST) from None
         except FerryError as exc:
@@ -323,11 +325,11 @@ async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
 async def finish(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The destination runs: tear the source down (and, without shared storage, end
     the mirrors and delete the copied disks' old images)."""
-    # COMPLETED first: a restart must never take a source stopped by us for one lost.
-    rec = await job.enter(rec, Phase.COMPLETED)
+    # Recorded first: a restart must never take a source stopped by us for one lost.
+    rec = await job.update(finishing=True)
     if rec.moved_disks:
         problems = await storage.finish(rec, job.source, job.target)
-        return await job.update(reason="; ".join(problems)) if problems else rec
+        return await job.enter(rec, Phase.COMPLETED, reason="; ".join(problems) or None)
     try:
         await job.source.stop_vm(rec.vm, force=True)
     except NotFound:
@@ -335,7 +337,7 @@ async def finish(job: Job, rec: MigrationRecord) -> MigrationRecord:
     except FerryError as exc:
         # The source is paused after switchover; the leftover reaper stops it later.
         log.warning("migration %s: source teardown failed: %s", rec.id, exc.problem)
-    return rec
+    return await job.enter(rec, Phase.COMPLETED)
 
 
 def _describe(exc: BaseException) -> str:

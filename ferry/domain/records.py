@@ -70,6 +70,9 @@ class MigrationRecord(Frozen):
     # The store records the VM on the target (in post-copy this happens inside POSTCOPY).
     switched: bool = False
     rollback: RollbackKind | None = None  # which rollback ROLLING_BACK is doing
+    # The destination runs and the source is being torn down: a source found gone after
+    # a restart was stopped by us, not lost.
+    finishing: bool = False
     actions: tuple[ActionRecord, ...] = ()
     # Without shared storage: the VM's disks as they will be on the target (empty: all
     # stay where they are), the source-side disks that are copied there, the images this
