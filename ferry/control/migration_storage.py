@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 from ferry.agent.client import AgentClient
 from ferry.agent.models import NewDisk
 from ferry.domain.compat import Refusal, RefusalReason
 from ferry.domain.errors import FerryError, InvalidInput
+from ferry.domain.migration import completion_deadline_s
 from ferry.domain.records import MigrationRecord
 from ferry.domain.specs import DiskSpec, VmSpec
+from ferry.domain.storage import CopyWatch
 
 COPY_POLL_S = 0.25
 
@@ -111,10 +114,15 @@ async def new_disks(source: AgentClient, rec: MigrationRecord) -> tuple[NewDisk,
 async def copy_disks(rec: MigrationRecord, source: AgentClient,
                      report: Callable[[int, int], Awaitable[None]],
                      cancelled: Callable[[], bool]) -> None:
-    """Mirror every copied disk to the target's NBD exports; return once all are in sync."""
+    """Mirror every copied disk to the target's NBD exports; return once all are in sync.
+    Bounded: DiskCopyFailed when what is left has not shrunk for the migration's
+    progress timeout (the guest writes faster than the link carries), or when the copy
+    runs past its completion budget (per GiB of disk, as the memory stream's)."""
     names = copied_names(rec)
     assert rec.nbd is not None
     await source.start_disk_mirrors(rec.vm, rec.id, rec.nbd, names)
+    began = time.monotonic()
+    watch = CopyWatch()
     while True:
         if cancelled():
             raise DiskCopyFailed("cancelled by the user")
@@ -123,9 +131,22 @@ async def copy_disks(rec: MigrationRecord, source: AgentClient,
         if broken:
             raise DiskCopyFailed(f"copying disk {broken[0].job_id} failed: "
                                  f"{broken[0].error or broken[0].status}")
-        await report(sum(j.offset for j in jobs), sum(j.length for j in jobs))
+        done, total = sum(j.offset for j in jobs), sum(j.length for j in jobs)
+        await report(done, total)
         if all(j.ready for j in jobs):
             return
+        elapsed = time.monotonic() - began
+        watch = watch.observe(elapsed, total - done)
+        if watch.stalled(elapsed, rec.options.progress_timeout_s):
+            raise DiskCopyFailed(
+                f"the disk copy made no progress for {rec.options.progress_timeout_s} s "
+                f"({(total - done) >> 20} MiB left): the guest writes faster than the "
+                "link carries, or the link is down; retry when it writes less")
+        budget = completion_deadline_s(max(total >> 20, 1), rec.options)
+        if elapsed > budget:
+            raise DiskCopyFailed(f"the disk copy did not finish within its budget of "
+                                 f"{budget:.0f} s ({rec.options.completion_budget_s_per_gib} "
+                                 "s per GiB)")
         await asyncio.sleep(COPY_POLL_S)
 
 

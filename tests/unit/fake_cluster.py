@@ -24,7 +24,7 @@ from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
 from ferry.domain.errors import FerryError, HostUnavailable, NotFound
 from ferry.domain.inventory import VmState
-from ferry.domain.migration import Progress, SourceStatus, StreamOptions
+from ferry.domain.migration import Phase, Progress, SourceStatus, StreamOptions
 from ferry.domain.records import HostRecord, VmRecord
 from ferry.domain.specs import (
     DatastoreInfo,
@@ -139,11 +139,14 @@ class FakeAgent:
             vm.script = [SourceStatus.ACTIVE, SourceStatus.COMPLETED]
 
     def _advance(self, vm: FakeVm) -> None:
-        if vm.script and vm.status not in (SourceStatus.NONE,) and not vm.status.finished:
-            vm.status = vm.script.pop(0) if len(vm.script) > 1 else vm.script[0]
-            vm.sync += 1
-        if vm.status is SourceStatus.COMPLETED or vm.status is \
-                SourceStatus.POSTCOPY_ACTIVE or vm.status.postcopy_fault:
+        if not vm.script or vm.status is SourceStatus.NONE or vm.status.finished:
+            return
+        before = vm.status
+        vm.status = vm.script.pop(0) if len(vm.script) > 1 else vm.script[0]
+        vm.sync += 1
+        switched = vm.status is SourceStatus.COMPLETED or vm.status is \
+            SourceStatus.POSTCOPY_ACTIVE or vm.status.postcopy_fault
+        if switched and vm.status is not before:
             vm.state = AgentVmState.MIGRATED
             dest = self._peer_vm(vm)
             if dest is not None and dest.state is AgentVmState.INCOMING:
@@ -285,6 +288,15 @@ class FakeCluster:
         """Hosts where a copy of `name` executes guest code right now."""
         return [h for h, a in self.agents.items()
                 if name in a.vms and a.vms[name].state is AgentVmState.RUNNING]
+
+
+async def until_phase(cluster: FakeCluster, migration_id: str, phase: Phase) -> None:
+    """Let the migration run until the store shows it in `phase`."""
+    for _ in range(10_000):
+        if (await cluster.store.migration(migration_id)).phase is phase:
+            return
+        await cluster.orchestrator.wait(migration_id, 0.005)
+    raise AssertionError(f"migration {migration_id} never reached {phase}")
 
 
 def unreachable(host: str) -> HostUnavailable:
