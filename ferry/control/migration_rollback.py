@@ -108,7 +108,8 @@ async def lost(job: Job, rec: MigrationRecord, reason: str) -> str:
     copy may run. The destination is stopped, the source kept paused for inspection."""
     with contextlib.suppress(FerryError):
         await job.target.stop_vm(rec.vm, force=True)
-    await _set_vm(job, rec, rec.target if rec.switched else rec.source, VmState.CRASHED)
+    # Placed on the source, so that its paused copy is kept (not reaped as a leftover).
+    await _set_vm(job, rec, rec.source, VmState.CRASHED)
     return (f"{reason}; post-copy had started, so the VM could not be rolled back and is "
             f"lost (its source copy, if any, is kept paused on {rec.source} for inspection)")
 

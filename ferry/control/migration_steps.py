@@ -9,7 +9,6 @@ recorded the VM on it; the source is torn down only after the destination runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -210,8 +209,13 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
                            f"{progress.error or 'no reason given'}", RollbackKind.LOST)
         if status in (SourceStatus.ACTIVE, SourceStatus.SETUP):
             # Not switched yet (persisted POSTCOPY, then the request was lost): ask again.
-            with contextlib.suppress(FerryError):
+            try:
                 await job.source.tune(rec.vm, Tune(postcopy=True))
+                trouble_since = None
+            except FerryError as exc:
+                trouble_since = trouble_since or loop.time()
+                trouble = f"QEMU did not start post-copy: {exc.problem}"
+                await asyncio.sleep(RETRY_S)
             continue
         fault = None
         if status.postcopy_fault or status is SourceStatus.UNKNOWN:

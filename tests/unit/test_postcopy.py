@@ -127,7 +127,8 @@ async def test_the_source_qemu_gone_in_postcopy_is_reported_lost(cluster: FakeCl
     assert "the source QEMU is gone during post-copy" in (done.reason or "")
     assert "is lost" in (done.reason or "")
     vm = await cluster.store.vm("web1")
-    assert (vm.host, vm.state) == ("host2", VmState.CRASHED)
+    assert (vm.host, vm.state) == ("host1", VmState.CRASHED)
+    assert "web1" not in cluster.agents["host2"].vms  # its half cannot run alone
 
 
 async def test_a_cancel_stored_first_keeps_postcopy_from_starting(cluster: FakeCluster
