@@ -61,6 +61,7 @@ class VmRecord:
     process: QemuProcess
     monitor: Monitor | None
     migration_id: str | None = None
+    recover_uri: str | None = None  # where a paused post-copy's destination listens
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -302,6 +303,24 @@ class HostRuntime:
             raise
         return created
 
+    async def recover_incoming(self, name: str) -> IncomingReady:
+        """Destination of a post-copy that QEMU paused on a broken link: listen anew
+        (migrate-recover) and say where; asked again while listening, the same place."""
+        rec = self._get(name)
+        monitor = _running_monitor(rec, self.config.name)
+        status = (await monitor.query_migrate()).status
+        if status in (SourceStatus.POSTCOPY_RECOVER, SourceStatus.POSTCOPY_RECOVER_SETUP) \
+                and rec.recover_uri is not None:
+            return IncomingReady(uri=rec.recover_uri)
+        if status is not SourceStatus.POSTCOPY_PAUSED:
+            raise Conflict(f"the incoming migration of {name} on {self.config.name} is "
+                           f"{status}, not paused", "recover only a paused post-copy")
+        address = self.config.migration_address or self.config.listen_host
+        uri = f"tcp:{address}:{free_port(address)}"
+        await monitor.migrate_recover(uri)
+        rec.recover_uri = uri
+        return IncomingReady(uri=uri)
+
     async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
         await unexport_disks(_running_monitor(self._get(name), self.config.name), disks)
 
@@ -343,6 +362,20 @@ class HostRuntime:
                            "max-cpu-throttle": 1})
         await rec.monitor.set_migration_parameters(params)
         await rec.monitor.migrate(uri)
+
+    async def resume_outgoing(self, name: str, migration_id: str, uri: str) -> Progress:
+        """Source of a post-copy that QEMU paused on a broken link: reconnect to the
+        destination's recovery listener (migrate with resume)."""
+        rec = self._get(name)
+        monitor = _running_monitor(rec, self.config.name)
+        status = (await monitor.query_migrate()).status
+        if rec.migration_id not in (None, migration_id):
+            raise Conflict(f"VM {name} is in another migration ({rec.migration_id})")
+        if status is not SourceStatus.POSTCOPY_PAUSED:
+            raise Conflict(f"the migration of {name} on {self.config.name} is {status}, "
+                           "not a paused post-copy", "resume only a paused post-copy")
+        await monitor.migrate(uri, resume=True)
+        return await monitor.query_migrate()
 
     async def tune(self, name: str, tune: Tune) -> Progress:
         """Pull a convergence lever on the running outgoing migration."""

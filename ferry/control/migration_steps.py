@@ -38,6 +38,7 @@ POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
 CONFIRM_TIMEOUT_S = 30.0
 RETRY_S = 0.2
 TARGET_CHECK_S = 5.0
+RECOVER_EVERY_S = 2.0  # how often a paused post-copy is tried to be reconnected
 
 Step = Callable[[Job, MigrationRecord], Awaitable[MigrationRecord]]
 
@@ -188,6 +189,7 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
     trouble_since: float | None = None
     trouble = ""
     resumed = False
+    recover_at = 0.0
     while True:
         if trouble_since is not None and loop.time() - trouble_since > window:
             raise RollBack(f"post-copy could not go on for {window} s ({trouble})",
@@ -223,6 +225,9 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             if trouble_since is None:
                 log.warning("migration %s: post-copy %s; waiting up to %d s", rec.id,
                             fault, window)
+        if status is SourceStatus.POSTCOPY_PAUSED and loop.time() >= recover_at:
+            recover_at = loop.time() + RECOVER_EVERY_S
+            rec = await _recover(job, rec)
         if not resumed:
             rec, resumed = await _switch_in_postcopy(job, rec)
         if status is SourceStatus.COMPLETED and resumed:
@@ -238,6 +243,20 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             trouble_since = None
         else:
             trouble_since, trouble = trouble_since or loop.time(), fault
+
+
+async def _recover(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """QEMU paused post-copy on a broken link: reconnect it (the destination listens
+    anew with migrate-recover, the source resumes with migrate resume=true). A failing
+    step only means "not yet" (e.g. the link is still down): tried again later."""
+    try:
+        ready = await job.target.recover_incoming(rec.vm)
+        await job.source.resume_outgoing(rec.vm, rec.id, ready.uri)
+    except FerryError as exc:
+        log.info("migration %s: post-copy not recovered yet: %s", rec.id, exc.problem)
+        return rec
+    log.warning("migration %s: reconnecting the paused post-copy via %s", rec.id, ready.uri)
+    return await job.change(lambda cur: {"postcopy_recoveries": cur.postcopy_recoveries + 1})
 
 
 async def _switch_in_postcopy(job: Job, rec: MigrationRecord) -> tuple[MigrationRecord, bool]:

@@ -12,8 +12,9 @@
   whole state; RESUMING_TARGET is entered with the store recording the VM on the target,
   and only then does the destination run. From there on the source is never resumed.
 - POSTCOPY: execution moved to the target before all memory did. It is never cancelled
-  and never rolled back to the source; link faults are waited out (QEMU pauses post-copy)
-  within the recovery window.
+  and never rolled back to the source; link faults are waited out within the recovery
+  window, and a post-copy QEMU paused on a broken link is reconnected (migrate-recover on
+  the destination, migrate with resume on the source) once the link is back.
 
 A phase only moves along an arrow; `transition` refuses anything else, so a resumed
 control plane cannot skip a step by accident. What a restarted control plane does in

@@ -73,6 +73,7 @@ class MigrationRecord(Frozen):
     # The destination runs and the source is being torn down: a source found gone after
     # a restart was stopped by us, not lost.
     finishing: bool = False
+    postcopy_recoveries: int = 0  # times a paused post-copy was reconnected
     actions: tuple[ActionRecord, ...] = ()
     # Without shared storage: the VM's disks as they will be on the target (empty: all
     # stay where they are), the source-side disks that are copied there, the images this

@@ -107,8 +107,13 @@ class Monitor:
         if params:
             await self.execute("migrate-set-parameters", params)
 
-    async def migrate(self, uri: str) -> None:
-        await self.execute("migrate", {"uri": uri})
+    async def migrate(self, uri: str, resume: bool = False) -> None:
+        """Start the outgoing stream; with `resume`, reconnect a paused post-copy."""
+        await self.execute("migrate", {"uri": uri, "resume": True} if resume else {"uri": uri})
+
+    async def migrate_recover(self, uri: str) -> None:
+        """Destination of a paused post-copy: listen on `uri` for the source to resume."""
+        await self.execute("migrate-recover", {"uri": uri})
 
     async def migrate_incoming(self, uri: str) -> None:
         await self.execute("migrate-incoming", {"uri": uri})

@@ -178,6 +178,21 @@ class FakeAgent:
                 dest.state = AgentVmState.PAUSED
         return Progress(status=vm.status)
 
+    async def recover_incoming(self, name: str) -> IncomingReady:
+        await self._enter("recover_incoming")
+        self._get(name)
+        return IncomingReady(uri=f"tcp:{self.host}:5555")
+
+    async def resume_outgoing(self, name: str, migration_id: str, uri: str) -> Progress:
+        """As QEMU: the paused post-copy reconnects and goes on to the end."""
+        await self._enter("resume_outgoing")
+        vm = self._get(name)
+        if vm.status is not SourceStatus.POSTCOPY_PAUSED:
+            raise FerryError(f"the migration of {name} is {vm.status}, not paused")
+        vm.status = SourceStatus.POSTCOPY_RECOVER
+        vm.script = [SourceStatus.POSTCOPY_ACTIVE, SourceStatus.COMPLETED]
+        return Progress(status=vm.status)
+
     async def cancel_migration(self, name: str) -> Progress:
         await self._enter("cancel_migration")
         vm = self._get(name)

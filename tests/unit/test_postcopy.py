@@ -103,6 +103,8 @@ async def test_paused_and_recovering_postcopy_is_waited_for(cluster: FakeCluster
 
 async def test_a_fault_past_the_recovery_window_leaves_the_vm_unknown_and_running(
         cluster: FakeCluster) -> None:
+    # the link never comes back: every reconnection attempt fails
+    cluster.agents["host2"].faults["recover_incoming"] += [unreachable("host2")] * 10_000
     rec = await start(cluster, [S.ACTIVE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED],
                       postcopy_recovery_window_s=1)
     done = await cluster.orchestrator.wait(rec.id, 30)
@@ -114,6 +116,21 @@ async def test_a_fault_past_the_recovery_window_leaves_the_vm_unknown_and_runnin
     assert "resume_vm" not in cluster.agents["host1"].calls
     vm = await cluster.store.vm("web1")
     assert (vm.host, vm.state) == ("host2", VmState.UNKNOWN)
+
+
+async def test_a_paused_postcopy_is_reconnected_once_the_link_is_back(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(migration_steps, "RECOVER_EVERY_S", 0.01)
+    target, source = cluster.agents["host2"], cluster.agents["host1"]
+    target.faults["recover_incoming"] += [unreachable("host2")] * 2  # link still down
+    rec = await start(cluster, [S.ACTIVE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED])
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.COMPLETED, done.reason
+    assert done.postcopy_recoveries == 1
+    assert target.calls.count("recover_incoming") == 3
+    assert source.calls.count("resume_outgoing") == 1
+    assert "stop_vm" not in target.calls
+    assert cluster.ran == [("host2", "web1")] and cluster.running_on("web1") == ["host2"]
 
 
 async def test_the_source_qemu_gone_in_postcopy_is_reported_lost(cluster: FakeCluster
