@@ -114,3 +114,38 @@ def test_destination_link_down_during_postcopy_is_waited_out(client: Client,
         net.shape(lab, "host1", None)
         net.set_link(lab, "host2", True)
         remove_vm(client, "pcl1")
+
+
+def test_postcopy_paused_on_a_broken_link_is_recovered(client: Client, lab: LabConfig
+                                                       ) -> None:
+    """A link down long enough for TCP to give up (tcp_retries2=3 in the hosts'
+    namespaces: seconds, not the default 15 minutes) makes QEMU pause post-copy on both
+    sides; once the link is back Ferry reconnects it (migrate-recover on the
+    destination, migrate with resume on the source) and the guest lives on."""
+    boot_probe(client, lab, "pcr1", "host1", dirty=20)
+    net.shape(lab, "host1", 50_000_000)
+    hosts = ("host1", "host2")
+    try:
+        for host in hosts:
+            net.in_ns(lab.netns(host), "sysctl", "-qw", "net.ipv4.tcp_retries2=3")
+        before = wait_heartbeat(client, "pcr1")
+        rec = client.call("POST", "/v1/migrations", {
+            "vm": "pcr1", "target": "host2", "options": {
+                "allow_throttle": False, "allow_postcopy": True,
+                "postcopy_recovery_window_s": 300}})
+        wait_phase(client, rec["id"], "postcopy", timeout_s=300)
+        net.set_link(lab, "host2", False)
+        try:
+            time.sleep(20)  # the fault's length: well past TCP's retries at that setting
+        finally:
+            net.set_link(lab, "host2", True)
+        done = follow(client, rec["id"])
+        assert done["phase"] == "completed", done
+        assert done["postcopy_recoveries"] >= 1, done
+        assert_intact(client, "pcr1", "host2", lab, before["seq"])
+    finally:
+        for host in hosts:
+            net.in_ns(lab.netns(host), "sysctl", "-qw", "net.ipv4.tcp_retries2=15")
+        net.shape(lab, "host1", None)
+        net.set_link(lab, "host2", True)
+        remove_vm(client, "pcr1")
