@@ -172,6 +172,9 @@ def raw_process(config: LabConfig, host: str, spec: VmSpec, directory: Path,
     paths = RunPaths(directory)
     argv = build_argv(spec, machine=MACHINE, accel="tcg", paths=paths, datastores={},
                       incoming=incoming)
+    # Raw QEMU's own behaviour: the destination runs as soon as the stream ends (Ferry
+    # starts it paused with -S and resumes it once the switch is recorded).
+    argv = [a for a in argv if a != "-S"]
     return QemuProcess(f"{spec.name}@{host}", ["ip", "netns", "exec", config.netns(host),
                                                 *argv], paths)
 

@@ -34,6 +34,10 @@ STATUS: dict[type[FerryError], int] = {
 }
 
 
+_BY_STATUS: dict[int, type[FerryError]] = {
+    422: InvalidInput, 404: NotFound, 409: Conflict, 502: HostUnavailable}
+
+
 def status_for(exc: FerryError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
@@ -57,7 +61,9 @@ def error_from_response(status: int, content: bytes) -> FerryError:
 def error_from_body(status: int, body: Any) -> FerryError:
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
-        cls = ERRORS_BY_CODE.get(str(err.get("code")), FerryError)
+        # A code of a subclass the domain does not know (e.g. the hypervisor's) comes
+        # back as the domain class its status stands for.
+        cls = ERRORS_BY_CODE.get(str(err.get("code"))) or _BY_STATUS.get(status, FerryError)
         return cls(str(err.get("problem", "")), str(err.get("fix", "")))
     if status == 422 and isinstance(body, dict) and "detail" in body:
         return InvalidInput(describe_validation(body["detail"]))

@@ -16,6 +16,7 @@ from ferry.agent.models import (
     IncomingReady,
     MirrorRequest,
     PrepareIncoming,
+    ResumeOutgoing,
     SerialTail,
     StartOutgoing,
     Tune,
@@ -88,6 +89,16 @@ def create_app(host: HostRuntime) -> FastAPI:
     async def prepare_incoming(body: PrepareIncoming) -> IncomingReady:
         return await host.prepare_incoming(body.migration_id, body.spec, body.options,
                                            body.new_disks, body.tls_peer)
+
+    @app.post("/v1/vms/{name}/incoming/recover")
+    async def recover_incoming(name: str) -> IncomingReady:
+        """A paused post-copy's destination listens anew; answers where."""
+        return await host.recover_incoming(name)
+
+    @app.post("/v1/vms/{name}/migration/resume")
+    async def resume_outgoing(name: str, body: ResumeOutgoing) -> Progress:
+        """A paused post-copy's source reconnects to the destination's new listener."""
+        return await host.resume_outgoing(name, body.migration_id, body.uri)
 
     @app.post("/v1/vms/{name}/incoming/finish-storage", status_code=204)
     async def finish_incoming_storage(name: str, body: DiskMirrors) -> None:

@@ -20,6 +20,7 @@ from ferry.agent.models import (
     MirrorRequest,
     NewDisk,
     PrepareIncoming,
+    ResumeOutgoing,
     SerialTail,
     StartOutgoing,
     Tune,
@@ -100,6 +101,13 @@ class AgentClient:
                                                 options=options, new_disks=new_disks,
                                                 tls_peer=tls_peer),
                                 timeout_s=600.0)
+
+    async def recover_incoming(self, name: str) -> IncomingReady:
+        return await self._call("POST", f"/v1/vms/{name}/incoming/recover", IncomingReady)
+
+    async def resume_outgoing(self, name: str, migration_id: str, uri: str) -> Progress:
+        return await self._call("POST", f"/v1/vms/{name}/migration/resume", Progress,
+                                ResumeOutgoing(migration_id=migration_id, uri=uri))
 
     async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
         await self._call("POST", f"/v1/vms/{name}/incoming/finish-storage", TypeAdapter(None),

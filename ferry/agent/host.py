@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from ferry.agent import stream_tls
 from ferry.agent.config import AgentConfig
@@ -50,6 +54,7 @@ from ferry.hypervisor.process import ProcessState, QemuProcess
 from ferry.pki import HostTls
 
 SERIAL_TAIL_BYTES = 64 * 1024
+log = logging.getLogger("ferry.agent")
 
 
 @dataclass
@@ -59,6 +64,7 @@ class VmRecord:
     process: QemuProcess
     monitor: Monitor | None
     migration_id: str | None = None
+    recover_uri: str | None = None  # where a paused post-copy's destination listens
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -96,7 +102,14 @@ class HostRuntime:
     async def _adopt(self) -> None:
         for spec_file in sorted(self.vms_dir.glob("*/spec.json")):
             paths = RunPaths(spec_file.parent)
-            spec = VmSpec.model_validate_json(spec_file.read_text())
+            try:
+                spec = VmSpec.model_validate_json(spec_file.read_text())
+            except (OSError, ValidationError) as exc:
+                # One unreadable VM must not keep the agent (and every other VM) down;
+                # its QEMU, if any, is left alone for an operator to look at.
+                log.warning("not adopting %s: unreadable spec.json (%s)", paths.directory,
+                            exc)
+                continue
             adopted = await QemuProcess.adopt(spec.name, paths)
             if adopted is None:
                 shutil.rmtree(paths.directory, ignore_errors=True)
@@ -206,7 +219,7 @@ class HostRuntime:
             machine = self._check_runnable(spec)
             paths = RunPaths(self.vms_dir / spec.name)
             paths.directory.mkdir(parents=True, exist_ok=True)
-            paths.spec_file.write_text(spec.model_dump_json())
+            write_spec(paths, spec)
             argv = build_argv(spec, machine=machine, accel=self.accel, paths=paths,
                               datastores=self.config.datastore_paths, incoming=incoming)
             if old is None or old.process.state is not ProcessState.RUNNING:
@@ -257,6 +270,10 @@ class HostRuntime:
         rec = self._get(name)
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
+        if await rec.monitor.runstate() == "inmigrate":
+            # `cont` now would make QEMU start the guest on its own when the stream ends.
+            raise Conflict(f"VM {name} on {self.config.name} is still receiving its "
+                           "migration", "resume it only once the stream has completed")
         await rec.monitor.cont()
         return await self.info(name)
 
@@ -313,6 +330,24 @@ class HostRuntime:
             raise
         return created
 
+    async def recover_incoming(self, name: str) -> IncomingReady:
+        """Destination of a post-copy that QEMU paused on a broken link: listen anew
+        (migrate-recover) and say where; asked again while listening, the same place."""
+        rec = self._get(name)
+        monitor = _running_monitor(rec, self.config.name)
+        status = (await monitor.query_migrate()).status
+        if status in (SourceStatus.POSTCOPY_RECOVER, SourceStatus.POSTCOPY_RECOVER_SETUP) \
+                and rec.recover_uri is not None:
+            return IncomingReady(uri=rec.recover_uri)
+        if status is not SourceStatus.POSTCOPY_PAUSED:
+            raise Conflict(f"the incoming migration of {name} on {self.config.name} is "
+                           f"{status}, not paused", "recover only a paused post-copy")
+        address = self.config.migration_address or self.config.listen_host
+        uri = f"tcp:{address}:{free_port(address)}"
+        await monitor.migrate_recover(uri)
+        rec.recover_uri = uri
+        return IncomingReady(uri=uri)
+
     async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
         await unexport_disks(_running_monitor(self._get(name), self.config.name), disks)
 
@@ -341,8 +376,7 @@ class HostRuntime:
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
         current = await rec.monitor.query_migrate()
-        if current.status in (SourceStatus.ACTIVE, SourceStatus.SETUP,
-                              SourceStatus.POSTCOPY_ACTIVE, SourceStatus.DEVICE):
+        if current.status.in_progress:
             if rec.migration_id == migration_id:
                 return  # a resumed control plane asking again: already under way
             raise Conflict(f"VM {name} is already migrating ({rec.migration_id})")
@@ -362,6 +396,21 @@ class HostRuntime:
                            "max-cpu-throttle": 1})
         await rec.monitor.set_migration_parameters(params)
         await rec.monitor.migrate(uri)
+
+    async def resume_outgoing(self, name: str, migration_id: str, uri: str) -> Progress:
+        """Source of a post-copy that QEMU paused on a broken link: reconnect to the
+        destination's recovery listener (migrate with resume)."""
+        migration_endpoint(uri)  # tcp:<IPv4>:<port> only, as for the first stream
+        rec = self._get(name)
+        monitor = _running_monitor(rec, self.config.name)
+        status = (await monitor.query_migrate()).status
+        if rec.migration_id not in (None, migration_id):
+            raise Conflict(f"VM {name} is in another migration ({rec.migration_id})")
+        if status is not SourceStatus.POSTCOPY_PAUSED:
+            raise Conflict(f"the migration of {name} on {self.config.name} is {status}, "
+                           "not a paused post-copy", "resume only a paused post-copy")
+        await monitor.migrate(uri, resume=True)
+        return await monitor.query_migrate()
 
     async def tune(self, name: str, tune: Tune) -> Progress:
         """Pull a convergence lever on the running outgoing migration."""
@@ -437,7 +486,7 @@ class HostRuntime:
         async with rec.lock:
             rec.spec = await self.disks.pivot(_running_monitor(rec, self.config.name),
                                               rec.spec, job_id, target)
-            rec.paths.spec_file.write_text(rec.spec.model_dump_json())
+            write_spec(rec.paths, rec.spec)
         return await self.info(name)
 
     async def cancel_mirror(self, name: str, job_id: str, target: DiskSpec) -> None:
@@ -459,6 +508,17 @@ class HostRuntime:
         return await rec.monitor.query_migrate()
 
 
+def write_spec(paths: RunPaths, spec: VmSpec) -> None:
+    """Replace spec.json atomically: a crash mid-write leaves the old one or the new one,
+    never a torn file that a restarted agent could not read."""
+    tmp = paths.spec_file.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        f.write(spec.model_dump_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, paths.spec_file)
+
+
 def _running_monitor(rec: VmRecord, host: str) -> Monitor:
     if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
         raise NotRunning(f"VM {rec.spec.name} has no running QEMU on {host}")
@@ -470,6 +530,10 @@ def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]
             "multifd": options.multifd_channels > 0}
     if source:
         caps["auto-converge"] = options.throttles
+    else:
+        # The paused destination leaves shared images inactive (unlocked) until `cont`,
+        # so a rollback can resume the source even while the destination still exists.
+        caps["late-block-activate"] = True
     return caps
 
 

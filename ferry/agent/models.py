@@ -96,6 +96,13 @@ class StartOutgoing(Frozen):
     downtime_ms: int = Field(default=300, ge=1)
 
 
+class ResumeOutgoing(Frozen):
+    """Reconnect a paused post-copy to where its destination now listens."""
+
+    migration_id: str
+    uri: str
+
+
 class Tune(Frozen):
     """A convergence lever pulled on a running outgoing migration."""
 

@@ -13,7 +13,7 @@ from ferry.cli.output import console, print_error, table
 from ferry.domain.errors import FerryError
 from ferry.domain.units import parse_rate
 from ferry.lab import cluster, net
-from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, load
+from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, config_for_up, load
 
 app = typer.Typer(help="A local cluster: hosts as network namespaces on a bridge.",
                   no_args_is_help=True)
@@ -38,24 +38,21 @@ def _config(lab_dir: Path) -> LabConfig:
 
 @app.command()
 def up(hosts: Annotated[int | None, typer.Option(
-           help="number of hosts (default 3; an existing lab keeps its own)", min=1, max=32)
-       ] = None,
-       cpus: Annotated[int, typer.Option(help="declared CPUs per host")] = 4,
-       memory: Annotated[int, typer.Option(help="declared MiB per host")] = 2048,
+           help="number of hosts (new lab: 3)", min=1, max=32)] = None,
+       cpus: Annotated[int | None, typer.Option(
+           help="declared CPUs per host (new lab: 4)", min=1)] = None,
+       memory: Annotated[int | None, typer.Option(
+           help="declared MiB per host (new lab: 2048)", min=64)] = None,
        subnet: Annotated[str | None, typer.Option(
-           help="IPv4 network of the lab bridge (default 198.18.210.0/24, a range "
+           help="IPv4 network of the lab bridge (new lab: 198.18.210.0/24, a range "
                 "reserved for test networks)")] = None,
        lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
     """Create the hosts, start one agent per host and the control plane."""
-    existing = load(lab_dir)
-    extra = {"subnet": subnet} if subnet else {}
     try:
-        config = LabConfig.default(lab_dir, hosts or (len(existing.hosts) if existing else 3),
-                                   cpus, memory, **extra) if (
-            existing is None or hosts is not None or subnet) else existing
-    except ValueError as exc:
-        _fail(f"invalid lab settings: {exc}")
-        return
+        config = config_for_up(lab_dir, load(lab_dir), hosts, cpus, memory, subnet)
+    except FerryError as exc:
+        print_error(exc)
+        raise typer.Exit(1) from None
     began = time.monotonic()
     try:
         st = cluster.up(config)

@@ -29,7 +29,9 @@ from ferry.cli.policy_cmd import (
 from ferry.domain.migration import Phase
 
 migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
-STAGES = [Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY, Phase.SWITCHOVER]
+STAGES = [Phase.CHECKING, Phase.PREPARING_TARGET, Phase.DISK_COPY, Phase.PRECOPY,
+          Phase.POSTCOPY, Phase.SWITCHOVER, Phase.RESUMING_TARGET]
+OPTIONAL = {Phase.DISK_COPY, Phase.POSTCOPY}  # shown only when the migration went there
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
@@ -43,15 +45,14 @@ def stage_table(rec: dict[str, Any]) -> Table:
     t.add_column("detail")
     times: dict[str, float] = rec["phase_times"]
     phase = Phase(rec["phase"])
-    for stage in STAGES:
+    for stage in _stages(times):
         if stage.value not in times:
             state, detail = "waiting", ""
         elif phase is stage:
             state, detail = "[cyan]running[/]", ""
         else:
             state, detail = "[green]done[/]", ""
-        if stage is Phase.PRECOPY and stage.value in times and rec.get("target_disks") \
-                and not rec["iterations"]:
+        if stage is Phase.DISK_COPY and stage.value in times:
             detail = (f"disks: {mib(rec['disk_copied_bytes'])} of "
                       f"{mib(rec['disk_total_bytes'])} MiB copied")
         elif stage is Phase.PRECOPY and stage.value in times:
@@ -67,6 +68,15 @@ def stage_table(rec: dict[str, Any]) -> Table:
             state = "[red]failed[/]"
         t.add_row(stage.value, state, detail)
     return t
+
+
+def _stages(times: dict[str, float]) -> list[Phase]:
+    """The stages this migration shows: optional ones only once reached; after post-copy
+    there is no separate switchover (the switch happened when post-copy began)."""
+    shown = [s for s in STAGES if s not in OPTIONAL or s.value in times]
+    if Phase.POSTCOPY.value in times:
+        shown = [s for s in shown if s not in (Phase.SWITCHOVER, Phase.RESUMING_TARGET)]
+    return shown
 
 
 def _last_stage(times: dict[str, float]) -> Phase:

@@ -11,8 +11,10 @@ from ferry.domain.records import HostRecord
 
 
 class AgentPool:
-    def __init__(self, tls: ssl.SSLContext) -> None:
-        self._tls = tls
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        # The control plane's client context (mutual TLS); None only for tests that
+        # replace the clients.
+        self._tls: ssl.SSLContext | bool = tls if tls is not None else True
         self._clients: dict[str, AgentClient] = {}
         self._urls: dict[str, str] = {}
         # Latest VM list each agent sent with its heartbeat: what runs where, cheaply.

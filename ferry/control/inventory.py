@@ -6,8 +6,9 @@ import contextlib
 
 from ferry.agent.models import AgentVmState, VmInfo
 from ferry.control.agents import AgentPool
+from ferry.domain.capacity import host_snapshots
 from ferry.domain.errors import Conflict, HostUnavailable, NotFound
-from ferry.domain.inventory import HostSnapshot, HostState, VmState, vm_macs
+from ferry.domain.inventory import HostSnapshot, HostState, VmState
 from ferry.domain.placement import place
 from ferry.domain.records import HostRecord, VmRecord
 from ferry.domain.specs import HostFacts, VmSpec
@@ -34,19 +35,9 @@ class Inventory:
         self.agents.report(facts.name, vms)
 
     async def snapshots(self, exclude_vm: str | None = None) -> list[HostSnapshot]:
-        """Every host with what the inventory has allotted on it."""
-        hosts = await self.store.hosts()
-        vms = [v for v in await self.store.vms() if v.name != exclude_vm]
-        snaps = []
-        for h in hosts:
-            mine = [v for v in vms if v.host == h.name and v.state is not VmState.DEFINED]
-            macs = frozenset().union(*(vm_macs(v.spec) for v in vms if v.host == h.name))
-            snaps.append(HostSnapshot(
-                name=h.name, state=h.state, cpus=h.cpus, memory_mib=h.memory_mib,
-                allocated_vcpus=sum(v.spec.vcpus for v in mine),
-                allocated_memory_mib=sum(v.spec.memory_mib for v in mine),
-                facts=h.facts, macs=macs))
-        return snaps
+        """Every host with what is allotted on it, counting migrations on their way in."""
+        return host_snapshots(await self.store.hosts(), await self.store.vms(),
+                              await self.store.migrations(unfinished_only=True), exclude_vm)
 
     async def connected_host(self, name: str) -> HostRecord:
         host = await self.store.host(name)
@@ -69,7 +60,7 @@ class Inventory:
         assert record.facts is not None  # place() only picks hosts with facts
         machine = record.facts.resolve_machine(spec.machine) or spec.machine
         # Pin the versioned machine type now so the VM stays migratable later.
-        spec = spec.model_copy(update={"machine": machine})
+        spec = VmSpec.model_validate(spec.model_dump() | {"machine": machine})
         vm = await self.store.add_vm(VmRecord(spec=spec, host=chosen, state=VmState.DEFINED))
         if start:
             try:

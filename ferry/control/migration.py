@@ -1,10 +1,11 @@
-"""The migration orchestrator: walks the persisted state machine for each migration.
+"""The migration orchestrator: admits migrations and runs each as a job.
 
-Every step first persists the phase it enters, then acts, so a restarted control
-plane resumes from the store (`resume_unfinished`) and reconciles with what the
-agents report. Integrity rule: the source QEMU is torn down only after the
-destination reports `running`; the source is resumed only when the destination is
-known not to run.
+A migration is a persisted state machine (domain/migration.py). A fresh one runs the
+step of each phase (migration_steps.STEPS) until it ends; one found unfinished after a
+restart is handled by the RESUME table: its step again, or the rollback its phase gets
+(migration_rollback.ROLLBACKS, by the kind recorded with ROLLING_BACK). Integrity rule:
+the guest executes on at most one host; the destination runs only once the store has
+recorded it, and the source is resumed only while the destination never ran.
 """
 
 from __future__ import annotations
@@ -16,59 +17,41 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from ferry.agent.client import AgentClient
-from ferry.agent.models import AgentVmState, Tune, VmInfo
+from ferry.agent.models import AgentVmState, VmInfo
 from ferry.control import migration_storage as storage
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
+from ferry.control.migration_job import Job, RollBack, Slots
+from ferry.control.migration_rollback import roll_back
+from ferry.control.migration_steps import STEPS
 from ferry.domain.compat import Refusal, RefusalReason, check_migration
-from ferry.domain.convergence import (
-    Action,
-    ActionKind,
-    ConvergenceState,
-    decide,
-    initial_downtime_ms,
-)
-from ferry.domain.errors import (
-    Conflict,
-    FerryError,
-    HostUnavailable,
-    Incompatible,
-    InvalidInput,
-    NotFound,
-)
+from ferry.domain.errors import Conflict, FerryError, Incompatible, InvalidInput, NotFound
 from ferry.domain.inventory import VmState
 from ferry.domain.migration import (
-    Iteration,
+    RESUME,
     Phase,
-    Progress,
-    SourceStatus,
+    ResumeAction,
+    RollbackKind,
     StreamOptions,
-    record_iteration,
     transition,
 )
-from ferry.domain.records import ActionRecord, HostRecord, MigrationRecord
+from ferry.domain.records import MigrationRecord
+from ferry.domain.specs import DiskSpec
 from ferry.domain.streams import encrypt
 from ferry.store import Store
 from ferry.wire import describe_validation
 
 log = logging.getLogger("ferry.migration")
 
-POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
-CONFIRM_TIMEOUT_S = 30.0
 PER_HOST_LIMIT = 2  # outbound and inbound per host, as KubeVirt
 CLUSTER_LIMIT = 5
 
-
 _LEFTOVER_STATES = (AgentVmState.INCOMING, AgentVmState.MIGRATED, AgentVmState.EXITED)
-
-
-class RollBack(Exception):
-    """Raised inside a migration step to end it through ROLLING_BACK → FAILED."""
 
 
 class Orchestrator:
@@ -80,39 +63,48 @@ class Orchestrator:
         self.bus = bus
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
-        self._out: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(PER_HOST_LIMIT))
-        self._in: dict[str, asyncio.Semaphore] = defaultdict(
-            lambda: asyncio.Semaphore(PER_HOST_LIMIT))
-        self._cluster = asyncio.Semaphore(CLUSTER_LIMIT)
+        self._slots = Slots(PER_HOST_LIMIT, CLUSTER_LIMIT)
+        # CHECKING and persisting the migration (which reserves the target's memory)
+        # happen under this lock, so that two starts cannot both count on the same room.
+        self._admit = asyncio.Lock()
 
     # --- requests ----------------------------------------------------------------
     async def check(self, vm_name: str, target: str, datastore: str | None = None,
                     options: StreamOptions | None = None) -> list[Refusal]:
         """Every reason the VM cannot go to `target` (with its disks moved onto
         `datastore` there, when given)."""
+        options = options or await self.options_for(None)
+        return (await self._check(vm_name, target, datastore, options)).refusals
+
+    async def _check(self, vm_name: str, target: str, datastore: str | None,
+                     options: StreamOptions) -> _Plan:
         vm = await self.store.vm(vm_name)
-        target_host = await self.store.host(target)  # NotFound names the known hosts
+        host = await self.store.host(target)  # NotFound names the known hosts
         snaps = await self.inventory.snapshots(exclude_vm=vm_name)
         snap = next(s for s in snaps if s.name == target)
         spec = vm.spec
+        target_disks: tuple[DiskSpec, ...] = ()
+        moved: tuple[DiskSpec, ...] = ()
         if datastore is not None:
-            spec = spec.model_copy(update={"disks": storage.target_disks(spec, datastore)})
+            sees = snap.facts is not None and snap.facts.datastore(datastore) is not None
+            target_disks, moved = storage.plan_disks(spec, datastore, sees)
+            spec = storage.target_spec(spec, target_disks)
         refusals = check_migration(spec, vm.host, snap)
-        options = options or await self.options_for(None)
-        if await self._encrypted(vm.host, target_host, options) is None:
+        source = await self.store.host(vm.host)
+        encrypted = encrypt(options.encryption,
+                            bool(source.facts and source.facts.migration_tls),
+                            bool(host.facts and host.facts.migration_tls))
+        if encrypted is None:
             refusals.append(Refusal(
                 reason=RefusalReason.NO_TLS,
                 message=f"encryption is required but {vm.host} or {target} holds no "
                         "cluster certificate for migration streams (enrol both hosts, or "
                         "set encryption to opportunistic or disabled)"))
-        return refusals
-
-    async def _encrypted(self, source: str, target: HostRecord, options: StreamOptions
-                         ) -> bool | None:
-        src = await self.store.host(source)
-        return encrypt(options.encryption, bool(src.facts and src.facts.migration_tls),
-                       bool(target.facts and target.facts.migration_tls))
+        if moved and not refusals:
+            refusals = await storage.check_free_paths(
+                self.agents.client(host), target, storage.copies(target_disks, moved))
+        return _Plan(refusals=refusals, target_disks=target_disks, moved_disks=moved,
+                     encrypted=bool(encrypted))
 
     async def options_for(self, overrides: Mapping[str, object] | None) -> StreamOptions:
         """The cluster's defaults with a migration's overrides; InvalidInput if bad."""
@@ -139,34 +131,60 @@ class Orchestrator:
             raise Conflict(f"VM {vm_name} is {vm.state}, only a running VM migrates live",
                            f"start it with `ferry vm start {vm_name}`")
         await self.store.host(target)
-        now = time.time()
-        rec = await self.store.add_migration(MigrationRecord(
-            id=uuid.uuid4().hex[:12], vm=vm_name, source=vm.host, target=target,
-            phase=Phase.PENDING, options=options or await self.options_for(None),
-            created_at=now, phase_times={Phase.PENDING.value: now},
-            target_disks=storage.target_disks(vm.spec, datastore) if datastore else ()))
-        rec = await self._enter(rec, Phase.CHECKING)
-        refusals = await self.check(vm_name, target, datastore, rec.options)
-        if refusals:
-            reason = "; ".join(r.message for r in refusals)
-            rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
-            await self._enter(rec, Phase.FAILED)
-            raise Incompatible(f"cannot migrate {vm_name} to {target}: {reason}")
-        encrypted = await self._encrypted(vm.host, await self.store.host(target), rec.options)
-        rec = await self.store.update_migration(rec.id, encrypted=bool(encrypted))
-        await self.store.update_vm(vm_name, state=VmState.MIGRATING)
+        options = options or await self.options_for(None)
+        async with self._admit:
+            rec = await self._admit_one(vm_name, vm.host, target, options, datastore)
         self._spawn(rec.id)
         return rec
 
+    async def _admit_one(self, vm_name: str, source: str, target: str,
+                         options: StreamOptions, datastore: str | None) -> MigrationRecord:
+        """Persist the migration (from here on it reserves the target) and check it; a
+        refused one ends FAILED at once and releases the reservation."""
+        now = time.time()
+        rec = await self.store.add_migration(MigrationRecord(
+            id=uuid.uuid4().hex[:12], vm=vm_name, source=source, target=target,
+            phase=Phase.PENDING, options=options, created_at=now,
+            phase_times={Phase.PENDING.value: now}))
+        rec = await self._enter(rec, Phase.CHECKING)
+        try:
+            plan = await self._check(vm_name, target, datastore, options)
+        except FerryError as exc:
+            rec = await self._enter(rec, Phase.ROLLING_BACK, reason=exc.problem,
+                                    rollback=RollbackKind.ABANDON)
+            await self._enter(rec, Phase.FAILED)
+            raise
+        if plan.refusals:
+            reason = "; ".join(r.message for r in plan.refusals)
+            rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason,
+                                    rollback=RollbackKind.ABANDON)
+            await self._enter(rec, Phase.FAILED)
+            raise Incompatible(f"cannot migrate {vm_name} to {target}: {reason}")
+        rec = await self.store.update_migration(rec.id, encrypted=plan.encrypted)
+        if plan.moved_disks:
+            rec = await self.store.update_migration(rec.id, target_disks=plan.target_disks,
+                                                    moved_disks=plan.moved_disks)
+        await self.store.update_vm(vm_name, state=VmState.MIGRATING)
+        return rec
+
     async def cancel(self, migration_id: str) -> MigrationRecord:
-        rec = await self.store.migration(migration_id)
-        if rec.phase.terminal:
-            raise Conflict(f"migration {migration_id} already ended ({rec.phase})")
-        if not rec.phase.cancellable:
-            raise Conflict(f"migration {migration_id} is in {rec.phase}; past switchover "
-                           "it can no longer be cancelled")
-        rec = await self.store.update_migration(migration_id, cancel_requested=True)
+        def request(cur: MigrationRecord) -> dict[str, object]:
+            # Judged on the record as stored, in the same compare-and-set as the write:
+            # a cancel can never land on a migration that just entered post-copy.
+            if cur.phase.terminal:
+                raise Conflict(f"migration {migration_id} already ended ({cur.phase})")
+            if cur.postcopy_started:
+                raise Conflict(f"migration {migration_id} is in post-copy: the guest already "
+                               "runs on the target and part of its memory is there only",
+                               "wait for it to finish; it cannot be cancelled")
+            if not cur.phase.cancellable:
+                raise Conflict(f"migration {migration_id} is in {cur.phase}; past "
+                               "switchover it can no longer be cancelled")
+            return {"cancel_requested": True}
+
+        rec = await self.store.change_migration(migration_id, request)
         self._cancel[migration_id].set()
+        await self._slots.wake()  # a queued migration stops waiting
         await self.bus.changed(migration_id)
         return rec
 
@@ -175,13 +193,15 @@ class Orchestrator:
         for rec in await self.store.migrations(unfinished_only=True):
             if rec.cancel_requested:
                 self._cancel[rec.id].set()
-            self._spawn(rec.id)
+            self._spawn(rec.id, resumed=True)
 
     async def reap_orphans(self, host: str, reported: tuple[VmInfo, ...]) -> None:
         """Stop leftovers an agent reports: a paused or incoming copy of a VM that the
         inventory places elsewhere and that no unfinished migration involves (e.g. a
         target whose link was down during rollback). A running copy is never touched."""
-        leftovers = [v for v in reported if v.state in _LEFTOVER_STATES]
+        leftovers = [v for v in reported if v.state in _LEFTOVER_STATES or (
+            # a destination that ended its stream but was never resumed (-S)
+            v.state is AgentVmState.PAUSED and v.migration_id is not None)]
         if not leftovers:
             return
         busy = {m.vm for m in await self.store.migrations(unfinished_only=True)}
@@ -212,286 +232,82 @@ class Orchestrator:
                 await asyncio.wait_for(asyncio.shield(task), timeout_s)
         return await self.store.migration(migration_id)
 
-    # --- the state machine ---------------------------------------------------------
-    def _spawn(self, migration_id: str) -> None:
-        task = asyncio.create_task(self._run(migration_id), name=f"migration-{migration_id}")
+    # --- the runner -------------------------------------------------------------------
+    def _spawn(self, migration_id: str, resumed: bool = False) -> None:
+        task = asyncio.create_task(self._run(migration_id, resumed),
+                                   name=f"migration-{migration_id}")
         self._tasks[migration_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(migration_id, None))
 
     async def _enter(self, rec: MigrationRecord, phase: Phase, **changes: object
                      ) -> MigrationRecord:
-        transition(rec.phase, phase)
-        times = dict(rec.phase_times)
-        times[phase.value] = time.time()
-        rec = await self.store.update_migration(rec.id, phase=phase, phase_times=times, **changes)
+        """Persist `phase` for a migration not (yet) running as a job."""
+        now = time.time()
+
+        def change(cur: MigrationRecord) -> dict[str, object]:
+            transition(cur.phase, phase)
+            return {"phase": phase, "phase_times": cur.phase_times | {phase.value: now},
+                    **changes}
+
+        rec = await self.store.change_migration(rec.id, change)
         log.info("migration %s of %s: %s", rec.id, rec.vm, phase)
         await self.bus.changed(rec.id)
         return rec
 
-    async def _clients(self, rec: MigrationRecord) -> tuple[AgentClient, AgentClient]:
-        source = self.agents.client(await self.store.host(rec.source))
-        target = self.agents.client(await self.store.host(rec.target))
-        return source, target
+    async def _job(self, rec: MigrationRecord) -> Job:
+        return Job(id=rec.id, store=self.store, bus=self.bus,
+                   source=self.agents.client(await self.store.host(rec.source)),
+                   target=self.agents.client(await self.store.host(rec.target)),
+                   cancelled=self._cancel[rec.id])
 
-    async def _run(self, migration_id: str) -> None:
+    async def _run(self, migration_id: str, resumed: bool) -> None:
         rec = await self.store.migration(migration_id)
-        async with self._cluster, self._out[rec.source], self._in[rec.target]:
-            try:
-                rec = await self._step(rec)
-            except asyncio.CancelledError:
-                raise  # control plane shutting down: the store keeps the phase
-            except RollBack as exc:
-                await self._roll_back(rec.id, str(exc))
-            except FerryError as exc:
-                await self._roll_back(rec.id, exc.problem)
-            except Exception as exc:
-                log.exception("migration %s crashed", migration_id)
-                await self._roll_back(rec.id, f"internal error: {exc!r}")
-
-    async def _step(self, rec: MigrationRecord) -> MigrationRecord:
-        if rec.phase in (Phase.PENDING, Phase.PREPARING_TARGET) and rec.phase_times.get(
-                Phase.PREPARING_TARGET.value):
-            # Restarted while preparing: a half-prepared target is simply undone.
-            raise RollBack("control plane restarted while preparing the target")
-        if rec.phase is Phase.PENDING:
-            raise RollBack("control plane restarted before the compatibility check ran")
-        if rec.phase is Phase.ROLLING_BACK:
-            raise RollBack(rec.reason or "rollback interrupted by a restart")
-        source, target = await self._clients(rec)
-        if rec.phase is Phase.CHECKING:
-            self._check_cancel(rec.id)
-            rec = await self._enter(rec, Phase.PREPARING_TARGET)
-            vm = await self.store.vm(rec.vm)
-            disks = await storage.new_disks(source, vm.spec, rec) if rec.target_disks else ()
-            ready = await target.prepare_incoming(
-                rec.id, storage.target_spec(vm.spec, rec), rec.options, disks,
-                tls_peer=rec.source if rec.encrypted else None)
-            self._check_cancel(rec.id)
-            downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
-            rec = await self._enter(rec, Phase.PRECOPY, dest_uri=ready.uri, nbd=ready.nbd,
-                                    downtime_limit_ms=downtime)
-            if rec.target_disks:
-                await self._copy_disks(rec, source)
-            await source.start_outgoing(rec.vm, rec.id, ready.uri, rec.options, downtime,
-                                        tls_peer=rec.target if rec.encrypted else None)
-        if rec.phase is Phase.PRECOPY:
-            rec = await self._precopy(rec, source, target)
-        if rec.phase is Phase.SWITCHOVER:
-            rec = await self._switchover(rec, source, target)
-        return rec
-
-    async def _copy_disks(self, rec: MigrationRecord, source: AgentClient) -> None:
-        async def report(copied: int, total: int) -> None:
-            await self.store.update_migration(rec.id, disk_copied_bytes=copied,
-                                              disk_total_bytes=total)
-            await self.bus.changed(rec.id)
+        job = await self._job(rec)
+        # A new migration queues for its slot (cancellable); a resumed one is under way.
+        queued = rec.phase is Phase.CHECKING and not resumed
+        if not await self._slots.take(rec.source, rec.target, job.cancelled, wait=queued):
+            await self._end(job, "cancelled by the user while queued", RollbackKind.ABANDON)
+            return
         try:
-            await storage.copy_disks(rec, source, report, self._cancel[rec.id].is_set)
-        except storage.DiskCopyFailed as exc:
-            raise RollBack(str(exc)) from None
+            await self._drive(job, rec, resumed)
+        finally:
+            await self._slots.give(rec.source, rec.target)
 
-    def _check_cancel(self, migration_id: str) -> None:
-        if self._cancel[migration_id].is_set():
-            raise RollBack("cancelled by the user")
-
-    async def _precopy(self, rec: MigrationRecord, source: AgentClient,
-                       target: AgentClient) -> MigrationRecord:
-        began = rec.phase_times.get(Phase.PRECOPY.value, time.time())
-        iterations: list[Iteration] = list(rec.iterations)
-        best_remaining: int | None = None
-        best_at = time.time()
-        vm = await self.store.vm(rec.vm)
-        while True:
-            if self._cancel[rec.id].is_set():
-                await source.cancel_migration(rec.vm)
-                raise RollBack("cancelled by the user")
-            progress, dest = await asyncio.gather(
-                source.progress(rec.vm, wait_s=POLL_WAIT_S), target.vm(rec.vm, timeout_s=5.0),
-                return_exceptions=True)
-            if isinstance(progress, BaseException):
-                raise progress
-            now = time.time()
-            it = record_iteration(iterations, progress, int((now - began) * 1000))
-            if it is not None:
-                iterations.append(it)
-                await self.store.add_iteration(rec.id, it)
-            rec = await self.store.update_migration(
-                rec.id, remaining_bytes=progress.remaining_bytes,
-                transferred_bytes=progress.transferred_bytes)
-            await self.bus.changed(rec.id)
-            if progress.status is SourceStatus.COMPLETED:
-                return await self._enter(rec, Phase.SWITCHOVER, **_summary(progress))
-            if progress.status in (SourceStatus.FAILED, SourceStatus.CANCELLED):
-                raise RollBack(f"QEMU reported the migration {progress.status}: "
-                               f"{progress.error or 'the stream to the target broke'}")
-            if progress.status is SourceStatus.NONE:
-                raise RollBack("the source never started sending (control plane restarted "
-                               "before the memory copy began)")
-            if isinstance(dest, BaseException):
-                await _cancel_quietly(source, rec.vm)
-                raise RollBack(f"lost the destination during pre-copy: {_describe(dest)}")
-            if not dest.state.alive or dest.state is AgentVmState.CRASHED:
-                await _cancel_quietly(source, rec.vm)
-                raise RollBack(f"destination QEMU on {rec.target} is {dest.state}")
-            if best_remaining is None or progress.remaining_bytes < best_remaining:
-                best_remaining, best_at = progress.remaining_bytes, now
-            state = ConvergenceState(
-                elapsed_s=now - began, since_progress_s=now - best_at,
-                memory_mib=vm.spec.memory_mib, iterations=tuple(iterations),
-                progress=progress, postcopy=rec.postcopy_started,
-                downtime_ms=rec.downtime_limit_ms or rec.options.initial_downtime_ms,
-                throttle_pct=rec.throttle_pct)
-            action = decide(state, rec.options)
-            if action.kind is ActionKind.THROTTLE and it is None:
-                continue  # judge a throttle step only on a fresh pass's numbers
-            rec = await self._apply(rec, source, action, int((now - began) * 1000))
-
-    async def _apply(self, rec: MigrationRecord, source: AgentClient, action: Action,
-                     at_ms: int) -> MigrationRecord:
-        """Pull the lever the policy chose and record it in the migration's history."""
-        if action.kind is ActionKind.CONTINUE:
-            return rec
-        if action.kind is ActionKind.ABORT:
-            await _cancel_quietly(source, rec.vm)
-            raise RollBack(action.reason)
-        log.info("migration %s: %s %s (%s)", rec.id, action.kind, action.value, action.reason)
-        entry = ActionRecord(at_ms=at_ms, kind=action.kind.value, value=action.value,
-                             reason=action.reason)
-        changes: dict[str, object] = {"actions": (*rec.actions, entry)}
-        tune = Tune()
-        if action.kind is ActionKind.RAISE_DOWNTIME:
-            changes["downtime_limit_ms"] = action.value
-            tune = Tune(downtime_ms=action.value)
-        elif action.kind is ActionKind.THROTTLE:
-            changes["throttle_pct"] = action.value
-            tune = Tune(throttle_pct=action.value)
-        elif action.kind is ActionKind.POSTCOPY:
-            # Persist first: from here on a rollback must never resume the source.
-            changes["postcopy_started"] = True
-            tune = Tune(postcopy=True)
-        rec = await self.store.update_migration(rec.id, **changes)
-        await source.tune(rec.vm, tune)
-        await self.bus.changed(rec.id)
-        return rec
-
-    async def _switchover(self, rec: MigrationRecord, source: AgentClient,
-                          target: AgentClient) -> MigrationRecord:
-        """Confirm the destination runs, then tear down the source."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CONFIRM_TIMEOUT_S
-        while True:
-            try:
-                dest = await target.vm(rec.vm)
-            except NotFound:
-                await _resume_source(source, rec.vm)
-                raise RollBack("the destination QEMU vanished at switchover; "
-                               "the source was resumed") from None
-            except HostUnavailable as exc:
-                if loop.time() > deadline:
-                    # Resuming the source could make two copies: keep it paused, say so.
-                    return await self._fail_unconfirmed(rec, exc.problem)
-                await asyncio.sleep(0.2)
-                continue
-            if dest.state is AgentVmState.RUNNING:
-                break
-            if dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
-                with contextlib.suppress(FerryError):
-                    await target.stop_vm(rec.vm, force=True)
-                await _resume_source(source, rec.vm)
-                raise RollBack(f"the destination {dest.state} at switchover; "
-                               "the source was resumed")
-            if loop.time() > deadline:
-                raise RollBack(f"the destination stayed {dest.state} after switchover")
-            await asyncio.sleep(0.02)
-        return await self._finish(rec, source)
-
-    async def _finish(self, rec: MigrationRecord, source: AgentClient) -> MigrationRecord:
-        """The destination runs: record that first, then tear the source down."""
-        vm = await self.store.vm(rec.vm)
-        await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING,
-                                   spec=storage.target_spec(vm.spec, rec))
-        if rec.target_disks:
-            target = (await self._clients(rec))[1]
-            problems = await storage.finish(rec, source, target, vm.spec.disks)
-            return await self._enter(rec, Phase.COMPLETED,
-                                     reason="; ".join(problems) or None)
-        rec = await self._enter(rec, Phase.COMPLETED)
+    async def _drive(self, job: Job, rec: MigrationRecord, resumed: bool) -> None:
         try:
-            await source.stop_vm(rec.vm, force=True)
-        except NotFound:
-            pass
+            if resumed and RESUME[rec.phase] is ResumeAction.ROLL_BACK:
+                raise RollBack(f"the control plane restarted during {rec.phase}; it was "
+                               "undone (start the migration again)")
+            while not rec.phase.terminal and rec.phase is not Phase.ROLLING_BACK:
+                rec = await STEPS[rec.phase](job, rec)
+            if rec.phase is Phase.ROLLING_BACK:  # resumed mid-rollback: finish that one
+                await self._end(job, rec.reason or "rollback interrupted", rec.rollback)
+        except asyncio.CancelledError:
+            raise  # control plane shutting down: the store keeps the phase
+        except RollBack as exc:
+            await self._end(job, exc.reason, exc.kind)
         except FerryError as exc:
-            # The source is paused after switchover; its agent kills it on contact.
-            log.warning("migration %s: source teardown failed: %s", rec.id, exc.problem)
-        return rec
+            await self._end(job, exc.problem, None)
+        except Exception as exc:
+            log.exception("migration %s crashed", job.id)
+            await self._end(job, f"internal error: {exc!r}", None)
 
-    async def _fail_unconfirmed(self, rec: MigrationRecord, problem: str) -> MigrationRecord:
-        reason = (f"cannot confirm the destination runs ({problem}); the source is kept "
-                  f"paused so that the VM never runs twice: check host {rec.target}")
-        rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
-        await self.store.update_vm(rec.vm, state=VmState.UNKNOWN)
-        return await self._enter(rec, Phase.FAILED)
-
-    async def _roll_back(self, migration_id: str, reason: str) -> None:
-        """Undo a migration: the target's QEMU goes, the source keeps (or resumes) running."""
-        rec = await self.store.migration(migration_id)
-        if rec.phase.terminal:
-            return
-        if rec.phase in (Phase.PRECOPY, Phase.SWITCHOVER) and await self._target_runs(rec):
-            # The guest already runs on the target: finishing is the only safe outcome.
-            if rec.postcopy_started:
-                # The source may still be serving pages: the leftover reaper stops it
-                # once it reports the migration done.
-                await self.store.update_vm(rec.vm, host=rec.target, state=VmState.RUNNING)
-                await self._enter(rec, Phase.COMPLETED, reason=f"finished in post-copy "
-                                  f"after: {reason}")
-                return
-            await self._finish(rec, (await self._clients(rec))[0])
-            return
-        if rec.phase is not Phase.ROLLING_BACK:
-            rec = await self._enter(rec, Phase.ROLLING_BACK, reason=reason)
-        if rec.postcopy_started:
-            await self._lost_in_postcopy(rec, reason)
-            return
+    async def _end(self, job: Job, reason: str, kind: RollbackKind | None) -> None:
         try:
-            source, target = await self._clients(rec)
-            await _cancel_quietly(source, rec.vm)
-            dest_gone = True
-            try:
-                await target.stop_vm(rec.vm, force=True)
-            except NotFound:
-                pass
-            except FerryError:
-                dest_gone = False  # unreachable: its QEMU exits once the stream breaks
-            if rec.target_disks and dest_gone:
-                await storage.undo(rec, source, target)
-            src = await source.vm(rec.vm)
-            if dest_gone and src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
-                await source.resume_vm(rec.vm)
-            await self.store.update_vm(rec.vm, host=rec.source, state=VmState.RUNNING)
-        except FerryError as exc:
-            log.warning("rollback of %s incomplete: %s", migration_id, exc)
-            reason = f"{reason}; rollback incomplete: {exc.problem}"
-            await self.store.update_vm(rec.vm, host=rec.source, state=VmState.UNKNOWN)
-        await self._enter(rec, Phase.FAILED, reason=reason)
+            await roll_back(job, reason, kind)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Left in ROLLING_BACK with its kind: the next start of the control plane
+            # finishes it.
+            log.exception("rollback of migration %s failed", job.id)
 
 
-    async def _lost_in_postcopy(self, rec: MigrationRecord, reason: str) -> None:
-        """Post-copy failed: the guest's memory is split between two hosts, so neither
-        copy may run. Stop the target, leave the source paused, report the loss."""
-        with contextlib.suppress(FerryError):
-            await (await self._clients(rec))[1].stop_vm(rec.vm, force=True)
-        await self.store.update_vm(rec.vm, state=VmState.CRASHED)
-        await self._enter(rec, Phase.FAILED, reason=(
-            f"{reason}; post-copy had started, so the VM could not be rolled back and is "
-            f"lost (its source copy is kept paused on {rec.source} for inspection)"))
-
-    async def _target_runs(self, rec: MigrationRecord) -> bool:
-        try:
-            dest = await (await self._clients(rec))[1].vm(rec.vm)
-        except FerryError:
-            return False
-        return dest.state is AgentVmState.RUNNING
+class _Plan(NamedTuple):
+    refusals: list[Refusal]
+    target_disks: tuple[DiskSpec, ...]
+    moved_disks: tuple[DiskSpec, ...]
+    encrypted: bool = False
 
 
 def merge_options(base: StreamOptions, overrides: Mapping[str, object] | None
@@ -501,31 +317,3 @@ def merge_options(base: StreamOptions, overrides: Mapping[str, object] | None
     except ValidationError as exc:
         raise InvalidInput(describe_validation(exc.errors()),
                            "see `ferry policy show` for the fields and their ranges") from None
-
-
-def _summary(progress: Progress) -> dict[str, object]:
-    return {"downtime_ms": progress.downtime_ms, "total_ms": progress.elapsed_ms,
-            "transferred_bytes": progress.transferred_bytes, "remaining_bytes": 0}
-
-
-def _describe(exc: BaseException) -> str:
-    return exc.problem if isinstance(exc, FerryError) else repr(exc)
-
-
-async def _cancel_quietly(source: AgentClient, vm: str) -> None:
-    """Cancel the outgoing stream if one runs and wait (bounded) until it stopped."""
-    with contextlib.suppress(FerryError):
-        progress = await source.progress(vm)
-        if progress.status.finished or progress.status is SourceStatus.NONE:
-            return
-        await source.cancel_migration(vm)
-        for _ in range(100):
-            progress = await source.progress(vm, wait_s=0.1)
-            if progress.status.finished:
-                return
-
-
-async def _resume_source(source: AgentClient, vm: str) -> None:
-    info = await source.vm(vm)
-    if info.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
-        await source.resume_vm(vm)

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 from ferry.agent.client import AgentClient
 from ferry.agent.models import NewDisk
+from ferry.domain.compat import Refusal, RefusalReason
 from ferry.domain.errors import FerryError, InvalidInput
+from ferry.domain.migration import completion_deadline_s
 from ferry.domain.records import MigrationRecord
 from ferry.domain.specs import DiskSpec, VmSpec
+from ferry.domain.storage import CopyWatch
 
 COPY_POLL_S = 0.25
 
@@ -26,22 +30,80 @@ class DiskCopyFailed(Exception):
     pass
 
 
-def target_disks(spec: VmSpec, datastore: str) -> tuple[DiskSpec, ...]:
+def plan_disks(spec: VmSpec, datastore: str, target_sees: bool
+               ) -> tuple[tuple[DiskSpec, ...], tuple[DiskSpec, ...]]:
+    """(the VM's disks on the target, the source disks to copy there) for a migration
+    with `--datastore`. A disk already on that datastore stays put when the target sees
+    it (its live image must never be copied onto itself); when nothing moves, both are
+    empty: a memory-only migration."""
     if not spec.disks:
         raise InvalidInput(f"VM {spec.name} has no disks to move with --datastore",
                            "leave out --datastore")
-    return tuple(d.model_copy(update={"datastore": datastore}) for d in spec.disks)
+    moved = tuple(d for d in spec.disks if not (d.datastore == datastore and target_sees))
+    if not moved:
+        return (), ()
+    names = {d.name for d in moved}
+    target = tuple(_on_datastore(d, datastore) if d.name in names else d for d in spec.disks)
+    return target, moved
 
 
-def target_spec(spec: VmSpec, rec: MigrationRecord) -> VmSpec:
-    return spec.model_copy(update={"disks": rec.target_disks}) if rec.target_disks else spec
+def _on_datastore(disk: DiskSpec, datastore: str) -> DiskSpec:
+    return DiskSpec.model_validate(disk.model_dump() | {"datastore": datastore})
 
 
-async def new_disks(source: AgentClient, spec: VmSpec, rec: MigrationRecord
-                    ) -> tuple[NewDisk, ...]:
+def copies(target_disks: tuple[DiskSpec, ...], moved: tuple[DiskSpec, ...]
+           ) -> tuple[DiskSpec, ...]:
+    """The target-side disks a migration copies (created empty, filled over NBD)."""
+    names = {d.name for d in moved}
+    return tuple(d for d in target_disks if d.name in names)
+
+
+def copied_names(rec: MigrationRecord) -> tuple[str, ...]:
+    return tuple(d.name for d in rec.moved_disks)
+
+
+def target_spec(spec: VmSpec, target_disks: tuple[DiskSpec, ...]) -> VmSpec:
+    """The VM as it runs on the target (validated again, not a blind copy)."""
+    if not target_disks:
+        return spec
+    return VmSpec.model_validate(spec.model_dump() | {
+        "disks": [d.model_dump() for d in target_disks]})
+
+
+def source_spec(spec: VmSpec, rec: MigrationRecord) -> VmSpec:
+    """The VM as it runs on the source: its copied disks as they were there."""
+    if not rec.moved_disks:
+        return spec
+    old = {d.name: d for d in rec.moved_disks}
+    return VmSpec.model_validate(spec.model_dump() | {
+        "disks": [old.get(d.name, d).model_dump() for d in spec.disks]})
+
+
+async def check_free_paths(target: AgentClient, host: str, disks: tuple[DiskSpec, ...]
+                           ) -> list[Refusal]:
+    """A refusal for every image to create that already exists on the target: Ferry
+    never writes over (nor, on rollback, deletes) a file it did not create."""
+    refusals = []
+    for disk in disks:
+        try:
+            exists = await target.image(disk) is not None
+            problem = "already exists"
+        except FerryError as exc:
+            exists, problem = True, f"cannot be checked ({exc.problem})"
+        if exists:
+            refusals.append(Refusal(
+                reason=RefusalReason.TARGET_PATH_EXISTS,
+                message=f"{disk.datastore}:{disk.path} on host {host} {problem}; the copy "
+                        f"of disk {disk.name} would go there: remove that file or pick "
+                        f"another datastore"))
+    return refusals
+
+
+async def new_disks(source: AgentClient, rec: MigrationRecord) -> tuple[NewDisk, ...]:
     """The images the destination must create: same format, the source's virtual size."""
     out = []
-    for old, new in zip(spec.disks, rec.target_disks, strict=True):
+    for old, new in zip(rec.moved_disks, copies(rec.target_disks, rec.moved_disks),
+                        strict=True):
         info = await source.image(old)
         if info is None:
             raise InvalidInput(f"the image of disk {old.name} is missing on {rec.source}")
@@ -52,11 +114,16 @@ async def new_disks(source: AgentClient, spec: VmSpec, rec: MigrationRecord
 async def copy_disks(rec: MigrationRecord, source: AgentClient,
                      report: Callable[[int, int], Awaitable[None]],
                      cancelled: Callable[[], bool]) -> None:
-    """Mirror every disk to the target's NBD exports; return once all are in sync."""
-    names = tuple(d.name for d in rec.target_disks)
+    """Mirror every copied disk to the target's NBD exports; return once all are in sync.
+    Bounded: DiskCopyFailed when what is left has not shrunk for the migration's
+    progress timeout (the guest writes faster than the link carries), or when the copy
+    runs past its completion budget (per GiB of disk, as the memory stream's)."""
+    names = copied_names(rec)
     assert rec.nbd is not None
     await source.start_disk_mirrors(rec.vm, rec.id, rec.nbd, names,
                                     tls_peer=rec.target if rec.encrypted else None)
+    began = time.monotonic()
+    watch = CopyWatch()
     while True:
         if cancelled():
             raise DiskCopyFailed("cancelled by the user")
@@ -65,17 +132,32 @@ async def copy_disks(rec: MigrationRecord, source: AgentClient,
         if broken:
             raise DiskCopyFailed(f"copying disk {broken[0].job_id} failed: "
                                  f"{broken[0].error or broken[0].status}")
-        await report(sum(j.offset for j in jobs), sum(j.length for j in jobs))
+        done, total = sum(j.offset for j in jobs), sum(j.length for j in jobs)
+        await report(done, total)
         if all(j.ready for j in jobs):
             return
+        elapsed = time.monotonic() - began
+        watch = watch.observe(elapsed, total - done)
+        if watch.stalled(elapsed, rec.options.progress_timeout_s):
+            raise DiskCopyFailed(
+                f"the disk copy made no progress for {rec.options.progress_timeout_s} s "
+                f"({(total - done) >> 20} MiB left): the guest writes faster than the "
+                "link carries, or the link is down; retry when it writes less")
+        budget = completion_deadline_s(max(total >> 20, 1), rec.options)
+        if elapsed > budget:
+            raise DiskCopyFailed(f"the disk copy did not finish within its budget of "
+                                 f"{budget:.0f} s ({rec.options.completion_budget_s_per_gib} "
+                                 "s per GiB)")
         await asyncio.sleep(COPY_POLL_S)
 
 
-async def finish(rec: MigrationRecord, source: AgentClient, target: AgentClient,
-                 old_disks: tuple[DiskSpec, ...]) -> list[str]:
+async def finish(rec: MigrationRecord, source: AgentClient, target: AgentClient
+                 ) -> list[str]:
     """After the target runs on its copies: end the mirrors and exports, stop the source,
-    delete the source images. Returns problems worth reporting (nothing is undone)."""
-    names = tuple(d.name for d in rec.target_disks)
+    delete the source images of the copied disks (only those: a disk that stayed on
+    shared storage is the one the target now uses). Returns problems worth reporting
+    (nothing is undone)."""
+    names = copied_names(rec)
     problems = []
     for step in (source.stop_disk_mirrors(rec.vm, rec.id, names),
                  target.finish_incoming_storage(rec.vm, names),
@@ -84,7 +166,7 @@ async def finish(rec: MigrationRecord, source: AgentClient, target: AgentClient,
             await step
         except FerryError as exc:
             problems.append(exc.problem)
-    for disk in old_disks:
+    for disk in rec.moved_disks:
         try:
             await source.delete_image(disk)
         except FerryError as exc:
@@ -93,10 +175,11 @@ async def finish(rec: MigrationRecord, source: AgentClient, target: AgentClient,
 
 
 async def undo(rec: MigrationRecord, source: AgentClient, target: AgentClient) -> None:
-    """Before the switch: stop the mirrors and remove the half-made copies on the target."""
-    names = tuple(d.name for d in rec.target_disks)
-    with contextlib.suppress(FerryError):
-        await source.stop_disk_mirrors(rec.vm, rec.id, names)
-    for disk in rec.target_disks:
+    """Before the switch: stop the mirrors and remove the half-made copies on the target:
+    only the images this job recorded as created by it, never any other file."""
+    if rec.moved_disks:
+        with contextlib.suppress(FerryError):
+            await source.stop_disk_mirrors(rec.vm, rec.id, copied_names(rec))
+    for disk in rec.created_images:
         with contextlib.suppress(FerryError):
             await target.delete_image(disk)

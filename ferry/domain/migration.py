@@ -1,11 +1,24 @@
 """The live migration as a persisted state machine (vMotion's three stages).
 
-    PENDING → CHECKING → PREPARING_TARGET → PRECOPY → SWITCHOVER → COMPLETED
-                │              │               │           │
-                └──────────────┴───────────────┴───────────┴──→ ROLLING_BACK → FAILED
+    PENDING → CHECKING → PREPARING_TARGET → [DISK_COPY] → PRECOPY ─→ SWITCHOVER → RESUMING_TARGET
+                                                             │                          │
+                                                             └→ POSTCOPY ──→ COMPLETED ←┘
+    every phase ──→ ROLLING_BACK (of one RollbackKind) → FAILED
+
+- DISK_COPY (only without shared storage): the disks are mirrored to the target.
+- PRECOPY is entered once the source accepted the outgoing stream: from then on its
+  QEMU's migration status is about this migration (never an earlier incoming one).
+- SWITCHOVER waits for the source to finish and the (paused, -S) destination to hold the
+  whole state; RESUMING_TARGET is entered with the store recording the VM on the target,
+  and only then does the destination run. From there on the source is never resumed.
+- POSTCOPY: execution moved to the target before all memory did. It is never cancelled
+  and never rolled back to the source; link faults are waited out within the recovery
+  window, and a post-copy QEMU paused on a broken link is reconnected (migrate-recover on
+  the destination, migrate with resume on the source) once the link is back.
 
 A phase only moves along an arrow; `transition` refuses anything else, so a resumed
-control plane cannot skip a step by accident.
+control plane cannot skip a step by accident. What a restarted control plane does in
+each phase is the RESUME table; how each phase is undone is ROLLBACK_FOR.
 """
 
 from __future__ import annotations
@@ -23,8 +36,11 @@ class Phase(StrEnum):
     PENDING = "pending"
     CHECKING = "checking"
     PREPARING_TARGET = "preparing_target"
+    DISK_COPY = "disk_copy"
     PRECOPY = "precopy"
+    POSTCOPY = "postcopy"
     SWITCHOVER = "switchover"
+    RESUMING_TARGET = "resuming_target"
     COMPLETED = "completed"
     ROLLING_BACK = "rolling_back"
     FAILED = "failed"
@@ -35,18 +51,80 @@ class Phase(StrEnum):
 
     @property
     def cancellable(self) -> bool:
-        return self in (Phase.PENDING, Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY)
+        return self in (Phase.PENDING, Phase.CHECKING, Phase.PREPARING_TARGET,
+                        Phase.DISK_COPY, Phase.PRECOPY)
 
 
 _NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.PENDING: frozenset({Phase.CHECKING, Phase.ROLLING_BACK}),
     Phase.CHECKING: frozenset({Phase.PREPARING_TARGET, Phase.ROLLING_BACK}),
-    Phase.PREPARING_TARGET: frozenset({Phase.PRECOPY, Phase.ROLLING_BACK}),
-    Phase.PRECOPY: frozenset({Phase.SWITCHOVER, Phase.COMPLETED, Phase.ROLLING_BACK}),
-    Phase.SWITCHOVER: frozenset({Phase.COMPLETED, Phase.ROLLING_BACK}),
+    Phase.PREPARING_TARGET: frozenset({Phase.DISK_COPY, Phase.PRECOPY, Phase.ROLLING_BACK}),
+    Phase.DISK_COPY: frozenset({Phase.PRECOPY, Phase.ROLLING_BACK}),
+    Phase.PRECOPY: frozenset({Phase.SWITCHOVER, Phase.POSTCOPY, Phase.ROLLING_BACK}),
+    Phase.POSTCOPY: frozenset({Phase.COMPLETED, Phase.ROLLING_BACK}),
+    Phase.SWITCHOVER: frozenset({Phase.RESUMING_TARGET, Phase.ROLLING_BACK}),
+    Phase.RESUMING_TARGET: frozenset({Phase.COMPLETED, Phase.ROLLING_BACK}),
     Phase.ROLLING_BACK: frozenset({Phase.FAILED}),
     Phase.COMPLETED: frozenset(),
     Phase.FAILED: frozenset(),
+}
+
+
+class RollbackKind(StrEnum):
+    """How a migration is ended when it cannot go on; recorded with ROLLING_BACK so a
+    restarted control plane finishes the same one."""
+
+    ABANDON = "abandon"  # nothing was touched yet: only the record ends
+    UNDO = "undo"  # before the switch: the target goes, the source runs (resumed if paused)
+    UNRESOLVED = "unresolved"  # where the guest runs is not known: touch nothing, VM unknown
+    LOST = "lost"  # post-copy cannot finish: its memory is split, no copy may run
+
+
+# The rollback a failure in each phase gets. UNDO is allowed only before the switch: a
+# destination started paused (-S) has never run the guest until RESUMING_TARGET/POSTCOPY.
+ROLLBACK_FOR: dict[Phase, RollbackKind] = {
+    Phase.PENDING: RollbackKind.ABANDON,
+    Phase.CHECKING: RollbackKind.ABANDON,
+    Phase.PREPARING_TARGET: RollbackKind.UNDO,
+    Phase.DISK_COPY: RollbackKind.UNDO,
+    Phase.PRECOPY: RollbackKind.UNDO,
+    Phase.SWITCHOVER: RollbackKind.UNDO,
+    Phase.POSTCOPY: RollbackKind.UNRESOLVED,
+    Phase.RESUMING_TARGET: RollbackKind.UNRESOLVED,
+}
+_ALLOWED_ROLLBACKS: dict[Phase, frozenset[RollbackKind]] = {
+    phase: frozenset({kind, RollbackKind.UNRESOLVED})
+    | ({RollbackKind.LOST} if phase is Phase.POSTCOPY else set())
+    for phase, kind in ROLLBACK_FOR.items()}
+
+
+def rollback_kind(phase: Phase, wanted: RollbackKind | None) -> RollbackKind:
+    """The rollback a failure in `phase` gets: `wanted` if that phase allows it, else the
+    phase's own (an UNDO asked for after the switch becomes UNRESOLVED, never UNDO)."""
+    if wanted is not None and wanted in _ALLOWED_ROLLBACKS.get(phase, frozenset()):
+        return wanted
+    return ROLLBACK_FOR.get(phase, RollbackKind.UNRESOLVED)
+
+
+class ResumeAction(StrEnum):
+    CONTINUE = "continue"  # the phase's step again: each is idempotent from its start
+    ROLL_BACK = "roll_back"  # end it with the phase's rollback (ROLLBACK_FOR)
+
+
+# What a restarted control plane does with a migration it finds in each phase.
+RESUME: dict[Phase, ResumeAction] = {
+    # Not started yet (or queued): nothing was touched; start it again if still wanted.
+    Phase.PENDING: ResumeAction.ROLL_BACK,
+    Phase.CHECKING: ResumeAction.ROLL_BACK,
+    # A half-prepared target or a disk copy without its watcher: undone, the source runs.
+    Phase.PREPARING_TARGET: ResumeAction.ROLL_BACK,
+    Phase.DISK_COPY: ResumeAction.ROLL_BACK,
+    # QEMU kept migrating meanwhile: watch it again.
+    Phase.PRECOPY: ResumeAction.CONTINUE,
+    Phase.POSTCOPY: ResumeAction.CONTINUE,
+    Phase.SWITCHOVER: ResumeAction.CONTINUE,
+    Phase.RESUMING_TARGET: ResumeAction.CONTINUE,
+    Phase.ROLLING_BACK: ResumeAction.CONTINUE,  # the recorded RollbackKind, again
 }
 
 
@@ -76,17 +154,36 @@ class SourceStatus(StrEnum):
     WAIT_UNPLUG = "wait-unplug"
     COLO = "colo"
     POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"
     POSTCOPY_RECOVER = "postcopy-recover"
+    # Any status a newer QEMU adds: the stream is somewhere in progress, keep watching.
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def _missing_(cls, value: object) -> SourceStatus:
+        return cls.UNKNOWN
 
     @property
     def finished(self) -> bool:
         return self in (SourceStatus.COMPLETED, SourceStatus.FAILED, SourceStatus.CANCELLED)
+
+    @property
+    def in_progress(self) -> bool:
+        """A stream runs (or is paused mid-way): neither never started nor ended."""
+        return not self.finished and self is not SourceStatus.NONE
+
+    @property
+    def postcopy_fault(self) -> bool:
+        """Post-copy lost its link: QEMU waits for it to be recovered (never cancel)."""
+        return self in (SourceStatus.POSTCOPY_PAUSED, SourceStatus.POSTCOPY_RECOVER_SETUP,
+                        SourceStatus.POSTCOPY_RECOVER)
 
 
 class Progress(Frozen):
     """One reading of a migration's progress, from query-migrate on the source."""
 
     status: SourceStatus
+    qemu_status: str = ""  # QEMU's own word, kept when status is UNKNOWN
     elapsed_ms: int = 0
     dirty_sync_count: int = 0
     remaining_bytes: int = 0
@@ -138,9 +235,12 @@ class StreamOptions(Frozen):
     progress_timeout_s: int = Field(default=150, ge=1, le=100_000)
     allow_throttle: bool = True
     max_throttle_pct: int = Field(default=99, ge=1, le=99)
-    # Post-copy moves execution to the target before all memory is there: a network
-    # failure after the switch loses the VM. Off unless asked for.
+    # Post-copy moves execution to the target before all memory is there: if the source
+    # or the destination QEMU dies after the switch, the VM is lost. Off unless asked for.
     allow_postcopy: bool = False
+    # How long a post-copy whose link (or source agent) is gone is waited for before its
+    # VM is reported unknown; QEMU keeps it paused meanwhile, never cancelled.
+    postcopy_recovery_window_s: int = Field(default=600, ge=1, le=86_400)
     multifd_channels: int = Field(default=0, ge=0, le=16)
     compression: Compression = Compression.NONE
     # TLS for the memory and NBD streams; `required` refuses hosts that cannot do it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ferry.domain.inventory import HostState, VmState
-from ferry.domain.migration import Iteration, Phase, StreamOptions
+from ferry.domain.migration import Iteration, Phase, RollbackKind, StreamOptions
 from ferry.domain.specs import DiskSpec, Frozen, HostFacts, VmSpec
 
 
@@ -47,6 +47,7 @@ class ActionRecord(Frozen):
 
 class MigrationRecord(Frozen):
     id: str
+    version: int = 0  # the store's compare-and-set counter
     vm: str
     source: str
     target: str
@@ -66,10 +67,21 @@ class MigrationRecord(Frozen):
     downtime_limit_ms: int | None = None
     throttle_pct: int = 0
     postcopy_started: bool = False
+    # The store records the VM on the target (in post-copy this happens inside POSTCOPY).
+    switched: bool = False
+    rollback: RollbackKind | None = None  # which rollback ROLLING_BACK is doing
+    # The destination runs and the source is being torn down: a source found gone after
+    # a restart was stopped by us, not lost.
+    finishing: bool = False
+    postcopy_recoveries: int = 0  # times a paused post-copy was reconnected
     actions: tuple[ActionRecord, ...] = ()
-    # Without shared storage: the VM's disks as they will be on the target, the NBD
-    # server there, and the copy's progress.
+    # Without shared storage: the VM's disks as they will be on the target (empty: all
+    # stay where they are), the source-side disks that are copied there, the images this
+    # job created on the target (recorded before creating them: a rollback deletes only
+    # these), the NBD server there, and the copy's progress.
     target_disks: tuple[DiskSpec, ...] = ()
+    moved_disks: tuple[DiskSpec, ...] = ()
+    created_images: tuple[DiskSpec, ...] = ()
     nbd: str | None = None
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0

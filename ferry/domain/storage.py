@@ -91,6 +91,7 @@ class MirrorProgress(Frozen):
 
 class RelocationRecord(Frozen):
     id: str
+    version: int = 0  # the store's compare-and-set counter
     vm: str
     host: str
     disk: str

@@ -42,10 +42,14 @@ class RunPaths:
 
 
 def disk_path(disk: DiskSpec, datastores: Mapping[str, str]) -> Path:
+    if disk.datastore not in datastores:
+        raise InvalidInput(f"this host does not see datastore {disk.datastore} "
+                           f"(disk {disk.name})", f"use one of: {', '.join(datastores)}")
     root = Path(datastores[disk.datastore]).resolve()
     path = (root / disk.path).resolve()
-    if root != path and root not in path.parents:  # spec validation already refuses '..'
-        raise ValueError(f"disk {disk.name} escapes datastore {disk.datastore}")
+    if root != path and root not in path.parents:  # e.g. through a symlink
+        raise InvalidInput(f"disk {disk.name} ({disk.path}) resolves outside datastore "
+                           f"{disk.datastore}", "give a path inside the datastore")
     return path
 
 
@@ -118,5 +122,7 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
         argv += ["-netdev", f"user,id=net-{nic.name}",
                  "-device", f"virtio-net-pci,netdev=net-{nic.name},mac={nic.mac},id={nic.name}"]
     if incoming:
-        argv += ["-incoming", "defer"]
+        # -S: the destination stays paused when the stream ends; it runs guest code only
+        # once the control plane has recorded the switch and sends `cont` (as libvirt).
+        argv += ["-S", "-incoming", "defer"]
     return argv

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from ferry.domain.errors import InvalidInput
 from ferry.domain.specs import DiskFormat, Provisioning
 from ferry.domain.storage import ImageInfo
 from ferry.hypervisor.errors import HypervisorError
@@ -42,6 +43,10 @@ async def create_image(path: Path, fmt: DiskFormat, size: int,
 async def image_info(path: Path) -> ImageInfo:
     data = json.loads(await _qemu_img("info", "--force-share", "--output=json", str(path),
                                       timeout_s=30.0))
+    formats = [f.value for f in DiskFormat]
+    if data.get("format") not in formats:
+        raise InvalidInput(f"image {path} is {data.get('format')}, which Ferry does not run",
+                           f"convert it with `qemu-img convert -O qcow2` ({' or '.join(formats)})")
     return ImageInfo(path=str(path), format=DiskFormat(data["format"]),
                      virtual_size=int(data["virtual-size"]),
                      allocated=int(data.get("actual-size", 0)),

@@ -107,8 +107,13 @@ class Monitor:
         if params:
             await self.execute("migrate-set-parameters", params)
 
-    async def migrate(self, uri: str) -> None:
-        await self.execute("migrate", {"uri": uri})
+    async def migrate(self, uri: str, resume: bool = False) -> None:
+        """Start the outgoing stream; with `resume`, reconnect a paused post-copy."""
+        await self.execute("migrate", {"uri": uri, "resume": True} if resume else {"uri": uri})
+
+    async def migrate_recover(self, uri: str) -> None:
+        """Destination of a paused post-copy: listen on `uri` for the source to resume."""
+        await self.execute("migrate-recover", {"uri": uri})
 
     async def migrate_incoming(self, uri: str) -> None:
         await self.execute("migrate-incoming", {"uri": uri})
@@ -125,6 +130,7 @@ def progress_from_reply(reply: Mapping[str, Any]) -> Progress:
     ram: Mapping[str, Any] = reply.get("ram", {})
     return Progress(
         status=SourceStatus(reply.get("status", "none")),
+        qemu_status=str(reply.get("status", "none")),
         elapsed_ms=int(reply.get("total-time", 0)),
         dirty_sync_count=int(ram.get("dirty-sync-count", 0)),
         remaining_bytes=int(ram.get("remaining", 0)),

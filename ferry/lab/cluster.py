@@ -222,8 +222,8 @@ def up(config: LabConfig) -> LabStatus:
     if changed and existing is not None and (net.exists(existing)
                                              or processes_of(config.directory)):
         raise LabError(f"a lab with {len(existing.hosts)} hosts on {existing.subnet} "
-                           f"is running in {config.directory}; it is not changed while it "
-                           "runs: run `ferry lab down` first, then `ferry lab up` again")
+                       f"is running in {config.directory}; it is not changed while it "
+                       "runs: run `ferry lab down` first, then `ferry lab up` again")
     for d in (config.directory, config.shared_datastore, config.logs_dir):
         d.mkdir(parents=True, exist_ok=True)
     for host in config.hosts:

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from ferry.domain.errors import Conflict, InvalidInput
 from ferry.domain.specs import Frozen, Name
 
 DEFAULT_LAB_DIR = Path(os.environ.get("FERRY_LAB_DIR", "/var/lib/ferry/lab"))
@@ -136,6 +137,39 @@ class LabConfig(Frozen):
     @property
     def logs_dir(self) -> Path:
         return self.directory / "logs"
+
+
+def config_for_up(directory: Path, existing: LabConfig | None, hosts: int | None,
+                  cpus: int | None, memory_mib: int | None,
+                  subnet: str | None = None) -> LabConfig:
+    """The lab `ferry lab up` brings up: a new one with the options (or their defaults),
+    or the existing one; Conflict when an option asks for a shape the existing lab has
+    not (it is never silently ignored, nor silently reshaped under running VMs);
+    InvalidInput for settings that make no lab."""
+    if existing is None:
+        try:
+            return LabConfig.default(directory, hosts or 3, cpus or 4, memory_mib or 2048,
+                                     **({"subnet": subnet} if subnet else {}))
+        except ValueError as exc:
+            raise InvalidInput(f"invalid lab settings: {exc}") from None
+    have = existing.hosts
+    asked = []
+    if hosts is not None and hosts != len(have):
+        asked.append(f"{hosts} hosts")
+    if cpus is not None and any(h.cpus != cpus for h in have):
+        asked.append(f"{cpus} CPUs per host")
+    if memory_mib is not None and any(h.memory_mib != memory_mib for h in have):
+        asked.append(f"{memory_mib} MiB per host")
+    if subnet is not None and subnet != str(existing.subnet):
+        asked.append(f"subnet {subnet}")
+    if asked:
+        raise Conflict(
+            f"a lab with {len(have)} hosts ({have[0].cpus} CPUs, {have[0].memory_mib} MiB "
+            f"each, on {existing.subnet}) already exists in {directory}; it cannot become "
+            f"{', '.join(asked)}",
+            f"run `ferry lab up` without those options to start it as it is, or `ferry lab "
+            f"down` and remove {directory} (or use another --lab-dir) for a new lab")
+    return existing
 
 
 def load(directory: Path) -> LabConfig | None:

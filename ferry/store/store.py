@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Connection, event, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from ferry.domain.errors import Conflict, NotFound
 from ferry.domain.inventory import HostState, VmState
 from ferry.domain.migration import Iteration, Phase, StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
-from ferry.domain.specs import HostFacts, VmSpec
+from ferry.domain.specs import Frozen, HostFacts, VmSpec
 from ferry.domain.storage import RelocationPhase, RelocationRecord
 from ferry.store.security import SecurityStore
 from ferry.store.tables import (
@@ -33,6 +38,11 @@ TERMINAL = tuple(p.value for p in Phase if p.terminal)
 assert set(TERMINAL) == {p.value for p in RelocationPhase if p.terminal}
 JobRow = TypeVar("JobRow", MigrationRow, RelocationRow)
 Job = TypeVar("Job", MigrationRecord, RelocationRecord)
+# A change to a job: from the job as stored now to the fields to set. It may raise to
+# refuse (e.g. a phase that cannot follow the current one); nothing is written then.
+Change = Callable[[Job], dict[str, Any]]
+CAS_ATTEMPTS = 50  # writers of one job are few (its runner, a cancel): a retry or two
+SQLITE_BUSY_TIMEOUT_MS = 5000
 
 
 def sqlite_url(path: str) -> str:
@@ -48,8 +58,11 @@ class Store:
     @classmethod
     async def open(cls, url: str) -> Store:
         engine = create_async_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(_add_version_columns)
         return cls(engine)
 
     async def close(self) -> None:
@@ -137,14 +150,8 @@ class Store:
                         state: VmState | None = None, spec: VmSpec | None = None) -> VmRecord:
         async with self._session.begin() as s:
             row = await s.get(VmRow, name)
-            if row is None:
-                raise NotFound(f"there is no VM {name!r}")
-            if host is not None:
-                row.host = host
-            if state is not None:
-                row.state = state.value
-            if spec is not None:
-                row.spec_json = spec.model_dump_json()
+            _apply_vm_change(row, VmChange(name=name, host=host, state=state, spec=spec))
+            assert row is not None
             return self._vm(row)
 
     async def delete_vm(self, name: str) -> None:
@@ -166,19 +173,40 @@ class Store:
             s.add(row_type(id=record.id, vm=record.vm, record_json=record.model_dump_json(),
                            phase=record.phase.value, created_at=record.created_at))
 
-    async def _update_job(self, row_type: type[JobRow], model: type[Job], job_id: str,
-                          changes: dict[str, Any], kind: str) -> Job:
-        """Apply changes to a job's record, validated as a whole, in one transaction."""
-        async with self._session.begin() as s:
+    async def _read_job(self, row_type: type[JobRow], model: type[Job], job_id: str,
+                        kind: str) -> Job:
+        async with self._session() as s:
             row = await s.get(row_type, job_id)
             if row is None:
                 raise NotFound(f"there is no {kind} {job_id!r}")
+            return model.model_validate(
+                model.model_validate_json(row.record_json).model_dump()
+                | {"version": row.version})
+
+    async def _update_job(self, row_type: type[JobRow], model: type[Job], job_id: str,
+                          change: Change[Job], kind: str,
+                          also: Callable[[AsyncSession], Awaitable[None]] | None = None
+                          ) -> Job:
+        """Apply `change` to the job as stored now, atomically: the write happens only if
+        no other write came in between (compare-and-set on the version), else the change
+        is applied again to the newer record. `also` runs in the same transaction."""
+        for _ in range(CAS_ATTEMPTS):
+            current = await self._read_job(row_type, model, job_id, kind)
             record = model.model_validate(
-                model.model_validate_json(row.record_json).model_dump() | changes)
-            # iterations live in their own table (a migration's grow by the pass)
-            row.record_json = record.model_dump_json(exclude={"iterations"})
-            row.phase = record.phase.value
-        return record
+                current.model_dump() | change(current) | {"version": current.version + 1})
+            async with self._session.begin() as s:
+                result = await s.execute(
+                    update(row_type)
+                    .where(row_type.id == job_id, row_type.version == current.version)
+                    # iterations live in their own table (a migration's grow by the pass)
+                    .values(record_json=record.model_dump_json(exclude={"iterations"}),
+                            phase=record.phase.value, version=record.version))
+                if getattr(result, "rowcount", 0) == 1:
+                    if also is not None:
+                        await also(s)
+                    return record
+        raise Conflict(f"{kind} {job_id} kept changing while being updated",
+                       "retry the request")
 
     # --- migrations ------------------------------------------------------------
     async def add_migration(self, record: MigrationRecord) -> MigrationRecord:
@@ -197,8 +225,9 @@ class Store:
             its = (await s.scalars(select(IterationRow).where(
                 IterationRow.migration_id == migration_id).order_by(IterationRow.number))).all()
             record = MigrationRecord.model_validate_json(row.record_json)
-            return record.model_copy(update={"iterations": tuple(
-                Iteration.model_validate_json(i.iteration_json) for i in its)})
+            return MigrationRecord.model_validate(record.model_dump() | {
+                "version": row.version,
+                "iterations": [Iteration.model_validate_json(i.iteration_json) for i in its]})
 
     async def migrations(self, unfinished_only: bool = False) -> list[MigrationRecord]:
         async with self._session() as s:
@@ -209,8 +238,21 @@ class Store:
         return [await self.migration(i) for i in ids]
 
     async def update_migration(self, migration_id: str, **changes: Any) -> MigrationRecord:
-        return await self._update_job(MigrationRow, MigrationRecord, migration_id, changes,
-                                      "migration")
+        """Set fields on the migration as stored now (atomic, see change_migration)."""
+        return await self._update_job(MigrationRow, MigrationRecord, migration_id,
+                                      lambda _: changes, "migration")
+
+    async def change_migration(self, migration_id: str, change: Change[MigrationRecord],
+                               vm: VmChange | None = None) -> MigrationRecord:
+        """Apply `change` to the migration as stored now; with `vm`, change the VM's row
+        in the same transaction (the switch: the job's phase and the VM's location move
+        together or not at all)."""
+        also = None
+        if vm is not None:
+            async def also(s: AsyncSession) -> None:
+                _apply_vm_change(await s.get(VmRow, vm.name), vm)
+        return await self._update_job(MigrationRow, MigrationRecord, migration_id, change,
+                                      "migration", also)
 
     async def add_iteration(self, migration_id: str, iteration: Iteration) -> None:
         async with self._session.begin() as s:
@@ -258,5 +300,42 @@ class Store:
             return [RelocationRecord.model_validate_json(r.record_json) for r in rows]
 
     async def update_relocation(self, relocation_id: str, **changes: Any) -> RelocationRecord:
-        return await self._update_job(RelocationRow, RelocationRecord, relocation_id, changes,
-                                      "relocation")
+        return await self._update_job(RelocationRow, RelocationRecord, relocation_id,
+                                      lambda _: changes, "relocation")
+
+
+class VmChange(Frozen):
+    """Fields of a VM's row to set along with a job's change (None: unchanged)."""
+
+    name: str
+    host: str | None = None
+    state: VmState | None = None
+    spec: VmSpec | None = None
+
+
+def _apply_vm_change(row: VmRow | None, change: VmChange) -> None:
+    if row is None:
+        raise NotFound(f"there is no VM {change.name!r}")
+    if change.host is not None:
+        row.host = change.host
+    if change.state is not None:
+        row.state = change.state.value
+    if change.spec is not None:
+        row.spec_json = change.spec.model_dump_json()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    """WAL: readers never block the writer (event streams read while jobs write); a busy
+    timeout: a writer waits for another's commit instead of failing at once."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def _add_version_columns(conn: Connection) -> None:
+    """A database made before jobs had versions gets the column (all start at 0)."""
+    for table in ("migrations", "relocations"):
+        if "version" not in {c["name"] for c in inspect(conn).get_columns(table)}:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN version INTEGER "
+                              "NOT NULL DEFAULT 0"))

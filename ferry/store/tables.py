@@ -36,6 +36,8 @@ class JobColumns:
     record_json: Mapped[str] = mapped_column(Text)
     phase: Mapped[str] = mapped_column(String(32), index=True)
     created_at: Mapped[float] = mapped_column(Float)
+    # Bumped by every write; a write applies only if the version it read is still there.
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class MigrationRow(JobColumns, Base):

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from ferry.cli.client import Client
 from ferry.cli.demo import wait_heartbeat
-from ferry.domain.errors import InvalidInput
+from ferry.domain.errors import Conflict, InvalidInput
 from ferry.lab import net
 from ferry.lab.config import LabConfig
-from tests.integration.helpers import assert_intact, boot_probe, follow, remove_vm
+from tests.integration.helpers import (
+    assert_intact,
+    boot_probe,
+    follow,
+    remove_vm,
+    wait_phase,
+)
 
 LINK_BITS = 100_000_000  # 12.5 MB/s, below the probe's 30 MiB/s
 
@@ -76,3 +83,69 @@ def test_invalid_policy_values_are_refused(client: Client, lab: LabConfig) -> No
     with pytest.raises(InvalidInput, match="max_downtime_ms"):
         client.call("PATCH", "/v1/policy", {"max_downtime_ms": 0})
     assert client.call("GET", "/v1/policy")["max_downtime_ms"] == 500
+
+
+def test_destination_link_down_during_postcopy_is_waited_out(client: Client,
+                                                             lab: LabConfig) -> None:
+    """Issue 9 (post-copy is a flag): with the destination's link down for 4 s once
+    post-copy had started, the migration ended FAILED and the VM crashed. Now the fault
+    is waited out: the VM keeps running on the destination and the migration completes."""
+    boot_probe(client, lab, "pcl1", "host1", dirty=20)
+    net.shape(lab, "host1", 50_000_000)
+    try:
+        before = wait_heartbeat(client, "pcl1")
+        rec = client.call("POST", "/v1/migrations", {
+            "vm": "pcl1", "target": "host2", "options": {
+                "allow_throttle": False, "allow_postcopy": True,
+                "postcopy_recovery_window_s": 120}})
+        wait_phase(client, rec["id"], "postcopy", timeout_s=300)
+        net.set_link(lab, "host2", False)
+        try:
+            with pytest.raises(Conflict, match="post-copy"):
+                client.call("POST", f"/v1/migrations/{rec['id']}/cancel")
+            time.sleep(4)  # the fault's length, as in the issue's reproduction
+        finally:
+            net.set_link(lab, "host2", True)
+        done = follow(client, rec["id"])
+        assert done["phase"] == "completed", done
+        assert done["postcopy_started"] and "postcopy" in done["phase_times"]
+        assert_intact(client, "pcl1", "host2", lab, before["seq"])
+    finally:
+        net.shape(lab, "host1", None)
+        net.set_link(lab, "host2", True)
+        remove_vm(client, "pcl1")
+
+
+def test_postcopy_paused_on_a_broken_link_is_recovered(client: Client, lab: LabConfig
+                                                       ) -> None:
+    """A link down long enough for TCP to give up (tcp_retries2=3 in the hosts'
+    namespaces: seconds, not the default 15 minutes) makes QEMU pause post-copy on both
+    sides; once the link is back Ferry reconnects it (migrate-recover on the
+    destination, migrate with resume on the source) and the guest lives on."""
+    boot_probe(client, lab, "pcr1", "host1", dirty=20)
+    net.shape(lab, "host1", 50_000_000)
+    hosts = ("host1", "host2")
+    try:
+        for host in hosts:
+            net.in_ns(lab.netns(host), "sysctl", "-qw", "net.ipv4.tcp_retries2=3")
+        before = wait_heartbeat(client, "pcr1")
+        rec = client.call("POST", "/v1/migrations", {
+            "vm": "pcr1", "target": "host2", "options": {
+                "allow_throttle": False, "allow_postcopy": True,
+                "postcopy_recovery_window_s": 300}})
+        wait_phase(client, rec["id"], "postcopy", timeout_s=300)
+        net.set_link(lab, "host2", False)
+        try:
+            time.sleep(20)  # the fault's length: well past TCP's retries at that setting
+        finally:
+            net.set_link(lab, "host2", True)
+        done = follow(client, rec["id"])
+        assert done["phase"] == "completed", done
+        assert done["postcopy_recoveries"] >= 1, done
+        assert_intact(client, "pcr1", "host2", lab, before["seq"])
+    finally:
+        for host in hosts:
+            net.in_ns(lab.netns(host), "sysctl", "-qw", "net.ipv4.tcp_retries2=15")
+        net.shape(lab, "host1", None)
+        net.set_link(lab, "host2", True)
+        remove_vm(client, "pcr1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def test_migration_completes_with_probe_intact(client: Client, lab: LabConfig,
             assert rec["source"] == source and rec["downtime_ms"] is not None
             assert rec["transferred_bytes"] > 0 and len(rec["iterations"]) >= 1
             assert list(rec["phase_times"]) == ["pending", "checking", "preparing_target",
-                                                "precopy", "switchover", "completed"]
+                                                "precopy", "switchover", "resuming_target",
+                                                "completed"]
             assert_intact(client, name, target, lab, before["seq"])
     finally:
         remove_vm(client, name)
@@ -107,3 +109,29 @@ def test_second_migration_of_same_vm_is_refused_and_cancel_rolls_back(
         assert qemu_hosts(lab, "busy1") == ["host1"]
     finally:
         remove_vm(client, "busy1")
+
+
+def test_two_migrations_into_a_host_with_room_for_one(client: Client, lab: LabConfig
+                                                      ) -> None:
+    """Issue 9 (capacity races): both used to pass CHECKING and overcommit the target."""
+    big = 1100  # MiB: host3 (2048 MiB) holds one of them, not two
+    for name, host in (("cap1", "host1"), ("cap2", "host2")):
+        boot_probe(client, lab, name, host, memory=big)
+    try:
+        before = {n: wait_heartbeat(client, n) for n in ("cap1", "cap2")}
+        with ThreadPoolExecutor(2) as pool:
+            futures = {n: pool.submit(client.call, "POST", "/v1/migrations",
+                                      {"vm": n, "target": "host3"}) for n in before}
+        refused = {n for n, f in futures.items() if isinstance(f.exception(), Incompatible)}
+        assert len(refused) == 1, {n: f.exception() for n, f in futures.items()}
+        [loser] = refused
+        [winner] = set(futures) - refused
+        assert "MiB free" in str(futures[loser].exception())
+        rec = follow(client, futures[winner].result()["id"])
+        assert rec["phase"] == "completed", rec
+        assert_intact(client, winner, "host3", lab, before[winner]["seq"])
+        assert_intact(client, loser, "host1" if loser == "cap1" else "host2", lab,
+                      before[loser]["seq"])
+    finally:
+        remove_vm(client, "cap1")
+        remove_vm(client, "cap2")

@@ -4,6 +4,7 @@ datastore, cancel, and migration without shared storage."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -223,3 +224,42 @@ def test_migration_without_shared_storage(client: Client, lab: LabConfig) -> Non
         assert_disk_intact(client, lab, "sv5", "host2", before)
     finally:
         remove_vm(client, "sv5")
+
+
+def test_migrating_onto_the_datastore_the_disk_already_uses(client: Client, lab: LabConfig
+                                                            ) -> None:
+    """Issue 9 defect 1: `--datastore shared` for a disk on shared is a memory-only move;
+    it used to fail and its rollback deleted the running VM's disk."""
+    before = boot_disk_probe(client, lab, "sv7", "host1", "shared", rate=2)
+    image = lab.shared_datastore / "sv7" / "root.qcow2"
+    try:
+        check = client.call("POST", "/v1/migrations/check",
+                            {"vm": "sv7", "target": "host2", "datastore": "shared"})
+        assert check["ok"], check
+        rec = client.call("POST", "/v1/migrations",
+                          {"vm": "sv7", "target": "host2", "datastore": "shared"})
+        rec = follow(client, rec["id"])
+        assert rec["phase"] == "completed", rec["reason"]
+        assert rec["target_disks"] == [] and rec["created_images"] == []
+        assert image.exists() and live_disk_file(client, "sv7") == str(image)
+        assert_disk_intact(client, lab, "sv7", "host2", before)
+    finally:
+        remove_vm(client, "sv7")
+
+
+def test_checking_refuses_a_target_image_that_exists(client: Client, lab: LabConfig) -> None:
+    before = boot_disk_probe(client, lab, "sv8", "host1", "local-host1", rate=2)
+    theirs = lab.local_datastore("host2") / "sv8" / "root.qcow2"
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_bytes(b"not Ferry's")
+    try:
+        with pytest.raises(Incompatible, match=re.escape(
+                "local-host2:sv8/root.qcow2 on host host2 already exists")):
+            client.call("POST", "/v1/migrations",
+                        {"vm": "sv8", "target": "host2", "datastore": "local-host2"})
+        assert theirs.read_bytes() == b"not Ferry's"
+        assert (lab.local_datastore("host1") / "sv8" / "root.qcow2").exists()
+        assert_intact(client, "sv8", "host1", lab, before["seq"])
+    finally:
+        remove_vm(client, "sv8")
+        theirs.unlink(missing_ok=True)

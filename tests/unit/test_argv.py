@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from ferry.domain.errors import InvalidInput
 from ferry.domain.specs import DiskSpec, KernelBoot, NicSpec, VmSpec
 from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
 
@@ -42,7 +43,10 @@ def test_kernel_boot_argv() -> None:
 
 def test_incoming_adds_defer() -> None:
     spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/srv/shared/k"))
-    assert value_after(argv_of(spec, incoming=True), "-incoming") == ["defer"]
+    argv = argv_of(spec, incoming=True)
+    assert value_after(argv, "-incoming") == ["defer"]
+    assert "-S" in argv  # paused until Ferry resumes it, never on its own
+    assert "-S" not in argv_of(spec)
 
 
 def test_disks_and_nics() -> None:
@@ -66,7 +70,7 @@ def test_disks_and_nics() -> None:
 
 def test_disk_path_refuses_symlink_style_escape() -> None:
     disk = DiskSpec.model_construct(name="d", datastore="shared", path="../../etc/x")
-    with pytest.raises(ValueError, match="escapes"):
+    with pytest.raises(InvalidInput, match="resolves outside datastore shared"):
         disk_path(disk, {"shared": "/srv/shared"})
 
 
@@ -76,3 +80,10 @@ def test_qcow2_never_opens_a_backing_file() -> None:
     nodes = [json.loads(a) for a in value_after(argv_of(spec), "-blockdev")]
     fmt = next(n for n in nodes if n["driver"] == "qcow2")
     assert "backing" in fmt and fmt["backing"] is None
+
+
+def test_disk_path_on_a_datastore_the_host_lacks_is_invalid_input() -> None:
+    disk = DiskSpec(name="d", datastore="fast", path="x.qcow2")
+    with pytest.raises(InvalidInput, match="does not see datastore fast") as err:
+        disk_path(disk, {"shared": "/srv/shared"})
+    assert err.value.fix == "use one of: shared"

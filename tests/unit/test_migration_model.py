@@ -19,7 +19,7 @@ from ferry.domain.migration import (
 )
 
 HAPPY = [Phase.PENDING, Phase.CHECKING, Phase.PREPARING_TARGET, Phase.PRECOPY,
-         Phase.SWITCHOVER, Phase.COMPLETED]
+         Phase.SWITCHOVER, Phase.RESUMING_TARGET, Phase.COMPLETED]
 
 
 def test_happy_path_is_allowed() -> None:
@@ -52,9 +52,18 @@ def test_random_walks_never_leave_a_terminal_phase(steps: list[Phase]) -> None:
     assert [p for p in Phase if can_transition(p, Phase.FAILED)] == [Phase.ROLLING_BACK]
 
 
-def test_cancellable_only_before_switchover() -> None:
-    assert Phase.PRECOPY.cancellable and not Phase.SWITCHOVER.cancellable
-    assert not Phase.COMPLETED.cancellable
+def test_cancellable_only_before_switchover_and_never_in_postcopy() -> None:
+    assert Phase.PRECOPY.cancellable and Phase.DISK_COPY.cancellable
+    assert not Phase.SWITCHOVER.cancellable and not Phase.POSTCOPY.cancellable
+    assert not Phase.RESUMING_TARGET.cancellable and not Phase.COMPLETED.cancellable
+
+
+def test_postcopy_goes_only_forward() -> None:
+    assert transition(Phase.PRECOPY, Phase.POSTCOPY) is Phase.POSTCOPY
+    assert {p for p in Phase if can_transition(Phase.POSTCOPY, p)} == {
+        Phase.COMPLETED, Phase.ROLLING_BACK}
+    with pytest.raises(Conflict):
+        transition(Phase.POSTCOPY, Phase.SWITCHOVER)
 
 
 def progress(sync: int, remaining: int) -> Progress:

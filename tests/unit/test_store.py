@@ -1,17 +1,21 @@
 """The Store against a real SQLite database file."""
 
+import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ferry.domain.errors import Conflict, NotFound
 from ferry.domain.inventory import HostState, VmState
 from ferry.domain.migration import Iteration, Phase
-from ferry.domain.records import MigrationRecord, VmRecord
+from ferry.domain.records import ActionRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import HostFacts, KernelBoot, VmSpec
 from ferry.store import Store
 from ferry.store.store import sqlite_url
+from ferry.wire import status_for
+from tests.unit.fake_cluster import FakeCluster
 
 FACTS = HostFacts(name="host1", address="10.0.0.1", accel="tcg", cpus=2, memory_mib=1024,
                   memory_free_mib=1024, cpu_models=("Nehalem",), qemu_version="7.2.0",
@@ -67,3 +71,93 @@ async def test_one_unfinished_migration_per_vm(store: Store, tmp_path: Path) -> 
     reopened = await Store.open(sqlite_url(str(tmp_path / "f.db")))
     assert (await reopened.migration("m1")).reason == "x"
     await reopened.close()
+
+
+# --- atomic job updates (issue 9: updates can be lost) ------------------------------
+def pending(i: str = "m1") -> MigrationRecord:
+    return MigrationRecord(id=i, vm="web1", source="a", target="b", phase=Phase.PENDING,
+                           created_at=time.time())
+
+
+async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(store: Store) -> None:
+    async with store._engine.connect() as conn:
+        mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
+        busy = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+    assert (mode, busy) == ("wal", 5000)
+
+
+async def test_concurrent_changes_to_one_job_are_all_kept(store: Store) -> None:
+    await store.add_migration(pending())
+
+    def add_action(n: int) -> Any:
+        return lambda cur: {"actions": (*cur.actions, ActionRecord(at_ms=n, kind="x"))}
+    await asyncio.gather(*(store.change_migration("m1", add_action(n)) for n in range(20)))
+    rec = await store.migration("m1")
+    assert sorted(a.at_ms for a in rec.actions) == list(range(20))
+    assert rec.version == 20
+
+
+async def test_a_write_in_between_makes_the_change_apply_again_to_the_newer_record(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    await store.add_migration(pending())
+    read = store._read_job
+    interfered: list[bool] = []
+
+    async def read_then_someone_writes(*args: Any) -> Any:
+        current = await read(*args)
+        if not interfered:
+            interfered.append(True)
+            await store.update_migration("m1", cancel_requested=True)
+        return current
+    monkeypatch.setattr(store, "_read_job", read_then_someone_writes)
+    seen: list[int] = []
+
+    def start_postcopy(cur: MigrationRecord) -> dict[str, Any]:
+        seen.append(cur.version)
+        return {} if cur.cancel_requested else {"postcopy_started": True}
+    rec = await store.change_migration("m1", start_postcopy)
+    assert seen == [0, 1]  # judged again on the record with the cancel in it
+    assert rec.cancel_requested and not rec.postcopy_started and rec.version == 2
+
+
+async def test_a_phase_never_moves_back_from_a_stale_copy(tmp_path: Path) -> None:
+    cluster = await FakeCluster.open(tmp_path)
+    try:
+        rec = await cluster.store.add_migration(pending())
+        stale = await cluster.orchestrator._enter(rec, Phase.CHECKING)
+        await cluster.orchestrator._enter(stale, Phase.ROLLING_BACK, reason="x")
+        with pytest.raises(Conflict, match="cannot go from rolling_back to preparing_target"):
+            await cluster.orchestrator._enter(stale, Phase.PREPARING_TARGET)
+        assert (await cluster.store.migration("m1")).phase is Phase.ROLLING_BACK
+    finally:
+        await cluster.close()
+
+
+async def test_cancel_cannot_land_on_postcopy(tmp_path: Path) -> None:
+    cluster = await FakeCluster.open(tmp_path)
+    try:
+        await cluster.store.add_migration(pending().model_copy(update={
+            "phase": Phase.PRECOPY, "postcopy_started": True}))
+        with pytest.raises(Conflict, match="is in post-copy") as err:
+            await cluster.orchestrator.cancel("m1")
+        assert status_for(err.value) == 409 and "cannot be cancelled" in err.value.fix
+        rec = await cluster.store.migration("m1")
+        assert not rec.cancel_requested and rec.postcopy_started
+    finally:
+        await cluster.close()
+
+
+async def test_an_older_database_gets_the_version_column(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    first = await Store.open(sqlite_url(str(db)))
+    await first.add_migration(pending())
+    async with first._engine.begin() as conn:
+        for table in ("migrations", "relocations"):
+            await conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN version")
+    await first.close()
+    store = await Store.open(sqlite_url(str(db)))
+    try:
+        rec = await store.update_migration("m1", reason="still works")
+        assert rec.version == 1 and (await store.migration("m1")).reason == "still works"
+    finally:
+        await store.close()

@@ -1,0 +1,119 @@
+"""What the steps and rollbacks of one running migration share: its record's store and
+change bus, its two agents, its cancel flag; and the limits on concurrent migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ferry.agent.client import AgentClient
+from ferry.control.events import ChangeBus
+from ferry.domain.migration import Phase, RollbackKind, transition
+from ferry.domain.records import MigrationRecord
+from ferry.store import Store
+from ferry.store.store import VmChange
+
+log = logging.getLogger("ferry.migration")
+
+
+class RollBack(Exception):
+    """Raised inside a step to end the migration through ROLLING_BACK → FAILED; `kind`
+    asks for a rollback other than the phase's own (see domain rollback_kind)."""
+
+    def __init__(self, reason: str, kind: RollbackKind | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+@dataclass
+class Job:
+    id: str
+    store: Store
+    bus: ChangeBus
+    source: AgentClient
+    target: AgentClient
+    cancelled: asyncio.Event
+
+    async def enter(self, rec: MigrationRecord, phase: Phase, *, vm: VmChange | None = None,
+                    unless_cancelled: bool = False, **changes: object) -> MigrationRecord:
+        """Persist `phase` (with `changes`, and `vm` in the same transaction), checked
+        against the phase as stored: it only moves along an arrow, never back. With
+        `unless_cancelled`, a cancel already stored wins (RollBack) in the same
+        compare-and-set."""
+        now = time.time()
+
+        def change(cur: MigrationRecord) -> dict[str, object]:
+            if unless_cancelled and cur.cancel_requested:
+                raise RollBack("cancelled by the user")
+            transition(cur.phase, phase)
+            return {"phase": phase, "phase_times": cur.phase_times | {phase.value: now},
+                    **changes}
+
+        rec = await self.store.change_migration(rec.id, change, vm)
+        log.info("migration %s of %s: %s", rec.id, rec.vm, phase)
+        await self.bus.changed(rec.id)
+        return rec
+
+    async def update(self, **changes: object) -> MigrationRecord:
+        rec = await self.store.update_migration(self.id, **changes)
+        await self.bus.changed(self.id)
+        return rec
+
+    async def change(self, change: Callable[[MigrationRecord], dict[str, object]],
+                     vm: VmChange | None = None) -> MigrationRecord:
+        rec = await self.store.change_migration(self.id, change, vm)
+        await self.bus.changed(self.id)
+        return rec
+
+    def check_cancel(self) -> None:
+        if self.cancelled.is_set():
+            raise RollBack("cancelled by the user")
+
+
+class Slots:
+    """Limits on concurrent migrations: per source, per target and per cluster. A new
+    migration waits for room, and stops waiting when cancelled; one resumed after a
+    restart takes its place at once (QEMU is already moving it)."""
+
+    def __init__(self, per_host: int, cluster: int) -> None:
+        self.per_host = per_host
+        self.cluster = cluster
+        self._cond = asyncio.Condition()
+        self._out: Counter[str] = Counter()
+        self._in: Counter[str] = Counter()
+        self._all = 0
+
+    def _room(self, source: str, target: str) -> bool:
+        return (self._all < self.cluster and self._out[source] < self.per_host
+                and self._in[target] < self.per_host)
+
+    async def take(self, source: str, target: str, cancelled: asyncio.Event,
+                   wait: bool = True) -> bool:
+        """True once the slot is taken; False if cancelled while waiting for it."""
+        async with self._cond:
+            if wait:
+                await self._cond.wait_for(
+                    lambda: cancelled.is_set() or self._room(source, target))
+                if cancelled.is_set():
+                    return False
+            self._out[source] += 1
+            self._in[target] += 1
+            self._all += 1
+            return True
+
+    async def give(self, source: str, target: str) -> None:
+        async with self._cond:
+            self._out[source] -= 1
+            self._in[target] -= 1
+            self._all -= 1
+            self._cond.notify_all()
+
+    async def wake(self) -> None:
+        """Let waiters look at their cancel flags again."""
+        async with self._cond:
+            self._cond.notify_all()

@@ -1,0 +1,380 @@
+"""The forward steps of a migration, one per phase (STEPS). Each persists the phase it
+moves to before acting on it, and each is idempotent from its start, so a restarted
+control plane can run the step of the phase it finds again (the RESUME table).
+
+Integrity rule: the destination starts paused (-S) and runs only after the store has
+recorded the VM on it; the source is torn down only after the destination runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from ferry.agent.models import AgentVmState, Tune, VmInfo
+from ferry.control import migration_storage as storage
+from ferry.control.migration_job import Job, RollBack, log
+from ferry.domain.convergence import (
+    Action,
+    ActionKind,
+    ConvergenceState,
+    decide,
+    initial_downtime_ms,
+)
+from ferry.domain.errors import FerryError, HostUnavailable, NotFound
+from ferry.domain.inventory import VmState
+from ferry.domain.migration import (
+    Iteration,
+    Phase,
+    RollbackKind,
+    SourceStatus,
+    record_iteration,
+)
+from ferry.domain.records import ActionRecord, MigrationRecord
+from ferry.store.store import VmChange
+
+POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
+CONFIRM_TIMEOUT_S = 30.0
+RETRY_S = 0.2
+TARGET_CHECK_S = 5.0
+RECOVER_EVERY_S = 2.0  # how often a paused post-copy is tried to be reconnected
+
+Step = Callable[[Job, MigrationRecord], Awaitable[MigrationRecord]]
+
+
+async def begin(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """CHECKING passed (in the request) and the migration got its slot."""
+    job.check_cancel()
+    return await job.enter(rec, Phase.PREPARING_TARGET)
+
+
+async def prepare_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """Start the paused destination (and, without shared storage, its empty disks)."""
+    vm = await job.store.vm(rec.vm)
+    disks = await storage.new_disks(job.source, rec) if rec.moved_disks else ()
+    if disks:
+        # Recorded before they exist: a rollback deletes these and nothing else.
+        rec = await job.update(created_images=tuple(d.disk for d in disks))
+    try:
+        ready = await job.target.prepare_incoming(
+            rec.id, storage.target_spec(vm.spec, rec.target_disks), rec.options, disks,
+            tls_peer=rec.source if rec.encrypted else None)
+    except HostUnavailable:
+        raise  # unknown whether the agent created them: they stay recorded
+    except FerryError:
+        # The agent refused and removed whatever it had created itself (e.g. a path
+        # that already existed, which is not ours to delete).
+        await job.update(created_images=())
+        raise
+    rec = await job.update(dest_uri=ready.uri, nbd=ready.nbd)
+    job.check_cancel()
+    if rec.moved_disks:
+        return await job.enter(rec, Phase.DISK_COPY)
+    return await _start_outgoing(job, rec)
+
+
+async def disk_copy(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    async def report(copied: int, total: int) -> None:
+        await job.update(disk_copied_bytes=copied, disk_total_bytes=total)
+    try:
+        await storage.copy_disks(rec, job.source, report, job.cancelled.is_set)
+    except storage.DiskCopyFailed as exc:
+        raise RollBack(str(exc)) from None
+    job.check_cancel()
+    return await _start_outgoing(job, rec)
+
+
+async def _start_outgoing(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """PRECOPY is entered only once the source accepted the stream: from then on its
+    QEMU's migration status is about this migration."""
+    assert rec.dest_uri is not None
+    vm = await job.store.vm(rec.vm)
+    downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
+    await job.source.start_outgoing(rec.vm, rec.id, rec.dest_uri, rec.options, downtime,
+                                    tls_peer=rec.target if rec.encrypted else None)
+    return await job.enter(rec, Phase.PRECOPY, downtime_limit_ms=downtime)
+
+
+async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """Watch the stream each pass and steer it until the source completes (SWITCHOVER),
+    the policy chooses post-copy (POSTCOPY), or it must be given up (RollBack)."""
+    began = rec.phase_times.get(Phase.PRECOPY.value, time.time())
+    iterations: list[Iteration] = list(rec.iterations)
+    best_remaining: int | None = None
+    best_at = time.time()
+    vm = await job.store.vm(rec.vm)
+    while True:
+        if job.cancelled.is_set():
+            raise RollBack("cancelled by the user")
+        progress, dest = await asyncio.gather(
+            job.source.progress(rec.vm, wait_s=POLL_WAIT_S),
+            job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S), return_exceptions=True)
+        if isinstance(progress, BaseException):
+            raise progress
+        now = time.time()
+        it = record_iteration(iterations, progress, int((now - began) * 1000))
+        if it is not None:
+            iterations.append(it)
+            await job.store.add_iteration(rec.id, it)
+        rec = await job.update(remaining_bytes=progress.remaining_bytes,
+                               transferred_bytes=progress.transferred_bytes)
+        status = progress.status
+        if status is SourceStatus.COMPLETED:
+            return await job.enter(rec, Phase.SWITCHOVER, downtime_ms=progress.downtime_ms,
+                                   total_ms=progress.elapsed_ms, remaining_bytes=0,
+                                   transferred_bytes=progress.transferred_bytes)
+        if status is SourceStatus.POSTCOPY_ACTIVE or status.postcopy_fault:
+            # The stream is in post-copy whatever led there: so is the migration.
+            return await job.enter(rec, Phase.POSTCOPY, postcopy_started=True)
+        if status in (SourceStatus.FAILED, SourceStatus.CANCELLED):
+            raise RollBack(f"QEMU reported the migration {status}: "
+                           f"{progress.error or 'the stream to the target broke'}")
+        if status is SourceStatus.NONE:
+            raise RollBack("the source QEMU reports no outgoing migration")
+        if isinstance(dest, BaseException):
+            raise RollBack(f"lost the destination during pre-copy: {_describe(dest)}")
+        if not dest.state.alive or dest.state is AgentVmState.CRASHED:
+            raise RollBack(f"destination QEMU on {rec.target} is {dest.state}")
+        if best_remaining is None or progress.remaining_bytes < best_remaining:
+            best_remaining, best_at = progress.remaining_bytes, now
+        state = ConvergenceState(
+            elapsed_s=now - began, since_progress_s=now - best_at,
+            memory_mib=vm.spec.memory_mib, iterations=tuple(iterations),
+            progress=progress, postcopy=False,
+            downtime_ms=rec.downtime_limit_ms or rec.options.initial_downtime_ms,
+            throttle_pct=rec.throttle_pct)
+        action = decide(state, rec.options)
+        if action.kind is ActionKind.THROTTLE and it is None:
+            continue  # judge a throttle step only on a fresh pass's numbers
+        rec = await _apply(job, rec, action, int((now - began) * 1000))
+        if rec.phase is Phase.POSTCOPY:
+            return rec
+
+
+async def _apply(job: Job, rec: MigrationRecord, action: Action, at_ms: int
+                 ) -> MigrationRecord:
+    """Pull the lever the policy chose and record it in the migration's history."""
+    if action.kind is ActionKind.CONTINUE:
+        return rec
+    if action.kind is ActionKind.ABORT:
+        raise RollBack(action.reason)
+    log.info("migration %s: %s %s (%s)", rec.id, action.kind, action.value, action.reason)
+    entry = ActionRecord(at_ms=at_ms, kind=action.kind.value, value=action.value,
+                         reason=action.reason)
+    if action.kind is ActionKind.POSTCOPY:
+        # Persisted before QEMU is told (the POSTCOPY step does that): from here on the
+        # source is never resumed. A cancel stored first wins instead.
+        return await job.enter(rec, Phase.POSTCOPY, unless_cancelled=True,
+                               postcopy_started=True, actions=(*rec.actions, entry))
+    changes: dict[str, object] = {}
+    tune = Tune()
+    if action.kind is ActionKind.RAISE_DOWNTIME:
+        changes["downtime_limit_ms"] = action.value
+        tune = Tune(downtime_ms=action.value)
+    elif action.kind is ActionKind.THROTTLE:
+        changes["throttle_pct"] = action.value
+        tune = Tune(throttle_pct=action.value)
+    rec = await job.change(lambda cur: {"actions": (*cur.actions, entry), **changes})
+    await job.source.tune(rec.vm, tune)
+    return rec
+
+
+async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """Post-copy: never cancelled, never rolled back to the source. Make sure QEMU is in
+    post-copy, record the switch and resume the destination as soon as it holds the
+    device state, and watch the source until every page is over. A failing call (to
+    either agent) or QEMU pausing post-copy on a broken link is waited out for the
+    recovery window; only a QEMU that is gone or failed makes the VM lost."""
+    window = rec.options.postcopy_recovery_window_s
+    loop = asyncio.get_running_loop()
+    trouble_since: float | None = None
+    trouble = ""
+    resumed = False
+    recover_at = 0.0
+    while True:
+        if trouble_since is not None and loop.time() - trouble_since > window:
+            raise RollBack(f"post-copy could not go on for {window} s ({trouble})",
+                           RollbackKind.UNRESOLVED)
+        try:
+            progress = await job.source.progress(rec.vm, wait_s=POLL_WAIT_S)
+        except NotFound:
+            if rec.finishing:  # we stopped it, after every page was over
+                return await finish(job, rec)
+            raise RollBack("the source QEMU is gone during post-copy",
+                           RollbackKind.LOST) from None
+        except FerryError as exc:
+            trouble_since, trouble = trouble_since or loop.time(), exc.problem
+            await asyncio.sleep(RETRY_S)
+            continue
+        status = progress.status
+        if status in (SourceStatus.FAILED, SourceStatus.CANCELLED, SourceStatus.NONE):
+            raise RollBack(f"QEMU reported the post-copy migration {status}: "
+                           f"{progress.error or 'no reason given'}", RollbackKind.LOST)
+        if status in (SourceStatus.ACTIVE, SourceStatus.SETUP):
+            # Not switched yet (persisted POSTCOPY, then the request was lost): ask again.
+            try:
+                await job.source.tune(rec.vm, Tune(postcopy=True))
+                trouble_since = None
+            except FerryError as exc:
+                trouble_since = trouble_since or loop.time()
+                trouble = f"QEMU did not start post-copy: {exc.problem}"
+                await asyncio.sleep(RETRY_S)
+            continue
+        fault = None
+        if status.postcopy_fault or status is SourceStatus.UNKNOWN:
+            fault = f"QEMU reports {progress.qemu_status or status}"
+            if trouble_since is None:
+                log.warning("migration %s: post-copy %s; waiting up to %d s", rec.id,
+                            fault, window)
+        if status is SourceStatus.POSTCOPY_PAUSED and loop.time() >= recover_at:
+            recover_at = loop.time() + RECOVER_EVERY_S
+            rec = await _recover(job, rec)
+        if not resumed:
+            rec, resumed = await _switch_in_postcopy(job, rec)
+        if status is SourceStatus.COMPLETED and resumed:
+            rec = await job.update(downtime_ms=progress.downtime_ms,
+                                   total_ms=progress.elapsed_ms, remaining_bytes=0,
+                                   transferred_bytes=progress.transferred_bytes)
+            return await finish(job, rec)
+        if not resumed:
+            # The guest runs nowhere until the destination is resumed: that is trouble.
+            fault = fault or "the destination is not resumed yet"
+            await asyncio.sleep(RETRY_S)
+        if fault is None:
+            trouble_since = None
+        else:
+            trouble_since, trouble = trouble_since or loop.time(), fault
+
+
+async def _recover(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """QEMU paused post-copy on a broken link: reconnect it (the destination listens
+    anew with migrate-recover, the source resumes with migrate resume=true). A failing
+    step only means "not yet" (e.g. the link is still down): tried again later."""
+    try:
+        ready = await job.target.recover_incoming(rec.vm)
+        await job.source.resume_outgoing(rec.vm, rec.id, ready.uri)
+    except FerryError as exc:
+        log.info("migration %s: post-copy not recovered yet: %s", rec.id, exc.problem)
+        return rec
+    log.warning("migration %s: reconnecting the paused post-copy via %s", rec.id, ready.uri)
+    return await job.change(lambda cur: {"postcopy_recoveries": cur.postcopy_recoveries + 1})
+
+
+async def _switch_in_postcopy(job: Job, rec: MigrationRecord) -> tuple[MigrationRecord, bool]:
+    """Once the (paused, -S) destination holds the device state: record the VM there,
+    then resume it at once (every ms here is downtime). (record, resumed); a failing
+    call only means "not yet"."""
+    try:
+        dest = await job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S)
+    except NotFound:
+        raise RollBack("the destination QEMU is gone during post-copy",
+                       RollbackKind.LOST) from None
+    except FerryError:
+        return rec, False
+    if dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
+        raise RollBack(f"the destination {dest.state} during post-copy", RollbackKind.LOST)
+    if dest.state is AgentVmState.INCOMING:
+        return rec, False  # still loading the device state
+    if not rec.switched:
+        vm = await job.store.vm(rec.vm)
+        rec = await job.change(lambda _: {"switched": True}, vm=VmChange(
+            name=rec.vm, host=rec.target, state=VmState.RUNNING,
+            spec=storage.target_spec(vm.spec, rec.target_disks)))
+    if dest.state is AgentVmState.RUNNING:
+        return rec, True
+    try:
+        info = await job.target.resume_vm(rec.vm)
+    except FerryError:
+        return rec, False
+    return rec, info.state is AgentVmState.RUNNING
+
+
+async def switchover(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """The source has sent everything: confirm the paused destination holds it, then
+    record the VM there (RESUMING_TARGET, in the same transaction)."""
+    await _await_paused_target(job, rec)
+    vm = await job.store.vm(rec.vm)
+    return await job.enter(rec, Phase.RESUMING_TARGET, switched=True, vm=VmChange(
+        name=rec.vm, host=rec.target, state=VmState.RUNNING,
+        spec=storage.target_spec(vm.spec, rec.target_disks)))
+
+
+async def _await_paused_target(job: Job, rec: MigrationRecord) -> VmInfo:
+    """The destination once it holds the whole state, paused (or already running):
+    RollBack if it is gone or stays away; it never ran the guest, so the source may."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONFIRM_TIMEOUT_S
+    while True:
+        try:
+            dest = await job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S)
+        except NotFound:
+            raise RollBack("the destination QEMU vanished at switchover") from None
+        except FerryError as exc:
+            if loop.time() > deadline:
+                raise RollBack(f"cannot reach the destination at switchover: {exc.problem}"
+                               ) from None
+            await asyncio.sleep(RETRY_S)
+            continue
+        if dest.state in (AgentVmState.PAUSED, AgentVmState.RUNNING):
+            return dest
+        if dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
+            raise RollBack(f"the destination {dest.state} at switchover")
+        if loop.time() > deadline:
+            raise RollBack(f"the destination stayed {dest.state} at switchover")
+        await asyncio.sleep(0.02)
+
+
+async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """The store has the VM on the target: run it there (`cont` is idempotent), then
+    tear down the source. The source is never resumed from here on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONFIRM_TIMEOUT_S
+    while True:
+        try:
+            info = await job.target.resume_vm(rec.vm)
+            if info.state is AgentVmState.RUNNING:
+                return await finish(job, rec)
+            problem = f"it is {info.state} after `cont`"
+        except NotFound:
+            raise RollBack("the destination QEMU vanished after the switch was recorded",
+                           RollbackKind.UNRESOLVED) from None
+        except FerryError as exc:
+            problem = exc.problem
+        if loop.time() > deadline:
+            raise RollBack(f"cannot resume the destination: {problem}",
+                           RollbackKind.UNRESOLVED)
+        await asyncio.sleep(RETRY_S)
+
+
+async def finish(job: Job, rec: MigrationRecord) -> MigrationRecord:
+    """The destination runs: tear the source down (and, without shared storage, end
+    the mirrors and delete the copied disks' old images)."""
+    # Recorded first: a restart must never take a source stopped by us for one lost.
+    rec = await job.update(finishing=True)
+    if rec.moved_disks:
+        problems = await storage.finish(rec, job.source, job.target)
+        return await job.enter(rec, Phase.COMPLETED, reason="; ".join(problems) or None)
+    try:
+        await job.source.stop_vm(rec.vm, force=True)
+    except NotFound:
+        pass
+    except FerryError as exc:
+        # The source is paused after switchover; the leftover reaper stops it later.
+        log.warning("migration %s: source teardown failed: %s", rec.id, exc.problem)
+    return await job.enter(rec, Phase.COMPLETED)
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.problem if isinstance(exc, FerryError) else repr(exc)
+
+
+STEPS: dict[Phase, Step] = {
+    Phase.CHECKING: begin,
+    Phase.PREPARING_TARGET: prepare_target,
+    Phase.DISK_COPY: disk_copy,
+    Phase.PRECOPY: precopy,
+    Phase.POSTCOPY: postcopy,
+    Phase.SWITCHOVER: switchover,
+    Phase.RESUMING_TARGET: resume_target,
+}
