@@ -38,7 +38,8 @@ def lab() -> Iterator[LabConfig]:
     if not all((cluster.GUEST_DIR / f).exists() for f in cluster.GUEST_FILES):
         pytest.fail(f"no guest image in {cluster.GUEST_DIR}: run `make guest`")
     config = LabConfig.default(LAB_DIR, 3, cpus=4, memory_mib=2048, prefix=LAB_PREFIX,
-                               subnet_octet=LAB_OCTET, control_port=LAB_PORT, small_datastore_mib=64)
+                               subnet_octet=LAB_OCTET, control_port=LAB_PORT,
+                               small_datastore_mib=64)
     cluster.down(config)  # leftovers of a crashed earlier run
     shutil.rmtree(LAB_DIR, ignore_errors=True)
     os.environ["FERRY_LAB_DIR"] = str(LAB_DIR)

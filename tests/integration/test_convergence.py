@@ -41,7 +41,7 @@ def test_postcopy_finishes_what_precopy_cannot(client: Client, lab: LabConfig,
     assert rec["phase"] == "completed", rec
     assert rec["postcopy_started"] is True
     assert [a["kind"] for a in rec["actions"]][-1] == "postcopy"  # type: ignore[index]
-    assert_intact(client, shaped, "host2", lab, before["seq"])
+    assert_intact(client, shaped, "host2", lab, before)
 
 
 def test_qemu_defaults_give_up_and_leave_the_vm_running(client: Client, lab: LabConfig,
@@ -51,7 +51,7 @@ def test_qemu_defaults_give_up_and_leave_the_vm_running(client: Client, lab: Lab
     assert rec["phase"] == "failed", rec
     assert "no progress" in str(rec["reason"])
     assert rec["actions"] == []
-    assert_intact(client, shaped, "host1", lab, before["seq"])
+    assert_intact(client, shaped, "host1", lab, before)
 
 
 def test_ferry_policy_throttles_before_anything_else(client: Client, lab: LabConfig,
@@ -62,7 +62,7 @@ def test_ferry_policy_throttles_before_anything_else(client: Client, lab: LabCon
     assert kinds and kinds[0] == "throttle", rec
     assert "postcopy" not in kinds
     host = "host2" if rec["phase"] == "completed" else "host1"
-    assert_intact(client, shaped, host, lab, before["seq"])
+    assert_intact(client, shaped, host, lab, before)
 
 
 def test_invalid_policy_values_are_refused(client: Client, lab: LabConfig) -> None:

@@ -38,7 +38,7 @@ def test_migration_completes_with_probe_intact(client: Client, lab: LabConfig,
             assert rec["transferred_bytes"] > 0 and len(rec["iterations"]) >= 1
             assert list(rec["phase_times"]) == ["pending", "checking", "preparing_target",
                                                 "precopy", "switchover", "completed"]
-            assert_intact(client, name, target, lab, before["seq"])
+            assert_intact(client, name, target, lab, before)
     finally:
         remove_vm(client, name)
 
@@ -80,7 +80,7 @@ def test_compatibility_refusals_leave_the_vm_untouched(client: Client, lab: LabC
         assert check["ok"], check
         failed = [m for m in client.call("GET", "/v1/migrations") if m["vm"] == "chk1"]
         assert failed and all(m["phase"] == "failed" and m["reason"] for m in failed)
-        assert_intact(client, "chk1", "host1", lab, before["seq"])
+        assert_intact(client, "chk1", "host1", lab, before)
     finally:
         client.call("POST", "/v1/hosts/host2/maintenance", on=False)
         for vm in ("chk1", "chk2", "chk3"):
@@ -101,7 +101,7 @@ def test_second_migration_of_same_vm_is_refused_and_cancel_rolls_back(
         client.call("POST", f"/v1/migrations/{rec['id']}/cancel")
         done = follow(client, rec["id"])
         assert done["phase"] == "failed" and "cancelled" in done["reason"]
-        assert_intact(client, "busy1", "host1", lab, before["seq"])
+        assert_intact(client, "busy1", "host1", lab, before)
         with pytest.raises(Conflict, match="already ended"):
             client.call("POST", f"/v1/migrations/{rec['id']}/cancel")
         assert qemu_hosts(lab, "busy1") == ["host1"]

@@ -84,7 +84,7 @@ def relocate(client: Client, vm: str, **body: Any) -> dict[str, Any]:
 
 def assert_disk_intact(client: Client, lab: LabConfig, vm: str, host: str,
                        before: dict[str, Any]) -> None:
-    assert_intact(client, vm, host, lab, before["seq"])
+    assert_intact(client, vm, host, lab, before)
     # a full verify pass that began after the move, clean
     wait_disk_pass(client, vm, after=before["disk_passes"] + 1)
 
