@@ -69,6 +69,29 @@ class PageError(BaseModel):
     want: int
 
 
+_MASK = (1 << 64) - 1
+_WORD_STEP = 0x9E3779B97F4A7C15
+PAGE_SIZE = 4096
+
+
+def _mix64(x: int) -> int:
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def page_pattern(page: int, gen: int) -> bytes:
+    """The 4 KiB the probe keeps in page `page` of its memory block at generation `gen`
+    (fill_page() in guest/probe.c; x86 byte order): word 0 is (page << 32 | gen), word i
+    is seed + i * step, seed a hash of word 0."""
+    header = (page << 32) | gen
+    seed = _mix64(header ^ 0x46455252595052)
+    words = [header] + [(seed + i * _WORD_STEP) & _MASK for i in range(1, PAGE_SIZE // 8)]
+    return b"".join(w.to_bytes(8, "little") for w in words)
+
+
 def parse_heartbeat(line: str) -> Heartbeat | None:
     """Return the heartbeat in `line`, or None if the line is not a complete one."""
     match = _LINE.search(line)
@@ -170,10 +193,10 @@ def judge_intact(before: Heartbeat, after: Sequence[Heartbeat]) -> list[str]:
         problems.append(f"no full memory verify pass that began after the event has "
                         f"completed: mem_passes {after[0].mem_passes} just after, "
                         f"{last.mem_passes} last (needs {after[0].mem_passes + 2})")
-    worst = max(chain, key=lambda hb: (hb.mem_errors, hb.disk_errors))
-    mem_errors = max(hb.mem_errors for hb in chain)
-    disk_errors = max(hb.disk_errors for hb in chain)
-    if mem_errors or disk_errors:
+    bad = [hb for hb in chain if hb.integrity_errors]
+    if bad:
+        mem_errors = max(hb.mem_errors for hb in chain)
+        disk_errors = max(hb.disk_errors for hb in chain)
         problems.append(f"integrity errors: mem_errors={mem_errors} "
-                        f"disk_errors={disk_errors} (e.g. at seq {worst.seq})")
+                        f"disk_errors={disk_errors} (first seen at seq {bad[0].seq})")
     return problems

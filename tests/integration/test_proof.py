@@ -3,15 +3,37 @@ hosts, the probe's verifier notices a corrupted word, a rebooted guest is not in
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from ferry.cli.client import Client
+from ferry.cli.demo import wait_heartbeat
+from ferry.domain.probe import (
+    PAGE_SIZE,
+    Heartbeat,
+    judge_intact,
+    page_errors,
+    page_pattern,
+    probe_address,
+)
 from ferry.lab.config import LabConfig
-from tests.integration.helpers import boot_probe, qemu_hosts, remove_vm, wait_until
+from tests.integration.helpers import (
+    assert_intact,
+    boot_probe,
+    current_heartbeat,
+    heartbeats_from_now,
+    qemu_hosts,
+    remove_vm,
+    wait_until,
+)
 from tests.integration.watcher import Watcher
+
+MIB = 1 << 20
 
 
 def qemu_pid(lab: LabConfig, vm: str, host: str) -> int:
@@ -55,3 +77,87 @@ def test_the_watcher_sees_a_guest_executing_on_two_hosts(
     finally:
         shutil.rmtree(rogue_dir.parent, ignore_errors=True)
         remove_vm(client, "twin1")
+
+
+def guest_ram(pid: int, memory_mib: int) -> int:
+    """Where QEMU keeps the guest's RAM in its own address space.
+
+    QEMU 7.2 maps a pc machine's RAM ("pc.ram", guest-physical 0 up to the VM's size,
+    for VMs below 3 GiB) as one anonymous mapping of exactly that size followed by a
+    one-page PROT_NONE guard (qemu_ram_mmap); checked by hand against QMP's
+    `gpa2hva`. QMP itself cannot be asked: QEMU serves one QMP client per socket and
+    the agent holds it (a second client gets no greeting).
+    """
+    size = memory_mib * MIB
+    maps = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        maps.append((start, end, fields[1], len(fields) == 5))  # 5: no path, anonymous
+    found = [start for (start, end, perms, anon), nxt in itertools.pairwise(maps)
+             if anon and perms == "rw-p" and end - start == size and nxt[0] == end
+             and nxt[2] == "---p"]
+    assert len(found) == 1, f"no single {memory_mib} MiB RAM mapping in QEMU {pid}: {found}"
+    return found[0]
+
+
+def serial(client: Client, vm: str) -> list[str]:
+    return list(client.call("GET", f"/v1/vms/{vm}/serial", lines=1000)["lines"])
+
+
+def test_a_word_of_guest_memory_corrupted_from_the_host_is_caught(
+        client: Client, lab: LabConfig) -> None:
+    # no dirtying: page 0 keeps generation 0, so its content is known exactly
+    boot_probe(client, lab, "rot1", "host1", dirty=0, memory=192, probe_mib=64)
+    try:
+        first = current_heartbeat(client, "rot1")
+        addr = probe_address(serial(client, "rot1"))
+        assert first is not None and addr is not None and addr.gpa is not None, addr
+        assert addr.boot_id == first.boot_id and addr.gpa % PAGE_SIZE == 0
+        assert addr.gpa + PAGE_SIZE <= 192 * MIB
+        pid = qemu_pid(lab, "rot1", "host1")
+        hva = guest_ram(pid, 192) + addr.gpa
+        word = 5
+        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(hva)
+            page = mem.read(PAGE_SIZE)
+            # the address is right: the probe's page 0, byte for byte
+            assert page == page_pattern(0, 0)
+            good = int.from_bytes(page[8 * word:8 * word + 8], "little")
+            bad = good ^ (1 << 17)  # one bit flipped
+            before = wait_heartbeat(client, "rot1")
+            assert before["mem_errors"] == 0
+            mem.seek(hva + 8 * word)
+            mem.write(bad.to_bytes(8, "little"))
+            # the probe's next sweep finds it and repairs it
+            after = heartbeats_from_now(client, "rot1")
+            mem.seek(hva)
+            assert mem.read(PAGE_SIZE) == page_pattern(0, 0)
+        assert after[-1].mem_errors == 1 and after[-1].boot_id == first.boot_id, after[-1]
+        errors = page_errors(serial(client, "rot1"))
+        assert [(e.page, e.want_gen, e.word, e.got, e.want) for e in errors] == [
+            (0, 0, word, bad, good)]
+        # and the judgement every migration test uses says so, and only that
+        problems = judge_intact(Heartbeat.model_validate(before), after)
+        seen = next(hb.seq for hb in after if hb.mem_errors)
+        assert problems == ["integrity errors: mem_errors=1 disk_errors=0 "
+                            f"(first seen at seq {seen})"], problems
+    finally:
+        remove_vm(client, "rot1")
+
+
+def test_a_rebooted_guest_is_not_intact(client: Client, lab: LabConfig) -> None:
+    boot_probe(client, lab, "reb1", "host1", dirty=5)
+    try:
+        before = wait_heartbeat(client, "reb1", after_seq=3)
+        client.call("POST", "/v1/vms/reb1/stop", force=True)
+        client.call("POST", "/v1/vms/reb1/start")
+        # a cold boot, on the same host, clean and counting: everything the old check
+        # (a later seq, zero errors) looked at would pass once seq is high enough
+        with pytest.raises(AssertionError, match="the guest rebooted"):
+            assert_intact(client, "reb1", "host1", lab, before)
+        now = current_heartbeat(client, "reb1")
+        assert now is not None and now.boot_id != before["boot_id"]
+        assert now.integrity_errors == 0
+    finally:
+        remove_vm(client, "reb1")

@@ -1,3 +1,4 @@
+import itertools
 import re
 
 from hypothesis import given
@@ -10,6 +11,7 @@ from ferry.domain.probe import (
     judge_intact,
     last_heartbeat,
     page_errors,
+    page_pattern,
     parse_heartbeat,
     probe_address,
 )
@@ -141,7 +143,7 @@ def test_no_completed_full_pass_after_the_switch_fails() -> None:
 def test_any_integrity_error_fails() -> None:
     after = [beat(s, mem_errors=1 if s > 20 else 0) for s in range(13, 26)]
     assert judge_intact(beat(10), after) == [
-        "integrity errors: mem_errors=1 disk_errors=0 (e.g. at seq 21)"]
+        "integrity errors: mem_errors=1 disk_errors=0 (first seen at seq 21)"]
     after = [beat(s) for s in range(13, 26)]
     assert "disk_errors=2" in judge_intact(beat(10, disk_errors=2), after)[0]
 
@@ -163,3 +165,13 @@ def test_a_clean_run_is_intact_iff_two_passes_completed(
         assert any("rebooted" in p for p in problems)
     else:
         assert (problems == []) == (after[-1].mem_passes >= after[0].mem_passes + 2)
+
+
+def test_page_pattern_follows_the_probe() -> None:
+    page = page_pattern(3, 7)
+    assert len(page) == 4096
+    assert int.from_bytes(page[:8], "little") == (3 << 32) | 7
+    words = [int.from_bytes(page[i:i + 8], "little") for i in range(8, 4096, 8)]
+    step = 0x9E3779B97F4A7C15
+    assert all((b - a) % 2**64 == step for a, b in itertools.pairwise(words))
+    assert page_pattern(3, 8) != page and page_pattern(4, 7) != page
