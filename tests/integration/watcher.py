@@ -22,25 +22,26 @@ so it cannot make a switchover look like a double run.
 
 The judgement (`double_runs`, pure) has to cope with sampling. A migration's switchover
 stops the source's vCPUs and, milliseconds later, starts the target's; with 50 ms
-intervals both QEMUs usually advance within the same interval, and since each sample
-reads the processes one after the other, even two consecutive intervals can both show
-both hosts when the switchover falls between reading one QEMU and the other. Counting
+intervals both QEMUs often advance within the same interval, and since each sample reads
+the processes one after the other, even two consecutive intervals can both show both
+hosts when the switchover falls between reading one QEMU and the other. Counting
 overlapping intervals would flag healthy migrations. What sampling does prove is order:
-when a run of host A was seen in an interval that ended (by A's own read times) no later
-than an interval in which host B's run was seen began (by B's read times), A executed
-before B. A switchover from A to B only ever yields "A before B", wherever the sampling
-boundaries fall. A guest is reported as running on two hosts at once when both "A before
-B" and "B before A" are seen within `window_s` (default 0.25 s, five sampling periods):
-that needs either both executing in that time or two switchovers of the same VM within
-a quarter of a second, and a real migration (check, start a QEMU, copy the memory) takes
-far longer. With both hosts executing, it fires once the overlap spans about three
-intervals (~150 ms); shorter double runs, or a VM whose vCPUs were idle on one side
-throughout, are not seen.
+when QEMU P's vCPU time advanced in an interval that ended (by P's own read times) no
+later than an interval in which QEMU Q's advanced began (by Q's read times), P executed
+the guest before Q did. A switchover from P to Q only ever proves "P before Q", wherever
+the sampling boundaries fall. And a QEMU process that has handed a guest over never
+executes it again: Ferry tears the source down after the switch, resumes it after a
+failed migration only if the target never ran, and a migration back to P's host starts
+a new QEMU there (another process). So a VM is reported when two of its QEMU processes on
+different hosts each executed after the other had: both at once, or one copy resumed
+after the other ran (a fork of the guest's history, however late). No time window is
+assumed. With both executing at once it fires as soon as the one that started first runs
+again after a whole interval of the other's (~100 ms); a double run during which one
+side's vCPUs stayed idle is not seen.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import os
 import re
@@ -54,7 +55,6 @@ from pathlib import Path
 from ferry.lab import cluster
 
 PERIOD_S = 0.05
-WINDOW_S = 0.25
 VCPU_STARTUP_NS = 5_000_000  # ~12 times what a vCPU thread's start-up was seen to use
 _VCPU_THREAD = re.compile(r"^(?:CPU \d+|ALL CPUs)/(?:TCG|KVM|HVF|WHPX)$")
 _GUEST = re.compile(rb"(?:^|\x00)guest=([^,\x00]+)")
@@ -86,25 +86,31 @@ class Sample:
 
 @dataclass(frozen=True)
 class Run:
-    """Host `host` executed `vm` at some moment in (start, end]."""
+    """QEMU `qemu` executed its guest at some moment in (start, end]."""
 
-    vm: str
-    host: str
+    qemu: Qemu
     start: float
     end: float
 
 
 @dataclass(frozen=True)
 class DoubleRun:
+    """Two QEMUs of one VM, on different hosts, each executed after the other had."""
+
     vm: str
-    hosts: tuple[str, str]
-    start: float  # the evidence spans [start, end] (monotonic seconds)
-    end: float
+    first: Qemu  # the one that executed first
+    second: Qemu
+    proven_at: float  # monotonic time of the end of the interval that proved it
+
+    @property
+    def hosts(self) -> tuple[str, str]:
+        return self.first.host, self.second.host
 
     def __str__(self) -> str:
-        return (f"VM {self.vm} executed on {self.hosts[0]} and {self.hosts[1]} at once "
-                f"(vCPU time advanced on both, in both orders, within "
-                f"{self.end - self.start:.3f} s)")
+        return (f"VM {self.vm} executed on {self.second.host} (QEMU {self.second.pid}) "
+                f"and, after that had begun, again on {self.first.host} (QEMU "
+                f"{self.first.pid}), which had run it before: on two hosts at once, or "
+                f"a copy resumed after another ran")
 
 
 def runs(samples: Sequence[Sample]) -> list[Run]:
@@ -116,64 +122,40 @@ def runs(samples: Sequence[Sample]) -> list[Run]:
         for qemu, now in cur.readings.items():
             then = prev.readings.get(qemu)
             if then is not None and now.vcpu_ns > then.vcpu_ns:
-                found.append(Run(qemu.vm, qemu.host, then.before, now.after))
+                found.append(Run(qemu, then.before, now.after))
     return found
 
 
-def _orders(first: Sequence[Run], second: Sequence[Run], window_s: float
-            ) -> list[tuple[float, float]]:
-    """Spans [start, end] of the tightest evidence that `first`'s host ran before
-    `second`'s: for each run of the second, the latest-starting run of the first that
-    ended before it began; only spans within window_s."""
-    by_end = sorted(first, key=lambda r: r.end)
-    ends = [r.end for r in by_end]
-    latest_start = list(itertools.accumulate((r.start for r in by_end), max))
-    spans = []
-    for later in second:
-        i = bisect.bisect_right(ends, later.start)
-        if i and later.end - latest_start[i - 1] <= window_s:
-            spans.append((latest_start[i - 1], later.end))
-    return sorted(spans)
+def _proven_before(first: Sequence[Run], second: Sequence[Run]) -> float | None:
+    """When it was first proven that `first`'s QEMU executed before `second`'s did: the
+    end of the earliest run of the second that began after a run of the first had
+    ended; None if never."""
+    if not first:
+        return None
+    ended = min(r.end for r in first)
+    later = [r.end for r in second if r.start >= ended]
+    return min(later) if later else None
 
 
-def double_runs(samples: Sequence[Sample], window_s: float = WINDOW_S) -> list[DoubleRun]:
-    """Every episode in which some VM provably executed on two hosts at once (see the
-    module docstring), as one DoubleRun per VM, host pair and episode."""
-    by_vm: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+def double_runs(samples: Sequence[Sample]) -> list[DoubleRun]:
+    """Every pair of QEMU processes of one VM, on different hosts, each proven to have
+    executed after the other had (see the module docstring), ordered by when proven."""
+    by_qemu: dict[Qemu, list[Run]] = defaultdict(list)
     for run in runs(samples):
-        by_vm[run.vm][run.host].append(run)
-    found: list[DoubleRun] = []
-    for vm, hosts in sorted(by_vm.items()):
-        names = sorted(hosts)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                found += _episodes(vm, (a, b), _orders(hosts[a], hosts[b], window_s),
-                                   _orders(hosts[b], hosts[a], window_s), window_s)
-    return found
-
-
-def _episodes(vm: str, hosts: tuple[str, str], ab: Sequence[tuple[float, float]],
-              ba: Sequence[tuple[float, float]], window_s: float) -> list[DoubleRun]:
-    """Pairs of opposite-order evidence within window_s, merged where they overlap."""
-    hits: list[tuple[float, float]] = []
-    ba_starts = [s for s, _ in ba]
-    for start, end in ab:
-        # candidates in ba start no earlier than end - window_s and no later than
-        # start + window_s; check the whole span of each pair
-        lo = bisect.bisect_left(ba_starts, end - window_s)
-        hi = bisect.bisect_right(ba_starts, start + window_s)
-        for s2, e2 in ba[lo:hi]:
-            first, last = min(start, s2), max(end, e2)
-            if last - first <= window_s:
-                hits.append((first, last))
-    merged: list[DoubleRun] = []
-    for first, last in sorted(hits):
-        if merged and first <= merged[-1].end:
-            prev = merged[-1]
-            merged[-1] = DoubleRun(vm, hosts, prev.start, max(prev.end, last))
-        else:
-            merged.append(DoubleRun(vm, hosts, first, last))
-    return merged
+        by_qemu[run.qemu].append(run)
+    found = []
+    for p, q in itertools.combinations(sorted(by_qemu), 2):
+        if p.vm != q.vm or p.host == q.host:
+            continue
+        p_then_q = _proven_before(by_qemu[p], by_qemu[q])
+        q_then_p = _proven_before(by_qemu[q], by_qemu[p])
+        if p_then_q is None or q_then_p is None:
+            continue
+        # whichever began first is the one that executed again after the other
+        first, second = (p, q) if min(r.end for r in by_qemu[p]) <= \
+            min(r.end for r in by_qemu[q]) else (q, p)
+        found.append(DoubleRun(p.vm, first, second, max(p_then_q, q_then_p)))
+    return sorted(found, key=lambda d: d.proven_at)
 
 
 # ---- sampling (I/O) ------------------------------------------------------------------
@@ -287,4 +269,4 @@ class Watcher:
 
     def seen_running(self, vm: str) -> set[str]:
         """The hosts on which `vm` executed at some moment while watched."""
-        return {r.host for r in runs(list(self.samples)) if r.vm == vm}
+        return {r.qemu.host for r in runs(list(self.samples)) if r.qemu.vm == vm}
