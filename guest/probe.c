@@ -23,11 +23,15 @@
  *
  * Output lines (stable interface, parsed by the host):
  *   FERRY-PROBE-DISK-INIT done=<blocks>      (disk mode: region initialised)
+ *   FERRY-PROBE-ADDR page=0 vaddr=0x<hex> gpa=0x<hex|none> boot=<id>
+ *                          (once, before READY: where page 0 of the memory
+ *                           block lives, guest-physical; see below)
  *   FERRY-PROBE-READY mem_mib=<N> rate_mib_s=<R> disk=<DEV|none>
- *       disk_mib=<N> disk_mib_s=<R>                            (one line)
+ *       disk_mib=<N> disk_mib_s=<R> boot=<id>                  (one line)
  *   FERRY-PROBE v1 seq=<n> uptime_ms=<ms> mem_mib=<N> rate_mib_s=<R>
  *       pages_written=<n> mem_errors=<n> disk_errors=<n>
- *       disk_written=<n> disk_passes=<n>                       (one line)
+ *       disk_written=<n> disk_passes=<n> mem_passes=<n> boot=<id>
+ *                                                              (one line)
  *   FERRY-PROBE-ERROR page=<i> ...                            (first 10 only)
  *   FERRY-PROBE-DISK-ERROR block=<b> want_gen=<g> got_gen=<g> reason=<r> ...
  *                                                             (first 10 only)
@@ -39,6 +43,17 @@
  * disk_written counts 4 KiB blocks written by the rate writer since READY
  * (not the initial fill, not repairs); disk_passes counts completed verify
  * sweeps over the whole region (one every ~10 s for regions up to 160 MiB).
+ * mem_passes counts completed verify sweeps over the whole memory block (one
+ * every ~5 s): a pass that starts after an event and completes with
+ * mem_errors unchanged proves every page was intact after that event.
+ * boot=<id> is a random 64-bit number drawn once at probe start (getrandom),
+ * printed in decimal so that parsers expecting "key=<digits>" fields keep
+ * working: a guest that rebooted (or a cold copy booted elsewhere) shows a
+ * new id, whereas a live migration keeps it.
+ * The memory block is mlocked and kept out of huge pages and compaction so
+ * page 0 stays at the guest-physical address FERRY-PROBE-ADDR printed (read
+ * from /proc/self/pagemap; gpa=none if the kernel would not say): tests
+ * corrupt it from the host to prove the verifier notices.
  * disk_errors counts blocks found with wrong content plus failed I/O calls.
  * uptime_ms counts from the READY line (after the memory fill), on the
  * guest's CLOCK_MONOTONIC, which does not advance while the VM is paused, so
@@ -60,6 +75,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -103,7 +120,9 @@ struct probe {
 
     uint64_t pages_written;
     uint64_t mem_errors;
+    uint64_t mem_passes;    /* completed verify sweeps over all pages */
     uint64_t seq;
+    uint64_t boot_id;       /* random, drawn at start */
 
     /* Disk mode (disk_fd < 0: off). */
     char disk_dev[256];
@@ -262,8 +281,10 @@ static void verify_one(struct probe *p)
         report_error(p, page, gen, bad, "sweep");
         fill_page(p, page, gen); /* repair, so it is counted once */
     }
-    if (++p->sweep_cursor == p->npages)
+    if (++p->sweep_cursor == p->npages) {
         p->sweep_cursor = 0;
+        p->mem_passes++;
+    }
 }
 
 static void tick(struct probe *p, uint32_t sweep_per_tick)
@@ -278,6 +299,85 @@ static void tick(struct probe *p, uint32_t sweep_per_tick)
 
     for (uint32_t i = 0; i < sweep_per_tick; i++)
         verify_one(p);
+}
+
+/* ---- identity and placement -------------------------------------------- */
+
+/* A random id for this run of the probe.  getrandom() may block early in boot
+ * until the kernel's pool is seeded; never wait for that: an id only has to
+ * differ between boots, so fall back to the unseeded pool mixed with clocks. */
+static uint64_t draw_boot_id(void)
+{
+    uint64_t id = 0;
+    struct timespec rt, mono;
+
+    if (getrandom(&id, sizeof(id), GRND_NONBLOCK) == (ssize_t)sizeof(id) && id)
+        return id;
+    if (getrandom(&id, sizeof(id), GRND_INSECURE) != (ssize_t)sizeof(id))
+        id = 0;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    clock_gettime(CLOCK_MONOTONIC, &mono);
+    id ^= mix64((uint64_t)rt.tv_sec * 1000000000ULL + (uint64_t)rt.tv_nsec);
+    id ^= mix64((uint64_t)mono.tv_nsec ^ ((uint64_t)getpid() << 40));
+    return id ? id : 1;
+}
+
+/* Keep the memory block where it is in guest-physical memory (tests find it
+ * from the host by address): no huge pages, since khugepaged moves pages to
+ * collapse them (before the first touch); then locked, so never reclaimed,
+ * and locked pages left alone by compaction.  Best effort: each step may be
+ * unavailable in a given kernel, and the probe works without them. */
+static void avoid_huge_pages(struct probe *p)
+{
+    madvise(p->mem, (size_t)p->npages * PAGE_SIZE, MADV_NOHUGEPAGE);
+}
+
+static void pin_memory(struct probe *p)
+{
+    /* A system-wide setting: touch it only inside the test guest, never when
+     * the probe runs on a host (FERRY_PROBE_CMDLINE_FILE set). */
+    int fd = getenv("FERRY_PROBE_CMDLINE_FILE") ? -1
+             : open("/proc/sys/vm/compact_unevictable_allowed", O_WRONLY);
+
+    if (fd >= 0) {
+        if (write(fd, "0\n", 2) < 0) {
+            /* not fatal: the address may then move under compaction */
+        }
+        close(fd);
+    }
+    if (mlock(p->mem, (size_t)p->npages * PAGE_SIZE) != 0)
+        emit("FERRY-PROBE-WARN mlock failed errno=%s\n",
+             strerrorname_np(errno) ? strerrorname_np(errno) : "unknown");
+}
+
+/* Guest-physical address of the page holding vaddr, or 0 if unknown (the
+ * kernel shows PFNs in pagemap only to CAP_SYS_ADMIN, i.e. root here). */
+static uint64_t guest_physical(const void *vaddr)
+{
+    uint64_t entry = 0;
+    int fd = open("/proc/self/pagemap", O_RDONLY);
+
+    if (fd < 0)
+        return 0;
+    off_t off = (off_t)((uintptr_t)vaddr / PAGE_SIZE) * (off_t)sizeof(entry);
+    ssize_t r = pread(fd, &entry, sizeof(entry), off);
+    close(fd);
+    if (r != (ssize_t)sizeof(entry) || !(entry >> 63)) /* bit 63: present */
+        return 0;
+    uint64_t pfn = entry & ((1ULL << 55) - 1);        /* bits 0-54 */
+    return pfn * PAGE_SIZE + (uintptr_t)vaddr % PAGE_SIZE;
+}
+
+static void report_address(struct probe *p)
+{
+    uint64_t gpa = guest_physical(p->mem);
+
+    if (gpa)
+        emit("FERRY-PROBE-ADDR page=0 vaddr=0x%" PRIxPTR " gpa=0x%" PRIx64
+             " boot=%" PRIu64 "\n", (uintptr_t)p->mem, gpa, p->boot_id);
+    else
+        emit("FERRY-PROBE-ADDR page=0 vaddr=0x%" PRIxPTR " gpa=none boot=%" PRIu64
+             "\n", (uintptr_t)p->mem, p->boot_id);
 }
 
 /* ---- setup ------------------------------------------------------------- */
@@ -669,6 +769,7 @@ int main(void)
 {
     struct probe p = { 0 };
 
+    p.boot_id = draw_boot_id();
     read_config(&p);
     p.npages = p.mem_mib * PAGES_PER_MIB;
 
@@ -683,10 +784,13 @@ int main(void)
         emit("FERRY-PROBE-FATAL cannot allocate page table\n");
         return 1;
     }
+    avoid_huge_pages(&p);
     /* Touching everything up front makes the whole block resident and
      * non-zero, so migration has to transfer all of it. */
     for (uint32_t i = 0; i < p.npages; i++)
         fill_page(&p, i, 0);
+    pin_memory(&p);
+    report_address(&p);
 
     if (strcmp(p.disk_dev, "none") != 0)
         disk_setup(&p);
@@ -697,8 +801,8 @@ int main(void)
     int64_t next_report = start + REPORT_NS;
 
     emit("FERRY-PROBE-READY mem_mib=%u rate_mib_s=%u disk=%s disk_mib=%u"
-         " disk_mib_s=%u\n", p.mem_mib, p.rate_mib_s, p.disk_dev, p.disk_mib,
-         p.disk_rate_mib_s);
+         " disk_mib_s=%u boot=%" PRIu64 "\n", p.mem_mib, p.rate_mib_s, p.disk_dev,
+         p.disk_mib, p.disk_rate_mib_s, p.boot_id);
 
     for (;;) {
         int64_t now = now_ns();
@@ -722,10 +826,11 @@ int main(void)
             emit("FERRY-PROBE v1 seq=%" PRIu64 " uptime_ms=%" PRId64
                  " mem_mib=%u rate_mib_s=%u pages_written=%" PRIu64
                  " mem_errors=%" PRIu64 " disk_errors=%" PRIu64
-                 " disk_written=%" PRIu64 " disk_passes=%" PRIu64 "\n",
+                 " disk_written=%" PRIu64 " disk_passes=%" PRIu64
+                 " mem_passes=%" PRIu64 " boot=%" PRIu64 "\n",
                  ++p.seq, (now - start) / 1000000, p.mem_mib, p.rate_mib_s,
                  p.pages_written, p.mem_errors, p.disk_errors, p.disk_written,
-                 p.disk_passes);
+                 p.disk_passes, p.mem_passes, p.boot_id);
             next_report += REPORT_NS;
             if (next_report <= now) /* stalled > 1 s: no burst of lines */
                 next_report = now + REPORT_NS;

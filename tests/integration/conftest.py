@@ -4,6 +4,10 @@ One lab per test session (prefix "ft", subnet 10.211.0.0/24, its own directory),
 down at the end even when tests fail; any leftover of an earlier crashed run with the
 same prefix is removed first. FERRY_TEST_LAB_PREFIX / _OCTET / _PORT let two checkouts
 run their suites side by side.
+
+Every test that uses the lab runs under a watcher (tests/integration/watcher.py) that
+samples every lab QEMU's vCPU time every ~50 ms and fails the test if a guest ever
+executed on two hosts at once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pytest
 from ferry.cli.client import Client, lab_client
 from ferry.lab import cluster
 from ferry.lab.config import LabConfig
+from tests.integration.watcher import Watcher
 
 LAB_DIR = Path(os.environ.get("FERRY_TEST_LAB_DIR", "/tmp/ferry-test-lab"))
 LAB_PREFIX = os.environ.get("FERRY_TEST_LAB_PREFIX", "ft")
@@ -54,3 +59,23 @@ def lab() -> Iterator[LabConfig]:
 @pytest.fixture
 def client(lab: LabConfig) -> Client:
     return lab_client(lab, timeout_s=120)
+
+
+@pytest.fixture(autouse=True)
+def watcher(request: pytest.FixtureRequest) -> Iterator[Watcher | None]:
+    """Throughout every test that uses the lab (its fixtures' setup and teardown
+    included), watch every QEMU of every lab host every ~50 ms; fail the test if any
+    guest ever executed on two hosts at once (see tests/integration/watcher.py)."""
+    if "lab" not in request.fixturenames:
+        yield None
+        return
+    lab: LabConfig = request.getfixturevalue("lab")
+    found = Watcher(lab.directory, {h.name: lab.host_dir(h.name) for h in lab.hosts})
+    found.start()
+    try:
+        yield found
+    finally:
+        found.stop()
+    problems = found.verdict()
+    if problems:
+        pytest.fail("integrity: " + "; ".join(problems), pytrace=False)

@@ -48,7 +48,7 @@ def test_postcopy_finishes_what_precopy_cannot(client: Client, lab: LabConfig,
     assert rec["phase"] == "completed", rec
     assert rec["postcopy_started"] is True
     assert [a["kind"] for a in rec["actions"]][-1] == "postcopy"  # type: ignore[index]
-    assert_intact(client, shaped, "host2", lab, before["seq"])
+    assert_intact(client, shaped, "host2", lab, before)
 
 
 def test_qemu_defaults_give_up_and_leave_the_vm_running(client: Client, lab: LabConfig,
@@ -58,7 +58,7 @@ def test_qemu_defaults_give_up_and_leave_the_vm_running(client: Client, lab: Lab
     assert rec["phase"] == "failed", rec
     assert "no progress" in str(rec["reason"])
     assert rec["actions"] == []
-    assert_intact(client, shaped, "host1", lab, before["seq"])
+    assert_intact(client, shaped, "host1", lab, before)
 
 
 def test_ferry_policy_throttles_before_anything_else(client: Client, lab: LabConfig,
@@ -69,7 +69,7 @@ def test_ferry_policy_throttles_before_anything_else(client: Client, lab: LabCon
     assert kinds and kinds[0] == "throttle", rec
     assert "postcopy" not in kinds
     host = "host2" if rec["phase"] == "completed" else "host1"
-    assert_intact(client, shaped, host, lab, before["seq"])
+    assert_intact(client, shaped, host, lab, before)
 
 
 def test_invalid_policy_values_are_refused(client: Client, lab: LabConfig) -> None:
@@ -109,7 +109,7 @@ def test_destination_link_down_during_postcopy_is_waited_out(client: Client,
         done = follow(client, rec["id"])
         assert done["phase"] == "completed", done
         assert done["postcopy_started"] and "postcopy" in done["phase_times"]
-        assert_intact(client, "pcl1", "host2", lab, before["seq"])
+        assert_intact(client, "pcl1", "host2", lab, before)
     finally:
         net.shape(lab, "host1", None)
         net.set_link(lab, "host2", True)
@@ -142,7 +142,7 @@ def test_postcopy_paused_on_a_broken_link_is_recovered(client: Client, lab: LabC
         done = follow(client, rec["id"])
         assert done["phase"] == "completed", done
         assert done["postcopy_recoveries"] >= 1, done
-        assert_intact(client, "pcr1", "host2", lab, before["seq"])
+        assert_intact(client, "pcr1", "host2", lab, before)
     finally:
         for host in hosts:
             net.in_ns(lab.netns(host), "sysctl", "-qw", "net.ipv4.tcp_retries2=15")

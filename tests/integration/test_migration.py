@@ -40,7 +40,7 @@ def test_migration_completes_with_probe_intact(client: Client, lab: LabConfig,
             assert list(rec["phase_times"]) == ["pending", "checking", "preparing_target",
                                                 "precopy", "switchover", "resuming_target",
                                                 "completed"]
-            assert_intact(client, name, target, lab, before["seq"])
+            assert_intact(client, name, target, lab, before)
     finally:
         remove_vm(client, name)
 
@@ -82,7 +82,7 @@ def test_compatibility_refusals_leave_the_vm_untouched(client: Client, lab: LabC
         assert check["ok"], check
         failed = [m for m in client.call("GET", "/v1/migrations") if m["vm"] == "chk1"]
         assert failed and all(m["phase"] == "failed" and m["reason"] for m in failed)
-        assert_intact(client, "chk1", "host1", lab, before["seq"])
+        assert_intact(client, "chk1", "host1", lab, before)
     finally:
         client.call("POST", "/v1/hosts/host2/maintenance", on=False)
         for vm in ("chk1", "chk2", "chk3"):
@@ -103,7 +103,7 @@ def test_second_migration_of_same_vm_is_refused_and_cancel_rolls_back(
         client.call("POST", f"/v1/migrations/{rec['id']}/cancel")
         done = follow(client, rec["id"])
         assert done["phase"] == "failed" and "cancelled" in done["reason"]
-        assert_intact(client, "busy1", "host1", lab, before["seq"])
+        assert_intact(client, "busy1", "host1", lab, before)
         with pytest.raises(Conflict, match="already ended"):
             client.call("POST", f"/v1/migrations/{rec['id']}/cancel")
         assert qemu_hosts(lab, "busy1") == ["host1"]
@@ -129,9 +129,9 @@ def test_two_migrations_into_a_host_with_room_for_one(client: Client, lab: LabCo
         assert "MiB free" in str(futures[loser].exception())
         rec = follow(client, futures[winner].result()["id"])
         assert rec["phase"] == "completed", rec
-        assert_intact(client, winner, "host3", lab, before[winner]["seq"])
+        assert_intact(client, winner, "host3", lab, before[winner])
         assert_intact(client, loser, "host1" if loser == "cap1" else "host2", lab,
-                      before[loser]["seq"])
+                      before[loser])
     finally:
         remove_vm(client, "cap1")
         remove_vm(client, "cap2")

@@ -85,7 +85,7 @@ def relocate(client: Client, vm: str, **body: Any) -> dict[str, Any]:
 
 def assert_disk_intact(client: Client, lab: LabConfig, vm: str, host: str,
                        before: dict[str, Any]) -> None:
-    assert_intact(client, vm, host, lab, before["seq"])
+    assert_intact(client, vm, host, lab, before)
     # a full verify pass that began after the move, clean
     wait_disk_pass(client, vm, after=before["disk_passes"] + 1)
 
@@ -259,7 +259,7 @@ def test_checking_refuses_a_target_image_that_exists(client: Client, lab: LabCon
                         {"vm": "sv8", "target": "host2", "datastore": "local-host2"})
         assert theirs.read_bytes() == b"not Ferry's"
         assert (lab.local_datastore("host1") / "sv8" / "root.qcow2").exists()
-        assert_intact(client, "sv8", "host1", lab, before["seq"])
+        assert_intact(client, "sv8", "host1", lab, before)
     finally:
         remove_vm(client, "sv8")
         theirs.unlink(missing_ok=True)

@@ -72,7 +72,7 @@ def captured_pages(lab: LabConfig, client: Client, vm: str, encryption: str) -> 
         wire = tap.stop()
     assert done["phase"] == "completed", done
     assert done["encrypted"] is (encryption != "disabled"), done
-    assert_intact(client, vm, "host2", lab, hb["seq"])
+    assert_intact(client, vm, "host2", lab, hb)
     assert len(wire) > 64 << 20, f"the tap saw only {len(wire)} bytes"
     return sum(1 for page in range(PROBE_PAGES) if probe_words(page) in wire)
 
