@@ -331,14 +331,23 @@ class HostRuntime:
         return created
 
     async def recover_incoming(self, name: str) -> IncomingReady:
-        """Destination of a post-copy that QEMU paused on a broken link: listen anew
-        (migrate-recover) and say where; asked again while listening, the same place."""
+        """Destination of a post-copy whose source QEMU paused it on a broken link: listen
+        anew (migrate-recover) and say where; asked again while listening, the same place.
+        A destination that has not noticed the break yet (it only reads, and nothing
+        arrives) is paused first: its stream is dead anyway."""
         rec = self._get(name)
         monitor = _running_monitor(rec, self.config.name)
         status = (await monitor.query_migrate()).status
         if status in (SourceStatus.POSTCOPY_RECOVER, SourceStatus.POSTCOPY_RECOVER_SETUP) \
                 and rec.recover_uri is not None:
             return IncomingReady(uri=rec.recover_uri)
+        if status is SourceStatus.POSTCOPY_ACTIVE:
+            await monitor.execute("migrate-pause")
+            for _ in range(50):  # QEMU pauses once its loading thread sees the shutdown
+                status = (await monitor.query_migrate()).status
+                if status is not SourceStatus.POSTCOPY_ACTIVE:
+                    break
+                await asyncio.sleep(0.1)
         if status is not SourceStatus.POSTCOPY_PAUSED:
             raise Conflict(f"the incoming migration of {name} on {self.config.name} is "
                            f"{status}, not paused", "recover only a paused post-copy")

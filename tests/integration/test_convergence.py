@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     follow,
     remove_vm,
     wait_phase,
+    wait_until,
 )
 
 LINK_BITS = 100_000_000  # 12.5 MB/s, below the probe's 30 MiB/s
@@ -86,6 +87,11 @@ def test_invalid_policy_values_are_refused(client: Client, lab: LabConfig) -> No
     assert client.call("GET", "/v1/policy")["max_downtime_ms"] == 500
 
 
+def runs_on(client: Client, vm: str, host: str) -> bool:
+    view = client.call("GET", f"/v1/vms/{vm}")
+    return bool(view["host"] == host and (view.get("live") or {}).get("state") == "running")
+
+
 def test_destination_link_down_during_postcopy_is_waited_out(client: Client,
                                                              lab: LabConfig) -> None:
     """Issue 9 (post-copy is a flag): with the destination's link down for 4 s once
@@ -135,6 +141,9 @@ def test_postcopy_paused_on_a_broken_link_is_recovered(client: Client, lab: LabC
                 "allow_throttle": False, "allow_postcopy": True, "encryption": "disabled",
                 "postcopy_recovery_window_s": 300}})
         wait_phase(client, rec["id"], "postcopy", timeout_s=300)
+        # QEMU can recover a post-copy only once the destination runs (not while the
+        # device state is still on its way): cut the link after that.
+        wait_until(lambda: runs_on(client, "pcr1", "host2"), 60, "post-copy running")
         net.set_link(lab, "host2", False)
         try:
             time.sleep(20)  # the fault's length: well past TCP's retries at that setting
