@@ -88,13 +88,10 @@ AFTER_TIMEOUT_S = 60.0
 SOURCE, TARGET = "host1", "host2"
 POLICIES: dict[str, dict[str, Any]] = {
     "raw": {"policy": "qemu", "max_downtime_ms": 300, "allow_postcopy": False,
-            "allow_throttle": False, "encryption": "disabled"},
+            "allow_throttle": False},
     "nova": {"policy": "nova", "max_downtime_ms": 500, "allow_postcopy": True,
-             "allow_throttle": False, "encryption": "disabled"},
-    # Cleartext for all three: post-copy cannot run encrypted on QEMU 7.2, and the
-    # policies, not TLS, are compared here (bench/tls_cost.py measures TLS).
-    "ferry": {"policy": "ferry", "max_downtime_ms": 500, "allow_postcopy": True,
-              "encryption": "disabled"},
+             "allow_throttle": False},
+    "ferry": {"policy": "ferry", "max_downtime_ms": 500, "allow_postcopy": True},
 }
 
 

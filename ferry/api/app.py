@@ -29,7 +29,6 @@ from ferry.domain.errors import FerryError, InvalidInput, Unauthenticated
 from ferry.domain.migration import StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord
 from ferry.domain.storage import RelocationRecord
-from ferry.domain.streams import POSTCOPY_TLS_FIX, POSTCOPY_TLS_PROBLEM, Encryption
 from ferry.pki import Identity
 from ferry.wire import describe_validation, error_body, status_for
 
@@ -155,11 +154,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     async def set_policy(changes: dict[str, Any]) -> StreamOptions:
         """Change some fields of the default migration policy; the rest stay."""
         current = await control.store.migration_defaults()
-        merged = merge_options(current, changes)
-        if merged.allow_postcopy and merged.encryption is Encryption.REQUIRED:
-            raise InvalidInput(f"the default policy would refuse every migration: "
-                               f"{POSTCOPY_TLS_PROBLEM}", POSTCOPY_TLS_FIX)
-        return await control.store.set_migration_defaults(merged)
+        return await control.store.set_migration_defaults(merge_options(current, changes))
 
     @app.get("/v1/migrations", dependencies=read)
     async def migrations() -> list[MigrationRecord]:

@@ -42,7 +42,7 @@ from ferry.domain.migration import (
 )
 from ferry.domain.records import MigrationRecord
 from ferry.domain.specs import DiskSpec
-from ferry.domain.streams import POSTCOPY_TLS_FIX, POSTCOPY_TLS_PROBLEM, encrypt
+from ferry.domain.streams import encrypt
 from ferry.store import Store
 from ferry.wire import describe_validation
 
@@ -91,18 +91,15 @@ class Orchestrator:
             spec = storage.target_spec(spec, target_disks)
         refusals = check_migration(spec, vm.host, snap)
         source = await self.store.host(vm.host)
-        certified = (bool(source.facts and source.facts.migration_tls)
-                     and bool(host.facts and host.facts.migration_tls))
-        encrypted = encrypt(options.encryption, certified, True, options.allow_postcopy)
-        if encrypted is None and not certified:
+        encrypted = encrypt(options.encryption,
+                            bool(source.facts and source.facts.migration_tls),
+                            bool(host.facts and host.facts.migration_tls))
+        if encrypted is None:
             refusals.append(Refusal(
                 reason=RefusalReason.NO_TLS,
                 message=f"encryption is required but {vm.host} or {target} holds no "
                         "cluster certificate for migration streams (enrol both hosts, or "
                         "set encryption to opportunistic or disabled)"))
-        elif encrypted is None:
-            refusals.append(Refusal(reason=RefusalReason.POSTCOPY_TLS,
-                                    message=f"{POSTCOPY_TLS_PROBLEM} ({POSTCOPY_TLS_FIX})"))
         if moved and not refusals:
             refusals = await storage.check_free_paths(
                 self.agents.client(host), target, storage.copies(target_disks, moved))

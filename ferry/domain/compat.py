@@ -24,7 +24,6 @@ class RefusalReason(StrEnum):
     CPU_MODEL = "cpu_model"
     MACHINE_TYPE = "machine_type"
     NO_TLS = "no_tls"
-    POSTCOPY_TLS = "postcopy_tls"
     TARGET_PATH_EXISTS = "target_path_exists"
 
 

@@ -51,23 +51,11 @@ def nbd_endpoint(address: str) -> tuple[str, int]:
     return _endpoint(_ADDRESS.match(address), "NBD server", address)
 
 
-def encrypt(mode: Encryption, source_can: bool, target_can: bool,
-            postcopy: bool = False) -> bool | None:
-    """Whether a stream between two hosts is encrypted; None if `required` cannot be met.
-
-    Post-copy rules encryption out: QEMU 7.2 fails (rather than pauses) a post-copy
-    whose TLS stream breaks, so it could not be recovered and the VM would be lost
-    (measured in the lab); an opportunistic stream then goes in the clear."""
+def encrypt(mode: Encryption, source_can: bool, target_can: bool) -> bool | None:
+    """Whether a stream between two hosts is encrypted; None if `required` cannot be met."""
     both = source_can and target_can
     if mode is Encryption.DISABLED:
         return False
     if mode is Encryption.OPPORTUNISTIC:
-        return both and not postcopy
-    return True if both and not postcopy else None
-
-
-POSTCOPY_TLS_PROBLEM = ("post-copy cannot run over an encrypted stream: QEMU 7.2 cannot "
-                        "recover an encrypted post-copy after a network fault, so the VM "
-                        "would be lost")
-POSTCOPY_TLS_FIX = ("leave post-copy off, or set encryption to opportunistic or disabled "
-                    "for this migration (on a trusted migration network)")
+        return both
+    return True if both else None

@@ -51,17 +51,3 @@ async def test_the_decision_is_recorded_and_the_migration_runs(
         assert cluster.running_on("web1") == ["host2"]
     finally:
         await cluster.close()
-
-
-async def test_required_encryption_refuses_postcopy(tmp_path: Path) -> None:
-    cluster = await _cluster(tmp_path, target_tls=True)
-    try:
-        opts = StreamOptions(allow_postcopy=True)
-        refusals = await cluster.orchestrator.check("web1", "host2", options=opts)
-        assert [r.reason.value for r in refusals] == ["postcopy_tls"]
-        assert "disabled" in refusals[0].message  # says what to do
-        with pytest.raises(Incompatible, match="post-copy cannot run over an encrypted"):
-            await cluster.orchestrator.start("web1", "host2", opts)
-        assert cluster.running_on("web1") == ["host1"]
-    finally:
-        await cluster.close()

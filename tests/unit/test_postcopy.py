@@ -38,9 +38,7 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 async def start(cluster: FakeCluster, script: list[SourceStatus], **options: object
                 ) -> MigrationRecord:
     cluster.agents["host1"].vms["web1"].script = script
-    # Post-copy runs in the clear (QEMU 7.2 cannot recover an encrypted one).
-    opts = StreamOptions.model_validate({"allow_postcopy": True, "encryption": "disabled",
-                                         **options})
+    opts = StreamOptions.model_validate({"allow_postcopy": True, **options})
     return await cluster.orchestrator.start("web1", "host2", opts)
 
 
