@@ -118,9 +118,12 @@ def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: 
         before = ferry_heartbeat(client, vm, MIN_SEQ - 1)
         run.seq_before = before.seq
         t0, epoch0 = time.perf_counter(), time.time()
-        request: dict[str, Any] = {"vm": vm, "target": run.target}
+        # Raw QEMU streams in the clear; so does Ferry here unless asked otherwise
+        # (bench/tls_cost.py measures what TLS costs).
+        options: dict[str, Any] = {"encryption": args.ferry_encryption}
         if args.ferry_policy:
-            request["options"] = {"policy": args.ferry_policy}
+            options["policy"] = args.ferry_policy
+        request: dict[str, Any] = {"vm": vm, "target": run.target, "options": options}
         rec: dict[str, Any] = client.call("POST", "/v1/migrations", request)
         for event in client.events(f"/v1/migrations/{rec['id']}/events"):
             rec = event
@@ -336,6 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="runs of each kind per rate")
     p.add_argument("--ferry-policy", choices=("ferry", "nova", "qemu"),
                    help="override Ferry's convergence policy (default: the cluster's)")
+    p.add_argument("--ferry-encryption", choices=("disabled", "required"),
+                   default="disabled", help="Ferry's stream encryption (default disabled, "
+                   "as raw QEMU; bench/tls_cost.py measures TLS)")
     args = p.parse_args(argv)
     check_guest_args(p, args)
     if args.runs < 1:

@@ -127,7 +127,8 @@ def test_postcopy_paused_on_a_broken_link_is_recovered(client: Client, lab: LabC
     """A link down long enough for TCP to give up (tcp_retries2=3 in the hosts'
     namespaces: seconds, not the default 15 minutes) makes QEMU pause post-copy on both
     sides; once the link is back Ferry reconnects it (migrate-recover on the
-    destination, migrate with resume on the source) and the guest lives on."""
+    destination, migrate with resume on the source) and the guest lives on. The stream
+    is encrypted (the default): the recovered stream is TLS with the same peer checks."""
     boot_probe(client, lab, "pcr1", "host1", dirty=20)
     net.shape(lab, "host1", 50_000_000)
     hosts = ("host1", "host2")
@@ -151,6 +152,7 @@ def test_postcopy_paused_on_a_broken_link_is_recovered(client: Client, lab: LabC
         done = follow(client, rec["id"])
         assert done["phase"] == "completed", done
         assert done["postcopy_recoveries"] >= 1, done
+        assert done["encrypted"] is True, done
         assert_intact(client, "pcr1", "host2", lab, before)
     finally:
         for host in hosts:
