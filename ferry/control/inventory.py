@@ -6,6 +6,7 @@ import contextlib
 
 from ferry.agent.models import AgentVmState, VmInfo
 from ferry.control.agents import AgentPool
+from ferry.control.reconcile import BusyVms
 from ferry.domain.capacity import host_snapshots
 from ferry.domain.errors import Conflict, HostUnavailable, NotFound
 from ferry.domain.inventory import HostSnapshot, HostState, VmState
@@ -29,6 +30,7 @@ class Inventory:
     def __init__(self, store: Store, agents: AgentPool) -> None:
         self.store = store
         self.agents = agents
+        self.busy = BusyVms()  # what requests change now: the reconciler waits
 
     async def heartbeat(self, facts: HostFacts, url: str, vms: tuple[VmInfo, ...]) -> None:
         await self.store.record_heartbeat(facts, url)
@@ -49,6 +51,10 @@ class Inventory:
     # --- VMs -------------------------------------------------------------------
     async def create_vm(self, spec: VmSpec, host: str | None, start: bool) -> VmRecord:
         """Place, record and (unless start is False) boot a VM; all or nothing."""
+        with self.busy.hold(spec.name):
+            return await self._create_vm(spec, host, start)
+
+    async def _create_vm(self, spec: VmSpec, host: str | None, start: bool) -> VmRecord:
         try:
             await self.store.vm(spec.name)
             raise Conflict(f"a VM named {spec.name!r} already exists",
@@ -71,21 +77,44 @@ class Inventory:
         return vm
 
     async def start_vm(self, name: str) -> VmRecord:
-        vm = await self.store.vm(name)
-        if vm.state in (VmState.RUNNING, VmState.MIGRATING, VmState.PAUSED):
-            raise Conflict(f"VM {name} is already {vm.state} on {vm.host}")
-        host = await self.connected_host(vm.host)
-        await self.agents.client(host).create_vm(vm.spec)
-        return await self.store.update_vm(name, state=VmState.RUNNING)
+        with self.busy.hold(name):
+            vm = await self.store.vm(name)
+            if vm.state in (VmState.RUNNING, VmState.MIGRATING, VmState.PAUSED):
+                raise Conflict(f"VM {name} is already {vm.state} on {vm.host}")
+            if vm.state is VmState.UNKNOWN:
+                raise Conflict(f"where VM {name} runs is in doubt (recorded on {vm.host}); "
+                               "starting it could make a second copy",
+                               f"see `ferry events`; `ferry vm stop {name} --force` stops "
+                               "every copy once all hosts are connected")
+            host = await self.connected_host(vm.host)
+            await self.agents.client(host).create_vm(vm.spec)
+            return await self.store.update_vm(name, state=VmState.RUNNING)
 
     async def stop_vm(self, name: str, force: bool) -> VmRecord:
-        vm = await self.store.vm(name)
-        if vm.state is VmState.MIGRATING:
-            raise Conflict(f"VM {name} is migrating", "wait for the migration or cancel it")
-        host = await self.connected_host(vm.host)
-        with contextlib.suppress(NotFound):  # already off there: stopping is idempotent
-            await self.agents.client(host).stop_vm(name, force=force)
-        return await self.store.update_vm(name, state=VmState.DEFINED)
+        with self.busy.hold(name):
+            vm = await self.store.vm(name)
+            if vm.state is VmState.MIGRATING:
+                raise Conflict(f"VM {name} is migrating",
+                               "wait for the migration or cancel it")
+            hosts = [vm.host]
+            if vm.state is VmState.UNKNOWN:
+                hosts = await self._every_copy(name)
+            for where in hosts:
+                host = await self.connected_host(where)
+                with contextlib.suppress(NotFound):  # already off: stopping is idempotent
+                    await self.agents.client(host).stop_vm(name, force=force)
+            return await self.store.update_vm(name, state=VmState.DEFINED)
+
+    async def _every_copy(self, name: str) -> list[str]:
+        """The hosts reporting a copy of `name`; only when every host reports (a VM in
+        doubt may run on a silent one)."""
+        hosts = await self.store.hosts()
+        silent = [h.name for h in hosts if h.state is HostState.DISCONNECTED]
+        if silent:
+            raise Conflict(f"where VM {name} runs is in doubt and host(s) "
+                           f"{', '.join(silent)} do not report",
+                           "bring them back (or remove them) before stopping it")
+        return [h.name for h in hosts if name in self.agents.reported.get(h.name, {})]
 
     async def delete_vm(self, name: str) -> None:
         vm = await self.store.vm(name)

@@ -6,6 +6,7 @@ from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
+from ferry.control.reconcile import Reconciler
 from ferry.control.storage import Relocator
 from ferry.control.trust import Trust
 from ferry.pki import ControlPki
@@ -23,6 +24,7 @@ class ControlPlane:
         self.inventory = Inventory(store, self.agents)
         self.migrations = Orchestrator(store, self.inventory, self.agents, self.bus)
         self.relocations = Relocator(store, self.agents, self.bus)
+        self.reconciler = Reconciler(store, self.agents, self.inventory.busy)
 
     @classmethod
     async def open(cls, db_url: str, pki: ControlPki) -> ControlPlane:
@@ -31,8 +33,10 @@ class ControlPlane:
     async def start(self) -> None:
         await self.migrations.resume_unfinished()
         await self.relocations.resume_unfinished()
+        self.reconciler.start()
 
     async def close(self) -> None:
+        await self.reconciler.close()
         await self.migrations.shutdown()
         await self.relocations.shutdown()
         await self.agents.aclose()
