@@ -264,6 +264,7 @@ class HostRuntime:
     def _forget(self, name: str) -> None:
         rec = self._vms.pop(name, None)
         if rec is not None:
+            rec.process.close()
             shutil.rmtree(rec.paths.directory, ignore_errors=True)
 
     async def resume(self, name: str) -> VmInfo:

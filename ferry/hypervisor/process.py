@@ -1,7 +1,9 @@
 """Start, watch and stop one QEMU process.
 
 QEMU runs in its own session so that an agent restart does not take the guests
-with it; a restarted agent adopts them again from their pidfiles.
+with it; a restarted agent adopts them again from their pidfiles. An adopted process is
+held by a pidfd (opened only after its command line proved it is this VM's QEMU), so a
+PID reused by another process is never signalled, and its exit is an event, not polled.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 from enum import StrEnum
 from pathlib import Path
@@ -32,6 +35,15 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _is_qemu_of(pid: int, name: str, paths: RunPaths) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return (f"guest={name},".encode() in cmdline
+            and str(paths.qmp_socket).encode() in cmdline)
+
+
 def read_pid(pidfile: Path) -> int | None:
     try:
         return int(pidfile.read_text().strip())
@@ -48,6 +60,7 @@ class QemuProcess:
         self.returncode: int | None = None
         self._child: asyncio.subprocess.Process | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._pidfd: int | None = None  # an adopted process (not our child)
 
     @property
     def state(self) -> ProcessState:
@@ -55,7 +68,11 @@ class QemuProcess:
             return ProcessState.NEW
         if self._child is not None:
             return ProcessState.RUNNING if self._child.returncode is None else ProcessState.EXITED
-        return ProcessState.RUNNING if pid_alive(self.pid) else ProcessState.EXITED
+        if self._pidfd is not None:
+            # A pidfd turns readable once its process has exited.
+            readable, _, _ = select.select([self._pidfd], [], [], 0)
+            return ProcessState.EXITED if readable else ProcessState.RUNNING
+        return ProcessState.EXITED
 
     async def start(self, connect_timeout_s: float = 15.0) -> Monitor:
         """Launch QEMU and return a connected monitor; QemuStartError if it dies."""
@@ -93,18 +110,33 @@ class QemuProcess:
 
     @classmethod
     async def adopt(cls, name: str, paths: RunPaths) -> tuple[QemuProcess, Monitor] | None:
-        """Take over a QEMU left running by a previous agent, if it is still alive."""
+        """Take over a QEMU left running by a previous agent, if it is still alive and
+        still this VM's QEMU (its PID may have been reused by anything since)."""
         pid = read_pid(paths.pidfile)
         if pid is None or not pid_alive(pid):
             return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        if not _is_qemu_of(pid, name, paths):  # checked after pidfd_open: no race
+            os.close(pidfd)
+            return None
         proc = cls(name, [], paths)
-        proc.pid = pid
+        proc.pid, proc._pidfd = pid, pidfd
         monitor = Monitor(name, paths.qmp_socket)
         try:
             await monitor.connect(3.0)
         except Exception:
+            proc.close()
             return None
         return proc, monitor
+
+    def close(self) -> None:
+        """Release the pidfd of an adopted process (the process keeps running)."""
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     async def _reap(self) -> None:
         assert self._child is not None
@@ -112,23 +144,37 @@ class QemuProcess:
 
     async def wait(self, timeout_s: float) -> bool:
         """True once the process has exited; False if still running after timeout_s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.state is ProcessState.RUNNING:
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
+        if self.state is not ProcessState.RUNNING:
+            return True
+        if self._reaper is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reaper), timeout_s)
+        elif self._pidfd is not None:
+            loop = asyncio.get_running_loop()
+            exited = asyncio.Event()
+            loop.add_reader(self._pidfd, exited.set)
+            try:
+                await asyncio.wait_for(exited.wait(), timeout_s)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(self._pidfd)
+        return self.state is not ProcessState.RUNNING
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if self._child is not None:
+                self._child.send_signal(sig)  # our child: its PID cannot be reused yet
+            elif self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
 
     async def kill(self, grace_s: float = 3.0) -> None:
         """SIGTERM, then SIGKILL after grace_s; returns once the process is gone."""
         if self.pid is None or self.state is not ProcessState.RUNNING:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         if not await self.wait(grace_s):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+            self._signal(signal.SIGKILL)
             await self.wait(5.0)
 
     def log_tail(self, lines: int = 5) -> str:
