@@ -10,6 +10,7 @@ import ssl
 from typing import Any, TypeVar
 
 import httpx
+import stamina
 from pydantic import BaseModel, TypeAdapter
 
 from ferry.agent.models import (
@@ -33,6 +34,7 @@ from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.wire import error_from_response
 
 T = TypeVar("T")
+GET_ATTEMPTS = 3
 
 
 class AgentClient:
@@ -53,11 +55,7 @@ class AgentClient:
                     body: BaseModel | None = None, timeout_s: float | None = None,
                     **params: Any) -> T:
         try:
-            resp = await self._http.request(
-                method, path, params=params or None,
-                content=body.model_dump_json() if body is not None else None,
-                headers={"content-type": "application/json"},
-                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
+            resp = await self._send(method, path, params, body, timeout_s)
         except httpx.HTTPError as exc:
             raise HostUnavailable(f"agent of host {self.host} is unreachable: "
                                   f"{type(exc).__name__} {exc}".strip(),
@@ -68,6 +66,23 @@ class AgentClient:
         if not resp.content:  # 204 No Content
             return adapter.validate_python(None)
         return adapter.validate_json(resp.content)
+
+    async def _send(self, method: str, path: str, params: dict[str, Any],
+                    body: BaseModel | None, timeout_s: float | None) -> httpx.Response:
+        """One request; a GET (idempotent) is retried when the connection could not be
+        made at all, a few times within about a second. Nothing else is retried: a
+        POST may have been acted on, and a slow answer is the caller's to judge."""
+        content = body.model_dump_json() if body is not None else None
+        timeout = timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
+        attempts = GET_ATTEMPTS if method == "GET" else 1
+        async for attempt in stamina.retry_context(
+                on=httpx.ConnectError, attempts=attempts, timeout=1.5, wait_initial=0.1,
+                wait_max=0.5, wait_jitter=0.1):
+            with attempt:
+                return await self._http.request(
+                    method, path, params=params or None, content=content,
+                    headers={"content-type": "application/json"}, timeout=timeout)
+        raise AssertionError("unreachable: the retry context either returns or raises")
 
     async def facts(self) -> HostFacts:
         return await self._call("GET", "/v1/facts", HostFacts)
