@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -17,9 +18,16 @@ from collections import defaultdict
 from ferry.agent.client import AgentClient
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
-from ferry.domain.errors import Conflict, FerryError, Incompatible, InvalidInput, NotFound
+from ferry.domain.errors import (
+    Conflict,
+    FerryError,
+    HostUnavailable,
+    Incompatible,
+    InvalidInput,
+    NotFound,
+)
 from ferry.domain.inventory import VmState
-from ferry.domain.specs import DiskFormat, DiskSpec, Provisioning
+from ferry.domain.specs import DiskFormat, DiskSpec, Provisioning, VmSpec
 from ferry.domain.storage import (
     DEFAULT_COPY_PROGRESS_TIMEOUT_S,
     CopyWatch,
@@ -34,6 +42,8 @@ log = logging.getLogger("ferry.storage")
 # The agent answers a progress query at once when the copy is in sync, else after this
 # long: progress is shown every second and the pivot starts without a poll's delay.
 PROGRESS_WAIT_S = 1.0
+PIVOT_DOUBT_S = 600.0  # how long an unanswered pivot is asked about before giving up
+PIVOT_RETRY_S = 2.0
 COPY_TIMEOUT_S = 6 * 3600.0
 
 
@@ -174,6 +184,12 @@ class Relocator:
             raise
         except RollBack as exc:
             await self._roll_back(rec.id, str(exc))
+        except HostUnavailable as exc:
+            if (await self.store.relocation(relocation_id)).phase is RelocationPhase.PIVOTING:
+                # The pivot may have happened: learn which image QEMU uses before acting.
+                await self._settle_pivot(relocation_id, exc.problem)
+            else:
+                await self._roll_back(rec.id, exc.problem)
         except FerryError as exc:
             await self._roll_back(rec.id, exc.problem)
         except Exception as exc:
@@ -207,12 +223,19 @@ class Relocator:
             if elapsed > COPY_TIMEOUT_S:
                 raise RollBack(f"the copy did not get in sync within {COPY_TIMEOUT_S:.0f} s")
 
-    async def _pivot(self, rec: RelocationRecord, agent: AgentClient) -> None:
-        live = await agent.vm(rec.vm)
-        if not any((d.datastore, d.path) == (rec.target.datastore, rec.target.path)
-                   for d in live.spec.disks):
-            live = await agent.pivot(rec.vm, job_id(rec), rec.target)
-        await self.store.update_vm(rec.vm, spec=live.spec)
+    async def _pivot(self, rec: RelocationRecord, agent: AgentClient,
+                     switched: bool = False) -> None:
+        """Switch the guest to the copy (unless QEMU already uses it) and record that."""
+        if not switched:
+            live = await agent.vm(rec.vm)
+            switched = any((d.datastore, d.path) == (rec.target.datastore, rec.target.path)
+                           for d in live.spec.disks)
+        if not switched:
+            await agent.pivot(rec.vm, job_id(rec), rec.target)
+        vm = await self.store.vm(rec.vm)
+        disks = [rec.target if d.name == rec.disk else d for d in vm.spec.disks]
+        await self.store.update_vm(rec.vm, spec=VmSpec.model_validate(
+            vm.spec.model_dump() | {"disks": [d.model_dump() for d in disks]}))
         note = None
         if not rec.keep_source:
             try:
@@ -221,13 +244,52 @@ class Relocator:
                 note = f"moved, but the old image could not be removed: {exc.problem}"
         await self._enter(rec, RelocationPhase.COMPLETED, reason=note)
 
+    async def _settle_pivot(self, relocation_id: str, problem: str) -> None:
+        """The agent stopped answering while pivoting. The store must follow the image
+        QEMU really uses: ask until it can be told (bounded), then finish or roll back;
+        if it never can, the VM is marked unknown so that it is not cold-booted from an
+        image that may lack the guest's latest writes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PIVOT_DOUBT_S
+        while loop.time() < deadline:
+            rec = await self.store.relocation(relocation_id)
+            uses = await self._uses_target(rec)
+            if uses is True:
+                await self._pivot(rec, await self._agent(rec), switched=True)
+                return
+            if uses is False:
+                await self._roll_back(relocation_id, problem)
+                return
+            await asyncio.sleep(PIVOT_RETRY_S)
+        rec = await self.store.relocation(relocation_id)
+        await self.store.update_vm(rec.vm, state=VmState.UNKNOWN)
+        rec = await self._enter(rec, RelocationPhase.ROLLING_BACK, reason=problem)
+        await self._enter(rec, RelocationPhase.FAILED, reason=(
+            f"{problem}; cannot tell whether disk {rec.disk} now uses "
+            f"{rec.target.datastore}:{rec.target.path} or the old image, so VM {rec.vm} is "
+            "marked unknown (not started from a possibly stale image) and both images are "
+            "kept"))
+
+    async def _uses_target(self, rec: RelocationRecord) -> bool | None:
+        """Whether QEMU itself (query-block) uses the copy; None when it cannot be told."""
+        try:
+            agent = await self._agent(rec)
+            files = await agent.disk_files(rec.vm)
+            host = await self.store.host((await self.store.vm(rec.vm)).host)
+        except FerryError:
+            return None
+        store = host.facts.datastore(rec.target.datastore) if host.facts else None
+        if store is None or rec.disk not in files:
+            return None
+        return _same_path(files[rec.disk], store.path, rec.target.path)
+
     async def _roll_back(self, relocation_id: str, reason: str) -> None:
         rec = await self.store.relocation(relocation_id)
         if rec.phase.terminal:
             return
         if rec.phase is RelocationPhase.PIVOTING and await self._runs_on_target(rec):
             # The guest already writes to the copy: finishing is the only safe outcome.
-            await self._pivot(rec, await self._agent(rec))
+            await self._pivot(rec, await self._agent(rec), switched=True)
             return
         if rec.phase is not RelocationPhase.ROLLING_BACK:
             rec = await self._enter(rec, RelocationPhase.ROLLING_BACK, reason=reason)
@@ -238,9 +300,18 @@ class Relocator:
         await self._enter(rec, RelocationPhase.FAILED, reason=reason)
 
     async def _runs_on_target(self, rec: RelocationRecord) -> bool:
+        """QEMU writes to the copy (as query-block says; the agent's spec may lag)."""
+        if await self._uses_target(rec):
+            return True
         try:
             live = await (await self._agent(rec)).vm(rec.vm)
         except FerryError:
             return False
         return any((d.datastore, d.path) == (rec.target.datastore, rec.target.path)
                    for d in live.spec.disks)
+
+
+def _same_path(reported: str, root: str, relative: str) -> bool:
+    """Whether the file QEMU reports is `relative` inside datastore `root` (both as the
+    host names them; string work only, the control plane cannot see that filesystem)."""
+    return os.path.normpath(reported) == os.path.normpath(os.path.join(root, relative))
