@@ -194,4 +194,14 @@ def restart_dead_agent(client: Client, lab: LabConfig, host: str) -> None:
     every host is connected."""
     wait_until(lambda: agent_pid(lab, host) is None, 30, f"{host}'s agent gone")
     cluster.start_agent(lab, host)
-    wait_until(lambda: hosts_connected(client), 90, f"{host}'s agent back")
+    wait_until(lambda: agent_answers(lab, host), 90, f"{host}'s agent back")
+    # a dead agent's host still counts as connected for a few seconds: ask the agents
+    wait_until(lambda: hosts_connected(client), 90, "every host connected")
+
+
+def agent_answers(lab: LabConfig, host: str) -> bool:
+    try:
+        agent_call(lab, host, "GET", "/v1/facts", timeout_s=3.0)
+    except Exception:
+        return False
+    return True

@@ -42,6 +42,7 @@ from ferry.cli.demo import wait_heartbeat
 from ferry.lab import cluster
 from ferry.lab.config import LabConfig
 from tests.integration.helpers import (
+    agent_answers,
     agent_call,
     arm_fault,
     assert_intact,
@@ -180,8 +181,10 @@ class Pool:
     def get(self) -> tuple[str, str]:
         if self.vm is None:
             self.count += 1
-            self.vm, self.host = f"flt{self.count}", "host1"
-            boot_probe(self.client, self.lab, self.vm, self.host, dirty=DIRTY_MIB_S)
+            name, host = f"flt{self.count}", "host1"
+            settled(self.client, self.lab)
+            boot_probe(self.client, self.lab, name, host, dirty=DIRTY_MIB_S)
+            self.vm, self.host = name, host
         return self.vm, self.host
 
     def discard(self) -> None:
@@ -189,7 +192,8 @@ class Pool:
         vm, self.vm = self.vm, None
         if vm is None:
             return
-        wait_until(lambda: hosts_connected(self.client), 120, "every host connected")
+        with contextlib.suppress(AssertionError):
+            settled(self.client, self.lab)
         with contextlib.suppress(Exception):
             remove_vm(self.client, vm)
         for pid, argv0 in cluster.processes_of(self.lab.directory):
@@ -199,6 +203,14 @@ class Pool:
                     cluster.kill_pid(pid, grace_s=1.0)
         with contextlib.suppress(Exception):
             self.client.call("DELETE", f"/v1/vms/{vm}")
+
+
+def settled(client: Client, lab: LabConfig) -> None:
+    """Every agent answers (a dead one's host counts as connected for a few seconds)
+    and every host is connected."""
+    for host in lab.hosts:
+        wait_until(lambda h=host.name: agent_answers(lab, h), 120, f"{host.name}'s agent")
+    wait_until(lambda: hosts_connected(client), 120, "every host connected")
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +277,7 @@ def test_fault_cell(cell: Cell, client: Client, lab: LabConfig, pool: Pool) -> N
             host = {Outcome.SOURCE: source, Outcome.DEST: target}.get(
                 cell.outcome, target if done["phase"] == "completed" else source)
             assert done["phase"] == ("completed" if host == target else "failed"), done
-            wait_until(lambda: hosts_connected(client), 120, "every host connected")
+            settled(client, lab)
             wait_until(lambda: qemu_hosts(lab, vm) == [host], 90, f"{vm} only on {host}")
             assert_intact(client, vm, host, lab, before)
             pool.host = host
