@@ -135,7 +135,9 @@ def soak_lab(lab_dir: Path | None) -> Iterator[LabConfig]:
     config = LabConfig.default(directory, 3, prefix="fk", subnet_octet=218,
                                control_port=8718, fault_hooks=True)
     try:
-        cluster.down(config)
+        cluster.down(config)  # leftovers of an earlier run in the same directory
+        if (directory / "lab.json").exists():
+            shutil.rmtree(directory)  # an earlier soak's lab: its store would clash
         cluster.up(config)
         yield config
     finally:
@@ -318,7 +320,7 @@ def census(client: Client, lab: LabConfig, vms: dict[str, Vm], watcher: Watcher)
         if name not in vms:
             c.stray += len(hosts)
             c.notes.append(f"stray QEMU of {name} on {', '.join(hosts)}")
-    store = {v["name"]: v for v in client.call("GET", "/v1/vms")}
+    store = {v["spec"]["name"]: v for v in client.call("GET", "/v1/vms")}
     for name, vm in sorted(vms.items()):
         hosts = running.get(name, [])
         # executing = its serial log still advances on that host
