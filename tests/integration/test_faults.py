@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ import pytest
 
 from ferry.agent.faults import FaultAction, FaultStage
 from ferry.cli.client import Client, lab_client
-from ferry.cli.demo import wait_heartbeat
+from ferry.cli.demo import probe_spec, wait_heartbeat
 from ferry.lab import cluster
 from ferry.lab.config import LabConfig
 from tests.integration.helpers import (
@@ -51,6 +53,7 @@ from tests.integration.helpers import (
     fired_since,
     follow,
     hosts_connected,
+    next_mac,
     qemu_hosts,
     remove_vm,
     restart_dead_agent,
@@ -286,3 +289,100 @@ def test_fault_cell(cell: Cell, client: Client, lab: LabConfig, pool: Pool) -> N
             disarm_faults(lab, h)
         if not ok:
             pool.discard()
+
+
+# --- the relocation mirror (Storage vMotion on one host) ------------------------------
+@dataclass(frozen=True)
+class MoveCell:
+    stage: FaultStage
+    action: FaultAction
+    outcome: Outcome  # SOURCE: on the old image; DEST: on the new one; EITHER; LOST
+    ci: bool = False
+    xfail: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}-{self.action}"
+
+
+MOVE_CELLS = [
+    MoveCell(FaultStage.MIRROR_READY, A, Outcome.SOURCE, ci=True),
+    MoveCell(FaultStage.MIRROR_READY, F, Outcome.SOURCE),
+    MoveCell(FaultStage.PIVOT, A, Outcome.SOURCE),
+    MoveCell(FaultStage.PIVOT, F, Outcome.EITHER),
+    MoveCell(FaultStage.PIVOT, K, Outcome.LOST),  # the VM's only QEMU
+]
+
+
+def _move_param(cell: MoveCell) -> Any:
+    marks: list[Any] = [pytest.mark.faults]
+    if not cell.ci:
+        marks += [pytest.mark.faults_full,
+                  pytest.mark.skipif(not FULL, reason="full fault matrix: make test-faults")]
+    if cell.xfail:
+        marks.append(pytest.mark.xfail(strict=True, reason=cell.xfail))
+    return pytest.param(cell, id=cell.id, marks=marks)
+
+
+def _datastore_dir(lab: LabConfig, name: str) -> Path:
+    if name == "shared":
+        return lab.shared_datastore
+    return lab.local_datastore(name.removeprefix("local-"))
+
+
+@pytest.mark.parametrize("cell", [_move_param(c) for c in MOVE_CELLS])
+def test_relocation_fault_cell(cell: MoveCell, client: Client, lab: LabConfig) -> None:
+    """A disk moved from `shared` to host1's local datastore while the probe writes it,
+    broken at the mirror's stage. Intact means the probe (memory and disk) is intact and
+    the store names the image QEMU really uses, on the expected side."""
+    vm, host = f"fmv-{cell.id.replace('_', '')}"[:20], "host1"
+    rel = f"{vm}/root.raw"
+    image = lab.shared_datastore / rel
+    image.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"], check=True)
+    spec = probe_spec(lab, vm, 192, 16, 0, mac=next_mac())
+    spec["kernel"]["append"] += " ferry.disk=/dev/vda ferry.disk_mib=24 ferry.disk_mib_s=2"
+    spec["disks"] = [{"name": "root", "datastore": "shared", "path": rel, "format": "raw"}]
+    extra: dict[str, Any] = {}
+    if cell.action is FaultAction.FREEZE:
+        extra["freeze_s"] = FREEZE_S
+    try:
+        client.call("POST", "/v1/vms", {"spec": spec, "host": host})
+        before = wait_heartbeat(client, vm, timeout_s=120)
+        since = time.time()
+        arm_fault(lab, host, vm, cell.stage, cell.action, **extra)
+        rec = client.call("POST", "/v1/relocations", {"vm": vm, "datastore": "local-host1"})
+        wait_until(lambda: fired_since(lab, host, vm, since) or client.call(
+            "GET", f"/v1/relocations/{rec['id']}")["phase"] in ("completed", "failed"),
+            300, "the fault to fire")
+        assert fired_since(lab, host, vm, since), f"the fault {cell.id} never fired"
+        if cell.action is FaultAction.KILL_AGENT:
+            restart_dead_agent(client, lab, host)
+        done: dict[str, Any] = {}
+        for event in client.events(f"/v1/relocations/{rec['id']}/events"):
+            done = event
+        assert done["phase"] in ("completed", "failed"), done
+        settled(client, lab)
+        if cell.outcome is Outcome.LOST:
+            assert client.call("GET", f"/v1/vms/{vm}")["state"] == "crashed"
+            assert _no_copy_runs(lab, vm)
+            return
+        assert_intact(client, vm, host, lab, before)
+        disk = client.call("GET", f"/v1/vms/{vm}")["spec"]["disks"][0]
+        live = client.call("GET", f"/v1/vms/{vm}/disk-files")["root"]
+        assert live == str(_datastore_dir(lab, disk["datastore"]) / disk["path"]), (disk, live)
+        want = {Outcome.SOURCE: "shared", Outcome.DEST: "local-host1"}.get(cell.outcome)
+        assert want is None or disk["datastore"] == want, (done, disk)
+        assert (done["phase"] == "completed") == (disk["datastore"] == "local-host1"), done
+    finally:
+        disarm_faults(lab, host)
+        with contextlib.suppress(Exception):
+            settled(client, lab)
+            remove_vm(client, vm)
+        for pid, argv0 in cluster.processes_of(lab.directory):
+            with contextlib.suppress(OSError):
+                if "qemu" in argv0 and f"guest={vm},".encode() in Path(
+                        f"/proc/{pid}/cmdline").read_bytes():
+                    cluster.kill_pid(pid, grace_s=1.0)
+        shutil.rmtree(image.parent, ignore_errors=True)
+        shutil.rmtree(lab.local_datastore(host) / vm, ignore_errors=True)
