@@ -126,7 +126,8 @@ CELLS = [
     # PREPARING_TARGET: the destination's paused QEMU listens, the agent has not answered
     Cell(FaultStage.PREPARE_INCOMING, K, D, Outcome.SOURCE, ci=True),
     Cell(FaultStage.PREPARE_INCOMING, A, D, Outcome.SOURCE),
-    Cell(FaultStage.PREPARE_INCOMING, F, D, Outcome.SOURCE),
+    # (the prepare call waits up to 600 s: a frozen destination only delays it)
+    Cell(FaultStage.PREPARE_INCOMING, F, D, Outcome.EITHER),
     # PRECOPY, seen from the destination (asked about the receiving VM)
     Cell(FaultStage.INCOMING_POLL, K, D, Outcome.SOURCE, Flow.SLOW, pass_count=2),
     Cell(FaultStage.INCOMING_POLL, A, D, Outcome.SOURCE, Flow.SLOW, pass_count=2),
