@@ -320,7 +320,10 @@ MOVE_CELLS = [
     MoveCell(FaultStage.MIRROR_READY, F, Outcome.SOURCE),
     MoveCell(FaultStage.PIVOT, A, Outcome.SOURCE),
     MoveCell(FaultStage.PIVOT, F, Outcome.EITHER),
-    MoveCell(FaultStage.PIVOT, K, Outcome.LOST),  # the VM's only QEMU
+    MoveCell(FaultStage.PIVOT, K, Outcome.LOST, xfail=(  # the VM's only QEMU
+        "the relocation fails on the killed QEMU but leaves the VM `running` in the store "
+        "with no QEMU anywhere (not `crashed`): nothing compares the store with the "
+        "agents' reports")),
 ]
 
 
