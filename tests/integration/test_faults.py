@@ -399,3 +399,74 @@ def test_relocation_fault_cell(cell: MoveCell, client: Client, lab: LabConfig) -
                     cluster.kill_pid(pid, grace_s=1.0)
         shutil.rmtree(image.parent, ignore_errors=True)
         shutil.rmtree(lab.local_datastore(host) / vm, ignore_errors=True)
+
+
+# --- DISK_COPY: a migration without shared storage --------------------------------------
+COPY_CELLS = [
+    MoveCell(FaultStage.DISK_MIRRORS, K, Outcome.LOST, ci=True),  # the only QEMU
+    MoveCell(FaultStage.DISK_MIRRORS, A, Outcome.SOURCE),
+    MoveCell(FaultStage.DISK_MIRRORS, F, Outcome.EITHER),
+]
+
+
+@pytest.mark.parametrize("cell", [_move_param(c) for c in COPY_CELLS])
+def test_disk_copy_fault_cell(cell: MoveCell, client: Client, lab: LabConfig) -> None:
+    """A VM whose disk is on host1's local datastore migrated to host2 with the disk
+    copied to host2's (DISK_COPY), broken when the source is asked to start the
+    mirrors. Intact on the source means on its old image, on the destination on the
+    copy; either way the store names the image QEMU uses."""
+    vm, source, target = f"fdc-{cell.id.replace('_', '')}"[:20], "host1", "host2"
+    rel = f"{vm}/root.raw"
+    image = lab.local_datastore(source) / rel
+    image.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"], check=True)
+    spec = probe_spec(lab, vm, 192, 16, 0, mac=next_mac())
+    spec["kernel"]["append"] += " ferry.disk=/dev/vda ferry.disk_mib=24 ferry.disk_mib_s=2"
+    spec["disks"] = [{"name": "root", "datastore": f"local-{source}", "path": rel,
+                      "format": "raw"}]
+    extra: dict[str, Any] = {}
+    if cell.action is FaultAction.FREEZE:
+        extra["freeze_s"] = FREEZE_S
+    try:
+        client.call("POST", "/v1/vms", {"spec": spec, "host": source})
+        before = wait_heartbeat(client, vm, timeout_s=180)
+        since = time.time()
+        arm_fault(lab, source, vm, cell.stage, cell.action, **extra)
+        rec = client.call("POST", "/v1/migrations", {
+            "vm": vm, "target": target, "datastore": f"local-{target}"})
+        assert _wait_fired_or_ended(client, lab, source, vm, rec["id"], since), \
+            f"the fault {cell.id} never fired"
+        if cell.action is FaultAction.KILL_AGENT:
+            restart_dead_agent(client, lab, source)
+        done = follow(client, rec["id"])
+        assert done["phase"] in ("completed", "failed"), done
+        settled(client, lab)
+        if cell.outcome is Outcome.LOST:
+            assert done["phase"] == "failed" and done["reason"], done
+            assert client.call("GET", f"/v1/vms/{vm}")["state"] == "crashed"
+            assert _no_copy_runs(lab, vm)
+            return
+        host = {Outcome.SOURCE: source, Outcome.DEST: target}.get(
+            cell.outcome, target if done["phase"] == "completed" else source)
+        assert done["phase"] == ("completed" if host == target else "failed"), done
+        wait_until(lambda: qemu_hosts(lab, vm) == [host], 90, f"{vm} only on {host}")
+        assert_intact(client, vm, host, lab, before)
+        disk = client.call("GET", f"/v1/vms/{vm}")["spec"]["disks"][0]
+        live = client.call("GET", f"/v1/vms/{vm}/disk-files")["root"]
+        assert disk["datastore"] == f"local-{host}", (done, disk)
+        assert live == str(_datastore_dir(lab, disk["datastore"]) / disk["path"]), (disk, live)
+        other = lab.local_datastore(target if host == source else source) / rel
+        assert not other.exists(), f"{other} left over"
+    finally:
+        for h in (source, target):
+            disarm_faults(lab, h)
+        with contextlib.suppress(Exception):
+            settled(client, lab)
+            remove_vm(client, vm)
+        for pid, argv0 in cluster.processes_of(lab.directory):
+            with contextlib.suppress(OSError):
+                if "qemu" in argv0 and f"guest={vm},".encode() in Path(
+                        f"/proc/{pid}/cmdline").read_bytes():
+                    cluster.kill_pid(pid, grace_s=1.0)
+        for h in (source, target):
+            shutil.rmtree(lab.local_datastore(h) / vm, ignore_errors=True)
