@@ -17,7 +17,7 @@ fired, restarts an agent the fault killed, follows the migration to its end and 
 The watcher (conftest.py) fails any cell in which the guest executed on two hosts.
 
 CI runs the cells marked `ci` (at least one per stage and one per fault kind; about
-6 minutes); `make test-faults` (FERRY_FAULTS=all, -m faults) runs them all. A cell whose
+4 minutes); `make test-faults` (FERRY_FAULTS=all, -m faults) runs them all. A cell whose
 correct outcome the engine does not reach yet is xfail(strict=True) with the reason.
 Link cuts and control-plane restarts are in test_migration_failures.py and
 test_convergence.py (the test breaks the lab itself once a phase is reached).
