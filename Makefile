@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast lint bench bench-sweep bench-storage bench-tls clean lab-down
+.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -37,6 +37,10 @@ test: deps venv guest lint
 # Unit tests only (no root, no QEMU).
 test-fast: venv
 	$(VENV)/bin/pytest -q -m "not slow"
+
+# The whole fault matrix (root; `make test` runs only its CI share).
+test-faults: deps venv guest
+	FERRY_FAULTS=all $(VENV)/bin/pytest -q -m faults
 
 # Benchmarks (root; each brings up and removes its own lab). Tables go to stdout.
 bench: deps venv guest

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from ferry.agent import faults
 from ferry.agent.host import HostRuntime
 from ferry.agent.models import (
     CreateVm,
@@ -162,5 +163,8 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/vms/{name}/migration/cancel")
     async def cancel(name: str) -> Progress:
         return await host.cancel_outgoing(name)
+
+    if host.config.fault_hooks:  # lab only
+        faults.add_routes(app, host.faults)
 
     return app

@@ -34,6 +34,8 @@ class AgentConfig(Frozen):
     tls_dir: Path | None = None
     control_ca: Path | None = None
     join_token: str | None = None
+    # Lab only (ferry/agent/faults.py): accept armed faults. Never on in production.
+    fault_hooks: bool = False
 
     @property
     def url(self) -> str:

@@ -30,6 +30,7 @@ from ferry.agent.disks import (
     unexport_disks,
 )
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
+from ferry.agent.faults import Faults, FaultStage
 from ferry.agent.models import (
     RUNSTATES,
     AgentVmState,
@@ -89,6 +90,7 @@ class HostRuntime:
         self._qemu: QemuCapabilities | None = None
         self._vms: dict[str, VmRecord] = {}
         self._create_lock = asyncio.Lock()
+        self.faults = Faults(config.fault_hooks, config.run_dir / "faults.log")  # lab only
 
     @property
     def vms_dir(self) -> Path:
@@ -160,7 +162,10 @@ class HostRuntime:
 
     async def info(self, name: str) -> VmInfo:
         rec = self._get(name)
-        return VmInfo(name=name, uuid=rec.spec.uuid, state=await self._state(rec),
+        state = await self._state(rec)
+        if state is AgentVmState.INCOMING:
+            self.faults.reach(FaultStage.INCOMING_POLL, name, rec.process.pid)
+        return VmInfo(name=name, uuid=rec.spec.uuid, state=state,
                       pid=rec.process.pid, exit_code=rec.process.returncode, spec=rec.spec,
                       heartbeat=last_heartbeat(tail_lines(rec.paths.serial_log, 50)),
                       migration_id=rec.migration_id)
@@ -275,7 +280,9 @@ class HostRuntime:
             # `cont` now would make QEMU start the guest on its own when the stream ends.
             raise Conflict(f"VM {name} on {self.config.name} is still receiving its "
                            "migration", "resume it only once the stream has completed")
+        self.faults.reach(FaultStage.RESUME, name, rec.process.pid)
         await rec.monitor.cont()
+        self.faults.reach(FaultStage.RESUMED, name, rec.process.pid)
         return await self.info(name)
 
     # --- migration: destination side -----------------------------------------
@@ -313,6 +320,7 @@ class HostRuntime:
             for disk in created:
                 self.disks.delete(disk)
             raise
+        self.faults.reach(FaultStage.PREPARE_INCOMING, spec.name, rec.process.pid)
         return IncomingReady(uri=uri, nbd=nbd)
 
     async def _create_disks(self, new_disks: tuple[NewDisk, ...]) -> list[DiskSpec]:
@@ -363,6 +371,7 @@ class HostRuntime:
 
     async def start_disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
         nbd_endpoint(req.nbd)  # an address:port, nothing else
+        self.faults.reach(FaultStage.DISK_MIRRORS, name, self._get(name).process.pid)
         monitor = _running_monitor(self._get(name), self.config.name)
         tls = (await stream_tls.connect_to(monitor, self._qemu_tls_dir(), req.tls_peer)
                if req.tls_peer else {})
@@ -405,6 +414,7 @@ class HostRuntime:
             params.update({"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
                            "max-cpu-throttle": 1})
         await rec.monitor.set_migration_parameters(params)
+        self.faults.reach(FaultStage.START_OUTGOING, name, rec.process.pid)
         await rec.monitor.migrate(uri)
 
     async def resume_outgoing(self, name: str, migration_id: str, uri: str) -> Progress:
@@ -437,6 +447,7 @@ class HostRuntime:
         await rec.monitor.set_migration_parameters(params)
         if tune.postcopy:
             await rec.monitor.execute("migrate-start-postcopy")
+            self.faults.reach(FaultStage.POSTCOPY, name, rec.process.pid)
         return await rec.monitor.query_migrate()
 
     async def progress(self, name: str, wait_s: float) -> Progress:
@@ -455,6 +466,11 @@ class HostRuntime:
                 break
             await asyncio.sleep(0.01)
             progress = await rec.monitor.query_migrate()
+        if progress.status is SourceStatus.ACTIVE:
+            self.faults.reach(FaultStage.PRECOPY_PASS, name, rec.process.pid,
+                              progress.dirty_sync_count)
+        elif progress.status is SourceStatus.COMPLETED:
+            self.faults.reach(FaultStage.SOURCE_COMPLETED, name, rec.process.pid)
         return progress
 
     # --- disks -------------------------------------------------------------------
@@ -488,11 +504,15 @@ class HostRuntime:
     async def mirror(self, name: str, job_id: str, wait_s: float = 0.0) -> MirrorProgress:
         """The mirror job's state; with wait_s, once it is ready or after wait_s."""
         rec = self._get(name)
-        return await blockjobs.wait_ready(_running_monitor(rec, self.config.name), job_id,
-                                          wait_s)
+        progress = await blockjobs.wait_ready(_running_monitor(rec, self.config.name), job_id,
+                                              wait_s)
+        if progress.ready:
+            self.faults.reach(FaultStage.MIRROR_READY, name, rec.process.pid)
+        return progress
 
     async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
         rec = self._get(name)
+        self.faults.reach(FaultStage.PIVOT, name, rec.process.pid)
         async with rec.lock:
             rec.spec = await self.disks.pivot(_running_monitor(rec, self.config.name),
                                               rec.spec, job_id, target)

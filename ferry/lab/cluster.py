@@ -105,7 +105,7 @@ def agent_config(config: LabConfig, host: str, join_token: str | None = None
                                     path=str(config.local_datastore(host))))
         + ((DatastoreConfig(name="small", path=str(config.small_datastore), shared=True),)
            if config.small_datastore_mib else ()),
-        networks=(NETWORK,))
+        networks=(NETWORK,), fault_hooks=config.fault_hooks)
 
 
 def start_agent(config: LabConfig, host: str) -> int:

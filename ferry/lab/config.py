@@ -34,6 +34,9 @@ class LabConfig(Frozen):
     # A size-limited datastore "small" (tmpfs) seen by every host, for tests of a full
     # datastore; 0 = none.
     small_datastore_mib: int = Field(default=0, ge=0, le=65536)
+    # Agents accept armed faults (ferry/agent/faults.py): for the fault tests and the
+    # soak only, never for a lab a user brings up.
+    fault_hooks: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -44,7 +44,7 @@ def lab() -> Iterator[LabConfig]:
         pytest.fail(f"no guest image in {cluster.GUEST_DIR}: run `make guest`")
     config = LabConfig.default(LAB_DIR, 3, cpus=4, memory_mib=2048, prefix=LAB_PREFIX,
                                subnet_octet=LAB_OCTET, control_port=LAB_PORT,
-                               small_datastore_mib=64)
+                               small_datastore_mib=64, fault_hooks=True)
     cluster.down(config)  # leftovers of a crashed earlier run
     shutil.rmtree(LAB_DIR, ignore_errors=True)
     os.environ["FERRY_LAB_DIR"] = str(LAB_DIR)
