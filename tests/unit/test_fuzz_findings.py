@@ -1,0 +1,123 @@
+"""Requests that schemathesis found answered with a 5xx (tests/integration/test_fuzz.py),
+each pinned here: the control plane's API runs in-process (its real app, store and trust,
+no agents), the agent's runtime over a stand-in QMP monitor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ferry.agent.config import AgentConfig
+from ferry.agent.host import HostRuntime, VmRecord
+from ferry.agent.models import Tune
+from ferry.api.app import create_app
+from ferry.control.service import ControlPlane
+from ferry.domain.auth import TokenRole, format_token, new_secret
+from ferry.domain.errors import Conflict
+from ferry.domain.migration import Progress, SourceStatus
+from ferry.domain.specs import KernelBoot, VmSpec
+from ferry.hypervisor.argv import RunPaths
+from ferry.hypervisor.process import ProcessState
+from ferry.pki import ControlPki
+from ferry.store import Store
+from ferry.store.store import sqlite_url
+from ferry.wire import status_for
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The control plane's app with an admin token, called as from 127.0.0.1."""
+    pki = ControlPki(tmp_path / "pki")
+    pki.init(("127.0.0.1",))
+    store = await Store.open(sqlite_url(str(tmp_path / "ferry.db")))
+    secret = new_secret()
+    info = await store.security.add_token("admin", TokenRole.ADMIN, secret, None)
+    control = ControlPlane(store, pki)
+    app = create_app(control)
+    async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",
+            headers={"authorization": f"Bearer {format_token(info.id, secret)}"}) as client:
+        yield client
+    await control.close()
+
+
+async def test_event_page_beyond_any_event_id_is_invalid_input_not_500(
+        api: httpx.AsyncClient) -> None:
+    # Found by fuzzing: `before` beyond SQLite's 64-bit INTEGER reached the database
+    # (OverflowError, HTTP 500).
+    resp = await api.get("/v1/events", params={"before": 10**23})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["code"] == "invalid_input"
+    assert "before" in resp.json()["error"]["problem"]
+    # The largest id there can be still pages (through every event).
+    assert (await api.post("/v1/vms/nothing/start")).status_code == 404  # audited
+    resp = await api.get("/v1/events", params={"before": 2**63 - 1})
+    assert resp.status_code == 200, resp.text
+    assert resp.json(), "every event is older than the largest possible id"
+
+
+@dataclass
+class StandInMonitor:
+    """What QMP would answer for a VM with no migration under way."""
+
+    status: SourceStatus = SourceStatus.NONE
+    postcopy_capability: bool = False
+    sent: list[tuple[str, Any]] = field(default_factory=list)
+
+    async def query_migrate(self) -> Progress:
+        return Progress(status=self.status)
+
+    async def execute(self, command: str, arguments: Any = None) -> Any:
+        self.sent.append((command, arguments))
+        if command == "query-migrate-capabilities":
+            return [{"capability": "postcopy-ram", "state": self.postcopy_capability}]
+        return {}
+
+    async def set_migration_parameters(self, params: dict[str, object]) -> None:
+        self.sent.append(("migrate-set-parameters", params))
+
+
+@dataclass
+class StandInProcess:
+    state: ProcessState = ProcessState.RUNNING
+
+
+def runtime_with(tmp_path: Path, monitor: StandInMonitor) -> HostRuntime:
+    runtime = HostRuntime(AgentConfig(name="host1", run_dir=tmp_path, accel="tcg"))
+    spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/k"))
+    runtime._vms["web1"] = VmRecord(spec=spec, paths=RunPaths(tmp_path / "web1"),
+                                    process=StandInProcess(),  # type: ignore[arg-type]
+                                    monitor=monitor)  # type: ignore[arg-type]
+    return runtime
+
+
+@pytest.mark.parametrize("status,capability,reason", [
+    (SourceStatus.NONE, True, "no migration under way"),
+    (SourceStatus.COMPLETED, True, "no migration under way"),
+    (SourceStatus.ACTIVE, False, "started without post-copy"),
+])
+async def test_postcopy_switch_qemu_would_refuse_is_a_conflict_that_changes_nothing(
+        tmp_path: Path, status: SourceStatus, capability: bool, reason: str) -> None:
+    # Found by fuzzing: POST /v1/vms/{name}/migration/tune {"postcopy": true} on a VM
+    # that is not migrating was QEMU's refusal surfacing as a 502 (MonitorError), after
+    # the other levers of the same request had already been set.
+    monitor = StandInMonitor(status=status, postcopy_capability=capability)
+    runtime = runtime_with(tmp_path, monitor)
+    with pytest.raises(Conflict, match=reason) as err:
+        await runtime.tune("web1", Tune(postcopy=True, downtime_ms=1000, throttle_pct=50))
+    assert status_for(err.value) == 409
+    assert [c for c, _ in monitor.sent
+            if c in ("migrate-set-parameters", "migrate-start-postcopy")] == []
+
+
+async def test_postcopy_switch_of_a_running_postcopy_migration_is_sent(
+        tmp_path: Path) -> None:
+    monitor = StandInMonitor(status=SourceStatus.ACTIVE, postcopy_capability=True)
+    runtime = runtime_with(tmp_path, monitor)
+    await runtime.tune("web1", Tune(postcopy=True))
+    assert ("migrate-start-postcopy", None) in monitor.sent
