@@ -156,29 +156,34 @@ def fuzz(op: APIOperation, modes: tuple[GenerationMode, ...], caller: Caller,
     transport errors say (no shrinking: each finding is reported as sent)."""
     fixed = {k: v for k, v in (path_parameters or {}).items() if f"{{{k}}}" in op.path}
     for mode in modes:
-        @settings(max_examples=max_examples, deadline=None, database=None,
-                  derandomize=True, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(case=op.as_strategy(generation_mode=mode, path_parameters=fixed or None))
-        def one(case: Case, mode: GenerationMode = mode) -> None:
-            reason = skip(op, case) if skip else None
-            if reason is not None:
-                found.skipped[reason] += 1
-                return
-            try:
-                response = caller.send(case)
-            except requests.RequestException as exc:
-                found.problems.append(f"{label(op)} [{mode}]: {exc!r}\n  "
-                                      + case.as_curl_command(base_url=caller.base_url))
-                return
-            found.statuses[(label(op), mode.value, response.status_code)] += 1
-            problem = judge(op, case, response)
-            if problem is not None:
-                found.problems.append(f"{label(op)} [{mode}]: {problem}\n  "
-                                      + case.as_curl_command(base_url=caller.base_url))
-
         with contextlib.suppress(Unsatisfiable):  # no case of this mode exists
-            one()
+            _fuzz_mode(op, mode, caller, found, judge, skip, fixed, max_examples)()
+
+
+def _fuzz_mode(op: APIOperation, mode: GenerationMode, caller: Caller, found: Findings,
+               judge: Judge, skip: Skip | None, fixed: dict[str, str],
+               max_examples: int) -> Callable[[], None]:
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(generation_mode=mode, path_parameters=fixed or None))
+    def one(case: Case) -> None:
+        reason = skip(op, case) if skip else None
+        if reason is not None:
+            found.skipped[reason] += 1
+            return
+        try:
+            response = caller.send(case)
+        except requests.RequestException as exc:
+            found.problems.append(f"{label(op)} [{mode}]: {exc!r}\n  "
+                                  + case.as_curl_command(base_url=caller.base_url))
+            return
+        found.statuses[(label(op), mode.value, response.status_code)] += 1
+        problem = judge(op, case, response)
+        if problem is not None:
+            found.problems.append(f"{label(op)} [{mode}]: {problem}\n  "
+                                  + case.as_curl_command(base_url=caller.base_url))
+
+    return one  # type: ignore[no-any-return]
 
 
 def operations(schema: BaseSchema) -> Iterator[APIOperation]:
