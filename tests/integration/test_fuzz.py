@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class Findings:
     problems: list[str] = field(default_factory=list)
     statuses: collections.Counter[tuple[str, str, int]] = field(
         default_factory=collections.Counter)
+    seconds: collections.Counter[str] = field(default_factory=collections.Counter)
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def sent(self) -> int:
@@ -156,8 +158,10 @@ def fuzz(op: APIOperation, modes: tuple[GenerationMode, ...], caller: Caller,
     transport errors say (no shrinking: each finding is reported as sent)."""
     fixed = {k: v for k, v in (path_parameters or {}).items() if f"{{{k}}}" in op.path}
     for mode in modes:
+        began = time.monotonic()
         with contextlib.suppress(Unsatisfiable):  # no case of this mode exists
             _fuzz_mode(op, mode, caller, found, judge, skip, fixed, max_examples)()
+        found.seconds[label(op)] += time.monotonic() - began
 
 
 def _fuzz_mode(op: APIOperation, mode: GenerationMode, caller: Caller, found: Findings,
@@ -200,7 +204,10 @@ def load_schema(url: str, verify: Any) -> BaseSchema:
 def report(found: Findings) -> str:
     lines = [f"{n:4d} x {op} [{mode}] → {status}"
              for (op, mode, status), n in sorted(found.statuses.items())]
-    return "\n".join([*found.problems[:20], "--- sent:", *lines])
+    slow = [f"{t:6.1f} s {op}" for op, t in found.seconds.most_common(5)]
+    skipped = [f"{n:4d} skipped: {why}" for why, n in found.skipped.items()]
+    return "\n".join([*found.problems[:20], "--- sent:", *lines, *skipped, "--- slowest:",
+                      *slow])
 
 
 # --- guards: what must never be sent --------------------------------------------------
@@ -333,6 +340,7 @@ def test_control_plane_api_fuzzed_as_admin(lab: LabConfig, client: Client,
 
         fuzz(check, BOTH, caller, found, skip=with_vm)
 
+    print(report(found))
     assert found.sent() > 500, report(found)
     assert not found.problems, report(found)
     assert_unchanged(before, snapshot(client, lab), "fuzzing as admin")
@@ -365,6 +373,7 @@ def test_refused_requests_change_nothing(lab: LabConfig, client: Client,
                          path_parameters=real if "/vms/" in op.path else {"name": "host1"})
             if label(op) not in ("POST /v1/enrol", "POST /v1/agents/heartbeat"):
                 fuzz(op, (POSITIVE,), anonymous, found, judge=refused, max_examples=4)
+        print(report(found))
         assert found.sent() > 300, report(found)
         assert not found.problems, report(found)
         assert_unchanged(before, snapshot(client, lab), "refused requests")
@@ -432,6 +441,7 @@ def test_agent_api_fuzzed_with_the_control_planes_certificate(
             "name": fuzz_vm}, judge=lambda _o, _c, r: None if r.status_code == 403
              else f"HTTP {r.status_code} for another host's certificate")
 
+    print(report(found))
     assert found.sent() > 500, report(found)
     assert not found.problems, report(found)
     assert_unchanged(before, snapshot(client, lab), "fuzzing the agent")
