@@ -195,6 +195,7 @@ def test_garbage_mid_stream_rolls_back_with_the_vm_intact_on_the_source(
             if client.call("GET", f"/v1/migrations/{rec['id']}")["phase"] != "precopy":
                 break
         done = follow(client, rec["id"])
+        assert tap.injected > 0
         assert done["phase"] == "failed", done
         assert list(done["phase_times"])[-2:] == ["rolling_back", "failed"], done
         wait_until(lambda: qemu_hosts(lab, name) == ["host1"], 60, "no QEMU left on host2")
