@@ -35,6 +35,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from pydantic import BaseModel, ValidationError
 from schemathesis import Case, GenerationMode
+from schemathesis.generation.drivers import CoverageGenerator
+from schemathesis.generation.feedback import FeedbackSources
+from schemathesis.generation.overrides import Override
 from schemathesis.schemas import APIOperation, BaseSchema
 
 from ferry.agent.models import CreateVm, ImageRef, PrepareIncoming
@@ -152,25 +155,15 @@ def label(op: APIOperation) -> str:
 
 def fuzz(op: APIOperation, modes: tuple[GenerationMode, ...], caller: Caller,
          found: Findings, judge: Judge = no_server_error, skip: Skip | None = None,
-         path_parameters: dict[str, str] | None = None,
-         max_examples: int = MAX_EXAMPLES) -> None:
-    """Send up to max_examples generated requests per mode; record what the judge and
-    transport errors say (no shrinking: each finding is reported as sent)."""
+         path_parameters: dict[str, str] | None = None, query: dict[str, str] | None = None,
+         max_examples: int = MAX_EXAMPLES, coverage: bool = True) -> None:
+    """Send schemathesis' coverage cases (boundaries, wrong types, missing and unknown
+    fields: deterministic) and up to max_examples generated requests per mode; record
+    what the judge and transport errors say (no shrinking: findings are as sent)."""
     fixed = {k: v for k, v in (path_parameters or {}).items() if f"{{{k}}}" in op.path}
-    for mode in modes:
-        began = time.monotonic()
-        with contextlib.suppress(Unsatisfiable):  # no case of this mode exists
-            _fuzz_mode(op, mode, caller, found, judge, skip, fixed, max_examples)()
-        found.seconds[label(op)] += time.monotonic() - began
+    began = time.monotonic()
 
-
-def _fuzz_mode(op: APIOperation, mode: GenerationMode, caller: Caller, found: Findings,
-               judge: Judge, skip: Skip | None, fixed: dict[str, str],
-               max_examples: int) -> Callable[[], None]:
-    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=op.as_strategy(generation_mode=mode, path_parameters=fixed or None))
-    def one(case: Case) -> None:
+    def send(case: Case, mode: str) -> None:
         reason = skip(op, case) if skip else None
         if reason is not None:
             found.skipped[reason] += 1
@@ -181,11 +174,34 @@ def _fuzz_mode(op: APIOperation, mode: GenerationMode, caller: Caller, found: Fi
             found.problems.append(f"{label(op)} [{mode}]: {exc!r}\n  "
                                   + case.as_curl_command(base_url=caller.base_url))
             return
-        found.statuses[(label(op), mode.value, response.status_code)] += 1
+        found.statuses[(label(op), mode, response.status_code)] += 1
         problem = judge(op, case, response)
         if problem is not None:
             found.problems.append(f"{label(op)} [{mode}]: {problem}\n  "
                                   + case.as_curl_command(base_url=caller.base_url))
+
+    if coverage:
+        for case in CoverageGenerator(
+                operation=op, generation_modes=list(modes), auth_storage=None,
+                generation_config=op.schema.config.generation_for(operation=op),
+                override=Override(path_parameters=fixed, query=query or {}),
+                feedback=FeedbackSources()):
+            send(case, "coverage")
+    for mode in modes:
+        with contextlib.suppress(Unsatisfiable):  # no case of this mode exists
+            _generated(op, mode, fixed, query, max_examples, send)()
+    found.seconds[label(op)] += time.monotonic() - began
+
+
+def _generated(op: APIOperation, mode: GenerationMode, fixed: dict[str, str],
+               query: dict[str, str] | None, max_examples: int,
+               send: Callable[[Case, str], None]) -> Callable[[], None]:
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(generation_mode=mode, path_parameters=fixed or None,
+                               query=query))
+    def one(case: Case) -> None:
+        send(case, mode.value)
 
     return one  # type: ignore[no-any-return]
 
@@ -393,6 +409,9 @@ _AGENT_ACTS = {
 }
 
 
+_AGENT_WAITS = {"GET /v1/vms/{name}/migration", "GET /v1/vms/{name}/mirror/{job_id}"}
+
+
 def test_agent_api_fuzzed_with_the_control_planes_certificate(
         lab: LabConfig, client: Client, fuzz_vm: str) -> None:
     """host1's agent, called as the control plane: reads (of a real VM too), harmless
@@ -431,7 +450,9 @@ def test_agent_api_fuzzed_with_the_control_planes_certificate(
             continue
         fuzz(op, BOTH, caller, found, skip=skip)
         if "{name}" in op.path and key not in _AGENT_ACTS:
-            fuzz(op, BOTH, caller, found, skip=skip, path_parameters={"name": fuzz_vm})
+            # (waits of up to 10 s for a migration or mirror event that never comes: 0)
+            fuzz(op, BOTH, caller, found, skip=skip, path_parameters={"name": fuzz_vm},
+                 query={"wait_s": "0"} if key in _AGENT_WAITS else None)
     # Another host's certificate: refused before anything runs, on every operation.
     other = HostTls(lab.host_tls_dir("host2"))
     stranger = Caller(lab.agent_url(AGENT_HOST), lab.ca_file,
