@@ -455,13 +455,16 @@ class HostRuntime:
         return await self.disks.info(disk)
 
     def delete_image(self, disk: DiskSpec) -> bool:
+        self._refuse_if_in_use(disk)
+        return self.disks.delete(disk)
+
+    def _refuse_if_in_use(self, disk: DiskSpec) -> None:
         in_use = [r.spec.name for r in self._vms.values()
                   if r.process.state is ProcessState.RUNNING and any(
                       (d.datastore, d.path) == (disk.datastore, disk.path)
                       for d in r.spec.disks)]
         if in_use:
             raise Conflict(f"{disk.datastore}:{disk.path} is in use by VM {in_use[0]}")
-        return self.disks.delete(disk)
 
     async def disk_files(self, name: str) -> dict[str, str]:
         """Each disk's image file as QEMU itself reports it (query-block)."""
@@ -501,6 +504,9 @@ class HostRuntime:
                    for d in rec.spec.disks):
                 raise Conflict(f"VM {name} already runs on {target.datastore}:{target.path}; "
                                "the move completed and cannot be cancelled")
+        # Cancelling deletes the partial copy: never an image another VM here runs on
+        # (the VM named may not run here at all, and then nothing else checks).
+        self._refuse_if_in_use(target)
         await self.disks.cancel_mirror(monitor, job_id, target)
 
     async def cancel_outgoing(self, name: str) -> Progress:

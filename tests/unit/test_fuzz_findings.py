@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ferry.agent.config import AgentConfig
+from ferry.agent.config import AgentConfig, DatastoreConfig
 from ferry.agent.host import HostRuntime, VmRecord
 from ferry.agent.models import Tune
 from ferry.api.app import create_app
@@ -20,7 +20,7 @@ from ferry.control.service import ControlPlane
 from ferry.domain.auth import TokenRole, format_token, new_secret
 from ferry.domain.errors import Conflict
 from ferry.domain.migration import Progress, SourceStatus
-from ferry.domain.specs import KernelBoot, VmSpec
+from ferry.domain.specs import DiskSpec, KernelBoot, VmSpec
 from ferry.hypervisor.argv import RunPaths
 from ferry.hypervisor.process import ProcessState
 from ferry.pki import ControlPki
@@ -121,3 +121,29 @@ async def test_postcopy_switch_of_a_running_postcopy_migration_is_sent(
     runtime = runtime_with(tmp_path, monitor)
     await runtime.tune("web1", Tune(postcopy=True))
     assert ("migrate-start-postcopy", None) in monitor.sent
+
+
+async def test_cancelling_a_mirror_never_deletes_an_image_a_running_vm_uses(
+        tmp_path: Path) -> None:
+    # Seen while choosing what the agent fuzzing may send: a mirror cancel names a VM
+    # and a target image and deletes the target; when that VM does not run on the host,
+    # nothing checked that no other VM runs on the image (delete_image does check).
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "web1.qcow2").write_bytes(b"live disk")
+    (shared / "partial.qcow2").write_bytes(b"partial copy")
+    runtime = HostRuntime(AgentConfig(
+        name="host1", run_dir=tmp_path / "run", accel="tcg",
+        datastores=(DatastoreConfig(name="shared", path=str(shared), shared=True),)))
+    live = DiskSpec(name="root", datastore="shared", path="web1.qcow2")
+    spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/k"), disks=(live,))
+    runtime._vms["web1"] = VmRecord(spec=spec, paths=RunPaths(tmp_path / "web1"),
+                                    process=StandInProcess(),  # type: ignore[arg-type]
+                                    monitor=StandInMonitor())  # type: ignore[arg-type]
+    with pytest.raises(Conflict, match="in use by VM web1"):
+        await runtime.cancel_mirror("ghost", "job1", live)
+    assert (shared / "web1.qcow2").read_bytes() == b"live disk"
+    # A partial copy no VM uses still goes.
+    await runtime.cancel_mirror("ghost", "job1", DiskSpec(name="root", datastore="shared",
+                                                          path="partial.qcow2"))
+    assert not (shared / "partial.qcow2").exists()
