@@ -144,7 +144,7 @@ def no_server_error(_: APIOperation, __: Case, response: requests.Response) -> s
 
 
 def refused(_: APIOperation, __: Case, response: requests.Response) -> str | None:
-    if response.status_code not in (400, 401, 403, 422):
+    if response.status_code not in (400, 401, 403, 405, 422):
         return f"not refused: HTTP {response.status_code}: {response.text[:300]}"
     return None
 
