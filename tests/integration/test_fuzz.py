@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -53,7 +54,10 @@ from ferry.pki import ControlPki, HostTls
 from ferry.pki.layout import client_context
 from tests.integration.helpers import boot_probe, remove_vm
 
-MAX_EXAMPLES = 12  # per operation and generation mode
+# Per operation and generation mode. A deeper run: FERRY_FUZZ_EXAMPLES=200, and
+# FERRY_FUZZ_RANDOM=1 for other examples than the repeatable ones.
+MAX_EXAMPLES = int(os.environ.get("FERRY_FUZZ_EXAMPLES", "12"))
+DERANDOMIZE = not os.environ.get("FERRY_FUZZ_RANDOM")
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 BOTH = (POSITIVE, NEGATIVE)
 FUZZ_VM = "fz-run"  # a running probe on host1: existing names for operations that read
@@ -196,7 +200,7 @@ def fuzz(op: APIOperation, modes: tuple[GenerationMode, ...], caller: Caller,
 def _generated(op: APIOperation, mode: GenerationMode, fixed: dict[str, str],
                query: dict[str, str] | None, max_examples: int,
                send: Callable[[Case, str], None]) -> Callable[[], None]:
-    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=DERANDOMIZE,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=op.as_strategy(generation_mode=mode, path_parameters=fixed or None,
                                query=query))
