@@ -62,7 +62,8 @@ class NewDisk(Frozen):
     """An empty image the destination creates and fills over NBD (no shared storage)."""
 
     disk: DiskSpec
-    size: int
+    # Bytes; a negative one reached qemu-img's argv as an option ("-1") and failed as 502.
+    size: int = Field(ge=0)
 
 
 class PrepareIncoming(Frozen):

@@ -11,10 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from ferry.agent.config import AgentConfig, DatastoreConfig
 from ferry.agent.host import HostRuntime, VmRecord
-from ferry.agent.models import Tune
+from ferry.agent.models import NewDisk, Tune
 from ferry.api.app import create_app
 from ferry.control.service import ControlPlane
 from ferry.domain.auth import TokenRole, format_token, new_secret
@@ -147,3 +148,12 @@ async def test_cancelling_a_mirror_never_deletes_an_image_a_running_vm_uses(
     await runtime.cancel_mirror("ghost", "job1", DiskSpec(name="root", datastore="shared",
                                                           path="partial.qcow2"))
     assert not (shared / "partial.qcow2").exists()
+
+
+def test_a_new_disk_of_negative_size_is_refused_before_qemu_img() -> None:
+    # Seen in the same review: POST /v1/incoming with new_disks[].size -1 put "-1" into
+    # qemu-img's argv (read as an option), and its failure came back as a 502.
+    disk = DiskSpec(name="root", datastore="shared", path="web1.qcow2")
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        NewDisk(disk=disk, size=-1)
+    assert NewDisk(disk=disk, size=0).size == 0  # an empty image migrates too
