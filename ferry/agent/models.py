@@ -94,7 +94,7 @@ class StartOutgoing(Frozen):
     uri: str  # only tcp:<IPv4>:<port>; the agent refuses anything else
     tls_peer: Name | None = None  # the destination host, whose certificate is checked
     options: StreamOptions = Field(default_factory=StreamOptions)
-    downtime_ms: int = Field(default=300, ge=1)
+    downtime_ms: int = Field(default=300, ge=1, le=60_000)  # as Tune's
 
 
 class ResumeOutgoing(Frozen):
@@ -127,7 +127,7 @@ class MirrorRequest(Frozen):
 
     job_id: str
     target: DiskSpec
-    speed_bytes_s: int = Field(default=0, ge=0)
+    speed_bytes_s: int = Field(default=0, ge=0, le=2**63 - 1)  # QEMU's int64
 
 
 class ImageRef(Frozen):

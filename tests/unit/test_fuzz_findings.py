@@ -11,16 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ferry.agent.config import AgentConfig, DatastoreConfig
 from ferry.agent.host import HostRuntime, VmRecord
-from ferry.agent.models import NewDisk, Tune
+from ferry.agent.models import MirrorRequest, NewDisk, StartOutgoing, Tune
 from ferry.api.app import create_app
+from ferry.api.schemas import RelocateRequest
 from ferry.control.service import ControlPlane
 from ferry.domain.auth import TokenRole, format_token, new_secret
 from ferry.domain.errors import Conflict
-from ferry.domain.migration import Progress, SourceStatus
+from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.specs import DiskSpec, KernelBoot, VmSpec
 from ferry.hypervisor.argv import RunPaths
 from ferry.hypervisor.process import ProcessState
@@ -157,3 +158,26 @@ def test_a_new_disk_of_negative_size_is_refused_before_qemu_img() -> None:
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         NewDisk(disk=disk, size=-1)
     assert NewDisk(disk=disk, size=0).size == 0  # an empty image migrates too
+
+
+@pytest.mark.parametrize("model,field,too_big", [
+    (StreamOptions, "max_bandwidth_bytes_s", 2**63),
+    (RelocateRequest, "bandwidth_bytes_s", 2**63),
+    (MirrorRequest, "speed_bytes_s", 2**63),
+    (StartOutgoing, "downtime_ms", 60_001),
+])
+def test_rates_and_limits_qemu_cannot_take_are_refused_at_the_door(
+        model: type[BaseModel], field: str, too_big: int) -> None:
+    # Values QMP refuses (checked on QEMU 7.2: max-bandwidth of 2**64, a block job speed
+    # past int64, downtime-limit past 2,000,000 ms) were accepted at the door and
+    # failed later inside the job as QMP errors (a 502 from the agent, a failed job).
+    base: dict[str, Any] = {
+        StreamOptions: {},
+        RelocateRequest: {"vm": "web1", "datastore": "fast"},
+        MirrorRequest: {"job_id": "j1", "target": {"name": "root", "datastore": "fast",
+                                                   "path": "web1.qcow2"}},
+        StartOutgoing: {"migration_id": "m1", "uri": "tcp:10.0.0.2:4444"},
+    }[model]
+    with pytest.raises(ValidationError, match="less than or equal to"):
+        model.model_validate({**base, field: too_big})
+    assert getattr(model.model_validate({**base, field: too_big - 1}), field) == too_big - 1
