@@ -193,6 +193,7 @@ class HostRuntime:
                 if path is not None and not boot_file(path, stores).is_file():
                     raise InvalidInput(f"host {self.config.name} cannot read boot file {path}",
                                        "put it on storage every host can read")
+            check_kernel_image(boot_file(spec.kernel.kernel, stores))
         for nic in spec.nics:
             if nic.network not in self.config.networks:
                 raise InvalidInput(f"host {self.config.name} has no network {nic.network}")
@@ -515,6 +516,21 @@ class HostRuntime:
             raise NotRunning(f"VM {name} has no monitor on {self.config.name}")
         await rec.monitor.migrate_cancel()
         return await rec.monitor.query_migrate()
+
+
+def check_kernel_image(path: Path) -> None:
+    """QEMU's -kernel boots a Linux bzImage (or an ELF kernel); given another file (the
+    initramfs, say) QEMU exited at start, a 502 for what is the request's mistake (found
+    fuzzing), or ran whatever the bytes were."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x206)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read boot file {path}: {exc.strerror}") from None
+    if head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS":
+        return
+    raise InvalidInput(f"boot file {path} is not a Linux kernel (no bzImage header, not ELF)",
+                       "name the kernel image (vmlinuz) as kernel and the initramfs as initrd")
 
 
 def write_spec(paths: RunPaths, spec: VmSpec) -> None:

@@ -14,13 +14,14 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from ferry.agent.config import AgentConfig, DatastoreConfig
-from ferry.agent.host import HostRuntime, VmRecord
+from ferry.agent.disks import DiskOps
+from ferry.agent.host import HostRuntime, VmRecord, check_kernel_image
 from ferry.agent.models import MirrorRequest, NewDisk, StartOutgoing, Tune
 from ferry.api.app import create_app
 from ferry.api.schemas import RelocateRequest
 from ferry.control.service import ControlPlane
 from ferry.domain.auth import TokenRole, format_token, new_secret
-from ferry.domain.errors import Conflict
+from ferry.domain.errors import Conflict, InvalidInput
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.specs import DiskSpec, KernelBoot, VmSpec
 from ferry.hypervisor.argv import RunPaths
@@ -195,3 +196,35 @@ def test_a_machine_without_pci_is_refused_at_the_door(machine: str) -> None:
 def test_pci_machines_are_taken(machine: str) -> None:
     assert VmSpec(name="web1", kernel=KernelBoot(kernel="/k"), machine=machine).machine \
         == machine
+
+
+def test_only_a_kernel_image_is_booted_as_kernel(tmp_path: Path) -> None:
+    # Found probing POST /v1/vms: the initramfs named as kernel made QEMU exit at start
+    # ("linux kernel too old to load a ram disk"), a 502.
+    bzimage = bytearray(0x400)
+    bzimage[0x202:0x206] = b"HdrS"
+    (tmp_path / "vmlinuz").write_bytes(bytes(bzimage))
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF" + bytes(0x300))
+    (tmp_path / "initrd.img").write_bytes(b"\x1f\x8b\x08\x00" + bytes(0x300))
+    (tmp_path / "tiny").write_bytes(b"x")
+    check_kernel_image(tmp_path / "vmlinuz")
+    check_kernel_image(tmp_path / "vmlinux")
+    for name in ("initrd.img", "tiny"):
+        with pytest.raises(InvalidInput, match="is not a Linux kernel"):
+            check_kernel_image(tmp_path / name)
+
+
+async def test_a_directory_is_no_image_to_read_or_delete(tmp_path: Path) -> None:
+    # Found probing the agent: POST /v1/images/info naming a directory was qemu-img's
+    # failure as a 502, POST /v1/images/delete an IsADirectoryError, a 500.
+    shared = tmp_path / "shared"
+    (shared / "images").mkdir(parents=True)
+    ops = DiskOps({"shared": str(shared)})
+    folder = DiskSpec(name="root", datastore="shared", path="images")
+    with pytest.raises(InvalidInput, match="is not an image file"):
+        await ops.info(folder)
+    with pytest.raises(InvalidInput, match="is not an image file"):
+        ops.delete(folder)
+    assert (shared / "images").is_dir()
+    missing = DiskSpec(name="root", datastore="shared", path="none.qcow2")
+    assert await ops.info(missing) is None and ops.delete(missing) is False
