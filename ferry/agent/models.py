@@ -62,8 +62,10 @@ class NewDisk(Frozen):
     """An empty image the destination creates and fills over NBD (no shared storage)."""
 
     disk: DiskSpec
-    # Bytes; a negative one reached qemu-img's argv as an option ("-1") and failed as 502.
-    size: int = Field(ge=0)
+    # Bytes, as QEMU reports a virtual size: whole 512-byte sectors. A negative size
+    # reached qemu-img's argv as an option ("-1"), and a raw image of a size QEMU never
+    # reports, on a tmpfs datastore, came up read-only: both failed as 502 (fuzzing).
+    size: int = Field(ge=0, multiple_of=512)
 
 
 class PrepareIncoming(Frozen):

@@ -157,8 +157,13 @@ def test_a_new_disk_of_negative_size_is_refused_before_qemu_img() -> None:
     # qemu-img's argv (read as an option), and its failure came back as a 502.
     disk = DiskSpec(name="root", datastore="shared", path="web1.qcow2")
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
-        NewDisk(disk=disk, size=-1)
+        NewDisk(disk=disk, size=-512)
+    # And a size that is no whole number of sectors (QEMU's virtual sizes always are):
+    # a raw image of 1966203 bytes on the tmpfs datastore was exported read-only, a 502.
+    with pytest.raises(ValidationError, match="multiple of 512"):
+        NewDisk(disk=disk, size=1966203)
     assert NewDisk(disk=disk, size=0).size == 0  # an empty image migrates too
+    assert NewDisk(disk=disk, size=64 << 20).size == 64 << 20
 
 
 @pytest.mark.parametrize("model,field,too_big", [
