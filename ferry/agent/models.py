@@ -62,9 +62,8 @@ class NewDisk(Frozen):
     """An empty image the destination creates and fills over NBD (no shared storage)."""
 
     disk: DiskSpec
-    # Bytes, as QEMU reports a virtual size: whole 512-byte sectors. A negative size
-    # reached qemu-img's argv as an option ("-1"), and a raw image of a size QEMU never
-    # reports, on a tmpfs datastore, came up read-only: both failed as 502 (fuzzing).
+    # Bytes, as QEMU reports a virtual size: whole 512-byte sectors (a negative size
+    # reached qemu-img's argv as an option, "-1", and failed as a 502: found fuzzing).
     size: int = Field(ge=0, multiple_of=512)
 
 

@@ -158,8 +158,7 @@ def test_a_new_disk_of_negative_size_is_refused_before_qemu_img() -> None:
     disk = DiskSpec(name="root", datastore="shared", path="web1.qcow2")
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         NewDisk(disk=disk, size=-512)
-    # And a size that is no whole number of sectors (QEMU's virtual sizes always are):
-    # a raw image of 1966203 bytes on the tmpfs datastore was exported read-only, a 502.
+    # Nor a size that is no whole number of sectors (QEMU's virtual sizes always are).
     with pytest.raises(ValidationError, match="multiple of 512"):
         NewDisk(disk=disk, size=1966203)
     assert NewDisk(disk=disk, size=0).size == 0  # an empty image migrates too
