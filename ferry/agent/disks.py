@@ -34,12 +34,21 @@ class DiskOps:
             raise NotFound(f"this host does not see datastore {disk.datastore}")
         return disk_path(disk, self.datastores)
 
-    async def info(self, disk: DiskSpec) -> ImageInfo | None:
+    def image_path(self, disk: DiskSpec) -> Path:
+        """The image's path; InvalidInput if something other than a file is there (a
+        directory made qemu-img fail, a 502, and unlink raise, a 500: found fuzzing)."""
         path = self.path(disk)
+        if path.exists() and not path.is_file():
+            raise InvalidInput(f"{disk.datastore}:{disk.path} is not an image file",
+                               "name an image file inside the datastore")
+        return path
+
+    async def info(self, disk: DiskSpec) -> ImageInfo | None:
+        path = self.image_path(disk)
         return await image_info(path) if path.exists() else None
 
     def delete(self, disk: DiskSpec) -> bool:
-        path = self.path(disk)
+        path = self.image_path(disk)
         existed = path.exists()
         path.unlink(missing_ok=True)
         return existed

@@ -198,6 +198,7 @@ class HostRuntime:
                 if path is not None and not boot_file(path, stores).is_file():
                     raise InvalidInput(f"host {self.config.name} cannot read boot file {path}",
                                        "put it on storage every host can read")
+            check_kernel_image(boot_file(spec.kernel.kernel, stores))
         for nic in spec.nics:
             if nic.network not in self.config.networks:
                 raise InvalidInput(f"host {self.config.name} has no network {nic.network}")
@@ -437,6 +438,9 @@ class HostRuntime:
         rec = self._get(name)
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
+        if tune.postcopy:
+            # Checked before anything is set: a refused request changes nothing.
+            await _check_postcopy_possible(rec.monitor, name, self.config.name)
         params: dict[str, object] = {}
         if tune.downtime_ms is not None:
             params["downtime-limit"] = tune.downtime_ms
@@ -478,13 +482,16 @@ class HostRuntime:
         return await self.disks.info(disk)
 
     def delete_image(self, disk: DiskSpec) -> bool:
+        self._refuse_if_in_use(disk)
+        return self.disks.delete(disk)
+
+    def _refuse_if_in_use(self, disk: DiskSpec) -> None:
         in_use = [r.spec.name for r in self._vms.values()
                   if r.process.state is ProcessState.RUNNING and any(
                       (d.datastore, d.path) == (disk.datastore, disk.path)
                       for d in r.spec.disks)]
         if in_use:
             raise Conflict(f"{disk.datastore}:{disk.path} is in use by VM {in_use[0]}")
-        return self.disks.delete(disk)
 
     async def disk_files(self, name: str) -> dict[str, str]:
         """Each disk's image file as QEMU itself reports it (query-block)."""
@@ -528,6 +535,9 @@ class HostRuntime:
                    for d in rec.spec.disks):
                 raise Conflict(f"VM {name} already runs on {target.datastore}:{target.path}; "
                                "the move completed and cannot be cancelled")
+        # Cancelling deletes the partial copy: never an image another VM here runs on
+        # (the VM named may not run here at all, and then nothing else checks).
+        self._refuse_if_in_use(target)
         await self.disks.cancel_mirror(monitor, job_id, target)
 
     async def cancel_outgoing(self, name: str) -> Progress:
@@ -536,6 +546,21 @@ class HostRuntime:
             raise NotRunning(f"VM {name} has no monitor on {self.config.name}")
         await rec.monitor.migrate_cancel()
         return await rec.monitor.query_migrate()
+
+
+def check_kernel_image(path: Path) -> None:
+    """QEMU's -kernel boots a Linux bzImage (or an ELF kernel); given another file (the
+    initramfs, say) QEMU exited at start, a 502 for what is the request's mistake (found
+    fuzzing), or ran whatever the bytes were."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x206)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read boot file {path}: {exc.strerror}") from None
+    if head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS":
+        return
+    raise InvalidInput(f"boot file {path} is not a Linux kernel (no bzImage header, not ELF)",
+                       "name the kernel image (vmlinuz) as kernel and the initramfs as initrd")
 
 
 def write_spec(paths: RunPaths, spec: VmSpec) -> None:
@@ -553,6 +578,19 @@ def _running_monitor(rec: VmRecord, host: str) -> Monitor:
     if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
         raise NotRunning(f"VM {rec.spec.name} has no running QEMU on {host}")
     return rec.monitor
+
+
+async def _check_postcopy_possible(monitor: Monitor, name: str, host: str) -> None:
+    """QEMU refuses migrate-start-postcopy without a migration under way or without the
+    postcopy-ram capability; that is the caller's mistake (409), not the host failing."""
+    status = (await monitor.query_migrate()).status
+    if not status.in_progress:
+        raise Conflict(f"VM {name} on {host} has no migration under way ({status}) to "
+                       "switch to post-copy", "switch only a running migration")
+    caps = await monitor.execute("query-migrate-capabilities")
+    if not any(c.get("capability") == "postcopy-ram" and c.get("state") for c in caps):
+        raise Conflict(f"the migration of {name} on {host} was started without post-copy",
+                       "migrate with allow_postcopy to be able to switch to post-copy")
 
 
 def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:

@@ -62,7 +62,9 @@ class NewDisk(Frozen):
     """An empty image the destination creates and fills over NBD (no shared storage)."""
 
     disk: DiskSpec
-    size: int
+    # Bytes, as QEMU reports a virtual size: whole 512-byte sectors (a negative size
+    # reached qemu-img's argv as an option, "-1", and failed as a 502: found fuzzing).
+    size: int = Field(ge=0, multiple_of=512)
 
 
 class PrepareIncoming(Frozen):
@@ -93,7 +95,7 @@ class StartOutgoing(Frozen):
     uri: str  # only tcp:<IPv4>:<port>; the agent refuses anything else
     tls_peer: Name | None = None  # the destination host, whose certificate is checked
     options: StreamOptions = Field(default_factory=StreamOptions)
-    downtime_ms: int = Field(default=300, ge=1)
+    downtime_ms: int = Field(default=300, ge=1, le=60_000)  # as Tune's
 
 
 class ResumeOutgoing(Frozen):
@@ -126,7 +128,7 @@ class MirrorRequest(Frozen):
 
     job_id: str
     target: DiskSpec
-    speed_bytes_s: int = Field(default=0, ge=0)
+    speed_bytes_s: int = Field(default=0, ge=0, le=2**63 - 1)  # QEMU's int64
 
 
 class ImageRef(Frozen):

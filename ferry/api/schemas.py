@@ -56,7 +56,7 @@ class RelocateRequest(Frozen):
     provisioning: Provisioning | None = None
     path: str | None = None
     keep_source: bool = False
-    bandwidth_bytes_s: int = Field(default=0, ge=0)
+    bandwidth_bytes_s: int = Field(default=0, ge=0, le=2**63 - 1)  # QEMU's int64
     progress_timeout_s: int = Field(default=DEFAULT_COPY_PROGRESS_TIMEOUT_S, ge=5,
                                     le=24 * 3600)
 

@@ -18,6 +18,10 @@ from ferry.domain.audit import EventRecord, TokenInfo
 from ferry.domain.auth import PRIVILEGES, Principal, Privilege, format_token, new_secret
 from ferry.domain.errors import Forbidden
 
+# Event ids are SQLite INTEGERs (64-bit signed): a larger `before` is no id at all, and
+# would reach the database as an int it cannot bind (an HTTP 500 before this bound).
+MAX_EVENT_ID = 2**63 - 1
+
 
 def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
     store = control.store
@@ -69,7 +73,7 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
 
     @app.get("/v1/events")
     async def events(_: Principal = reader, limit: int = Query(100, ge=1, le=1000),
-                     before: int | None = Query(None, ge=1),
+                     before: int | None = Query(None, ge=1, le=MAX_EVENT_ID),
                      since: float | None = Query(None, ge=0)) -> list[EventRecord]:
         """The event log, newest first (page with `before`, the last id seen)."""
         return await store.security.events(limit, before, since)

@@ -230,7 +230,9 @@ class StreamOptions(Frozen):
 
     policy: PolicyKind = PolicyKind.FERRY
     max_downtime_ms: int = Field(default=500, ge=10, le=60_000)
-    max_bandwidth_bytes_s: int = Field(default=0, ge=0)  # 0: unlimited
+    # 0: unlimited. QEMU refuses 2**64 and more (the stream then failed to start as a
+    # QMP error); an int64 is also what every store and client can hold.
+    max_bandwidth_bytes_s: int = Field(default=0, ge=0, le=2**63 - 1)
     completion_budget_s_per_gib: int = Field(default=800, ge=1, le=100_000)
     progress_timeout_s: int = Field(default=150, ge=1, le=100_000)
     allow_throttle: bool = True

@@ -26,6 +26,8 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 
 DEFAULT_CPU_MODEL = "Nehalem"  # survives TCG migration (FACTS.md: qemu64/max corrupt guests)
+# QEMU's x86 machines with a PCI bus: the i440FX and Q35 families and their aliases.
+PCI_MACHINE = re.compile(r"^(pc|q35|pc-i440fx-[0-9]+(\.[0-9]+)*|pc-q35-[0-9]+(\.[0-9]+)*)$")
 DEFAULT_MACHINE = "pc"  # an alias; resolved to a versioned type when the VM is created
 
 
@@ -123,6 +125,17 @@ class VmSpec(Frozen):
     def _token(cls, value: str) -> str:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", value):
             raise ValueError(f"{value!r} is not a QEMU model name")
+        return value
+
+    @field_validator("machine")
+    @classmethod
+    def _pci_machine(cls, value: str) -> str:
+        # Every VM gets virtio PCI devices (disks, NICs): QEMU's machines without a PCI
+        # bus (none, isapc, microvm, x-remote) failed to start, as a 502 (found fuzzing).
+        if not PCI_MACHINE.match(value):
+            raise ValueError(f"machine type {value!r} has no PCI bus for the VM's virtio "
+                             "devices; use pc or q35 (or a versioned pc-i440fx-… or "
+                             "pc-q35-…)")
         return value
 
     @model_validator(mode="after")
