@@ -88,6 +88,7 @@ class StandInMonitor:
 @dataclass
 class StandInProcess:
     state: ProcessState = ProcessState.RUNNING
+    pid: int | None = None  # no real process: the lab's fault hooks (off here) get None
 
 
 def runtime_with(tmp_path: Path, monitor: StandInMonitor) -> HostRuntime:
