@@ -18,7 +18,8 @@ The watcher (conftest.py) fails any cell in which the guest executed on two host
 
 CI runs the cells marked `ci` (at least one per stage and one per fault kind; about
 4 minutes); `make test-faults` (FERRY_FAULTS=all, -m faults) runs them all. A cell whose
-correct outcome the engine does not reach yet is xfail(strict=True) with the reason.
+correct outcome the engine does not reach yet is xfail with the reason (not strict: the
+reconciler may settle it seconds later).
 Link cuts and control-plane restarts are in test_migration_failures.py and
 test_convergence.py (the test breaks the lab itself once a phase is reached).
 """
@@ -176,7 +177,9 @@ def _param(cell: Cell) -> Any:
         marks += [pytest.mark.faults_full,
                   pytest.mark.skipif(not FULL, reason="full fault matrix: make test-faults")]
     if cell.xfail:
-        marks.append(pytest.mark.xfail(strict=True, reason=cell.xfail))
+        # Not strict: the reconciler (control/reconcile.py) may settle the engine's
+        # outcome seconds later, so whether the cell sees it fixed depends on timing.
+        marks.append(pytest.mark.xfail(strict=False, reason=cell.xfail))
     return pytest.param(cell, id=f"{cell.id}-{cell.flow}", marks=marks)
 
 
@@ -216,6 +219,15 @@ class Pool:
                     cluster.kill_pid(pid, grace_s=1.0)
         with contextlib.suppress(Exception):
             self.client.call("DELETE", f"/v1/vms/{vm}")
+
+
+def recorded(client: Client, vm: str, state: str, host: str | None = None) -> None:
+    """Wait (bounded) until the inventory records `vm` in `state` (on `host`): the
+    engine's own outcome, or the reconciler's once the agents report again."""
+    def ok() -> bool:
+        view = client.call("GET", f"/v1/vms/{vm}")
+        return bool(view["state"] == state and (host is None or view["host"] == host))
+    wait_until(ok, 30, f"{vm} recorded {state}" + (f" on {host}" if host else ""))
 
 
 def settled(client: Client, lab: LabConfig) -> None:
@@ -283,7 +295,8 @@ def test_fault_cell(cell: Cell, client: Client, lab: LabConfig, pool: Pool) -> N
         assert done["phase"] in ("completed", "failed"), done
         if cell.outcome is Outcome.LOST:
             assert done["phase"] == "failed" and done["reason"], done
-            assert client.call("GET", f"/v1/vms/{vm}")["state"] == "crashed"
+            # the engine, or the reconciler a few seconds later, records it crashed
+            recorded(client, vm, "crashed")
             assert _no_copy_runs(lab, vm)
         else:
             host = {Outcome.SOURCE: source, Outcome.DEST: target}.get(
@@ -291,6 +304,7 @@ def test_fault_cell(cell: Cell, client: Client, lab: LabConfig, pool: Pool) -> N
             assert done["phase"] == ("completed" if host == target else "failed"), done
             settled(client, lab)
             wait_until(lambda: qemu_hosts(lab, vm) == [host], 90, f"{vm} only on {host}")
+            recorded(client, vm, "running", host)
             assert_intact(client, vm, host, lab, before)
             pool.host = host
             ok = True
@@ -333,7 +347,9 @@ def _move_param(cell: MoveCell) -> Any:
         marks += [pytest.mark.faults_full,
                   pytest.mark.skipif(not FULL, reason="full fault matrix: make test-faults")]
     if cell.xfail:
-        marks.append(pytest.mark.xfail(strict=True, reason=cell.xfail))
+        # Not strict: the reconciler (control/reconcile.py) may settle the engine's
+        # outcome seconds later, so whether the cell sees it fixed depends on timing.
+        marks.append(pytest.mark.xfail(strict=False, reason=cell.xfail))
     return pytest.param(cell, id=cell.id, marks=marks)
 
 
@@ -377,9 +393,10 @@ def test_relocation_fault_cell(cell: MoveCell, client: Client, lab: LabConfig) -
         assert done["phase"] in ("completed", "failed"), done
         settled(client, lab)
         if cell.outcome is Outcome.LOST:
-            assert client.call("GET", f"/v1/vms/{vm}")["state"] == "crashed"
+            recorded(client, vm, "crashed")
             assert _no_copy_runs(lab, vm)
             return
+        recorded(client, vm, "running", host)
         assert_intact(client, vm, host, lab, before)
         disk = client.call("GET", f"/v1/vms/{vm}")["spec"]["disks"][0]
         live = client.call("GET", f"/v1/vms/{vm}/disk-files")["root"]
@@ -444,7 +461,8 @@ def test_disk_copy_fault_cell(cell: MoveCell, client: Client, lab: LabConfig) ->
         settled(client, lab)
         if cell.outcome is Outcome.LOST:
             assert done["phase"] == "failed" and done["reason"], done
-            assert client.call("GET", f"/v1/vms/{vm}")["state"] == "crashed"
+            # the engine, or the reconciler a few seconds later, records it crashed
+            recorded(client, vm, "crashed")
             assert _no_copy_runs(lab, vm)
             return
         host = {Outcome.SOURCE: source, Outcome.DEST: target}.get(
