@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from ferry.agent.models import (
     Tune,
     VmInfo,
 )
+from ferry.agent.stream_settings import free_port, stream_capabilities, stream_parameters
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.probe import last_heartbeat
@@ -591,29 +591,3 @@ async def _check_postcopy_possible(monitor: Monitor, name: str, host: str) -> No
     if not any(c.get("capability") == "postcopy-ram" and c.get("state") for c in caps):
         raise Conflict(f"the migration of {name} on {host} was started without post-copy",
                        "migrate with allow_postcopy to be able to switch to post-copy")
-
-
-def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
-    caps = {"events": True, "postcopy-ram": options.allow_postcopy,
-            "multifd": options.multifd_channels > 0}
-    if source:
-        caps["auto-converge"] = options.throttles
-    else:
-        # The paused destination leaves shared images inactive (unlocked) until `cont`,
-        # so a rollback can resume the source even while the destination still exists.
-        caps["late-block-activate"] = True
-    return caps
-
-
-def stream_parameters(options: StreamOptions) -> dict[str, object]:
-    params: dict[str, object] = {}
-    if options.multifd_channels:
-        params["multifd-channels"] = options.multifd_channels
-        params["multifd-compression"] = options.compression.value
-    return params
-
-
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])

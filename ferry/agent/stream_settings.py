@@ -1,0 +1,33 @@
+"""A migration stream's QEMU settings on either end, and the port it listens on."""
+
+from __future__ import annotations
+
+import socket
+
+from ferry.domain.migration import StreamOptions
+
+
+def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
+    caps = {"events": True, "postcopy-ram": options.allow_postcopy,
+            "multifd": options.multifd_channels > 0}
+    if source:
+        caps["auto-converge"] = options.throttles
+    else:
+        # The paused destination leaves shared images inactive (unlocked) until `cont`,
+        # so a rollback can resume the source even while the destination still exists.
+        caps["late-block-activate"] = True
+    return caps
+
+
+def stream_parameters(options: StreamOptions) -> dict[str, object]:
+    params: dict[str, object] = {}
+    if options.multifd_channels:
+        params["multifd-channels"] = options.multifd_channels
+        params["multifd-compression"] = options.compression.value
+    return params
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
