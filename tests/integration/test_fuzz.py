@@ -106,6 +106,21 @@ def snapshot(client: Client, lab: LabConfig) -> dict[str, Any]:
             "tokens": tokens, "qemu": qemu, "files": files}
 
 
+def settled_snapshot(client: Client, lab: LabConfig) -> dict[str, Any]:
+    """A snapshot the control plane itself is not about to change: two taken more than
+    two reconcile rounds apart (control/reconcile.py) agree, so a state an earlier test
+    left behind is settled before the fuzzing starts."""
+    deadline = time.monotonic() + 90
+    last = snapshot(client, lab)
+    while time.monotonic() < deadline:
+        time.sleep(5)
+        now = snapshot(client, lab)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the lab did not settle before fuzzing: {last}")
+
+
 def assert_unchanged(before: dict[str, Any], after: dict[str, Any], what: str) -> None:
     changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert not changed, f"{what} changed state: {changed}"
@@ -321,7 +336,7 @@ def test_control_plane_api_fuzzed_as_admin(lab: LabConfig, client: Client,
     caller = admin(lab)
     existing = lab_existing(client, lab)
     policy = StreamOptions.model_validate(client.call("GET", "/v1/policy"))
-    before = snapshot(client, lab)
+    before = settled_snapshot(client, lab)
     found = Findings()
 
     def skip(op: APIOperation, case: Case) -> str | None:
@@ -381,7 +396,7 @@ def test_refused_requests_change_nothing(lab: LabConfig, client: Client,
         viewer = Caller(lab.control_url, lab.ca_file,
                         headers={"Authorization": f"Bearer {made['token']}"})
         anonymous = Caller(lab.control_url, lab.ca_file)
-        before = snapshot(client, lab)
+        before = settled_snapshot(client, lab)
         found = Findings()
         # What a viewer may do (read, create viewer tokens, revoke its own) is not a
         # refused request; everything else is, even on the names of real things.
@@ -431,7 +446,7 @@ def test_agent_api_fuzzed_with_the_control_planes_certificate(
                                                                    pki.key))
     caller = control_plane_cert(lab)
     existing = lab_existing(client, lab)
-    before = snapshot(client, lab)
+    before = settled_snapshot(client, lab)
     found = Findings()
 
     def skip(op: APIOperation, case: Case) -> str | None:
@@ -488,7 +503,7 @@ def test_vm_specs_the_control_plane_accepts_start_or_are_refused(
     is removed, and the lab is as it was."""
     facts = client.call("GET", "/v1/hosts/host1")["facts"]
     images = lab.images_dir
-    before = snapshot(client, lab)
+    before = settled_snapshot(client, lab)
     problems: list[str] = []
     made = itertools.count()
     outcomes: collections.Counter[str] = collections.Counter()
@@ -544,7 +559,7 @@ def test_incoming_vms_the_agent_accepts_listen_or_are_refused(
     made is removed, and the lab is as it was. (The tmpfs datastore "small" is left out:
     a raw image whose size is not a multiple of 4 KiB is exported read-only there, a
     502 not understood yet.)"""
-    before = snapshot(client, lab)
+    before = settled_snapshot(client, lab)
     problems: list[str] = []
     made = itertools.count()
     outcomes: collections.Counter[int] = collections.Counter()
