@@ -15,7 +15,7 @@ from ferry.api.schemas import (
 )
 from ferry.control.service import ControlPlane
 from ferry.domain.audit import EventRecord, TokenInfo
-from ferry.domain.auth import PRIVILEGES, Principal, Privilege, format_token, new_secret
+from ferry.domain.auth import Principal, Privilege, format_token, new_secret
 from ferry.domain.errors import Forbidden
 
 # Event ids are SQLite INTEGERs (64-bit signed): a larger `before` is no id at all, and
@@ -44,7 +44,7 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
     async def list_tokens(principal: Principal = reader) -> list[TokenInfo]:
         """Every token for an admin; one's own and those one created for others."""
         tokens = await store.security.tokens()
-        if Privilege.TOKEN_ADMIN in _privileges(principal):
+        if principal.has(Privilege.TOKEN_ADMIN):
             return tokens
         return [t for t in tokens if principal.token_id in (t.id, t.created_by)]
 
@@ -53,7 +53,7 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
         tokens = {t.id: t for t in await store.security.tokens()}
         target = tokens.get(token_id)
         mine = target is not None and principal.token_id in (target.id, target.created_by)
-        if not mine and Privilege.TOKEN_ADMIN not in _privileges(principal):
+        if not mine and not principal.has(Privilege.TOKEN_ADMIN):
             raise Forbidden(f"token {principal.name!r} may not revoke token {token_id!r}",
                             "only an admin revokes tokens it did not create")
         return await store.security.revoke_token(token_id)
@@ -77,7 +77,3 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
                      since: float | None = Query(None, ge=0)) -> list[EventRecord]:
         """The event log, newest first (page with `before`, the last id seen)."""
         return await store.security.events(limit, before, since)
-
-
-def _privileges(principal: Principal) -> frozenset[Privilege]:
-    return PRIVILEGES[principal.role]

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from ferry.domain.auth import format_token, new_secret, parse_token
 from ferry.domain.errors import Forbidden, InvalidInput
 from ferry.pki import ControlPki, Identity, Role
-from ferry.pki.certs import cert_fingerprint
+from ferry.pki.certs import cert_fingerprint, check_csr
 from ferry.store import Store
 
 
@@ -30,11 +30,10 @@ class Trust:
     async def enrol(self, token: str, csr_pem: str) -> tuple[str, bytes]:
         """Spend the join token, sign the CSR for the token's host: (host, cert PEM)."""
         token_id, secret = parse_token(token)
-        ca = self.pki.ca()
         # Validate the CSR before spending the token, so a typo does not burn it.
-        ca.sign_csr(csr_pem.encode(), "validation", Role.HOST)
+        check_csr(csr_pem.encode())
         host = await self.store.security.use_join_token(token_id, secret)
-        cert = ca.sign_csr(csr_pem.encode(), host, Role.HOST)
+        cert = self.pki.ca().sign_csr(csr_pem.encode(), host, Role.HOST)
         await self.store.security.enrol(host, cert_fingerprint(cert))
         return host, cert
 

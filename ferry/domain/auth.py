@@ -68,8 +68,11 @@ class Principal:
     name: str
     role: TokenRole
 
+    def has(self, privilege: Privilege) -> bool:
+        return privilege in PRIVILEGES[self.role]
+
     def require(self, privilege: Privilege) -> None:
-        if privilege not in PRIVILEGES[self.role]:
+        if not self.has(privilege):
             raise Forbidden(f"token {self.name!r} ({self.role}) lacks the privilege "
                             f"{privilege}", "use a token whose role grants it "
                             "(see `ferry token list`)")

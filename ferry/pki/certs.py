@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ferry.domain.errors import InvalidInput
@@ -73,6 +73,19 @@ def _csr_ips(csr: x509.CertificateSigningRequest) -> tuple[str, ...]:
     return tuple(str(ip) for ip in ext.value.get_values_for_type(x509.IPAddress))
 
 
+def check_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    """A well-formed, self-signed CSR for an EC or RSA key; InvalidInput otherwise."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise InvalidInput(f"the certificate request is not a PEM CSR: {exc}") from None
+    if not csr.is_signature_valid:
+        raise InvalidInput("the certificate request's signature is invalid")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise InvalidInput("the certificate request must carry an EC or RSA key")
+    return csr
+
+
 class ClusterCa:
     """The CA key and certificate (kept by the control plane only)."""
 
@@ -117,16 +130,8 @@ class ClusterCa:
                  days: int = LEAF_DAYS) -> bytes:
         """Sign a CSR as `CN=name` with `role`: the CA, not the requester, decides the name
         and role; only the requested IP addresses are taken over."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise InvalidInput(f"the certificate request is not a PEM CSR: {exc}") from None
-        if not csr.is_signature_valid:
-            raise InvalidInput("the certificate request's signature is invalid")
-        pub = csr.public_key()
-        if not isinstance(pub, ec.EllipticCurvePublicKey | _rsa_public()):
-            raise InvalidInput("the certificate request must carry an EC or RSA key")
-        return self._issue(pub, name, role, _csr_ips(csr), days)
+        csr = check_csr(csr_pem)
+        return self._issue(csr.public_key(), name, role, _csr_ips(csr), days)
 
     def issue(self, name: str, role: Role, ips: tuple[str, ...] = (),
               days: int = LEAF_DAYS, not_before: datetime.datetime | None = None
@@ -156,11 +161,6 @@ class ClusterCa:
                     critical=False)
                 .sign(self.key, hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _rsa_public() -> type:
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    return rsa.RSAPublicKey
 
 
 def identity_of(peercert: dict[str, object] | None, der: bytes | None = None
