@@ -75,9 +75,7 @@ class Reconciler:
         """Judge once; apply what the previous round found too. Returns what was applied."""
         hosts = await self.store.hosts()
         connected = {h.name for h in hosts if h.state is not HostState.DISCONNECTED}
-        busy = self.busy.names()
-        busy |= {m.vm for m in await self.store.migrations(unfinished_only=True)}
-        busy |= {r.vm for r in await self.store.relocations(unfinished_only=True)}
+        busy = self.busy.names() | await self._in_jobs()
         reports = {host: {name: info.state is AgentVmState.RUNNING
                           for name, info in vms.items() if info.state.alive}
                    for host, vms in self.agents.reported.items() if host in connected}
@@ -90,8 +88,14 @@ class Reconciler:
                 applied.append(finding)
         return applied
 
+    async def _in_jobs(self) -> set[str]:
+        """VMs an unfinished migration or relocation is working on."""
+        return ({m.vm for m in await self.store.migrations(unfinished_only=True)}
+                | {r.vm for r in await self.store.relocations(unfinished_only=True)})
+
     async def _apply(self, finding: Finding) -> bool:
-        if finding.vm in self.busy.names():
+        # A request or job that began since the round judged the VM owns it now.
+        if finding.vm in self.busy.names() or finding.vm in await self._in_jobs():
             return False
         try:
             await self.store.update_vm(finding.vm, state=finding.state, host=finding.host)
