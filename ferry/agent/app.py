@@ -11,11 +11,13 @@ from fastapi.responses import JSONResponse, Response
 from ferry.agent import faults
 from ferry.agent.host import HostRuntime
 from ferry.agent.models import (
+    ApplyNetworks,
     CreateVm,
     DiskMirrors,
     ImageRef,
     IncomingReady,
     MirrorRequest,
+    NetworkResult,
     PrepareIncoming,
     ResumeOutgoing,
     SerialTail,
@@ -60,6 +62,11 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.get("/v1/facts")
     async def facts() -> HostFacts:
         return host.facts()
+
+    @app.put("/v1/networks")
+    async def apply_networks(body: ApplyNetworks) -> list[NetworkResult]:
+        """Provide exactly these VM networks (bridge + VXLAN each); idempotent."""
+        return await host.networks.apply(body.networks)
 
     @app.get("/v1/vms")
     async def list_vms() -> list[VmInfo]:

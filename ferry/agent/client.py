@@ -14,11 +14,13 @@ import stamina
 from pydantic import BaseModel, TypeAdapter
 
 from ferry.agent.models import (
+    ApplyNetworks,
     CreateVm,
     DiskMirrors,
     ImageRef,
     IncomingReady,
     MirrorRequest,
+    NetworkResult,
     NewDisk,
     PrepareIncoming,
     ResumeOutgoing,
@@ -29,6 +31,7 @@ from ferry.agent.models import (
 )
 from ferry.domain.errors import HostUnavailable
 from ferry.domain.migration import Progress, StreamOptions
+from ferry.domain.networks import HostNetwork
 from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.wire import error_from_response
@@ -86,6 +89,10 @@ class AgentClient:
 
     async def facts(self) -> HostFacts:
         return await self._call("GET", "/v1/facts", HostFacts)
+
+    async def apply_networks(self, networks: tuple[HostNetwork, ...]) -> list[NetworkResult]:
+        return await self._call("PUT", "/v1/networks", TypeAdapter(list[NetworkResult]),
+                                ApplyNetworks(networks=networks))
 
     async def list_vms(self) -> list[VmInfo]:
         return await self._call("GET", "/v1/vms", TypeAdapter(list[VmInfo]))

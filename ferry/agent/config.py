@@ -26,7 +26,6 @@ class AgentConfig(Frozen):
     cpus: int | None = None  # declared capacity; None: what the host has
     memory_mib: int | None = None
     datastores: tuple[DatastoreConfig, ...] = ()
-    networks: tuple[str, ...] = ()
     heartbeat_interval_s: float = 1.0
     # Trust: where the host's key and certificate live (default: next to run_dir), the
     # CA that signs the control plane's certificate, and a one-time join token used

@@ -88,7 +88,7 @@ def takes_direct_io(directory: str) -> bool:
 
 
 def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
-               used_memory_mib: int) -> HostFacts:
+               used_memory_mib: int, networks: dict[str, str]) -> HostFacts:
     total, free = meminfo_mib()
     capacity = config.memory_mib or total
     datastores = []
@@ -103,5 +103,6 @@ def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
         memory_free_mib=max(0, min(free, capacity - used_memory_mib)),
         cpu_models=qemu.cpu_models, qemu_version=qemu.version,
         machine_types=qemu.machine_types, machine_aliases=qemu.machine_aliases,
-        datastores=tuple(datastores), networks=config.networks,
+        datastores=tuple(datastores), networks=tuple(networks),
+        network_digests=networks,
         migration_tls=HostTls(config.tls_path).enrolled())

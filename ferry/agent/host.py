@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +38,18 @@ from ferry.agent.models import (
     Tune,
     VmInfo,
 )
-from ferry.agent.stream_settings import free_port, stream_capabilities, stream_parameters
+from ferry.agent.networks import HostNetworks
+from ferry.agent.stream_settings import (
+    announce_of,
+    free_port,
+    incoming_parameters,
+    stream_capabilities,
+    stream_parameters,
+)
+from ferry.agent.vmfiles import check_kernel_image, tail_lines, write_spec
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
+from ferry.domain.networks import Announce
 from ferry.domain.probe import last_heartbeat
 from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.storage import ImageInfo, MirrorProgress
@@ -54,7 +62,6 @@ from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
 from ferry.pki import HostTls
 
-SERIAL_TAIL_BYTES = 64 * 1024
 log = logging.getLogger("ferry.agent")
 
 
@@ -66,20 +73,8 @@ class VmRecord:
     monitor: Monitor | None
     migration_id: str | None = None
     recover_uri: str | None = None  # where a paused post-copy's destination listens
+    announce: Announce | None = None  # sent after the `cont` that makes this copy the VM
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-def tail_lines(path: Path, max_lines: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - SERIAL_TAIL_BYTES))
-            data = f.read()
-    except OSError:
-        return []
-    lines = data.decode(errors="replace").splitlines()
-    return lines[-max_lines:]
 
 
 class HostRuntime:
@@ -91,6 +86,8 @@ class HostRuntime:
         self._vms: dict[str, VmRecord] = {}
         self._create_lock = asyncio.Lock()
         self.faults = Faults(config.fault_hooks, config.run_dir / "faults.log")  # lab only
+        self.networks = HostNetworks(config.migration_address or config.listen_host,
+                                     config.run_dir / "networks.json")
 
     @property
     def vms_dir(self) -> Path:
@@ -98,6 +95,7 @@ class HostRuntime:
 
     async def setup(self) -> None:
         self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.networks.load()
         self._qemu = await probe_qemu(self.accel)
         await self._adopt()
 
@@ -114,6 +112,7 @@ class HostRuntime:
                 continue
             adopted = await QemuProcess.adopt(spec.name, paths)
             if adopted is None:
+                await self.networks.unplug(spec)
                 shutil.rmtree(paths.directory, ignore_errors=True)
                 continue
             proc, monitor = adopted
@@ -139,7 +138,7 @@ class HostRuntime:
         assert self._qemu is not None, "setup() not run"
         used = sum(r.spec.memory_mib for r in self._vms.values()
                    if r.process.state is ProcessState.RUNNING)
-        return host_facts(self.config, self.accel, self._qemu, used)
+        return host_facts(self.config, self.accel, self._qemu, used, self.networks.digests())
 
     # --- inspection ------------------------------------------------------------
     def _get(self, name: str) -> VmRecord:
@@ -199,9 +198,7 @@ class HostRuntime:
                     raise InvalidInput(f"host {self.config.name} cannot read boot file {path}",
                                        "put it on storage every host can read")
             check_kernel_image(boot_file(spec.kernel.kernel, stores))
-        for nic in spec.nics:
-            if nic.network not in self.config.networks:
-                raise InvalidInput(f"host {self.config.name} has no network {nic.network}")
+        self.networks.check(spec, self.config.name)
         return machine
 
     async def _check_images(self, spec: VmSpec) -> None:
@@ -227,16 +224,18 @@ class HostRuntime:
             paths.directory.mkdir(parents=True, exist_ok=True)
             write_spec(paths, spec)
             argv = build_argv(spec, machine=machine, accel=self.accel, paths=paths,
-                              datastores=self.config.datastore_paths, incoming=incoming)
+                              datastores=self.config.datastore_paths, incoming=incoming,
+                              network_mtus=self.networks.mtus())
             if old is None or old.process.state is not ProcessState.RUNNING:
                 paths.qemu_log.unlink(missing_ok=True)
+            await self.networks.plug(spec)
             proc = QemuProcess(spec.name, argv, paths)
             rec = VmRecord(spec=spec, paths=paths, process=proc, monitor=None)
             self._vms[spec.name] = rec
         try:
             rec.monitor = await proc.start()
         except Exception:
-            self._forget(spec.name)
+            await self._forget(spec.name)
             raise
         return rec
 
@@ -264,13 +263,14 @@ class HostRuntime:
             if rec.monitor is not None:
                 await rec.monitor.close()
             info = await self.info(name)
-            self._forget(name)
+            await self._forget(name)
             return info
 
-    def _forget(self, name: str) -> None:
+    async def _forget(self, name: str) -> None:
         rec = self._vms.pop(name, None)
         if rec is not None:
             rec.process.close()
+            await self.networks.unplug(rec.spec)
             shutil.rmtree(rec.paths.directory, ignore_errors=True)
 
     async def resume(self, name: str) -> VmInfo:
@@ -284,6 +284,14 @@ class HostRuntime:
         self.faults.reach(FaultStage.RESUME, name, rec.process.pid)
         await rec.monitor.cont()
         self.faults.reach(FaultStage.RESUMED, name, rec.process.pid)
+        if rec.announce is not None:
+            # QEMU announced when the stream ended; again now that the guest runs, so a
+            # virtio-net guest sends its own gratuitous ARP too. Best effort: the VM runs.
+            try:
+                await rec.monitor.execute("announce-self", rec.announce.qmp())
+            except MonitorError as exc:
+                log.warning("announce-self for %s failed: %s", name, exc)
+            rec.announce = None
         return await self.info(name)
 
     # --- migration: destination side -----------------------------------------
@@ -300,6 +308,7 @@ class HostRuntime:
                 self.disks.delete(disk)
             raise
         rec.migration_id = migration_id
+        rec.announce = announce_of(options, spec)
         assert rec.monitor is not None
         address = self.config.migration_address or self.config.listen_host
         nbd = None
@@ -308,7 +317,8 @@ class HostRuntime:
             await rec.monitor.set_migration_capabilities(stream_capabilities(options, False))
             tls = (await stream_tls.accept_from(rec.monitor, self._qemu_tls_dir(), tls_peer)
                    if tls_peer else {})
-            await rec.monitor.set_migration_parameters(stream_parameters(options) | tls)
+            await rec.monitor.set_migration_parameters(
+                stream_parameters(options) | incoming_parameters(options) | tls)
             if new_disks:
                 nbd_port = free_port(address)
                 await export_disks(rec.monitor, address, nbd_port,
@@ -546,32 +556,6 @@ class HostRuntime:
             raise NotRunning(f"VM {name} has no monitor on {self.config.name}")
         await rec.monitor.migrate_cancel()
         return await rec.monitor.query_migrate()
-
-
-def check_kernel_image(path: Path) -> None:
-    """QEMU's -kernel boots a Linux bzImage (or an ELF kernel); given another file (the
-    initramfs, say) QEMU exited at start, a 502 for what is the request's mistake (found
-    fuzzing), or ran whatever the bytes were."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(0x206)
-    except OSError as exc:
-        raise InvalidInput(f"cannot read boot file {path}: {exc.strerror}") from None
-    if head[:4] == b"\x7fELF" or head[0x202:0x206] == b"HdrS":
-        return
-    raise InvalidInput(f"boot file {path} is not a Linux kernel (no bzImage header, not ELF)",
-                       "name the kernel image (vmlinuz) as kernel and the initramfs as initrd")
-
-
-def write_spec(paths: RunPaths, spec: VmSpec) -> None:
-    """Replace spec.json atomically: a crash mid-write leaves the old one or the new one,
-    never a torn file that a restarted agent could not read."""
-    tmp = paths.spec_file.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        f.write(spec.model_dump_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, paths.spec_file)
 
 
 def _running_monitor(rec: VmRecord, host: str) -> Monitor:

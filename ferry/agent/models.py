@@ -7,6 +7,7 @@ from enum import StrEnum
 from pydantic import Field
 
 from ferry.domain.migration import StreamOptions
+from ferry.domain.networks import HostNetwork
 from ferry.domain.probe import Heartbeat
 from ferry.domain.specs import DiskSpec, Frozen, HostFacts, Name, VmSpec
 
@@ -133,3 +134,15 @@ class MirrorRequest(Frozen):
 
 class ImageRef(Frozen):
     disk: DiskSpec
+
+
+class ApplyNetworks(Frozen):
+    """Every VM network this host must provide, exactly (absent ones are removed)."""
+
+    networks: tuple[HostNetwork, ...]
+
+
+class NetworkResult(Frozen):
+    name: str
+    ok: bool
+    error: str | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 
 from ferry.domain.migration import StreamOptions
+from ferry.domain.networks import USER_NETWORK, Announce
+from ferry.domain.specs import VmSpec
 
 
 def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
@@ -25,6 +27,20 @@ def stream_parameters(options: StreamOptions) -> dict[str, object]:
         params["multifd-channels"] = options.multifd_channels
         params["multifd-compression"] = options.compression.value
     return params
+
+
+def announce_of(options: StreamOptions, spec: VmSpec) -> Announce | None:
+    """What the destination announces once it runs; None when the VM has no bridged NIC
+    or the migration turned announcing off (to measure the difference)."""
+    bridged = any(nic.network != USER_NETWORK for nic in spec.nics)
+    return Announce() if options.announce and bridged else None
+
+
+def incoming_parameters(options: StreamOptions) -> dict[str, object]:
+    """The destination's own announce at the end of the stream: QEMU's, with Ferry's
+    timing, or none at all when announcing is off."""
+    announce = Announce() if options.announce else Announce(rounds=0)
+    return dict(announce.migration_parameters())
 
 
 def free_port(address: str) -> int:

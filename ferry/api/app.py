@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.agent.models import AgentHeartbeat
 from ferry.api.auth import enrolled_host, install_gates, requires, unauthenticated_response
+from ferry.api.network_routes import register_network_routes
 from ferry.api.schemas import (
     CheckResult,
     CreateVmRequest,
@@ -48,6 +49,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     read = requires(store, Privilege.READ)
     install_gates(app, store, allowed_hosts)
     register_trust_routes(app, control)
+    register_network_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
@@ -70,6 +72,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
         """From enrolled agents only: the host is the one its certificate names."""
         await control.trust.check_heartbeat(peer, beat.facts.name, beat.url)
         await control.inventory.heartbeat(beat.facts, beat.url, beat.vms)
+        await control.networks.on_heartbeat(beat.facts)
         await control.migrations.reap_orphans(beat.facts.name, beat.vms)
 
     @app.get("/v1/hosts", dependencies=read)

@@ -93,3 +93,12 @@ class Enrolment(Frozen):
     host: str
     cert: str
     ca: str
+
+
+class CreateNetworkRequest(Frozen):
+    name: str = Field(description="network name: lowercase letters, digits, '-'")
+    vni: int | None = Field(default=None, description="VXLAN network identifier "
+                            "(1-16777215); default: the lowest free one from 100")
+    mtu: int | None = Field(default=None, description="the segment's MTU (default 1450)")
+    vteps: tuple[str, ...] = Field(default=(), description="IPv4 addresses of endpoints "
+                                   "outside the cluster that join the segment")

@@ -30,14 +30,18 @@ def wait_heartbeat(client: Client, vm: str, after_seq: int = 0, timeout_s: float
 
 
 def probe_spec(config: LabConfig, name: str, memory_mib: int, probe_mib: int,
-               dirty_mib_s: int, mac: str = "52:54:00:de:00:01") -> dict[str, Any]:
+               dirty_mib_s: int, mac: str = "52:54:00:de:00:01", ip: str | None = None,
+               network: str = NETWORK) -> dict[str, Any]:
+    """A probe VM on the lab's VM network; with `ip` it has that address there and
+    answers UDP and TCP echo on port 7 (guest/echod.c)."""
+    address = f" ip={ip}/{config.vm_subnet.prefixlen}" if ip else ""
     return {
         "name": name, "memory_mib": memory_mib, "vcpus": 1, "cpu_model": "Nehalem",
         "kernel": {"kernel": str(config.images_dir / "vmlinuz"),
                    "initrd": str(config.images_dir / "initrd.img"),
                    "append": f"console=ttyS0 quiet panic=-1 ferry.probe_mib={probe_mib} "
-                             f"ferry.dirty_mib_s={dirty_mib_s}"},
-        "nics": [{"name": "nic0", "network": NETWORK, "mac": mac}],
+                             f"ferry.dirty_mib_s={dirty_mib_s}{address}"},
+        "nics": [{"name": "nic0", "network": network, "mac": mac}],
     }
 
 

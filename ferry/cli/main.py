@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from ferry.cli import lab_cmd, migrate_cmd, policy_cmd, relocate_cmd, trust_cmd
+from ferry.cli import lab_cmd, migrate_cmd, network_cmd, policy_cmd, relocate_cmd, trust_cmd
 from ferry.cli.client import connect
 from ferry.cli.output import console, heartbeat_text, print_error, print_json, table
 from ferry.domain.errors import FerryError, InvalidInput
@@ -31,6 +31,7 @@ app.add_typer(lab_cmd.app, name="lab")
 app.add_typer(migrate_cmd.migration_app, name="migration")
 app.add_typer(policy_cmd.app, name="policy")
 app.add_typer(relocate_cmd.relocation_app, name="relocation")
+app.add_typer(network_cmd.app, name="network")
 
 F = TypeVar("F", bound=Callable[..., Any])
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL "
@@ -58,6 +59,7 @@ migrate_cmd.register(vm_app, handle_errors)
 policy_cmd.register(handle_errors)
 relocate_cmd.register(vm_app, handle_errors)
 trust_cmd.register(app, host_app, handle_errors)
+network_cmd.register(handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 

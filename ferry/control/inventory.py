@@ -8,8 +8,9 @@ from ferry.agent.models import AgentVmState, VmInfo
 from ferry.control.agents import AgentPool
 from ferry.control.reconcile import BusyVms
 from ferry.domain.capacity import host_snapshots
-from ferry.domain.errors import Conflict, HostUnavailable, NotFound
+from ferry.domain.errors import Conflict, HostUnavailable, InvalidInput, NotFound
 from ferry.domain.inventory import HostSnapshot, HostState, VmState
+from ferry.domain.networks import USER_NETWORK
 from ferry.domain.placement import place
 from ferry.domain.records import HostRecord, VmRecord
 from ferry.domain.specs import HostFacts, VmSpec
@@ -61,6 +62,7 @@ class Inventory:
                            "choose another name or delete the existing VM")
         except NotFound:
             pass
+        await self._check_networks(spec)
         chosen = place(spec, await self.snapshots(), host)
         record = await self.store.host(chosen)
         assert record.facts is not None  # place() only picks hosts with facts
@@ -75,6 +77,14 @@ class Inventory:
                 await self.store.delete_vm(spec.name)
                 raise
         return vm
+
+    async def _check_networks(self, spec: VmSpec) -> None:
+        known = {n.name for n in await self.store.networks.all()}
+        for nic in spec.nics:
+            if nic.network != USER_NETWORK and nic.network not in known:
+                raise InvalidInput(f"NIC {nic.name}: there is no network {nic.network!r}",
+                                   f"create it (`ferry network create {nic.network}`), pick "
+                                   "one of `ferry network list`, or use --nic user")
 
     async def start_vm(self, name: str) -> VmRecord:
         with self.busy.hold(name):

@@ -6,6 +6,7 @@ from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
+from ferry.control.networks import Networks
 from ferry.control.reconcile import Reconciler
 from ferry.control.storage import Relocator
 from ferry.control.trust import Trust
@@ -22,6 +23,7 @@ class ControlPlane:
         self.agents = AgentPool(pki.client_context())
         self.bus = ChangeBus()
         self.inventory = Inventory(store, self.agents)
+        self.networks = Networks(store, self.agents)
         self.migrations = Orchestrator(store, self.inventory, self.agents, self.bus)
         self.relocations = Relocator(store, self.agents, self.bus)
         self.reconciler = Reconciler(store, self.agents, self.inventory.busy)
@@ -37,6 +39,7 @@ class ControlPlane:
 
     async def close(self) -> None:
         await self.reconciler.close()
+        await self.networks.close()
         await self.migrations.shutdown()
         await self.relocations.shutdown()
         await self.agents.aclose()

@@ -42,6 +42,7 @@ class Privilege(StrEnum):
     HOST_MAINTENANCE = "host.maintenance"
     DRS_APPLY = "drs.apply"
     POLICY_SET = "policy.set"
+    NETWORK_MANAGE = "network.manage"  # create and delete VM networks
     TOKEN_CREATE = "token.create"
     TOKEN_ADMIN = "token.admin"  # see and revoke every token, not only one's own
     HOST_ENROL = "host.enrol"

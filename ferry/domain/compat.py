@@ -8,6 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from ferry.domain.inventory import HostSnapshot, HostState
+from ferry.domain.networks import USER_NETWORK
 from ferry.domain.specs import Frozen, VmSpec
 
 
@@ -74,7 +75,7 @@ def check_host(spec: VmSpec, host: HostSnapshot, *, counted: bool = False) -> li
         elif (problem := datastore.cache_problem(disk)) is not None:
             refuse(RefusalReason.NO_DIRECT_IO, f"host {host.name}: {problem}")
     for nic in spec.nics:
-        if nic.network not in facts.networks:
+        if nic.network != USER_NETWORK and nic.network not in facts.networks:
             refuse(RefusalReason.NETWORK_MISSING,
                    f"host {host.name} has no network {nic.network} (NIC {nic.name}); "
                    f"it has {', '.join(facts.networks) or 'none'}")

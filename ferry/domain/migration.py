@@ -247,6 +247,9 @@ class StreamOptions(Frozen):
     compression: Compression = Compression.NONE
     # TLS for the memory and NBD streams; `required` refuses hosts that cannot do it.
     encryption: Encryption = Encryption.REQUIRED
+    # The destination announces the guest's MACs after the switch (QEMU's self-announce),
+    # so the network learns its new port at once; off only to measure what that saves.
+    announce: bool = True
 
     @model_validator(mode="after")
     def _compression_needs_multifd(self) -> StreamOptions:

@@ -194,7 +194,10 @@ class HostFacts(Frozen):
     machine_types: tuple[str, ...]
     machine_aliases: dict[str, str] = Field(default_factory=dict)
     datastores: tuple[DatastoreInfo, ...] = ()
+    # The VM networks the host provides, and the digest of each as it was applied
+    # (ferry/domain/networks.py), by which the control plane sees what to push.
     networks: tuple[str, ...] = ()
+    network_digests: dict[str, str] = Field(default_factory=dict)
     # The agent holds a cluster certificate QEMU can use for TLS migration streams.
     migration_tls: bool = False
 

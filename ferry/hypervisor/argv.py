@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.domain.errors import InvalidInput
+from ferry.domain.networks import USER_NETWORK, tap_name
 from ferry.domain.specs import DiskCache, DiskFormat, DiskSpec, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -77,8 +78,11 @@ def _no_backing(disk: DiskSpec) -> dict[str, None]:
 
 def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
                datastores: Mapping[str, str], incoming: bool = False,
+               network_mtus: Mapping[str, int] | None = None,
                binary: str = QEMU_BINARY) -> list[str]:
-    """The full argv; `machine` is the resolved, versioned machine type."""
+    """The full argv; `machine` is the resolved, versioned machine type; `network_mtus`
+    the MTU of each VM network this host provides."""
+    network_mtus = network_mtus or {}
     argv = [
         binary,
         "-name", f"guest={spec.name},debug-threads=on",
@@ -117,10 +121,19 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
                        + (",bootindex=1" if index == 0 and spec.kernel is None else ""),
         ]
     for nic in spec.nics:
-        # User-mode networking: migratable and needs no host bridge; bridged NICs are
-        # a later step (they need qemu-bridge-helper or pre-created taps).
-        argv += ["-netdev", f"user,id=net-{nic.name}",
-                 "-device", f"virtio-net-pci,netdev=net-{nic.name},mac={nic.mac},id={nic.name}"]
+        device = f"virtio-net-pci,netdev=net-{nic.name},mac={nic.mac},id={nic.name}"
+        if nic.network == USER_NETWORK:
+            argv += ["-netdev", f"user,id=net-{nic.name}", "-device", device]
+            continue
+        if nic.network not in network_mtus:
+            raise InvalidInput(f"this host has no network {nic.network} (NIC {nic.name})",
+                               "create the network, or use --nic user")
+        # The agent made the tap and put it on the network's bridge; QEMU only opens it
+        # (no scripts: the sandbox forbids spawning anything). host_mtu tells the guest
+        # the segment's MTU (VXLAN takes 50 bytes of the underlay's 1500).
+        argv += ["-netdev", f"tap,id=net-{nic.name},ifname={tap_name(spec.uuid, nic.name)},"
+                            "script=no,downscript=no",
+                 "-device", f"{device},host_mtu={network_mtus[nic.network]}"]
     if incoming:
         # -S: the destination stays paused when the stream ends; it runs guest code only
         # once the control plane has recorded the switch and sends `cont` (as libvirt).

@@ -105,7 +105,7 @@ def agent_config(config: LabConfig, host: str, join_token: str | None = None
                                     path=str(config.local_datastore(host))))
         + ((DatastoreConfig(name="small", path=str(config.small_datastore), shared=True),)
            if config.small_datastore_mib else ()),
-        networks=(NETWORK,), fault_hooks=config.fault_hooks)
+        fault_hooks=config.fault_hooks)
 
 
 def start_agent(config: LabConfig, host: str) -> int:
@@ -192,25 +192,54 @@ def processes_of(directory: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _http(config: LabConfig, timeout_s: float = 30.0) -> httpx.Client:
+    token = config.admin_token_file.read_text().strip()
+    return httpx.Client(base_url=config.control_url, timeout=timeout_s, trust_env=False,
+                        verify=client_context(config.ca_file),
+                        headers={"authorization": f"Bearer {token}"})
+
+
 def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     want = {h.name for h in config.hosts}
     last = "control plane not answering"
-    token = config.admin_token_file.read_text().strip()
-    tls = client_context(config.ca_file)
-    while time.monotonic() < deadline:
-        try:
-            hosts = httpx.get(f"{config.control_url}/v1/hosts", timeout=2.0, trust_env=False,
-                              verify=tls, headers={"authorization": f"Bearer {token}"}).json()
-            ready = {h["name"] for h in hosts if h["state"] == "connected"}
-            if want <= ready:
-                return
-            last = f"waiting for hosts {sorted(want - ready)}"
-        except (httpx.HTTPError, ValueError) as exc:
-            last = f"control plane not answering: {exc}"
-        time.sleep(0.2)
+    with _http(config, timeout_s=2.0) as http:
+        while time.monotonic() < deadline:
+            try:
+                hosts = http.get("/v1/hosts").json()
+                ready = {h["name"] for h in hosts if h["state"] == "connected"}
+                if want <= ready:
+                    return
+                last = f"waiting for hosts {sorted(want - ready)}"
+            except (httpx.HTTPError, ValueError) as exc:
+                last = f"control plane not answering: {exc}"
+            time.sleep(0.2)
     raise LabError(f"lab did not come up within {timeout_s:.0f} s ({last}); "
                    f"see the logs in {config.logs_dir}")
+
+
+def ensure_vm_network(config: LabConfig, timeout_s: float = 60.0) -> None:
+    """The lab's VM network (`vmnet`) on every host, and the client machine on it."""
+    with _http(config) as http:
+        resp = http.get(f"/v1/networks/{NETWORK}")
+        if resp.status_code == 404:
+            resp = http.post("/v1/networks", json={"name": NETWORK,
+                                                   "vteps": [config.client_ip]})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if resp.status_code >= 400:
+                raise LabError(f"the lab's network {NETWORK}: HTTP {resp.status_code} "
+                               f"{resp.text}")
+            view = resp.json()
+            waiting = {h: s for h, s in view["hosts"].items() if s != "ready"}
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"network {NETWORK} not ready on every host within "
+                               f"{timeout_s:.0f} s: {waiting}")
+            time.sleep(0.3)
+            resp = http.get(f"/v1/networks/{NETWORK}")
+    net.join_client(config, view["spec"]["vni"], view["spec"]["mtu"])
 
 
 def up(config: LabConfig) -> LabStatus:
@@ -241,6 +270,7 @@ def up(config: LabConfig) -> LabStatus:
             if _alive_pid(_pidfile(config, f"agent-{host.name}")) is None:
                 start_agent(config, host.name)
         wait_registered(config)
+        ensure_vm_network(config)
     except Exception:
         down(config)
         raise

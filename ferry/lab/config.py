@@ -58,6 +58,8 @@ class LabConfig(Frozen):
         names = [h.name for h in self.hosts]
         if len(set(names)) != len(names):
             raise ValueError("host names in a lab must be unique")
+        if "client" in names:
+            raise ValueError("'client' names the lab's client machine, not a host")
         return self
 
     @classmethod
@@ -91,6 +93,36 @@ class LabConfig(Frozen):
     @property
     def control_url(self) -> str:
         return f"https://{self.bridge_ip}:{self.control_port}"
+
+    # --- the VM network and the client machine on it ---------------------------------
+    @property
+    def client_ns(self) -> str:
+        """An "outside" machine on the lab bridge that also joins the VM network."""
+        return f"{self.prefix}-client"
+
+    @property
+    def client_veth(self) -> str:
+        return f"{self.prefix}-client"[:15]
+
+    @property
+    def client_ip(self) -> str:
+        return str(self.subnet.broadcast_address - 1)
+
+    @property
+    def vm_subnet(self) -> IPv4Network:
+        """The VM network's addresses: 198.19.N.0/24 beside the lab's 198.18.N.0/24 (both
+        RFC 2544 test ranges); another lab subnet maps onto its third octet too."""
+        return IPv4Network(f"198.19.{self.subnet.network_address.packed[2]}.0/24")
+
+    @property
+    def client_vm_ip(self) -> str:
+        return str(self.vm_subnet.network_address + 254)
+
+    def vm_ip(self, index: int) -> str:
+        """The index-th probe VM address (index 0 to 239)."""
+        if not 0 <= index < 240:
+            raise InvalidInput(f"VM address index {index} is outside 0-239")
+        return str(self.vm_subnet.network_address + 10 + index)
 
     def agent_url(self, host: str) -> str:
         return f"https://{self.host_ip(host)}:{AGENT_PORT}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+from ferry.domain.networks import VXLAN_PORT
 from ferry.lab.config import LabConfig
 
 
@@ -39,6 +40,43 @@ def create(config: LabConfig) -> None:
         ip("-n", ns, "addr", "replace", f"{config.host_ip(host.name)}/24", "dev", "eth0")
         ip("-n", ns, "link", "set", "eth0", "up")
         ip("-n", ns, "link", "set", "lo", "up")
+    _create_client(config)
+
+
+def _create_client(config: LabConfig) -> None:
+    """The client machine: a namespace on the lab bridge like a host, without an agent."""
+    ns, veth = config.client_ns, config.client_veth
+    if ip("netns", "pids", ns, check=False).returncode != 0:
+        ip("netns", "add", ns)
+    if ip("link", "show", veth, check=False).returncode != 0:
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    ip("link", "set", veth, "master", config.bridge)
+    ip("link", "set", veth, "up")
+    ip("-n", ns, "addr", "replace", f"{config.client_ip}/{config.subnet.prefixlen}",
+       "dev", "eth0")
+    ip("-n", ns, "link", "set", "eth0", "up")
+    ip("-n", ns, "link", "set", "lo", "up")
+
+
+def join_client(config: LabConfig, vni: int, mtu: int) -> None:
+    """Put the client machine on the VM network: its own VXLAN endpoint, flooding to
+    every host (the network lists the client as an extra VTEP, so hosts flood back)."""
+    ns, dev = config.client_ns, "vx0"
+    ip("-n", ns, "link", "delete", dev, check=False)
+    ip("-n", ns, "link", "add", dev, "type", "vxlan", "id", str(vni), "local",
+       config.client_ip, "dstport", str(VXLAN_PORT), "learning")
+    for host in config.hosts:
+        bridge("-n", ns, "fdb", "append", "00:00:00:00:00:00", "dev", dev,
+               "dst", config.host_ip(host.name))
+    ip("-n", ns, "link", "set", dev, "mtu", str(mtu), "up")
+    ip("-n", ns, "addr", "replace", f"{config.client_vm_ip}/{config.vm_subnet.prefixlen}",
+       "dev", dev)
+
+
+def bridge(*args: str) -> None:
+    proc = subprocess.run(["bridge", *args], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise LabCommandError(f"bridge {' '.join(args)}: {proc.stderr.strip()}")
 
 
 def destroy(config: LabConfig) -> None:
@@ -50,6 +88,7 @@ def destroy(config: LabConfig) -> None:
             ip("netns", "delete", ns, check=False)
     for host in config.hosts:
         ip("link", "delete", config.veth(host.name), check=False)
+    ip("link", "delete", config.client_veth, check=False)
     ip("link", "delete", config.bridge, check=False)
 
 

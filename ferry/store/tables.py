@@ -100,3 +100,11 @@ class EventRow(Base):
     object: Mapped[str] = mapped_column(String(256))
     outcome: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class NetworkRow(Base):
+    __tablename__ = "networks"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Unique: two networks on one VNI would be one segment.
+    vni: Mapped[int] = mapped_column(Integer, unique=True)
+    spec_json: Mapped[str] = mapped_column(Text)

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from ferry.domain.errors import InvalidInput
+from ferry.domain.networks import tap_name
 from ferry.domain.specs import DiskSpec, KernelBoot, NicSpec, VmSpec
 from ferry.hypervisor.argv import RunPaths, build_argv, disk_path
 
@@ -54,8 +55,9 @@ def test_disks_and_nics() -> None:
                   disks=(DiskSpec(name="root", datastore="shared", path="vms/web1.qcow2"),
                          DiskSpec(name="data", datastore="shared", path="d.raw", format="raw",
                                   cache="writeback")),
-                  nics=(NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:07"),))
-    argv = argv_of(spec)
+                  nics=(NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:07"),
+                        NicSpec(name="nic1", network="user", mac="52:54:00:00:00:08")))
+    argv = argv_of(spec, network_mtus={"vmnet": 1450})
     blockdevs = [json.loads(b) for b in value_after(argv, "-blockdev")]
     assert blockdevs[0] == {"driver": "file", "node-name": "file-root",
                             "filename": "/srv/shared/vms/web1.qcow2",
@@ -65,7 +67,22 @@ def test_disks_and_nics() -> None:
     devices = value_after(argv, "-device")
     assert "virtio-blk-pci,drive=disk-root,id=root,bootindex=1" in devices
     assert "virtio-blk-pci,drive=disk-data,id=data" in devices
-    assert "virtio-net-pci,netdev=net-nic0,mac=52:54:00:00:00:07,id=nic0" in devices
+    # A bridged NIC opens the tap the agent made (no scripts), with the segment's MTU;
+    # `user` is QEMU's user-mode networking.
+    assert ("virtio-net-pci,netdev=net-nic0,mac=52:54:00:00:00:07,id=nic0,host_mtu=1450"
+            in devices)
+    netdevs = value_after(argv, "-netdev")
+    assert netdevs[0] == (f"tap,id=net-nic0,ifname={tap_name(spec.uuid, 'nic0')},"
+                          "script=no,downscript=no")
+    assert netdevs[1] == "user,id=net-nic1"
+    assert "virtio-net-pci,netdev=net-nic1,mac=52:54:00:00:00:08,id=nic1" in devices
+
+
+def test_a_nic_on_a_network_the_host_lacks_is_refused() -> None:
+    spec = VmSpec(name="web1", kernel=KernelBoot(kernel="/srv/shared/k"),
+                  nics=(NicSpec(name="nic0", network="other", mac="52:54:00:00:00:07"),))
+    with pytest.raises(InvalidInput, match="no network other"):
+        argv_of(spec, network_mtus={"vmnet": 1450})
 
 
 def test_disk_path_refuses_symlink_style_escape() -> None:

@@ -1,0 +1,201 @@
+"""This host's side of the VM networks: a bridge and a VXLAN device per network, a tap
+per VM NIC (iproute2 commands as argv lists, never a shell).
+
+What the control plane last asked for is kept in `networks.json` beside the run
+directory, so a restarted agent reports it (the kernel keeps the devices) and the
+control plane does not push it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+
+from ferry.agent.models import NetworkResult
+from ferry.domain.errors import Conflict, FerryError, HostUnavailable, InvalidInput
+from ferry.domain.networks import (
+    USER_NETWORK,
+    VXLAN_PORT,
+    HostNetwork,
+    bridge_name,
+    tap_name,
+)
+from ferry.domain.specs import NicSpec, VmSpec
+
+log = logging.getLogger("ferry.agent.networks")
+COMMAND_TIMEOUT_S = 15.0
+ZERO_MAC = "00:00:00:00:00:00"
+_SAVED = TypeAdapter(tuple[HostNetwork, ...])
+
+
+class NetworkCommandFailed(HostUnavailable):
+    """An iproute2 command failed on this host (HTTP 502, like other host failures)."""
+
+
+async def run(*argv: str, check: bool = True) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise NetworkCommandFailed(f"`{' '.join(argv)}` did not finish in "
+                                   f"{COMMAND_TIMEOUT_S:.0f} s") from None
+    if check and proc.returncode != 0:
+        raise NetworkCommandFailed(f"`{' '.join(argv)}` failed: {err.decode().strip()}")
+    return out.decode()
+
+
+async def link_exists(name: str) -> bool:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "link", "show", "dev", name, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    return await proc.wait() == 0
+
+
+async def _link_details(name: str) -> dict[str, object] | None:
+    out = await run("ip", "-d", "-j", "link", "show", "dev", name, check=False)
+    try:
+        links = json.loads(out) if out.strip() else []
+    except ValueError:
+        return None
+    return links[0] if links else None
+
+
+class HostNetworks:
+    def __init__(self, local_address: str, state_file: Path) -> None:
+        self.local = local_address
+        self.state_file = state_file
+        self._have: dict[str, HostNetwork] = {}
+        self._lock = asyncio.Lock()
+
+    def load(self) -> None:
+        try:
+            saved = _SAVED.validate_json(self.state_file.read_bytes())
+        except (OSError, ValidationError):
+            return  # nothing applied yet (or unreadable): the control plane pushes again
+        self._have = {n.name: n for n in saved}
+
+    def _save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_bytes(_SAVED.dump_json(tuple(self._have.values())))
+        os.replace(tmp, self.state_file)
+
+    # --- what the facts report -----------------------------------------------
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._have))
+
+    def mtus(self) -> dict[str, int]:
+        return {name: net.mtu for name, net in self._have.items()}
+
+    def digests(self) -> dict[str, str]:
+        return {name: net.digest() for name, net in sorted(self._have.items())}
+
+    # --- the control plane's desired state -----------------------------------------
+    async def apply(self, wanted: tuple[HostNetwork, ...]) -> list[NetworkResult]:
+        """Make this host provide exactly `wanted` (idempotent). A network still used by
+        a tap is kept and reported, never torn from under a VM."""
+        names = [n.name for n in wanted]
+        if len(set(names)) != len(names) or len({n.vni for n in wanted}) != len(wanted):
+            raise InvalidInput("networks must have unique names and VNIs")
+        results = []
+        async with self._lock:
+            for net in wanted:
+                try:
+                    old = self._have.get(net.name)
+                    if old is not None and old.vni != net.vni:
+                        await self._remove(old)
+                    await self._ensure(net)
+                    self._have[net.name] = net
+                    results.append(NetworkResult(name=net.name, ok=True))
+                except FerryError as exc:
+                    log.warning("network %s: %s", net.name, exc)
+                    results.append(NetworkResult(name=net.name, ok=False, error=str(exc)))
+            for name in sorted(set(self._have) - set(names)):
+                try:
+                    await self._remove(self._have[name])
+                    del self._have[name]
+                    results.append(NetworkResult(name=name, ok=True))
+                except FerryError as exc:
+                    results.append(NetworkResult(name=name, ok=False, error=str(exc)))
+            self._save()
+        return results
+
+    async def _ensure(self, net: HostNetwork) -> None:
+        br, vx = net.bridge, net.vxlan
+        if not await link_exists(br):
+            await run("ip", "link", "add", br, "type", "bridge", "stp_state", "0")
+        details = await _link_details(vx)
+        info = (details or {}).get("linkinfo", {})
+        data = info.get("info_data", {}) if isinstance(info, dict) else {}
+        if details is not None and (data.get("id") != net.vni or data.get("local") != self.local):
+            await run("ip", "link", "delete", vx)
+            details = None
+        if details is None:
+            # Learning on: the source VTEP of a frame tells where its MAC lives, so a
+            # migrated guest's announcement re-points every host at once.
+            await run("ip", "link", "add", vx, "type", "vxlan", "id", str(net.vni),
+                      "local", self.local, "dstport", str(VXLAN_PORT), "learning")
+        await run("ip", "link", "set", vx, "mtu", str(net.mtu), "master", br)
+        await run("ip", "link", "set", br, "mtu", str(net.mtu))
+        await self._flood_list(vx, {str(p) for p in net.peers})
+        await run("ip", "link", "set", vx, "up")
+        await run("ip", "link", "set", br, "up")
+
+    async def _flood_list(self, vx: str, peers: set[str]) -> None:
+        """Head-end replication: broadcast and unknown frames go to every peer."""
+        out = await run("bridge", "-j", "fdb", "show", "dev", vx)
+        entries = json.loads(out) if out.strip() else []
+        have = {e.get("dst") for e in entries if e.get("mac") == ZERO_MAC and e.get("dst")}
+        for dst in sorted(peers - have):
+            await run("bridge", "fdb", "append", ZERO_MAC, "dev", vx, "dst", dst)
+        for dst in sorted(have - peers):
+            await run("bridge", "fdb", "del", ZERO_MAC, "dev", vx, "dst", str(dst))
+
+    async def _remove(self, net: HostNetwork) -> None:
+        out = await run("ip", "-j", "link", "show", "master", net.bridge, check=False)
+        ports = [p.get("ifname") for p in (json.loads(out) if out.strip() else [])]
+        taps = [p for p in ports if isinstance(p, str) and p.startswith("fyt")]
+        if taps:
+            raise Conflict(f"network {net.name} is still used by {len(taps)} VM NIC(s) on "
+                           "this host", "stop or move those VMs first")
+        await run("ip", "link", "delete", net.vxlan, check=False)
+        await run("ip", "link", "delete", net.bridge, check=False)
+
+    # --- VM NICs -----------------------------------------------------------------
+    def check(self, spec: VmSpec, host: str) -> None:
+        for nic in spec.nics:
+            if nic.network != USER_NETWORK and nic.network not in self._have:
+                raise InvalidInput(f"host {host} has no network {nic.network} "
+                                   f"(NIC {nic.name})",
+                                   f"create it with `ferry network create {nic.network}`, "
+                                   "or use --nic user")
+
+    def bridge_of(self, nic: NicSpec) -> str | None:
+        net = self._have.get(nic.network)
+        return bridge_name(net.vni) if net is not None else None
+
+    async def plug(self, spec: VmSpec) -> None:
+        """A tap per bridged NIC, on its network's bridge, before QEMU opens it."""
+        self.check(spec, "this host")
+        for nic in spec.nics:
+            if nic.network == USER_NETWORK:
+                continue
+            net = self._have[nic.network]
+            tap = tap_name(spec.uuid, nic.name)
+            if not await link_exists(tap):
+                await run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+            await run("ip", "link", "set", tap, "mtu", str(net.mtu), "master", net.bridge,
+                      "up")
+
+    async def unplug(self, spec: VmSpec) -> None:
+        for nic in spec.nics:
+            if nic.network != USER_NETWORK:
+                await run("ip", "link", "delete", tap_name(spec.uuid, nic.name), check=False)
