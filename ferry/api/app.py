@@ -28,7 +28,7 @@ from ferry.control.service import ControlPlane
 from ferry.domain.auth import Privilege
 from ferry.domain.errors import FerryError, InvalidInput, Unauthenticated
 from ferry.domain.migration import StreamOptions
-from ferry.domain.records import HostRecord, MigrationRecord
+from ferry.domain.records import ClientView, HostRecord, MigrationRecord
 from ferry.domain.storage import RelocationRecord
 from ferry.pki import Identity
 from ferry.wire import describe_validation, error_body, status_for
@@ -171,6 +171,12 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
               dependencies=requires(store, Privilege.VM_MIGRATE))
     async def cancel(migration_id: str) -> MigrationRecord:
         return await control.migrations.cancel(migration_id)
+
+    @app.put("/v1/migrations/{migration_id}/client-view",
+             dependencies=requires(store, Privilege.VM_MIGRATE))
+    async def client_view(migration_id: str, view: ClientView) -> MigrationRecord:
+        """Record what a client measured during a finished migration (the lab does)."""
+        return await control.migrations.record_client_view(migration_id, view)
 
     @app.get("/v1/migrations/{migration_id}/events", dependencies=read)
     async def events(migration_id: str) -> StreamingResponse:

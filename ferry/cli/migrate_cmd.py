@@ -83,14 +83,24 @@ def _last_stage(times: dict[str, float]) -> Phase:
     return [s for s in STAGES if s.value in times][-1]
 
 
+def client_text(rec: dict[str, Any]) -> str:
+    """The client-visible gap, when the lab measured it."""
+    view = rec.get("client_view")
+    if not view:
+        return ""
+    tcp = "TCP connection intact" if view["tcp_survived"] else "TCP connection BROKEN"
+    return (f", {view['gap_ms']:.0f} ms as a client saw it ({tcp}"
+            f"{'' if view.get('announce', True) else ', no announce'})")
+
+
 def summary(rec: dict[str, Any]) -> str:
     t = rec["phase_times"]
     total = t.get("completed", t.get("failed", time.time())) - t["pending"]
     if rec["phase"] == Phase.COMPLETED:
         levers = list(dict.fromkeys(a["kind"] for a in rec.get("actions", []))) or ["none"]
-        return (f"[green]completed[/] in {total:.2f} s: downtime {rec['downtime_ms']} ms, "
-                f"{len(rec['iterations'])} passes, {mib(rec['transferred_bytes'])} MiB sent, "
-                f"levers: {', '.join(levers)}")
+        return (f"[green]completed[/] in {total:.2f} s: downtime {rec['downtime_ms']} ms "
+                f"(QEMU){client_text(rec)}, {len(rec['iterations'])} passes, "
+                f"{mib(rec['transferred_bytes'])} MiB sent, levers: {', '.join(levers)}")
     return f"[red]failed[/] after {total:.2f} s: {escape(str(rec['reason']))}"
 
 

@@ -40,7 +40,7 @@ from ferry.domain.migration import (
     StreamOptions,
     transition,
 )
-from ferry.domain.records import MigrationRecord
+from ferry.domain.records import ClientView, MigrationRecord
 from ferry.domain.specs import DiskSpec
 from ferry.domain.streams import encrypt
 from ferry.store import Store
@@ -185,6 +185,18 @@ class Orchestrator:
         rec = await self.store.change_migration(migration_id, request)
         self._cancel[migration_id].set()
         await self._slots.wake()  # a queued migration stops waiting
+        await self.bus.changed(migration_id)
+        return rec
+
+    async def record_client_view(self, migration_id: str, view: ClientView
+                                 ) -> MigrationRecord:
+        def record(cur: MigrationRecord) -> dict[str, object]:
+            if not cur.phase.terminal:
+                raise Conflict(f"migration {migration_id} is still {cur.phase}",
+                               "record what the client saw once it has ended")
+            return {"client_view": view}
+
+        rec = await self.store.change_migration(migration_id, record)
         await self.bus.changed(migration_id)
         return rec
 

@@ -45,6 +45,18 @@ class ActionRecord(Frozen):
     reason: str = ""
 
 
+class ClientView(Frozen):
+    """What a client on the VM's network saw during the migration (measured by the lab's
+    echo client, ferry/lab/echo.py): the longest gap between echo replies, whether its
+    TCP connection survived intact, and how many echo requests got no answer."""
+
+    gap_ms: float = Field(ge=0, le=86_400_000)
+    tcp_survived: bool
+    udp_lost: int = Field(default=0, ge=0)
+    announce: bool = True  # whether the destination announced the guest
+    measured_by: str = Field(default="lab echo client", max_length=64)
+
+
 class MigrationRecord(Frozen):
     id: str
     version: int = 0  # the store's compare-and-set counter
@@ -86,6 +98,7 @@ class MigrationRecord(Frozen):
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0
     encrypted: bool = False  # memory and disk streams over TLS (decided at CHECKING)
+    client_view: ClientView | None = None  # set afterwards, when the lab measured it
 
     @property
     def levers(self) -> list[str]:
