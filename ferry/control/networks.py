@@ -41,8 +41,6 @@ class Networks:
         self.agents = agents
         self._pushing: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[tuple[str, str], str] = {}  # (host, network) -> last error
-        # (host, network) -> digest the host confirmed applying, until its next heartbeat
-        self._applied: dict[tuple[str, str], str] = {}
 
     # --- requests ------------------------------------------------------------------
     async def create(self, name: str, vni: int | None, mtu: int | None,
@@ -84,11 +82,10 @@ class Networks:
         wanted = {h.name: self._wanted(h, hosts, [spec]) for h in hosts}
         status = {}
         for host in hosts:
-            have = {host.facts.network_digests.get(name) if host.facts else None,
-                    self._applied.get((host.name, name))}
+            have = host.facts.network_digests.get(name) if host.facts else None
             want = wanted[host.name][0].digest() if wanted[host.name] else None
             error = self._errors.get((host.name, name))
-            status[host.name] = ("ready" if want is not None and want in have
+            status[host.name] = ("ready" if want is not None and want == have
                                  else f"error: {error}" if error else "pending")
         return NetworkView(spec=spec, hosts=status, vms=tuple(await self._users(name)))
 
@@ -153,22 +150,19 @@ class Networks:
             for net in wanted:
                 self._errors[(host.name, net.name)] = str(exc) or "timed out"
             return
-        self._record(host.name, wanted, results)
+        self._record(host.name, results)
+        if all(r.ok for r in results):
+            # Placement and migration checks read the host's facts: they see the change
+            # now, not at the next heartbeat.
+            await self.store.record_networks(host.name, {n.name: n.digest() for n in wanted})
 
-    def _record(self, host: str, wanted: tuple[HostNetwork, ...],
-                results: list[NetworkResult]) -> None:
-        digests = {n.name: n.digest() for n in wanted}
+    def _record(self, host: str, results: list[NetworkResult]) -> None:
         for result in results:
             key = (host, result.name)
             if result.ok:
                 self._errors.pop(key, None)
-                if result.name in digests:
-                    self._applied[key] = digests[result.name]
-                else:
-                    self._applied.pop(key, None)
             else:
                 self._errors[key] = result.error or "failed"
-                self._applied.pop(key, None)
 
     async def close(self) -> None:
         for task in list(self._pushing.values()):

@@ -96,6 +96,17 @@ class Store:
             row.last_seen = now
             return self._host(row, now)
 
+    async def record_networks(self, name: str, digests: dict[str, str]) -> None:
+        """What a host confirmed applying just now (its next heartbeat says the same)."""
+        async with self._session.begin() as s:
+            row = await s.get(HostRow, name)
+            if row is None or not row.facts_json:
+                return
+            facts = HostFacts.model_validate_json(row.facts_json)
+            row.facts_json = facts.model_copy(update={
+                "networks": tuple(sorted(digests)), "network_digests": digests,
+            }).model_dump_json()
+
     async def hosts(self) -> list[HostRecord]:
         now = time.time()
         async with self._session() as s:

@@ -1,0 +1,102 @@
+"""VM networks in the lab: created once, provided by every host as a bridge joined by
+VXLAN, refused when wrong, kept while used, removed from every host when deleted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from ferry.cli.client import Client
+from ferry.cli.demo import probe_spec, wait_heartbeat
+from ferry.domain.errors import Conflict, InvalidInput, NotFound
+from ferry.domain.networks import tap_name
+from ferry.lab.config import LabConfig
+from tests.integration.helpers import boot_probe, next_mac, remove_vm, wait_until
+
+
+def links(lab: LabConfig, host: str) -> dict[str, dict[str, Any]]:
+    out = subprocess.run(["ip", "-n", lab.netns(host), "-d", "-j", "link", "show"],
+                         capture_output=True, text=True, check=True).stdout
+    return {link["ifname"]: link for link in json.loads(out)}
+
+
+def networks(client: Client) -> dict[str, dict[str, Any]]:
+    return {n["spec"]["name"]: n for n in client.call("GET", "/v1/networks")}
+
+
+def test_a_network_is_provided_by_every_host_and_removed_from_every_host(
+        client: Client, lab: LabConfig) -> None:
+    view = client.call("POST", "/v1/networks", {"name": "testnet", "vni": 4242})
+    try:
+        assert view["spec"]["vni"] == 4242 and view["spec"]["mtu"] == 1450
+        assert set(view["hosts"].values()) == {"ready"}, view
+        for host in lab.hosts:
+            have = links(lab, host.name)
+            vx = have["fyx4242"]["linkinfo"]["info_data"]
+            assert vx["id"] == 4242 and vx["local"] == lab.host_ip(host.name)
+            assert have["fyx4242"]["master"] == "fyb4242"
+        # The same VNI twice would be one segment: refused, nothing added.
+        with pytest.raises(Conflict, match="VNI 4242"):
+            client.call("POST", "/v1/networks", {"name": "other", "vni": 4242})
+        with pytest.raises(Conflict, match="already exists"):
+            client.call("POST", "/v1/networks", {"name": "testnet"})
+        assert "other" not in networks(client)
+    finally:
+        client.call("DELETE", "/v1/networks/testnet")
+    assert "testnet" not in networks(client)
+    for host in lab.hosts:
+        wait_until(lambda h=host.name: "fyb4242" not in links(lab, h), 15,  # type: ignore[misc]
+                   f"bridge of testnet gone from {host.name}")
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"name": "user"}, "user-mode"),
+    ({"name": "Bad_Name"}, "name"),
+    ({"name": "n1", "vni": 0}, "vni"),
+    ({"name": "n1", "vni": 16777216}, "vni"),
+    ({"name": "n1", "mtu": 20}, "mtu"),
+    ({"name": "n1", "vteps": ["evil.example.com"]}, "vteps"),
+    ({"name": "n1", "vteps": ["127.0.0.1"]}, "unicast"),
+    ({"name": "n1", "vteps": ["224.0.0.5"]}, "unicast"),
+])
+def test_bad_networks_are_refused_and_change_nothing(client: Client, body: dict[str, Any],
+                                                     message: str) -> None:
+    before = networks(client)
+    with pytest.raises(InvalidInput, match=message):
+        client.call("POST", "/v1/networks", body)
+    assert networks(client).keys() == before.keys()
+
+
+def test_a_used_network_is_not_deleted_and_a_vm_on_no_network_is_refused(
+        client: Client, lab: LabConfig) -> None:
+    boot_probe(client, lab, "probe-net1", "host1")
+    try:
+        with pytest.raises(Conflict, match="probe-net1"):
+            client.call("DELETE", "/v1/networks/vmnet")
+        assert "vmnet" in networks(client)
+        # The VM's NIC is a tap on vmnet's bridge on its host.
+        spec = client.call("GET", "/v1/vms/probe-net1")["spec"]
+        vni = networks(client)["vmnet"]["spec"]["vni"]
+        assert links(lab, "host1")[tap_name(spec["uuid"], "nic0")]["master"] == f"fyb{vni}"
+        bad = probe_spec(lab, "probe-nonet", 192, 64, 0, mac=next_mac(), network="nonet")
+        with pytest.raises(InvalidInput, match="no network 'nonet'"):
+            client.call("POST", "/v1/vms", {"spec": bad, "host": "host1"})
+        with pytest.raises(NotFound):
+            client.call("GET", "/v1/vms/probe-nonet")
+    finally:
+        remove_vm(client, "probe-net1")
+    wait_until(lambda: not any(n.startswith("fyt") for n in links(lab, "host1")), 15,
+               "the VM's tap removed with it")
+
+
+def test_user_mode_nic_needs_no_network(client: Client, lab: LabConfig) -> None:
+    spec = probe_spec(lab, "probe-user", 192, 64, 0, mac=next_mac(), network="user")
+    client.call("POST", "/v1/vms", {"spec": spec, "host": "host2"})
+    try:
+        assert wait_heartbeat(client, "probe-user", timeout_s=120)["mem_errors"] == 0
+        assert not any(n.startswith("fyt") for n in links(lab, "host2"))
+    finally:
+        remove_vm(client, "probe-user")
