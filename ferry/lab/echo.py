@@ -67,7 +67,7 @@ class EchoReport(BaseModel):
 
     target: str
     started_at: float  # epoch seconds
-    duration_s: float
+    duration_s: float  # from the client's start (target maybe still booting) to the last send
     udp_sent: int  # requests sent since the first answered one (see udp_counts)
     udp_replies: int
     udp_lost: int
