@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 from ferry.domain.probe import heartbeats
+from ferry.lab.cluster import GUEST_DIR, GUEST_FILES  # FERRY_GUEST_DIR, default build/guest
 from ferry.lab.echo import start_echo
 
-GUEST_DIR = Path(os.environ.get("FERRY_GUEST_DIR",
-                                Path(__file__).resolve().parents[2] / "build" / "guest"))
 HOST_IP = "198.19.210.1"  # the tap's side, inside the namespace
 GUEST_IP = "198.19.210.10"
 BOOT_TIMEOUT_S = 120  # TCG on a busy 2-core machine
@@ -58,7 +57,7 @@ def _wait_for(serial: Path, proc: subprocess.Popen[bytes], needles: list[str]) -
 def echo_guest(tmp_path: Path) -> Iterator[EchoGuest]:
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespace, tap device)")
-    if not all((GUEST_DIR / f).exists() for f in ("vmlinuz", "initrd.img")):
+    if not all((GUEST_DIR / f).exists() for f in GUEST_FILES):
         pytest.fail(f"no guest image in {GUEST_DIR}: run `make guest`")
     ns = f"fyecho-{os.getpid()}"
     serial = tmp_path / "serial.log"
