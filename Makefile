@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-$(GUEST)/initrd.img: guest/build.sh guest/init guest/probe.c
+$(GUEST)/initrd.img: guest/build.sh guest/init guest/probe.c guest/echod.c
 	guest/build.sh $(GUEST)
 
 guest: deps $(GUEST)/initrd.img

@@ -1,12 +1,13 @@
 #!/bin/bash
 # Build the Ferry test guest: a Debian cloud kernel plus a tiny initramfs
-# (busybox + /init + the probe workload).
+# (busybox + /init + the probe workload + the echo server).
 #
 #   guest/build.sh OUTDIR
 #
 # Produces OUTDIR/vmlinuz, OUTDIR/initrd.img (gzip'd newc cpio) and
 # OUTDIR/probe.  The kernel .deb is cached in OUTDIR/cache.  If the outputs
-# are already newer than probe.c, init and this script, nothing is done.
+# are already newer than probe.c, echod.c, init and this script, nothing is
+# done.
 #
 # Needs: gcc + static libc (libc6-dev), busybox-static, cpio, kmod (modinfo),
 # apt (to fetch linux-image-*-cloud-amd64), xz/zstd if modules are compressed.
@@ -21,7 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$1"
 out=$(cd "$1" && pwd)
 cache=$out/cache
-inputs=("$here/probe.c" "$here/init" "$here/build.sh")
+inputs=("$here/probe.c" "$here/echod.c" "$here/init" "$here/build.sh")
 outputs=("$out/vmlinuz" "$out/initrd.img" "$out/probe")
 
 report() {
@@ -65,6 +66,8 @@ trap 'rm -rf "$work"' EXIT
 # ---- probe ----------------------------------------------------------------
 echo "guest: compiling probe"
 gcc -O2 -static -Wall -Wextra -o "$work/probe" "$here/probe.c"
+echo "guest: compiling echod"
+gcc -O2 -static -Wall -Wextra -o "$work/echod" "$here/echod.c"
 
 # ---- kernel ---------------------------------------------------------------
 # The metapackage names the current ABI (linux-image-6.1.0-NN-cloud-amd64);
@@ -99,11 +102,12 @@ root=$work/root
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,lib/modules/"$kver"}
 install -m 0755 "$busybox" "$root/bin/busybox"
 for applet in sh ash mount umount insmod lsmod sleep cat echo ls mkdir \
-              dmesg uname ps top free poweroff reboot halt sync; do
+              dmesg uname ps top free poweroff reboot halt sync ip; do
     ln -s busybox "$root/bin/$applet"
 done
 install -m 0755 "$here/init" "$root/init"
 install -m 0755 "$work/probe" "$root/bin/probe"
+install -m 0755 "$work/echod" "$root/bin/echod"
 # The kernel opens /dev/console for init before devtmpfs exists; without the
 # node init starts with no stdio (init recovers, but early errors get lost).
 if [ "$(id -u)" = 0 ]; then
