@@ -107,11 +107,24 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
     while True:
         if job.cancelled.is_set():
             raise RollBack("cancelled by the user")
-        progress, dest = await asyncio.gather(
-            job.source.progress(rec.vm, wait_s=POLL_WAIT_S),
-            job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S), return_exceptions=True)
-        if isinstance(progress, BaseException):
-            raise progress
+        dest_check = asyncio.ensure_future(job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S))
+        try:
+            progress = await job.source.progress(rec.vm, wait_s=POLL_WAIT_S)
+        except BaseException:
+            dest_check.cancel()
+            raise
+        dest: VmInfo | Exception
+        if progress.status is SourceStatus.COMPLETED:
+            # The guest is paused everywhere now: every millisecond counts. The
+            # destination is confirmed at SWITCHOVER; its answer here (slow while it
+            # loads the last state) is not waited for.
+            dest_check.cancel()
+            dest = RollBack("not checked")
+        else:
+            try:
+                dest = await dest_check
+            except Exception as exc:
+                dest = exc
         now = time.time()
         it = record_iteration(iterations, progress, int((now - began) * 1000))
         if it is not None:
@@ -132,7 +145,7 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
                            f"{progress.error or 'the stream to the target broke'}")
         if status is SourceStatus.NONE:
             raise RollBack("the source QEMU reports no outgoing migration")
-        if isinstance(dest, BaseException):
+        if isinstance(dest, Exception):
             raise RollBack(f"lost the destination during pre-copy: {_describe(dest)}")
         if not dest.state.alive or dest.state is AgentVmState.CRASHED:
             raise RollBack(f"destination QEMU on {rec.target} is {dest.state}")
