@@ -88,7 +88,8 @@ def client_text(rec: dict[str, Any]) -> str:
     view = rec.get("client_view")
     if not view:
         return ""
-    tcp = "TCP connection intact" if view["tcp_survived"] else "TCP connection BROKEN"
+    tcp = {True: "TCP connection intact", False: "TCP connection BROKEN",
+           None: "UDP only"}[view.get("tcp_survived")]
     return (f", {view['gap_ms']:.0f} ms as a client saw it ({tcp}"
             f"{'' if view.get('announce', True) else ', no announce'})")
 

@@ -51,7 +51,7 @@ class ClientView(Frozen):
     TCP connection survived intact, and how many echo requests got no answer."""
 
     gap_ms: float = Field(ge=0, le=86_400_000)
-    tcp_survived: bool
+    tcp_survived: bool | None = None  # None: the client kept no TCP connection
     udp_lost: int = Field(default=0, ge=0)
     announce: bool = True  # whether the destination announced the guest
     measured_by: str = Field(default="lab echo client", max_length=64)

@@ -78,6 +78,7 @@ class EchoReport(BaseModel):
     tcp_bytes_echoed: int
     tcp_broken: bool
     tcp_error: str | None
+    tcp_used: bool = True  # False: the client ran UDP only (--no-tcp)
 
 
 # ---- pure parts --------------------------------------------------------------------
@@ -173,12 +174,15 @@ class Recording:
     tcp_bytes_sent: int
     tcp_bytes_echoed: int
     tcp_error: str | None  # a socket error, EOF or a stream problem
+    tcp_used: bool = True  # False: UDP only (--no-tcp)
 
 
 def build_report(rec: Recording) -> EchoReport:
     sent, replies, lost = udp_counts(rec.udp_sent, rec.reply_seqs)
     gap = longest_gap(rec.arrivals_ns, rec.end_ns)
     error = rec.tcp_error if rec.tcp_connected else (rec.tcp_error or "never connected")
+    if not rec.tcp_used:
+        error = None
     return EchoReport(
         target=rec.target,
         started_at=rec.anchor_wall,
@@ -194,6 +198,7 @@ def build_report(rec: Recording) -> EchoReport:
         tcp_bytes_echoed=rec.tcp_bytes_echoed,
         tcp_broken=error is not None,
         tcp_error=error,
+        tcp_used=rec.tcp_used,
     )
 
 
@@ -201,8 +206,9 @@ def build_report(rec: Recording) -> EchoReport:
 
 
 class _Client:
-    def __init__(self, target: str, port: int, interval_ms: float) -> None:
-        self.target, self.port = target, port
+    def __init__(self, target: str, port: int, interval_ms: float, tcp: bool = True
+                 ) -> None:
+        self.target, self.port, self.use_tcp = target, port, tcp
         self.interval_ns = max(1, int(interval_ms * 1e6))
         self.anchor_wall, self.anchor_ns = time.time(), time.monotonic_ns()
         self.stop_sending = threading.Event()
@@ -218,8 +224,11 @@ class _Client:
         self.tcp_sent = 0
         self.tcp_error: str | None = None
         self.verifier = StreamVerifier()
+        # Without TCP nothing but echo replies leaves the guest: how long the network
+        # keeps sending to the old host after a migration shows then.
+        workers = [self._udp_send, self._udp_receive] + ([self._tcp_run] if tcp else [])
         self.threads = [threading.Thread(target=f, name=f.__name__, daemon=True)
-                        for f in (self._udp_send, self._udp_receive, self._tcp_run)]
+                        for f in workers]
 
     def _ticks(self) -> Iterable[int]:
         """Yield every interval until told to stop. Absolute schedule, so sleep overshoot
@@ -328,7 +337,7 @@ class _Client:
             t.start()
 
     def ready(self) -> bool:
-        return bool(self.arrivals_ns) and self.tcp_connected.is_set()
+        return bool(self.arrivals_ns) and (self.tcp_connected.is_set() or not self.use_tcp)
 
     def finish(self) -> Recording:
         """Stop sending, wait (bounded) for outstanding echoes, stop receiving."""
@@ -340,7 +349,8 @@ class _Client:
         while time.monotonic() < udp_deadline and (
                 not self.reply_seqs or max(self.reply_seqs) < self.udp_sent - 1):
             time.sleep(0.01)
-        self.threads[2].join(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
+        for t in self.threads[2:]:
+            t.join(timeout=max(0.0, deadline - time.monotonic()) + 0.1)
         while (self.tcp_connected.is_set() and self.tcp_error is None
                and self.verifier.received < self.tcp_sent and time.monotonic() < deadline):
             time.sleep(0.01)
@@ -358,7 +368,7 @@ class _Client:
             end_ns=self.end_ns or time.monotonic_ns(), udp_sent=self.udp_sent,
             reply_seqs=list(self.reply_seqs), arrivals_ns=list(self.arrivals_ns),
             tcp_connected=self.tcp_connected.is_set(), tcp_bytes_sent=self.tcp_sent,
-            tcp_bytes_echoed=self.verifier.received, tcp_error=error)
+            tcp_bytes_echoed=self.verifier.received, tcp_error=error, tcp_used=self.use_tcp)
 
 
 def write_report(report: EchoReport, out: Path) -> None:
@@ -380,6 +390,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="time between UDP requests and TCP messages (default 1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"UDP and TCP port of the echo server (default {DEFAULT_PORT})")
+    parser.add_argument("--no-tcp", dest="tcp", action="store_false",
+                        help="UDP echo only: no TCP stream (then the guest sends nothing "
+                             "unasked, which shows how long frames go to its old host)")
     args = parser.parse_args(argv)
     if args.interval_ms <= 0:
         parser.error("--interval-ms must be positive")
@@ -395,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    client = _Client(args.target, args.port, args.interval_ms)
+    client = _Client(args.target, args.port, args.interval_ms, tcp=args.tcp)
     client.start()
     announced = False
     while not stop.wait(0.01):
@@ -485,12 +498,12 @@ def _wait_ready(proc: subprocess.Popen[str], timeout_s: float) -> str | None:
 
 def start_echo(ns: str | None, target: str, out: Path, *, python: str = sys.executable,
                port: int = DEFAULT_PORT, interval_ms: float = 1.0,
-               ready_timeout_s: float = 30.0) -> EchoSession:
+               ready_timeout_s: float = 30.0, tcp: bool = True) -> EchoSession:
     """Start the echo client in network namespace `ns` (None: this one) against `target`
     and wait until it has its first UDP reply and its TCP connection."""
     out.unlink(missing_ok=True)  # never mistake an old report for this run's
     cmd = [python, "-m", "ferry.lab.echo", "--target", target, "--out", str(out),
-           "--port", str(port), "--interval-ms", str(interval_ms)]
+           "--port", str(port), "--interval-ms", str(interval_ms)] + ([] if tcp else ["--no-tcp"])
     if ns is not None:
         cmd = ["ip", "netns", "exec", ns, *cmd]
     # The child imports this very ferry, wherever it was imported from.

@@ -35,19 +35,21 @@ def follow(client: Client, migration_id: str) -> dict[str, Any]:
     return rec
 
 
-def watched_migration(client: Client, lab: LabConfig, vm: str, target: str,
-                      **request: Any) -> tuple[dict[str, Any], EchoReport]:
+def watched_migration(client: Client, lab: LabConfig, vm: str, target: str, *,
+                      tcp: bool = True, **request: Any) -> tuple[dict[str, Any], EchoReport]:
     """Migrate `vm` to `target` with the client's echo running; record its view.
-    `request` adds fields of the migration request (options, datastore, ...)."""
+    `request` adds fields of the migration request (options, datastore, ...); without
+    `tcp` the client sends UDP echo requests only."""
     address = vm_address(client, vm)
     announce = bool((request.get("options") or {}).get("announce", True))
     with (tempfile.TemporaryDirectory(prefix="ferry-echo-") as tmp,
-          start_echo(lab.client_ns, address, Path(tmp) / "echo.json") as session):
+          start_echo(lab.client_ns, address, Path(tmp) / "echo.json", tcp=tcp) as session):
         rec = client.call("POST", "/v1/migrations", {"vm": vm, "target": target, **request})
         rec = follow(client, rec["id"])
         report = session.stop()
     view = {"gap_ms": round(report.max_gap_ms, 1),
-            "tcp_survived": report.tcp_connected and not report.tcp_broken,
+            "tcp_survived": (report.tcp_connected and not report.tcp_broken
+                             if report.tcp_used else None),
             "udp_lost": report.udp_lost, "announce": announce}
     rec = client.call("PUT", f"/v1/migrations/{rec['id']}/client-view", view)
     return rec, report
