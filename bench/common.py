@@ -29,6 +29,7 @@ from ferry.lab.config import LabConfig
 
 MIB = 1 << 20
 R = TypeVar("R")
+T = TypeVar("T")
 BOOT_TIMEOUT_S = 120.0
 
 
@@ -151,6 +152,26 @@ def remove_vm(client: Client, vm: str) -> None:
 
 def problem(exc: BaseException) -> str:
     return exc.problem if isinstance(exc, FerryError) else repr(exc)
+
+
+# --- honest pairs -----------------------------------------------------------------
+def abba(pair: int, first: T, second: T) -> tuple[T, T]:
+    """The order of one pair's two sides: pair 0 runs `first` then `second`, pair 1 the
+    other way round, and so on (ABBA), so neither side always runs first (on a machine
+    warmed, or slowed, by the run before it)."""
+    return (first, second) if pair % 2 == 0 else (second, first)
+
+
+def count_pairs(sides: list[tuple[bool, bool]]) -> tuple[int, int]:
+    """(pairs, failed) over the pairs' (ok, ok) outcomes: a pair with a failed or
+    missing side is failed and stays out of every ratio, but is counted here."""
+    return len(sides), sum(1 for a, b in sides if not (a and b))
+
+
+def pair_fields(sides: list[tuple[bool, bool]]) -> str:
+    """`pairs=<n> failed=<n>` for a summary line."""
+    total, failed = count_pairs(sides)
+    return f"pairs={total} failed={failed}"
 
 
 # --- numbers ----------------------------------------------------------------------
