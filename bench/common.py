@@ -2,6 +2,9 @@
 
 Each benchmark brings up a lab of its own (own prefix, subnet and control port, in a
 temporary directory unless --lab-dir) and always tears it down, also on Ctrl-C/SIGTERM.
+FERRY_BENCH_PREFIX, FERRY_BENCH_SUBNET_OCTET and FERRY_BENCH_PORT override a script's
+prefix, subnet (198.18.N.0/24) and control port, so two people can run the same script
+on one machine at once.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ def bench_lab(lab_dir: Path | None, hosts: int, prefix: str, subnet_octet: int,
     KeyboardInterrupt in here like Ctrl-C). An own temp dir is removed unless
     `keep_logs` is still set; the caller catches the KeyboardInterrupt."""
     signal.signal(signal.SIGTERM, _terminate)
+    prefix = os.environ.get("FERRY_BENCH_PREFIX", prefix)
+    subnet_octet = int(os.environ.get("FERRY_BENCH_SUBNET_OCTET", subnet_octet))
+    control_port = int(os.environ.get("FERRY_BENCH_PORT", control_port))
     own_dir = lab_dir is None
     directory = Path(tempfile.mkdtemp(prefix="ferry-bench-")) if lab_dir is None else lab_dir
     lab = BenchLab(LabConfig.default(directory, hosts, prefix=prefix,
