@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -165,7 +165,14 @@ def abba(pair: int, first: T, second: T) -> tuple[T, T]:
     """The order of one pair's two sides: pair 0 runs `first` then `second`, pair 1 the
     other way round, and so on (ABBA), so neither side always runs first (on a machine
     warmed, or slowed, by the run before it)."""
-    return (first, second) if pair % 2 == 0 else (second, first)
+    a, b = abba_order(pair, (first, second))
+    return a, b
+
+
+def abba_order(group: int, items: Sequence[T]) -> list[T]:
+    """ABBA for more than two: group 0 in the given order, group 1 reversed, ... so
+    within every two groups each pair of items runs once either way round."""
+    return list(items) if group % 2 == 0 else list(reversed(items))
 
 
 def count_pairs(sides: list[tuple[bool, bool]]) -> tuple[int, int]:

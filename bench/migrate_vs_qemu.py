@@ -181,8 +181,9 @@ async def serial_heartbeat(proc: QemuProcess, after_seq: int) -> Heartbeat:
 def raw_process(config: LabConfig, host: str, spec: VmSpec, directory: Path,
                 incoming: bool) -> QemuProcess:
     paths = RunPaths(directory)
-    argv = build_argv(spec, machine=MACHINE, accel="tcg", paths=paths, datastores={},
-                      incoming=incoming)
+    # The boot files live on the lab's shared datastore, as for Ferry's agents.
+    argv = build_argv(spec, machine=MACHINE, accel="tcg", paths=paths,
+                      datastores={"shared": str(config.shared_datastore)}, incoming=incoming)
     # Raw QEMU's own behaviour: the destination runs as soon as the stream ends (Ferry
     # starts it paused with -S and resumes it once the switch is recorded).
     argv = [a for a in argv if a != "-S"]
