@@ -2,6 +2,9 @@
 
 Each benchmark brings up a lab of its own (own prefix, subnet and control port, in a
 temporary directory unless --lab-dir) and always tears it down, also on Ctrl-C/SIGTERM.
+FERRY_BENCH_PREFIX, FERRY_BENCH_SUBNET_OCTET and FERRY_BENCH_PORT override a script's
+prefix, subnet (198.18.N.0/24) and control port, so two people can run the same script
+on one machine at once.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -29,6 +32,7 @@ from ferry.lab.config import LabConfig
 
 MIB = 1 << 20
 R = TypeVar("R")
+T = TypeVar("T")
 BOOT_TIMEOUT_S = 120.0
 
 
@@ -86,6 +90,9 @@ def bench_lab(lab_dir: Path | None, hosts: int, prefix: str, subnet_octet: int,
     KeyboardInterrupt in here like Ctrl-C). An own temp dir is removed unless
     `keep_logs` is still set; the caller catches the KeyboardInterrupt."""
     signal.signal(signal.SIGTERM, _terminate)
+    prefix = os.environ.get("FERRY_BENCH_PREFIX", prefix)
+    subnet_octet = int(os.environ.get("FERRY_BENCH_SUBNET_OCTET", subnet_octet))
+    control_port = int(os.environ.get("FERRY_BENCH_PORT", control_port))
     own_dir = lab_dir is None
     directory = Path(tempfile.mkdtemp(prefix="ferry-bench-")) if lab_dir is None else lab_dir
     lab = BenchLab(LabConfig.default(directory, hosts, prefix=prefix,
@@ -151,6 +158,33 @@ def remove_vm(client: Client, vm: str) -> None:
 
 def problem(exc: BaseException) -> str:
     return exc.problem if isinstance(exc, FerryError) else repr(exc)
+
+
+# --- honest pairs -----------------------------------------------------------------
+def abba(pair: int, first: T, second: T) -> tuple[T, T]:
+    """The order of one pair's two sides: pair 0 runs `first` then `second`, pair 1 the
+    other way round, and so on (ABBA), so neither side always runs first (on a machine
+    warmed, or slowed, by the run before it)."""
+    a, b = abba_order(pair, (first, second))
+    return a, b
+
+
+def abba_order(group: int, items: Sequence[T]) -> list[T]:
+    """ABBA for more than two: group 0 in the given order, group 1 reversed, ... so
+    within every two groups each pair of items runs once either way round."""
+    return list(items) if group % 2 == 0 else list(reversed(items))
+
+
+def count_pairs(sides: list[tuple[bool, bool]]) -> tuple[int, int]:
+    """(pairs, failed) over the pairs' (ok, ok) outcomes: a pair with a failed or
+    missing side is failed and stays out of every ratio, but is counted here."""
+    return len(sides), sum(1 for a, b in sides if not (a and b))
+
+
+def pair_fields(sides: list[tuple[bool, bool]]) -> str:
+    """`pairs=<n> failed=<n>` for a summary line."""
+    total, failed = count_pairs(sides)
+    return f"pairs={total} failed={failed}"
 
 
 # --- numbers ----------------------------------------------------------------------

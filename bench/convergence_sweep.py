@@ -2,22 +2,34 @@
 
 Method
 ------
-The benchmark brings up its own 2-host lab (prefix "fc", 10.213.0.0/24, control plane on
-port 8713, in a temporary directory or --lab-dir) and always tears it down at the end.
-For every probe dirty rate (default 0,6,12,24,48 MiB/s; the default link of 200 Mbit/s
-carries ~23.8 MiB/s, so the top rate is ~2x the link) it runs the three policies, one
-migration each, rotating their order from one rate to the next. All three are Ferry
-convergence policies, so the same orchestrator runs them and only the decisions differ:
+The benchmark brings up its own 2-host lab (prefix "fc", 198.18.213.0/24, control plane
+on port 8713, in a temporary directory or --lab-dir; see bench/common.py for the
+environment overrides) and always tears it down at the end. For every probe dirty rate
+(default 0,6,12,24,48 MiB/s; the default link of 200 Mbit/s carries ~23.8 MiB/s, so the
+top rate is ~2x the link) it runs --runs groups of one migration per policy, the order
+reversed from one group to the next (ABBA, bench/common.py abba_order), so that Ferry
+runs before and after each baseline equally often. Every policy is a Ferry convergence
+policy (ferry/domain/convergence.py), so the same orchestrator runs them all and only
+the decisions differ; none of them is raw QMP (bench/migrate_vs_qemu.py compares with
+raw QMP):
 
-- raw:   {"policy": "qemu", max_downtime_ms 300, no post-copy, no throttle}: QEMU's
-         defaults, a fixed downtime limit and nothing else;
-- nova:  {"policy": "nova", max_downtime_ms 500, post-copy allowed, no throttle};
-- ferry: {"policy": "ferry", max_downtime_ms 500, post-copy allowed}.
+- qemu-defaults: {"policy": "qemu", max_downtime_ms 300, no post-copy, no throttle}:
+  QEMU's defaults, a fixed 300 ms downtime limit and nothing else, then abort at the cap;
+- nova: {"policy": "nova", max_downtime_ms 500, no post-copy, no throttle}: current Nova
+  defaults: the limit ramps 50 -> 500 ms in 10 steps of 75 s per GiB (at least 2 GiB),
+  live_migration_completion_timeout 800 s per GiB, then the timeout action `abort`;
+- nova-legacy: the same ramp with post-copy allowed, switching to post-copy once the
+  remaining memory shrinks by less than 10 % per pass (older Nova);
+- kubevirt: {"policy": "kubevirt", allowPostCopy, completionTimeoutPerGiB 150 s,
+  progressTimeout 150 s}: QEMU's 300 ms limit; post-copy once the completion timeout
+  (150 s x whole GB, rounded up) passes; abort after 150 s without progress;
+- ferry: {"policy": "ferry", max_downtime_ms 500, post-copy allowed}: Ferry's default.
 
-All three get completion_budget_s_per_gib = cap * 1024 / memory (480 s/GiB: a 120 s cap
-for 256 MiB; Ferry never allows less than 60 s), counted from the start of pre-copy. At
-the cap the raw policy aborts (the VM stays on its source); Nova and Ferry, with post-copy
-allowed, switch to post-copy instead.
+Each policy keeps its own per-GiB completion budget (Ferry 800 s, Nova 800 s, KubeVirt
+150 s, QEMU none: Ferry's 800 s), but no run may last longer than --cap-s (default 120 s):
+the per-GiB budget is lowered so that the policy's deadline is at most the cap (the
+options, per policy, are in the JSON). At its deadline each policy takes its own timeout
+action (abort, or post-copy where the policy does so).
 
 Each run boots a fresh probe VM (256 MiB, probe region 128 MiB) on host1 through the
 control plane, waits for probe heartbeat seq >= 4, shapes host1's link both ways to
@@ -41,7 +53,11 @@ At rate 0 the share is undefined ("-").
 Integrity: the heartbeat after the migration must have seq > before + 1; its
 mem_errors + disk_errors count as integrity errors.
 
-Last line, over the rates where both Ferry and Nova completed:
+Last line: per policy completed/runs; `pairs=<n> failed=<n>` for Ferry vs Nova (a cell
+where either did not complete, or could not be measured, is a failed pair and stays out
+of the ratios); ferry_lowest_downtime=<k>/<n>: of the n cells where every policy run in
+the group completed, k where Ferry's QEMU-reported downtime was the lowest (ties count);
+then over the cells where both Ferry and Nova completed:
 bytes_vs_nova = median of Ferry MiB sent / Nova MiB sent; slowdown_vs_nova = median of
 (max(0, 1 - Ferry share) + 0.05) / (max(0, 1 - Nova share) + 0.05), rates with a share
 left out; the 0.05 keeps two near-zero slowdowns (noise) from making a wild ratio.
@@ -49,6 +65,7 @@ Also printed (not in the last line): writes lost = (rate before - rate during) x
 guest seconds, the slowdown's total; the share is its average over a window whose length
 depends on the policy, so a policy that ends sooner shows a lower share for the same loss.
 Needs root. Run: .venv/bin/python bench/convergence_sweep.py [--rates 0,48 --cap-s 60]
+    [--runs 1] [--policies qemu-defaults,nova,kubevirt,ferry]
 """
 
 from __future__ import annotations
@@ -63,11 +80,13 @@ from typing import Any
 
 from common import (
     MIB,
+    abba_order,
     add_guest_args,
     check_guest_args,
     ferry_heartbeat,
     fmt,
     median,
+    pair_fields,
     problem,
     remove_vm,
     run_in_lab,
@@ -76,7 +95,7 @@ from common import (
 from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec
 from ferry.domain.errors import FerryError
-from ferry.domain.migration import Phase
+from ferry.domain.migration import Phase, PolicyKind, StreamOptions, budget_gib
 from ferry.domain.probe import Heartbeat, heartbeats
 from ferry.lab import net
 from ferry.lab.config import LabConfig
@@ -86,21 +105,26 @@ PAGE = 4096
 EPS = 0.05  # slowdown floor in slowdown_vs_nova (5 points of write share)
 AFTER_TIMEOUT_S = 60.0
 SOURCE, TARGET = "host1", "host2"
+# Cleartext for all, as raw QEMU streams: the policies are compared here, not TLS
+# (bench/tls_cost.py measures what encryption costs).
 POLICIES: dict[str, dict[str, Any]] = {
-    "raw": {"policy": "qemu", "max_downtime_ms": 300, "allow_postcopy": False,
-            "allow_throttle": False, "encryption": "disabled"},
-    "nova": {"policy": "nova", "max_downtime_ms": 500, "allow_postcopy": True,
-             "allow_throttle": False, "encryption": "disabled"},
-    # Cleartext for all three, as raw QEMU streams: the policies are compared here, not
-    # TLS (bench/tls_cost.py measures what encryption costs).
-    "ferry": {"policy": "ferry", "max_downtime_ms": 500, "allow_postcopy": True,
-              "encryption": "disabled"},
+    "qemu-defaults": {"policy": "qemu", "max_downtime_ms": 300, "allow_postcopy": False,
+                      "allow_throttle": False},
+    "nova": {"policy": "nova", "max_downtime_ms": 500, "allow_postcopy": False,
+             "allow_throttle": False, "completion_budget_s_per_gib": 800},
+    "nova-legacy": {"policy": "nova-legacy", "max_downtime_ms": 500, "allow_postcopy": True,
+                    "allow_throttle": False, "completion_budget_s_per_gib": 800},
+    "kubevirt": {"policy": "kubevirt", "allow_postcopy": True, "allow_throttle": False,
+                 "completion_budget_s_per_gib": 150, "progress_timeout_s": 150},
+    "ferry": {"policy": "ferry", "max_downtime_ms": 500, "allow_postcopy": True},
 }
+DEFAULT_POLICIES = "qemu-defaults,nova,kubevirt,ferry"
 
 
 @dataclass
 class Run:
     rate: int
+    group: int
     policy: str
     vm: str
     migration: str | None = None
@@ -163,8 +187,11 @@ def next_heartbeat(client: Client, vm: str, after_seq: int) -> tuple[Heartbeat, 
 
 
 def options(args: argparse.Namespace, policy: str) -> dict[str, Any]:
-    budget = math.ceil(args.cap_s * 1024 / args.memory)
-    return POLICIES[policy] | {"completion_budget_s_per_gib": budget}
+    """The policy's options, its per-GiB budget lowered so its deadline fits the cap."""
+    base = POLICIES[policy] | {"encryption": "disabled"}
+    own = base.get("completion_budget_s_per_gib", StreamOptions().completion_budget_s_per_gib)
+    capped = max(1, math.floor(args.cap_s / budget_gib(args.memory, PolicyKind(base["policy"]))))
+    return base | {"completion_budget_s_per_gib": min(own, capped)}
 
 
 def migrate(client: Client, config: LabConfig, args: argparse.Namespace, run: Run) -> None:
@@ -220,7 +247,7 @@ def attempt(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
         migrate(client, config, args, run)
     except Exception as exc:  # one broken run is reported, the sweep goes on
         run.error = problem(exc)
-    print(f"  rate={run.rate:<3} {run.policy:5} {run.migration}: {run.phase}"
+    print(f"  rate={run.rate:<3} #{run.group} {run.policy:13} {run.migration}: {run.phase}"
           f"{' (post-copy)' if run.postcopy else ''} in {fmt(run.total_s, 1)} s, "
           f"downtime {run.downtime_ms} ms, {fmt(run.sent_mib, 0)} MiB, levers "
           f"{run.levers or 'none'}, writes {fmt(run.before_mib_s, 1)} -> "
@@ -236,10 +263,13 @@ def attempt(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
 def sweep(config: LabConfig, args: argparse.Namespace) -> list[Run]:
     client = lab_client(config, timeout_s=120)
     runs: list[Run] = []
-    for i, rate in enumerate(args.rates):
-        k = i % len(args.policies)
-        for policy in args.policies[k:] + args.policies[:k]:
-            runs.append(attempt(client, config, args, Run(rate, policy, f"fc-{rate}-{policy}")))
+    group = 0  # counted across rates, so the order flips from every group to the next
+    for rate in args.rates:
+        for g in range(args.runs):
+            for policy in abba_order(group, args.policies):
+                vm = f"fc-{rate}-{g}-{policy}"
+                runs.append(attempt(client, config, args, Run(rate, g, policy, vm)))
+            group += 1
     return runs
 
 
@@ -249,10 +279,10 @@ def levers(run: Run) -> str:
 
 
 def table(runs: list[Run]) -> str:
-    head = ("| rate MiB/s | policy | completed | total s | downtime ms | MiB sent | levers "
+    head = ("| rate MiB/s | # | policy | completed | total s | downtime ms | MiB sent | levers "
             "| writes MiB/s before -> during | write share | writes lost MiB |\n"
-            "|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
-    rows = [f"| {r.rate} | {r.policy} | "
+            "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
+    rows = [f"| {r.rate} | {r.group} | {r.policy} | "
             f"{'error' if r.phase is None else 'yes' if r.completed else 'NO'}"
             f"{' (post-copy)' if r.postcopy else ''} | {fmt(r.total_s, 1)} "
             f"| {r.downtime_ms if r.downtime_ms is not None else '-'} | {fmt(r.sent_mib, 0)} "
@@ -265,19 +295,36 @@ def slowdown(share: float) -> float:
     return max(0.0, 1 - share) + EPS
 
 
-def summarize(runs: list[Run], rates: list[int]) -> dict[str, Any]:
-    def of(policy: str) -> list[Run]:
-        return [r for r in runs if r.policy == policy]
+def summarize(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
+    cells = sorted({(r.rate, r.group) for r in runs})
 
-    def at(policy: str, rate: int) -> Run | None:
-        return next((r for r in of(policy) if r.rate == rate), None)
+    def at(policy: str, cell: tuple[int, int]) -> Run | None:
+        return next((r for r in runs if r.policy == policy and (r.rate, r.group) == cell),
+                    None)
 
-    both = [(f, n) for rate in rates if (f := at("ferry", rate)) and (n := at("nova", rate))
-            and f.completed and n.completed]
-    downtimes = [r.downtime_ms for r in of("ferry") if r.completed and r.downtime_ms is not None]
+    def good(r: Run | None) -> bool:
+        return r is not None and r.completed and r.error is None
+
+    vs_nova = [(good(at("ferry", c)), good(at("nova", c))) for c in cells
+               if "ferry" in args.policies and "nova" in args.policies]
+    both = [(f, n) for c in cells if good(f := at("ferry", c)) and good(n := at("nova", c))
+            and f is not None and n is not None]
+    lowest = []  # cells where every policy completed: was Ferry's downtime the lowest?
+    for c in cells:
+        group = [at(p, c) for p in args.policies]
+        if "ferry" in args.policies and all(good(r) and r is not None
+                                            and r.downtime_ms is not None for r in group):
+            times = {r.policy: r.downtime_ms or 0 for r in group if r is not None}
+            lowest.append(times["ferry"] <= min(times.values()))
+    of = {p: [r for r in runs if r.policy == p] for p in args.policies}
+    downtimes = [r.downtime_ms for r in of.get("ferry", []) if r.completed
+                 and r.downtime_ms is not None]
     return {
-        **{f"{p}_completed": [sum(r.completed for r in of(p)), len(of(p))] for p in POLICIES},
+        **{f"{p}_completed": [sum(r.completed for r in of[p]), len(of[p])]
+           for p in args.policies},
         "ferry_max_downtime_ms": max(downtimes) if downtimes else None,
+        "ferry_lowest_downtime": [sum(lowest), len(lowest)],
+        "pairs_vs_nova": vs_nova,
         "bytes_vs_nova": median([f.sent_bytes / n.sent_bytes for f, n in both
                                  if f.sent_bytes and n.sent_bytes]),
         "slowdown_vs_nova": median([slowdown(f.write_share) / slowdown(n.write_share)
@@ -288,21 +335,21 @@ def summarize(runs: list[Run], rates: list[int]) -> dict[str, Any]:
                                 and f.write_share is not None]),
         "integrity_errors": sum(r.integrity_errors for r in runs),
         "bench_errors": sum(1 for r in runs if r.error),
-        "rates_both_completed": [f.rate for f, _ in both]}
+        "cells_both_completed": [[f.rate, f.group] for f, _ in both]}
 
 
-def last_line(s: dict[str, Any]) -> str:
+def last_line(s: dict[str, Any], policies: list[str]) -> str:
     def frac(key: str) -> str:
         return "{}/{}".format(*s[key])
 
     def num(key: str, digits: int = 2) -> str:
         return "n/a" if s[key] is None else f"{s[key]:.{digits}f}"
 
-    return (f"ferry_completed={frac('ferry_completed')} "
-            f"ferry_max_downtime_ms={num('ferry_max_downtime_ms', 0)} "
-            f"raw_completed={frac('raw_completed')} nova_completed={frac('nova_completed')} "
+    done = " ".join(f"{p}_completed={frac(p + '_completed')}" for p in policies)
+    return (f"{done} ferry_max_downtime_ms={num('ferry_max_downtime_ms', 0)} "
+            f"ferry_lowest_downtime={frac('ferry_lowest_downtime')} "
             f"bytes_vs_nova={num('bytes_vs_nova')} slowdown_vs_nova={num('slowdown_vs_nova')} "
-            f"integrity_errors={s['integrity_errors']}")
+            f"{pair_fields(s['pairs_vs_nova'])} integrity_errors={s['integrity_errors']}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,17 +359,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rate of host1's link during each migration, Mbit/s (default 200)")
     p.add_argument("--cap-s", type=int, default=120,
                    help="completion cap per migration in s (default 120; Ferry's floor: 60)")
-    p.add_argument("--policies", default="raw,nova,ferry",
+    p.add_argument("--runs", type=int, default=1, help="groups of runs per rate (default 1)")
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
                    type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   help="which of raw,nova,ferry to run (default all three)")
+                   help=f"which of {','.join(POLICIES)} to run (default {DEFAULT_POLICIES})")
     args = p.parse_args(argv)
     check_guest_args(p, args)
     if len(args.rates) != len(set(args.rates)):
         p.error("--rates: each rate once")
     if not args.policies or not set(args.policies) <= set(POLICIES):
         p.error(f"--policies: a comma-separated subset of {','.join(POLICIES)}")
-    if args.link_mbit < 1 or args.cap_s < 1:
-        p.error("--link-mbit and --cap-s must be positive")
+    if args.link_mbit < 1 or args.cap_s < 1 or args.runs < 1:
+        p.error("--link-mbit, --cap-s and --runs must be positive")
     return args
 
 
@@ -339,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         failed=lambda runs: any(r.error or r.integrity_errors for r in runs))
     if isinstance(runs, int):
         return runs
-    summary = summarize(runs, args.rates)
+    summary = summarize(runs, args)
     if args.json:
         args.json.write_text(json.dumps({
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "lab_dir")}
@@ -348,14 +396,20 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table(runs) + "\n")
     print("write share: probe writes per second of guest run time during the migration / "
           "before it (pauses excluded; see the docstring). bytes_vs_nova and "
-          f"slowdown_vs_nova: medians over rates {summary['rates_both_completed']} where "
-          f"Ferry and Nova both completed; slowdown = max(0, 1 - share) + {EPS}.")
+          f"slowdown_vs_nova: medians over the (rate, group) cells "
+          f"{summary['cells_both_completed']} where Ferry and Nova both completed; slowdown "
+          f"= max(0, 1 - share) + {EPS}.")
     print("writes lost: (rate before - rate during) x the window in guest seconds; "
           "lost_vs_nova = median of (Ferry + 1 MiB) / (Nova + 1 MiB) over the same rates "
           f"(rates with a share): {fmt(summary['lost_vs_nova'])}")
+    total, failed = len(summary["pairs_vs_nova"]), sum(
+        1 for a, b in summary["pairs_vs_nova"] if not (a and b))
+    if failed:
+        print(f"{failed} of {total} Ferry/Nova cells had a side that did not complete or "
+              "could not be measured: counted as failed pairs, left out of the ratios")
     if summary["bench_errors"]:
         print(f"{summary['bench_errors']} runs could not be measured fully (BENCH ERROR above)")
-    print(last_line(summary))
+    print(last_line(summary, args.policies))
     return 1 if summary["bench_errors"] or summary["integrity_errors"] else 0
 
 

@@ -2,11 +2,13 @@
 
 Method
 ------
-The benchmark brings up its own 2-host lab (prefix "fb", 10.212.0.0/24, control plane
-on port 8712, in a temporary directory or --lab-dir) and always tears it down at the
-end. For every dirty rate it alternates Ferry and raw runs (F, R, F, R, ...); run i of
-both kinds goes the same direction (host1 -> host2 for even i, host2 -> host1 for odd
-i). Every run boots a fresh probe guest (same kernel, initrd, command line, 256 MiB,
+The benchmark brings up its own 2-host lab (prefix "fb", 198.18.212.0/24, control plane
+on port 8712, in a temporary directory or --lab-dir; see bench/common.py for the
+environment overrides) and always tears it down at the end. For every dirty rate it runs
+--runs pairs of one Ferry and one raw migration, in ABBA order (pair 0: Ferry then raw,
+pair 1: raw then Ferry, ...; bench/common.py abba), so neither kind always runs first;
+both runs of pair i go the same direction (host1 -> host2 for even i, host2 -> host1 for
+odd i). Every run boots a fresh probe guest (same kernel, initrd, command line, 256 MiB,
 Nehalem, pc-i440fx-7.2, TCG) on the source host and migrates it as soon as the probe's
 heartbeat reaches seq >= 3, so both kinds start from a guest that has run its probe for
 the same time. Only one guest runs at a time.
@@ -24,18 +26,22 @@ the same time. Only one guest runs at a time.
   on the destination until 'running'. Downtime and bytes sent (ram.transferred) come
   from the source's final query-migrate.
 
-Ferry's default "ferry" convergence policy starts from the same downtime limit and
-bandwidth but also arms auto-converge (30 % throttle) and may retune while the stream
-runs; raw QEMU does none of that. `--ferry-policy qemu` makes Ferry run exactly the raw
-stream settings, so the difference is orchestration alone. Each Ferry run records the
-levers its policy pulled (JSON: ferry_levers, throttle_pct, downtime_limit_ms).
+Ferry's default "ferry" convergence policy starts with a lower downtime limit (a tenth
+of its 500 ms maximum) than raw QEMU's 300 ms and raises it only when pre-copy would not
+otherwise finish in its budget; it may also throttle the guest; raw QEMU does none of
+that. `--ferry-policy qemu` makes Ferry run exactly the raw stream settings, so the
+difference is orchestration alone. Each Ferry run records the levers its policy pulled
+(JSON: ferry_levers, throttle_pct, downtime_limit_ms).
 
 After every migration the destination must print a heartbeat with seq > seq_before + 1;
 its mem_errors + disk_errors count as integrity errors.
 
 Summary: per rate, medians over the runs; the wall ratio and downtime delta are medians
-of per-pair values (Ferry run i vs raw run i of that rate). The last line gives the same
-pairwise medians over ALL pairs of all rates, and the total of integrity errors.
+of per-pair values (Ferry run i vs raw run i of that rate). A pair with a failed side is
+counted as failed and left out of the ratios (and said so); a run whose downtime QEMU
+had not filled in is left out of the downtime delta only, and counted. The last line
+gives the same pairwise medians over ALL pairs of all rates, `pairs=<n> failed=<n>`, and
+the total of integrity errors.
 Needs root (namespaces, bridge). Run: .venv/bin/python bench/migrate_vs_qemu.py
 """
 
@@ -57,11 +63,13 @@ from typing import Any
 from common import (
     BOOT_TIMEOUT_S,
     MIB,
+    abba,
     add_guest_args,
     check_guest_args,
     ferry_heartbeat,
     fmt,
     median,
+    pair_fields,
     problem,
     remove_vm,
     run_in_lab,
@@ -70,7 +78,7 @@ from common import (
 from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec
 from ferry.domain.errors import FerryError
-from ferry.domain.migration import Phase, SourceStatus
+from ferry.domain.migration import Phase, PolicyKind, SourceStatus
 from ferry.domain.probe import Heartbeat, last_heartbeat
 from ferry.domain.specs import VmSpec
 from ferry.hypervisor.argv import RunPaths, build_argv
@@ -173,8 +181,9 @@ async def serial_heartbeat(proc: QemuProcess, after_seq: int) -> Heartbeat:
 def raw_process(config: LabConfig, host: str, spec: VmSpec, directory: Path,
                 incoming: bool) -> QemuProcess:
     paths = RunPaths(directory)
-    argv = build_argv(spec, machine=MACHINE, accel="tcg", paths=paths, datastores={},
-                      incoming=incoming)
+    # The boot files live on the lab's shared datastore, as for Ferry's agents.
+    argv = build_argv(spec, machine=MACHINE, accel="tcg", paths=paths,
+                      datastores={"shared": str(config.shared_datastore)}, incoming=incoming)
     # Raw QEMU's own behaviour: the destination runs as soon as the stream ends (Ferry
     # starts it paused with -S and resumes it once the switch is recorded).
     argv = [a for a in argv if a != "-S"]
@@ -274,16 +283,27 @@ def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
     for rate in args.rates:
         for i in range(args.runs):
             src, dst = (hosts[0], hosts[1]) if i % 2 == 0 else (hosts[1], hosts[0])
-            f = Run("ferry", rate, i, src, dst)
-            runs.append(attempt(f, functools.partial(ferry_run, client, config, args, f)))
-            r = Run("raw", rate, i, src, dst)
-            port = RAW_PORT_BASE + len(runs)
-            runs.append(attempt(r, functools.partial(
-                asyncio.run, raw_run(config, args, r, workdir, port))))
+            for kind in abba(i, "ferry", "raw"):
+                run = Run(kind, rate, i, src, dst)
+                if kind == "ferry":
+                    runs.append(attempt(run, functools.partial(
+                        ferry_run, client, config, args, run)))
+                else:
+                    port = RAW_PORT_BASE + len(runs)
+                    runs.append(attempt(run, functools.partial(
+                        asyncio.run, raw_run(config, args, run, workdir, port))))
     return runs
 
 
+def all_pairs(runs: list[Run], rate: int | None = None) -> list[tuple[bool, bool]]:
+    """Every pair's (Ferry ok, raw ok), failed ones included."""
+    by = {(r.kind, r.rate, r.index): r.ok for r in runs}
+    keys = sorted({(r.rate, r.index) for r in runs if rate is None or r.rate == rate})
+    return [(by.get(("ferry", *k), False), by.get(("raw", *k), False)) for k in keys]
+
+
 def pairs(runs: list[Run], rate: int | None = None) -> list[tuple[Run, Run]]:
+    """The pairs whose two sides both succeeded: the only ones in the ratios."""
     ferry = {(r.rate, r.index): r for r in runs if r.kind == "ferry" and r.ok}
     return [(ferry[(r.rate, r.index)], r) for r in runs
             if r.kind == "raw" and r.ok and (r.rate, r.index) in ferry
@@ -315,16 +335,16 @@ def summarize(runs: list[Run], rates: list[int]) -> tuple[list[dict[str, Any]], 
             "ferry_mib": None if sent["ferry"] is None else sent["ferry"] / MIB,
             "raw_mib": None if sent["raw"] is None else sent["raw"] / MIB,
             "integrity_errors": sum(r.integrity_errors for r in runs if r.rate == rate),
-            "failed": sum(1 for r in runs if r.rate == rate and not r.ok), "pairs": len(ps)})
+            "pair_fields": pair_fields(all_pairs(runs, rate))})
     head = ("| rate MiB/s | Ferry wall s | raw wall s | wall ratio | Ferry downtime ms "
             "| raw downtime ms | downtime delta ms | Ferry MiB sent | raw MiB sent "
-            "| integrity errors |\n|" + "---:|" * 10)
+            "| integrity errors | pairs |\n|" + "---:|" * 10 + "---|")
     table = "\n".join([head] + [
         f"| {w['rate']} | {fmt(w['ferry_wall_s'])} | {fmt(w['raw_wall_s'])} "
         f"| {fmt(w['wall_ratio'])} | {fmt(w['ferry_downtime_ms'], 0)} "
         f"| {fmt(w['raw_downtime_ms'], 0)} | {fmt(w['downtime_delta_ms'], 0)} "
-        f"| {fmt(w['ferry_mib'], 0)} | {fmt(w['raw_mib'], 0)} | {w['integrity_errors']} |"
-        for w in rows])
+        f"| {fmt(w['ferry_mib'], 0)} | {fmt(w['raw_mib'], 0)} | {w['integrity_errors']} "
+        f"| {w['pair_fields']} |" for w in rows])
     steps = "\n".join(
         f"  {kind:5} median s: " + ", ".join(
             f"{k} {fmt(median([r.steps_s[k] for r in runs if r.kind == kind and r.ok]), 3)}"
@@ -336,8 +356,8 @@ def summarize(runs: list[Run], rates: list[int]) -> tuple[list[dict[str, Any]], 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_guest_args(p, "0,20,60")
-    p.add_argument("--runs", type=int, default=5, help="runs of each kind per rate")
-    p.add_argument("--ferry-policy", choices=("ferry", "nova", "qemu"),
+    p.add_argument("--runs", type=int, default=5, help="Ferry/raw pairs per rate")
+    p.add_argument("--ferry-policy", choices=[k.value for k in PolicyKind],
                    help="override Ferry's convergence policy (default: the cluster's)")
     p.add_argument("--ferry-encryption", choices=("disabled", "required"),
                    default="disabled", help="Ferry's stream encryption (default disabled, "
@@ -369,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "lab_dir")},
             "runs": [asdict(r) for r in runs], "medians": rows,
             "overall": {"wall_ratio": wall_ratio, "downtime_delta_ms": delta,
-                        "integrity_errors": errors, "pairs": len(ps)}}, indent=2))
+                        "integrity_errors": errors, "pairs": len(all_pairs(runs)),
+                        "complete_pairs": len(ps)}}, indent=2))
     print("\n" + table + "\n")
     print("where the time goes (medians over all rates):\n" + steps)
     failures = sum(1 for r in runs if not r.ok)
@@ -379,10 +400,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{late['ferry']} Ferry runs (downtime left out) and {late['raw']} raw runs "
               "(re-queried after the clock)")
     if failures:
-        print(f"{failures} of {len(runs)} runs FAILED (left out of the medians)")
-    print("wall_ratio and downtime_delta_ms: medians over all Ferry/raw run pairs")
+        print(f"{failures} of {len(runs)} runs FAILED: their pairs are counted as failed "
+              "and left out of the ratios and medians")
+    no_delta = len(ps) - len(deltas(ps))
+    if no_delta:
+        print(f"{no_delta} complete pairs left out of downtime_delta_ms (no downtime read)")
+    print("wall_ratio and downtime_delta_ms: medians over the Ferry/raw pairs where both "
+          "sides succeeded")
     print(f"wall_ratio={fmt(wall_ratio)} downtime_delta_ms={fmt(delta, 0)} "
-          f"integrity_errors={errors}")
+          f"{pair_fields(all_pairs(runs))} integrity_errors={errors}")
     return 1 if failures or errors else 0
 
 

@@ -2,17 +2,19 @@
 
 Method
 ------
-The benchmark brings up its own 1-host lab (prefix "fs", 10.214.0.0/24, control plane on
-port 8714, in a temporary directory or --lab-dir) and always tears it down at the end,
+The benchmark brings up its own 1-host lab (prefix "fs", 198.18.214.0/24, control plane
+on port 8714, in a temporary directory or --lab-dir; environment overrides in
+bench/common.py) and always tears it down at the end,
 also on Ctrl-C / SIGTERM. Every run boots a fresh probe VM (192 MiB, TCG) on host1 whose
 only disk is a new thin qcow2 image of --disk-mib MiB on the datastore "shared". The
 probe's disk region is half of it (ferry.disk_mib = disk_mib/2): the probe writes the
 whole region once at boot, so about 50 % of the image is allocated (checked with
 `qemu-img info` actual-size and reported). Two cases: idle (ferry.disk_mib_s=0, the
 probe only verifies its region) and busy (ferry.disk_mib_s=--write-mib-s, rewriting
-random 4 KiB blocks at that rate). Per case the kinds alternate: Ferry, qemu-img, Ferry,
-qemu-img, ... (--runs of each). Only one VM runs at a time; VM and images are removed
-after each run.
+random 4 KiB blocks at that rate). Per case --runs pairs of one Ferry and one qemu-img
+run, in ABBA order (pair 0: Ferry then qemu-img, pair 1: qemu-img then Ferry, ...;
+bench/common.py abba), so neither kind always runs first. Only one VM runs at a time;
+VM and images are removed after each run.
 
 - Ferry: once the probe has run >= 6 s after its initial fill, POST /v1/relocations
   {datastore: "local-host1", format: qcow2, provisioning: thin}. The clock starts just
@@ -24,12 +26,16 @@ after each run.
   are the run's integrity errors.
 - qemu-img: the same VM is booted and run for the same time, then stopped (QMP quit,
   so QEMU flushes the image). The clock covers only
-  `qemu-img convert -O qcow2 shared/VM/root.qcow2 local-host1/VM/root.qcow2` (thin, no
-  preallocation, default options): the physical limit for this pair of datastores.
+  `qemu-img convert -t none -T none -O qcow2 shared/VM/root.qcow2 local-host1/VM/root.qcow2`
+  (thin, no preallocation) and an fsync of the new image: the same cache conditions as
+  Ferry's mirror, whose target is opened with cache none (O_DIRECT) like the VM's disk,
+  and which flushes the target before it completes. (qemu-img's default destination
+  cache mode is `unsafe`, which skips every flush: it would time the page cache.)
 
 MiB/s = allocated MiB of the source image (qemu-img info actual-size, taken just before
 the move / the convert; it includes qcow2 metadata) / seconds. The ratio per case is the
-median of per-pair ratios Ferry run i / qemu-img run i.
+median of per-pair ratios Ferry run i / qemu-img run i, for idle and busy each; a pair
+with a failed side is counted as failed and left out of the ratio.
 
 Guest write share (busy only): the probe's disk write rate during the move divided by its
 rate before, both from heartbeat disk_written deltas (4 KiB blocks) over guest uptime_ms
@@ -61,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import MIB, fmt, median, problem, remove_vm, run_in_lab
+from common import MIB, abba, fmt, median, pair_fields, problem, remove_vm, run_in_lab
 
 from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec
@@ -234,8 +240,14 @@ def qemu_img_run(client: Client, config: LabConfig, args: argparse.Namespace,
         target.parent.mkdir(parents=True, exist_ok=True)
         os.sync()
         t0 = time.perf_counter()
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(image), str(target)],
-                       check=True, capture_output=True, timeout=3600)
+        subprocess.run(["qemu-img", "convert", "-t", "none", "-T", "none", "-O", "qcow2",
+                        str(image), str(target)], check=True, capture_output=True,
+                       timeout=3600)
+        fd = os.open(target, os.O_RDONLY)  # the copy is done once it is on the disk
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         run.seconds = time.perf_counter() - t0
         run.target_allocated_bytes = image_info(target)["actual-size"]
         run.ok = run.integrity_errors == 0
@@ -265,13 +277,21 @@ def attempt(run: Run, body: Callable[[], object]) -> Run:
 def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
     client = lab_client(config, timeout_s=120)
     runs: list[Run] = []
+    kinds = {"ferry": ferry_run, "qemu-img": qemu_img_run}
     for case in ("idle", "busy"):
         for i in range(args.runs):
-            f = Run("ferry", case, i)
-            runs.append(attempt(f, functools.partial(ferry_run, client, config, args, f)))
-            q = Run("qemu-img", case, i)
-            runs.append(attempt(q, functools.partial(qemu_img_run, client, config, args, q)))
+            for kind in abba(i, "ferry", "qemu-img"):
+                run = Run(kind, case, i)
+                runs.append(attempt(run, functools.partial(kinds[kind], client, config,
+                                                           args, run)))
     return runs
+
+
+def all_pairs(runs: list[Run], case: str) -> list[tuple[bool, bool]]:
+    """Every pair's (Ferry ok, qemu-img ok), failed ones included."""
+    by = {(r.kind, r.index): r.ok for r in runs if r.case == case}
+    return [(by.get(("ferry", i), False), by.get(("qemu-img", i), False))
+            for i in sorted({r.index for r in runs if r.case == case})]
 
 
 def pair_ratios(runs: list[Run], case: str) -> list[float]:
@@ -300,13 +320,14 @@ def summarize(runs: list[Run]) -> tuple[list[dict[str, Any]], str]:
             "write_before_mib_s": col("ferry", lambda r: r.write_before_mib_s),
             "write_during_mib_s": col("ferry", lambda r: r.write_during_mib_s),
             "integrity_errors": sum(r.integrity_errors for r in runs if r.case == case),
-            "failed": sum(1 for r in runs if r.case == case and not r.ok)})
+            "pairs": all_pairs(runs, case)})
     head = ("| case | Ferry s | qemu-img s | ratio | Ferry MiB/s | qemu-img MiB/s "
-            "| guest write share |\n|---|" + "---:|" * 6)
+            "| guest write share | pairs |\n|---|" + "---:|" * 6 + "---|")
     return rows, "\n".join([head] + [
         f"| {w['case']} | {fmt(w['ferry_s'])} | {fmt(w['qemu_img_s'])} | {fmt(w['ratio'])} "
         f"| {fmt(w['ferry_mib_s'], 1)} | {fmt(w['qemu_img_mib_s'], 1)} "
-        f"| {fmt(w['write_share']) if w['case'] == 'busy' else '-'} |" for w in rows])
+        f"| {fmt(w['write_share']) if w['case'] == 'busy' else '-'} "
+        f"| {pair_fields(w['pairs'])} |" for w in rows])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -341,15 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(runs, int):
         return runs
     rows, table = summarize(runs)
-    idle_ratio = rows[0]["ratio"]
+    idle_ratio, busy_ratio = rows[0]["ratio"], rows[1]["ratio"]
     share = rows[1]["write_share"]
+    sides = rows[0]["pairs"] + rows[1]["pairs"]
     errors = sum(r.integrity_errors for r in runs)
     if args.json:
         args.json.write_text(json.dumps({
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "runs": [asdict(r) | {"mib_s": r.mib_s, "write_share": r.write_share}
                      for r in runs],
-            "medians": rows, "overall": {"idle_ratio": idle_ratio, "busy_write_share": share,
+            "medians": rows, "overall": {"idle_ratio": idle_ratio, "busy_ratio": busy_ratio,
+                                         "busy_write_share": share,
                                          "integrity_errors": errors}}, indent=2))
     print("\n" + table + "\n")
     steps = [r.steps_s for r in runs if r.kind == "ferry" and r.ok]
@@ -363,9 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     print("medians over runs; ratio = median of per-pair Ferry/qemu-img seconds; "
           "shared 2-core machine: noisy")
     if failures := sum(1 for r in runs if not r.ok):
-        print(f"{failures} of {len(runs)} runs FAILED (left out of the medians)")
-    print(f"idle_ratio={fmt(idle_ratio)} busy_write_share={fmt(share)} "
-          f"integrity_errors={errors}")
+        print(f"{failures} of {len(runs)} runs FAILED: their pairs are counted as failed "
+              "and left out of the ratios and medians")
+    print(f"idle_ratio={fmt(idle_ratio)} busy_ratio={fmt(busy_ratio)} "
+          f"busy_write_share={fmt(share)} {pair_fields(sides)} integrity_errors={errors}")
     return 1 if failures or errors else 0
 
 

@@ -15,7 +15,8 @@ from ferry.domain.units import parse_duration_ms, parse_rate
 app = typer.Typer(help="The cluster's default migration policy.", no_args_is_help=True)
 
 PolicyOpt = Annotated[str | None, typer.Option(
-    help="convergence policy: ferry (throttle, then post-copy if allowed), nova, qemu")]
+    help="convergence policy: ferry (low downtime, throttle, post-copy if allowed), "
+    "nova, nova-legacy, kubevirt, qemu")]
 DowntimeOpt = Annotated[str | None, typer.Option(help="longest allowed downtime, e.g. 500ms")]
 BandwidthOpt = Annotated[str | None, typer.Option(
     help="cap the stream, e.g. 200MiB (per second) or 500mbit; 0 = unlimited")]

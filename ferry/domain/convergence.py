@@ -1,17 +1,27 @@
 """Convergence: what to do next with a running pre-copy, as a pure function.
 
 `decide(state, options)` reads a snapshot of the migration (passes so far, the latest
-query-migrate reading, the levers already pulled) and returns one Action. Three
-policies, so that Ferry can be measured against the others in one run:
+query-migrate reading, the levers already pulled) and returns one Action. Five
+policies, so that Ferry can be measured against its peers' defaults in one run:
 
-- FERRY: when what is left fits the allowed downtime, raise the limit to just that much
-  and switch now. When the guest dirties memory nearly as fast as the link carries it:
-  post-copy at once if the user allowed it; otherwise slow its vCPUs (vMotion's SDPS
-  idea, via QEMU's CPU throttle), stepping up each pass while it does not converge, then
-  the longest allowed downtime; abort only when the budget or progress timeout runs out.
-- NOVA: OpenStack Nova's defaults: the downtime limit ramps to its maximum in 10 steps
-  (one step every 75 s per GiB of RAM); post-copy (if allowed) once remaining memory
-  shrinks by less than 10 % per pass.
+- FERRY: start with a low downtime limit (Nova's first step, a tenth of the maximum) and
+  raise it only when pre-copy, projected from the measured transfer and dirty rates of
+  the passes so far, would not get the dirty set under that limit within the budget;
+  then raise it to just what the dirty set needs. When the guest dirties memory nearly
+  as fast as the link carries it: post-copy at once if the user allowed it; otherwise
+  slow its vCPUs (vMotion's SDPS idea, via QEMU's CPU throttle), stepping up each pass
+  while it does not converge, then the longest allowed downtime; abort only when the
+  budget or progress timeout runs out.
+- NOVA: OpenStack Nova's current defaults: the downtime limit ramps to its maximum in 10
+  steps (one every 75 s per GiB of RAM, at least 2 GiB); at the completion timeout
+  (the per-GiB budget x the same GiB) the timeout action: abort, or post-copy when
+  allow_postcopy is set (Nova's live_migration_permit_post_copy together with
+  live_migration_timeout_action = force_complete). No progress timeout: Nova removed it.
+- NOVA_LEGACY: older Nova: the same ramp, plus post-copy (if allowed) as soon as the
+  remaining memory shrinks by less than 10 % per pass; progress timeout as Ferry's.
+- KUBEVIRT: KubeVirt's migration monitor: QEMU's fixed downtime limit; past the
+  completion timeout (per-GiB budget x whole GB, rounded up) post-copy if allowPostCopy,
+  else abort; no shrink of the remaining memory for progress_timeout_s: abort.
 - QEMU: QEMU's defaults: a fixed downtime limit and nothing else.
 """
 
@@ -26,6 +36,7 @@ from ferry.domain.migration import (
     Progress,
     StreamOptions,
     abort_reason,
+    completion_deadline_s,
 )
 from ferry.domain.specs import Frozen
 
@@ -36,6 +47,7 @@ NEAR_FIT_PASSES = 8  # ...for this many passes (short ones: each sends that smal
 DIRTY_SHARE = 0.6  # a pass that leaves 60 % of what it sent dirty is losing
 NOVA_STEPS = 10
 NOVA_STEP_S_PER_GIB = 75.0
+STALLED = 0.9  # a dirty set that keeps 90 % of itself per pass is not shrinking
 
 
 class ActionKind(StrEnum):
@@ -71,6 +83,10 @@ class ConvergenceState(Frozen):
 def decide(state: ConvergenceState, options: StreamOptions) -> Action:
     if state.postcopy:
         return CONTINUE  # nothing left to steer: the target runs, pages follow
+    if options.policy is PolicyKind.NOVA:
+        return _nova(state, options)
+    if options.policy is PolicyKind.KUBEVIRT:
+        return _kubevirt(state, options)
     late = abort_reason(state.elapsed_s, state.since_progress_s, state.memory_mib, options)
     if late is not None:
         if options.allow_postcopy and options.policy is not PolicyKind.QEMU:
@@ -78,9 +94,34 @@ def decide(state: ConvergenceState, options: StreamOptions) -> Action:
         return Action(kind=ActionKind.ABORT, reason=late)
     if options.policy is PolicyKind.QEMU:
         return CONTINUE
-    if options.policy is PolicyKind.NOVA:
-        return _nova(state, options)
+    if options.policy is PolicyKind.NOVA_LEGACY:
+        return _nova_legacy(state, options)
     return _ferry(state, options)
+
+
+def projected_finish_s(its: tuple[Iteration, ...], dirty: float, rate: float,
+                       limit_ms: int) -> float | None:
+    """Seconds until pre-copy leaves a dirty set that fits `limit_ms`, or None if it
+    never will at this limit.
+
+    Each pass sends the set S at `rate` and leaves q*S dirty: q is the dirty rate over
+    the rate, or the shrink the last pass measured when that says less progress (QEMU's
+    dirty rate counts distinct pages, so it under-reads a long pass). The first pass
+    sent all of memory, so a shrink against it says nothing.
+    """
+    left = its[-1].remaining_bytes
+    target = rate * limit_ms / 1000
+    if left <= target:
+        return 0.0
+    q = dirty / rate
+    if len(its) >= 3 and its[-2].remaining_bytes > 0:
+        q = max(q, its[-1].remaining_bytes / its[-2].remaining_bytes)
+    if q >= STALLED:
+        return None
+    if q <= 0:
+        return left / rate
+    passes = math.ceil(math.log(target / left) / math.log(q))
+    return left * (1 - q ** passes) / (1 - q) / rate
 
 
 def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
@@ -94,12 +135,21 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
     # remaining mid-pass shrinks towards zero every pass and says nothing.
     dirty_set = state.iterations[-1].remaining_bytes
     needed_ms = math.ceil(dirty_set / rate * 1000)
-    if state.downtime_ms < needed_ms <= options.max_downtime_ms:
-        target = min(options.max_downtime_ms, math.ceil(needed_ms * 1.25) + 10)
-        return Action(kind=ActionKind.RAISE_DOWNTIME, value=target,
-                      reason=f"{dirty_set >> 20} MiB dirty fit in {needed_ms} ms")
     if needed_ms <= state.downtime_ms:
         return CONTINUE  # the dirty set already fits: QEMU switches at the next check
+    p_dirty = p.dirty_rate_bytes_s
+    if needed_ms <= options.max_downtime_ms:
+        # A higher limit switches sooner but pauses the guest longer: keep the low one
+        # while more passes get the set under it within the budget.
+        budget_left = completion_deadline_s(state.memory_mib, options) - state.elapsed_s
+        finish = projected_finish_s(state.iterations, p_dirty, rate, state.downtime_ms)
+        if finish is not None and finish <= budget_left:
+            return CONTINUE
+        target = min(options.max_downtime_ms, math.ceil(needed_ms * 1.25) + 10)
+        late = ("the dirty set stopped shrinking" if finish is None
+                else f"pre-copy would need {finish:.0f} s, {budget_left:.0f} s left")
+        return Action(kind=ActionKind.RAISE_DOWNTIME, value=target,
+                      reason=f"{late}; {dirty_set >> 20} MiB dirty fit in {needed_ms} ms")
     near = [it for it in state.iterations
             if it.remaining_bytes / rate * 1000 <= NEAR_FIT * options.max_downtime_ms]
     if needed_ms <= NEAR_FIT * options.max_downtime_ms and len(near) <= NEAR_FIT_PASSES:
@@ -107,7 +157,7 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
         # fits, which a set this small allows within a few passes (measured at 12 MiB/s
         # over a 23.8 MiB/s link). Post-copy would put the VM at risk for little gain.
         return CONTINUE
-    dirty = p.dirty_rate_bytes_s
+    dirty = p_dirty
     why = _not_converging(state.iterations, dirty, rate)
     if why is None:
         return CONTINUE
@@ -165,19 +215,54 @@ def nova_downtime_ms(elapsed_s: float, memory_mib: int, options: StreamOptions) 
 
 
 def initial_downtime_ms(options: StreamOptions, memory_mib: int) -> int:
-    if options.policy is PolicyKind.NOVA:
+    if options.policy in (PolicyKind.NOVA, PolicyKind.NOVA_LEGACY):
         return nova_downtime_ms(0.0, memory_mib, options)
-    return options.initial_downtime_ms
+    if options.policy is PolicyKind.FERRY:
+        return low_downtime_ms(options)
+    return options.initial_downtime_ms  # QEMU's default (KubeVirt leaves it too)
+
+
+def low_downtime_ms(options: StreamOptions) -> int:
+    """Ferry's starting limit: no higher than Nova's first step."""
+    return max(1, options.max_downtime_ms // NOVA_STEPS)
+
+
+def _ramp(state: ConvergenceState, options: StreamOptions) -> Action:
+    wanted = nova_downtime_ms(state.elapsed_s, state.memory_mib, options)
+    if wanted > state.downtime_ms:
+        return Action(kind=ActionKind.RAISE_DOWNTIME, value=wanted, reason="downtime ramp step")
+    return CONTINUE
 
 
 def _nova(state: ConvergenceState, options: StreamOptions) -> Action:
+    deadline = completion_deadline_s(state.memory_mib, options)
+    if state.elapsed_s > deadline:
+        late = f"live migration not completed after {deadline:.0f} s"
+        if options.allow_postcopy:  # permit_post_copy + timeout action force_complete
+            return Action(kind=ActionKind.POSTCOPY, reason=f"{late}; force complete")
+        return Action(kind=ActionKind.ABORT, reason=late)
+    return _ramp(state, options)
+
+
+def _nova_legacy(state: ConvergenceState, options: StreamOptions) -> Action:
     its = state.iterations
     if options.allow_postcopy and len(its) >= 3:
         previous, last = its[-2].remaining_bytes, its[-1].remaining_bytes
         if previous > 0 and last > previous * 0.9:
             return Action(kind=ActionKind.POSTCOPY,
                           reason="remaining memory shrank less than 10 % in a pass")
-    wanted = nova_downtime_ms(state.elapsed_s, state.memory_mib, options)
-    if wanted > state.downtime_ms:
-        return Action(kind=ActionKind.RAISE_DOWNTIME, value=wanted, reason="downtime ramp step")
+    return _ramp(state, options)
+
+
+def _kubevirt(state: ConvergenceState, options: StreamOptions) -> Action:
+    deadline = completion_deadline_s(state.memory_mib, options)
+    late = state.elapsed_s > deadline
+    if late and options.allow_postcopy:
+        return Action(kind=ActionKind.POSTCOPY,
+                      reason=f"not completed after {deadline:.0f} s; post-copy")
+    if state.since_progress_s > options.progress_timeout_s:
+        return Action(kind=ActionKind.ABORT,
+                      reason=f"live migration stuck for {state.since_progress_s:.0f} s")
+    if late:
+        return Action(kind=ActionKind.ABORT, reason=f"not completed after {deadline:.0f} s")
     return CONTINUE

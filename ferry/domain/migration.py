@@ -23,6 +23,7 @@ each phase is the RESUME table; how each phase is undone is ROLLBACK_FOR.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 from pydantic import Field, model_validator
@@ -211,8 +212,10 @@ class Progress(Frozen):
 class PolicyKind(StrEnum):
     """Which convergence policy drives the stream (see domain/convergence.py)."""
 
-    FERRY = "ferry"  # targeted downtime, SDPS-style throttling, post-copy if allowed
-    NOVA = "nova"  # OpenStack Nova: downtime ramp in 10 steps, post-copy on stall
+    FERRY = "ferry"  # low downtime first, SDPS-style throttling, post-copy if allowed
+    NOVA = "nova"  # OpenStack Nova today: downtime ramp, abort (or post-copy) at the timeout
+    NOVA_LEGACY = "nova-legacy"  # older Nova: the ramp plus post-copy once progress stalls
+    KUBEVIRT = "kubevirt"  # KubeVirt: fixed limit, post-copy (or abort) at the timeout
     QEMU = "qemu"  # QEMU's defaults: fixed downtime limit, nothing else
 
 
@@ -294,9 +297,23 @@ def record_iteration(iterations: list[Iteration], progress: Progress,
                      expected_downtime_ms=progress.expected_downtime_ms)
 
 
+def budget_gib(memory_mib: int, policy: PolicyKind) -> float:
+    """The size the per-GiB completion budget is multiplied by, counted as each peer
+    counts it: Nova at least 2 GiB; KubeVirt in whole decimal GB, rounded up."""
+    if policy in (PolicyKind.NOVA, PolicyKind.NOVA_LEGACY):
+        return max(memory_mib / 1024, 2.0)
+    if policy is PolicyKind.KUBEVIRT:
+        return float(max(1, math.ceil(memory_mib * (1 << 20) / 1e9)))
+    return memory_mib / 1024
+
+
 def completion_deadline_s(memory_mib: int, options: StreamOptions) -> float:
-    """Total time a migration may take before it is aborted (Nova/KubeVirt style)."""
-    return max(60.0, options.completion_budget_s_per_gib * memory_mib / 1024)
+    """Total time a migration may take before its timeout action (Nova/KubeVirt style);
+    Ferry's own policies never allow less than 60 s."""
+    budget = options.completion_budget_s_per_gib * budget_gib(memory_mib, options.policy)
+    if options.policy in (PolicyKind.FERRY, PolicyKind.QEMU):
+        return max(60.0, budget)
+    return budget
 
 
 def abort_reason(elapsed_s: float, since_progress_s: float, memory_mib: int,

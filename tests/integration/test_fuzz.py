@@ -564,7 +564,7 @@ def test_incoming_vms_the_agent_accepts_listen_or_are_refused(
     made = itertools.count()
     outcomes: collections.Counter[int] = collections.Counter()
     options = st.fixed_dictionaries({}, optional={
-        "policy": st.sampled_from(["ferry", "nova", "qemu"]),
+        "policy": st.sampled_from(["ferry", "nova", "nova-legacy", "kubevirt", "qemu"]),
         "allow_postcopy": st.booleans(), "allow_throttle": st.booleans(),
         "multifd_channels": st.integers(0, 16),
         "compression": st.sampled_from(["none", "zlib", "zstd"]),

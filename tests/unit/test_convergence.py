@@ -1,5 +1,7 @@
 """The convergence policies, as pure functions of a snapshot."""
 
+import math
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -8,7 +10,9 @@ from ferry.domain.convergence import (
     ConvergenceState,
     decide,
     initial_downtime_ms,
+    low_downtime_ms,
     nova_downtime_ms,
+    projected_finish_s,
 )
 from ferry.domain.migration import (
     Iteration,
@@ -88,8 +92,8 @@ def test_qemu_policy_never_steers() -> None:
     assert decide(state(elapsed=10_000), qemu).kind is ActionKind.ABORT
 
 
-def test_nova_ramp_and_postcopy_on_stall() -> None:
-    nova = StreamOptions(policy=PolicyKind.NOVA, allow_postcopy=True)
+def test_nova_legacy_ramp_and_postcopy_on_stall() -> None:
+    nova = StreamOptions(policy=PolicyKind.NOVA_LEGACY, allow_postcopy=True)
     assert initial_downtime_ms(nova, 256) == 50
     assert nova_downtime_ms(150 * 10, 256, nova) == 500  # 10 steps of 150 s (2 GiB floor)
     assert nova_downtime_ms(151, 256, nova) == 95
@@ -98,6 +102,93 @@ def test_nova_ramp_and_postcopy_on_stall() -> None:
     shrinking = state(iterations=its(256, 100, 50), downtime=50, elapsed=200)
     action = decide(shrinking, nova)
     assert action.kind is ActionKind.RAISE_DOWNTIME and action.value == 95
+
+
+NOVA = StreamOptions(policy=PolicyKind.NOVA)  # Nova's defaults: no post-copy, abort
+
+
+def test_nova_ramps_the_limit_and_never_post_copies_on_a_stall() -> None:
+    assert initial_downtime_ms(NOVA, 256) == 50  # 500 ms / 10 steps
+    stalled = state(dirty_mib_s=400, iterations=its(256, 100, 99), downtime=50, since=1000)
+    # no post-copy on a stall and no progress timeout (Nova removed both)
+    for opts in (NOVA, StreamOptions(policy=PolicyKind.NOVA, allow_postcopy=True)):
+        assert decide(stalled, opts).kind is ActionKind.CONTINUE
+    action = decide(state(iterations=its(256, 100, 50), downtime=50, elapsed=200), NOVA)
+    assert action.kind is ActionKind.RAISE_DOWNTIME and action.value == 95
+
+
+def test_nova_timeout_counts_at_least_2_gib_then_aborts_or_forces_completion() -> None:
+    # live_migration_completion_timeout 800 s per GiB, 256 MiB counted as 2 GiB: 1600 s
+    assert completion_deadline_s(256, NOVA) == 1600
+    assert decide(state(elapsed=1599, downtime=50), NOVA).kind is not ActionKind.ABORT
+    assert decide(state(elapsed=1601, downtime=50), NOVA).kind is ActionKind.ABORT
+    # permit_post_copy + timeout action force_complete: post-copy at the timeout
+    forced = StreamOptions(policy=PolicyKind.NOVA, allow_postcopy=True)
+    assert decide(state(elapsed=1601, downtime=50), forced).kind is ActionKind.POSTCOPY
+
+
+KUBEVIRT = StreamOptions(policy=PolicyKind.KUBEVIRT, allow_postcopy=True,
+                         completion_budget_s_per_gib=150, progress_timeout_s=150)
+
+
+def test_kubevirt_keeps_qemus_limit_until_the_timeout_then_post_copies() -> None:
+    assert initial_downtime_ms(KUBEVIRT, 256) == 300  # QEMU's default, left alone
+    # 256 MiB is 0.27 GB, counted as 1 whole GB: 150 s
+    assert completion_deadline_s(256, KUBEVIRT) == 150
+    losing = state(dirty_mib_s=400, iterations=its(256, 100, 99, 99), elapsed=149)
+    assert decide(losing, KUBEVIRT).kind is ActionKind.CONTINUE  # no lever before it
+    late = state(dirty_mib_s=400, iterations=its(256, 100, 99, 99), elapsed=151)
+    assert decide(late, KUBEVIRT).kind is ActionKind.POSTCOPY
+    no_postcopy = KUBEVIRT.model_copy(update={"allow_postcopy": False})
+    assert decide(late, no_postcopy).kind is ActionKind.ABORT
+
+
+def test_kubevirt_aborts_a_migration_without_progress() -> None:
+    stuck = state(elapsed=100, since=151)
+    assert decide(stuck, KUBEVIRT).kind is ActionKind.ABORT  # even with post-copy allowed
+    assert decide(state(elapsed=100, since=149), KUBEVIRT).kind is ActionKind.CONTINUE
+
+
+def test_ferry_starts_no_higher_than_novas_first_step() -> None:
+    assert initial_downtime_ms(FERRY, 256) == low_downtime_ms(FERRY)
+    assert low_downtime_ms(FERRY) <= nova_downtime_ms(0, 256, NOVA)
+
+
+def test_ferry_keeps_the_low_limit_while_pre_copy_converges() -> None:
+    # 10 MiB dirty would fit 400 ms at 25 MiB/s, but a 5 MiB/s guest leaves 1/5 of each
+    # pass dirty: a few more passes get it under 50 ms, well within the budget
+    converging = state(dirty_mib_s=5, link_mib_s=25, iterations=its(256, 40, 10),
+                       downtime=50)
+    assert decide(converging, FERRY).kind is ActionKind.CONTINUE
+
+
+def test_ferry_raises_the_limit_once_the_dirty_set_stops_shrinking() -> None:
+    stuck = state(dirty_mib_s=5, link_mib_s=25, iterations=its(256, 40, 10, 10),
+                  downtime=50)
+    action = decide(stuck, FERRY)
+    assert action.kind is ActionKind.RAISE_DOWNTIME and action.value is not None
+    assert 400 < action.value <= 500 and "stopped shrinking" in action.reason
+
+
+def test_ferry_raises_the_limit_when_the_budget_is_too_short_for_more_passes() -> None:
+    # the same converging stream, but with 1 s of the 200 s budget left
+    late = state(dirty_mib_s=5, link_mib_s=25, iterations=its(256, 40, 10), downtime=50,
+                 elapsed=completion_deadline_s(256, FERRY) - 0.1)
+    assert decide(late, FERRY).kind is ActionKind.RAISE_DOWNTIME
+
+
+def test_projected_finish() -> None:
+    rate = 25.0 * MIB
+    # fits already
+    assert projected_finish_s(its(256, 1), 0, rate, 50) == 0
+    # no dirtying: one more pass of the 10 MiB
+    assert projected_finish_s(its(256, 10), 0, rate, 50) == 10 / 25
+    # q = 0.2: 10 -> 2 -> 0.4 MiB (<= 1.25 MiB): passes of 10 and 2 MiB
+    finish = projected_finish_s(its(256, 10), 5 * MIB, rate, 50)
+    assert finish is not None and abs(finish - 12 / 25) < 1e-9
+    # a last pass that kept most of the set wins over a low dirty rate reading
+    assert projected_finish_s(its(256, 10, 10), 1 * MIB, rate, 50) is None
+    assert projected_finish_s(its(256, 10), 24 * MIB, rate, 50) is None
 
 
 rates = st.floats(0, 2000)
@@ -123,8 +214,8 @@ def test_always_ends_within_the_budget(elapsed: float, since: float, memory: int
                                        dirty: float) -> None:
     opts = StreamOptions(policy=policy, allow_postcopy=postcopy_ok)
     s = state(elapsed=elapsed, since=since, memory=memory, dirty_mib_s=dirty)
-    over = elapsed > completion_deadline_s(memory, opts) or since > opts.progress_timeout_s
-    if over:
+    stuck = since > opts.progress_timeout_s and policy is not PolicyKind.NOVA
+    if elapsed > completion_deadline_s(memory, opts) or stuck:  # Nova has no progress timeout
         assert decide(s, opts).kind in (ActionKind.ABORT, ActionKind.POSTCOPY)
 
 
@@ -213,3 +304,19 @@ def test_a_dirty_set_within_reach_stays_in_precopy_for_a_few_passes() -> None:
     # a set far beyond reach is judged at once
     far = state(dirty_mib_s=12, link_mib_s=25, iterations=its(256, 100, 95))
     assert decide(far, losing).kind is ActionKind.POSTCOPY
+
+
+@given(st.integers(0, 4096), rates, st.floats(1, 2000), st.floats(0, 200),
+       st.integers(10, 500), st.lists(st.integers(0, 4096), min_size=2, max_size=6))
+def test_ferry_raises_a_fitting_limit_only_when_pre_copy_would_not_finish_in_time(
+        remaining: int, dirty: float, link: float, elapsed: float, downtime: int,
+        passes: list[int]) -> None:
+    s = state(remaining, dirty, link, iterations=its(*passes), elapsed=elapsed,
+              downtime=downtime)
+    action = decide(s, FERRY)
+    rate = s.progress.throughput_bytes_s
+    needed_ms = passes[-1] * MIB / rate * 1000 if rate > 0 else math.inf
+    if action.kind is ActionKind.RAISE_DOWNTIME and needed_ms <= FERRY.max_downtime_ms:
+        finish = projected_finish_s(s.iterations, s.progress.dirty_rate_bytes_s, rate,
+                                    downtime)
+        assert finish is None or finish > completion_deadline_s(256, FERRY) - elapsed
