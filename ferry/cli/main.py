@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -12,12 +13,12 @@ import typer
 from pydantic import ValidationError
 
 from ferry.cli import lab_cmd, migrate_cmd, network_cmd, policy_cmd, relocate_cmd, trust_cmd
-from ferry.cli.client import connect
+from ferry.cli.client import Client, connect
 from ferry.cli.output import console, heartbeat_text, print_error, print_json, table
 from ferry.domain.errors import FerryError, InvalidInput
 from ferry.domain.specs import DiskCache, DiskFormat
 from ferry.domain.units import parse_size
-from ferry.lab.config import DEFAULT_LAB_DIR, NETWORK, load
+from ferry.lab.config import DEFAULT_LAB_DIR, NETWORK, LabConfig, load
 from ferry.pki import ControlPki
 
 app = typer.Typer(help="Ferry: live migration, and what builds on it, for QEMU/KVM hosts.",
@@ -162,6 +163,28 @@ def parse_disk(text: str) -> dict[str, Any]:
     return disk
 
 
+def check_ip(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise InvalidInput(f"--ip {value!r} is not an IPv4 address",
+                           "give one like 198.19.210.10") from None
+
+
+def next_free_ip(client: Client, lab: LabConfig) -> str:
+    """The lowest lab VM address no VM's kernel line claims (ip=...)."""
+    used = set()
+    for vm in client.call("GET", "/v1/vms"):
+        for arg in ((vm["spec"].get("kernel") or {}).get("append") or "").split():
+            if arg.startswith("ip="):
+                used.add(arg[3:].split("/")[0].split(":")[0])
+    for index in range(240):
+        if lab.vm_ip(index) not in used:
+            return lab.vm_ip(index)
+    raise InvalidInput(f"every address of the lab's VM subnet {lab.vm_subnet} is taken",
+                       "give --ip, or delete VMs")
+
+
 @vm_app.command("create")
 @handle_errors
 def vm_create(
@@ -181,7 +204,12 @@ def vm_create(
              "boots if no kernel; cache none (O_DIRECT) is the default")
     ] = None,
     nic: Annotated[list[str] | None, typer.Option(
-        help="NETWORK or NETWORK=MAC, repeatable")] = None,
+        help="NETWORK or NETWORK=MAC, repeatable; `user` is QEMU user-mode networking "
+             "(no bridge, reachable by nobody); the probe's default is the lab's vmnet")
+    ] = None,
+    ip: Annotated[str | None, typer.Option(
+        help="the probe guest's static address on its network (kernel ip=ADDR/PREFIX); "
+             "default: the next free one of the lab's VM subnet")] = None,
     probe: Annotated[bool, typer.Option(help="boot the lab's probe guest")] = False,
     probe_mib: Annotated[int, typer.Option(help="memory the probe fills and checks")] = 64,
     dirty_rate: Annotated[int, typer.Option(help="MiB/s the probe rewrites")] = 0,
@@ -209,10 +237,13 @@ def vm_create(
                                "run `ferry lab up`, or boot your own --kernel/--initrd")
         kernel = str(lab.images_dir / "vmlinuz")
         initrd = str(lab.images_dir / "initrd.img")
-        append = (f"console=ttyS0 quiet panic=-1 ferry.probe_mib={probe_mib} "
-                  f"ferry.dirty_mib_s={dirty_rate} {append}").strip()
         if not nic:
             spec["nics"].append({"name": "nic0", "network": NETWORK, "mac": random_mac()})
+        if spec["nics"][0]["network"] != "user":
+            address = check_ip(ip) if ip else next_free_ip(connect(url), lab)
+            append = f"ip={address}/{lab.vm_subnet.prefixlen} {append}"
+        append = (f"console=ttyS0 quiet panic=-1 ferry.probe_mib={probe_mib} "
+                  f"ferry.dirty_mib_s={dirty_rate} {append}").strip()
     if kernel:
         spec["kernel"] = {"kernel": kernel, "initrd": initrd, "append": append}
     view = connect(url).call("POST", "/v1/vms",
