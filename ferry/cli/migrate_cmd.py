@@ -134,6 +134,9 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         compress: CompressOpt = None, encryption: EncryptionOpt = None,
         datastore: Annotated[str | None, typer.Option(
             help="move the disks too, onto this datastore of the target host")] = None,
+        announce: Annotated[bool, typer.Option(
+            help="announce the guest's MACs from the destination after the switch "
+                 "(--no-announce only to measure what it saves)")] = True,
         url: UrlOpt = None, json_out: JsonOpt = False,
     ) -> None:
         """Live-migrate a running VM to another host (vMotion). Options not given come
@@ -153,6 +156,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
             raise typer.Exit(0 if result["ok"] else 1)
         options = overrides(policy, max_downtime, bandwidth, budget, max_throttle, throttle,
                             allow_postcopy, multifd, compress, encryption)
+        if not announce:
+            options["announce"] = False
         rec = client.call("POST", "/v1/migrations",
                           {"vm": name, "target": host, "options": options,
                            "datastore": datastore})
