@@ -80,11 +80,20 @@ class Inventory:
 
     async def _check_networks(self, spec: VmSpec) -> None:
         known = {n.name for n in await self.store.networks.all()}
+        taken = {(nic.network, nic.mac): vm.spec.name for vm in await self.store.vms()
+                 for nic in vm.spec.nics if nic.network != USER_NETWORK}
         for nic in spec.nics:
-            if nic.network != USER_NETWORK and nic.network not in known:
+            if nic.network == USER_NETWORK:
+                continue
+            if nic.network not in known:
                 raise InvalidInput(f"NIC {nic.name}: there is no network {nic.network!r}",
                                    f"create it (`ferry network create {nic.network}`), pick "
                                    "one of `ferry network list`, or use --nic user")
+            # One segment spans every host: a MAC twice on it breaks both VMs.
+            if (nic.network, nic.mac) in taken:
+                raise Conflict(f"MAC {nic.mac} of NIC {nic.name} is already used on network "
+                               f"{nic.network} by VM {taken[(nic.network, nic.mac)]}",
+                               "give the NIC another MAC (or leave it out for a random one)")
 
     async def start_vm(self, name: str) -> VmRecord:
         with self.busy.hold(name):

@@ -43,8 +43,13 @@ from schemathesis.generation.feedback import FeedbackSources
 from schemathesis.generation.overrides import Override
 from schemathesis.schemas import APIOperation, BaseSchema
 
-from ferry.agent.models import CreateVm, ImageRef, PrepareIncoming
-from ferry.api.schemas import CreateVmRequest, JoinTokenRequest, TokenRequest
+from ferry.agent.models import ApplyNetworks, CreateVm, ImageRef, PrepareIncoming
+from ferry.api.schemas import (
+    CreateNetworkRequest,
+    CreateVmRequest,
+    JoinTokenRequest,
+    TokenRequest,
+)
 from ferry.cli.client import Client
 from ferry.cli.demo import probe_spec
 from ferry.control.migration import merge_options
@@ -74,11 +79,13 @@ _CONTROL_MODELS: dict[str, type[BaseModel]] = {
     "POST /v1/vms": CreateVmRequest,
     "POST /v1/tokens": TokenRequest,
     "POST /v1/join-tokens": JoinTokenRequest,
+    "POST /v1/networks": CreateNetworkRequest,
 }
 _AGENT_MODELS: dict[str, type[BaseModel]] = {
     "POST /v1/vms": CreateVm,
     "POST /v1/incoming": PrepareIncoming,
     "POST /v1/images/delete": ImageRef,
+    "PUT /v1/networks": ApplyNetworks,
 }
 
 
@@ -96,6 +103,8 @@ def snapshot(client: Client, lab: LabConfig) -> dict[str, Any]:
     relocations = sorted((r["id"], r["vm"], r["phase"])
                          for r in client.call("GET", "/v1/relocations"))
     tokens = sorted(json.dumps(t, sort_keys=True) for t in client.call("GET", "/v1/tokens"))
+    networks = sorted(json.dumps(n["spec"], sort_keys=True)
+                      for n in client.call("GET", "/v1/networks"))
     qemu = {h.name: sorted(pid for pid, argv0 in cluster.processes_of(lab.host_dir(h.name))
                            if argv0.endswith("qemu-system-x86_64"))
             for h in lab.hosts}
@@ -103,7 +112,7 @@ def snapshot(client: Client, lab: LabConfig) -> dict[str, Any]:
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     return {"vms": vms, "hosts": hosts, "migrations": migrations,
             "relocations": relocations, "policy": client.call("GET", "/v1/policy"),
-            "tokens": tokens, "qemu": qemu, "files": files}
+            "tokens": tokens, "networks": networks, "qemu": qemu, "files": files}
 
 
 def settled_snapshot(client: Client, lab: LabConfig) -> dict[str, Any]:
@@ -300,6 +309,7 @@ def lab_existing(client: Client, lab: LabConfig) -> Existing:
     names |= {m["id"] for m in client.call("GET", "/v1/migrations")}
     names |= {r["id"] for r in client.call("GET", "/v1/relocations")}
     names |= {t["id"] for t in client.call("GET", "/v1/tokens")}
+    names |= {n["spec"]["name"] for n in client.call("GET", "/v1/networks")}
     stores = {"shared", "small"} | {f"local-{h.name}" for h in lab.hosts}
     return Existing(names, stores)
 
@@ -468,7 +478,7 @@ def test_agent_api_fuzzed_with_the_control_planes_certificate(
 
     for op in operations(schema):
         key = label(op)
-        if key in ("POST /v1/vms", "POST /v1/incoming"):
+        if key in ("POST /v1/vms", "POST /v1/incoming", "PUT /v1/networks"):
             fuzz(op, (NEGATIVE,), caller, found, skip=skip)
             continue
         fuzz(op, BOTH, caller, found, skip=skip)
