@@ -65,9 +65,13 @@ def test_compatibility_refusals_leave_the_vm_untouched(client: Client, lab: LabC
         assert [r["reason"] for r in result["refusals"]] == ["datastore_missing"]
         with pytest.raises(Incompatible, match="does not see datastore local-host1"):
             client.call("POST", "/v1/migrations", {"vm": "chk2", "target": "host2"})
-        # a MAC clash on the target
+        # a MAC twice on one VM network is refused at create, wherever the VMs run
         mac = client.call("GET", "/v1/vms/chk1")["spec"]["nics"][0]["mac"]
-        clash = probe_spec(lab, "chk3", 192, 64, 0, mac=mac)
+        with pytest.raises(Conflict, match=f"MAC {mac}.*chk1"):
+            client.call("POST", "/v1/vms", {"spec": probe_spec(lab, "chk3", 192, 64, 0,
+                                                               mac=mac), "host": "host3"})
+        # a MAC clash on the target host (here through a user-mode NIC)
+        clash = probe_spec(lab, "chk3", 192, 64, 0, mac=mac, network="user")
         client.call("POST", "/v1/vms", {"spec": clash, "host": "host3", "start": False})
         client.call("POST", "/v1/hosts/host3/maintenance", on=False)
         with pytest.raises(Incompatible, match=f"MAC {mac}"):
