@@ -35,7 +35,7 @@ async def roll_back(job: Job, reason: str, kind: RollbackKind | None) -> Migrati
         kind = rec.rollback or _legacy_kind(rec)
         reason = rec.reason or reason
     else:
-        kind = rollback_kind(rec.phase, kind)
+        kind = rollback_kind(rec.phase, kind, rec.switched)
         rec = await job.enter(rec, Phase.ROLLING_BACK, reason=reason, rollback=kind)
     reason = await ROLLBACKS[kind](job, rec, reason)
     return await job.enter(rec, Phase.FAILED, reason=reason)
@@ -56,10 +56,14 @@ async def abandon(job: Job, rec: MigrationRecord, reason: str) -> str:
 
 
 async def undo(job: Job, rec: MigrationRecord, reason: str) -> str:
-    """Before the switch: stop the stream and the destination, delete the images this
-    migration created, and let the source run. The destination started paused (-S) and
-    never ran the guest, so the source resumes even if the destination cannot be
-    reached (the leftover reaper stops it once it can)."""
+    """Before the switch (or REVERT: after it, the destination proven never to have
+    run): stop the stream and the destination, delete the images this migration
+    created, and let the source run. The destination started paused (-S) and never ran
+    the guest, so the source resumes even if the destination cannot be reached (the
+    leftover reaper stops it once it can)."""
+    if rec.switched and rec.rollback is not RollbackKind.REVERT:
+        # rollback_kind never picks UNDO once switched; a record from older code may.
+        return await unresolved(job, rec, reason)
     notes = []
     try:
         await cancel_quietly(job.source, rec.vm)
@@ -138,4 +142,6 @@ ROLLBACKS: dict[RollbackKind, Handler] = {
     RollbackKind.UNDO: undo,
     RollbackKind.UNRESOLVED: unresolved,
     RollbackKind.LOST: lost,
+    # The same steps as UNDO: the destination never ran, so it is as if never switched.
+    RollbackKind.REVERT: undo,
 }

@@ -93,10 +93,6 @@ FLOW_OPTIONS: dict[Flow, dict[str, Any]] = {
                     "allow_postcopy": True, "postcopy_recovery_window_s": 90},
 }
 
-LOST_POSTCOPY = ("post-copy with the source QEMU gone: the agent answers "
-                 "`not_running` (a Conflict), which the POSTCOPY step treats as a "
-                 "transient fault and waits out for the whole recovery window, then "
-                 "reports the VM unknown (UNRESOLVED) instead of LOST")
 UNKNOWN_AGENT = ("the source agent was down (or frozen) when the rollback asked where the VM "
                  "is: the VM is left `unknown` and nothing reconciles it once the agent is "
                  "back, though its QEMU kept (or can resume) the whole guest on the source")
@@ -113,9 +109,6 @@ KEPT_COPY = ("the source agent frozen past the rollback's wait: the VM ends inta
              "unable to confirm the source, kept the image it had created on the "
              "destination, and nothing removes it once the source is confirmed (a "
              "leftover, not a loss)")
-UNKNOWN_NOT_RESUMED = ("the destination died before `cont`, so it never ran the guest and "
-                       "the paused source holds the whole state, but RESUMING_TARGET can "
-                       "only end UNRESOLVED: the VM is left `unknown`, running nowhere")
 
 
 @dataclass(frozen=True)
@@ -160,17 +153,20 @@ CELLS = [
          xfail=UNKNOWN_AGENT),
     # SWITCHOVER: the source reports the stream completed (the destination holds it all)
     Cell(FaultStage.SOURCE_COMPLETED, K, S, Outcome.DEST, ci=True),
-    Cell(FaultStage.SOURCE_COMPLETED, A, S, Outcome.EITHER, xfail=UNKNOWN_AGENT),
-    Cell(FaultStage.SOURCE_COMPLETED, F, S, Outcome.EITHER, xfail=UNKNOWN_AGENT),
+    # (the agent silent, the destination holding the whole stream proves the source
+    # stopped: switched without it; the reaper stops the stale copy when it is back)
+    Cell(FaultStage.SOURCE_COMPLETED, A, S, Outcome.DEST),
+    Cell(FaultStage.SOURCE_COMPLETED, F, S, Outcome.DEST),
     # SWITCHOVER, the switch recorded: the destination before `cont`...
-    Cell(FaultStage.RESUME, K, D, Outcome.SOURCE, xfail=UNKNOWN_NOT_RESUMED),
+    # (its agent says it exited without `cont`: REVERT, the paused source resumed)
+    Cell(FaultStage.RESUME, K, D, Outcome.SOURCE),
     Cell(FaultStage.RESUME, A, D, Outcome.DEST, ci=True),
     Cell(FaultStage.RESUME, F, D, Outcome.DEST, xfail=GAVE_UP_RESUME),
     # ... and after it (the guest ran there): its death takes the only current copy
     Cell(FaultStage.RESUMED, K, D, Outcome.LOST, xfail=RESUMED_DIED),
     Cell(FaultStage.RESUMED, A, D, Outcome.DEST),
     # POSTCOPY: memory split between the hosts
-    Cell(FaultStage.POSTCOPY, K, S, Outcome.LOST, Flow.POSTCOPY, xfail=LOST_POSTCOPY),
+    Cell(FaultStage.POSTCOPY, K, S, Outcome.LOST, Flow.POSTCOPY),  # reported at once
     Cell(FaultStage.POSTCOPY, A, S, Outcome.DEST, Flow.POSTCOPY, ci=True),
     Cell(FaultStage.POSTCOPY, F, S, Outcome.DEST, Flow.POSTCOPY),
     Cell(FaultStage.RESUME, K, D, Outcome.LOST, Flow.POSTCOPY, ci=True),
