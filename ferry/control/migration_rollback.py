@@ -76,11 +76,13 @@ async def undo(job: Job, rec: MigrationRecord, reason: str) -> str:
             dest_gone = False
             notes.append(f"the destination on {rec.target} could not be stopped yet "
                          f"({exc.problem}); it is stopped once its agent is back")
-        if dest_gone:
-            await storage.undo(rec, job.source, job.target)
-        elif rec.created_images:
-            notes.append("images it created there were left: " + ", ".join(
-                f"{d.datastore}:{d.path}" for d in rec.created_images))
+        # Images in use by a destination not stopped cannot go yet: kept for later.
+        left = (await storage.undo(rec, job.source, job.target) if dest_gone
+                else rec.created_images)
+        if left:
+            rec = await job.update(images_left=left)
+            notes.append(f"images it created on {rec.target} are deleted once its agent "
+                         "answers again: " + ", ".join(f"{d.datastore}:{d.path}" for d in left))
         try:
             src = await job.source.vm(rec.vm)
         except NotFound:
