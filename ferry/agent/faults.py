@@ -108,17 +108,34 @@ def _spawn_detached(argv: list[str]) -> None:
                      stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _wait_gone(pid: int, timeout_s: float = 5.0) -> None:
+    """Until `pid` has exited (a zombie or reaped): its files, the QMP socket among
+    them, are closed by then, so the agent's next QMP command fails for certain."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+            return
+        time.sleep(0.01)
+
+
 class Faults:
     """The armed faults of one agent and the hook its HostRuntime calls at each stage.
 
-    `kill`, `exit` and `spawn` are os.kill, os._exit and a detached Popen; tests pass
+    `kill`, `exit`, `spawn` and `wait_gone` are os.kill, os._exit, a detached Popen and
+    a wait for a process's exit; tests pass
     fakes to exercise the decisions without signals."""
 
     def __init__(self, enabled: bool, log_file: Path | None = None,
                  kill: Callable[[int, int], None] = os.kill,
                  exit: Callable[[int], NoReturn] = os._exit,
-                 spawn: Callable[[list[str]], None] = _spawn_detached) -> None:
+                 spawn: Callable[[list[str]], None] = _spawn_detached,
+                 wait_gone: Callable[[int], None] = _wait_gone) -> None:
         self.enabled = enabled
+        self._wait_gone = wait_gone
         self.log_file = log_file
         self._kill = kill
         self._exit = exit
@@ -182,6 +199,8 @@ class Faults:
         if req.action is FaultAction.KILL_QEMU:
             if qemu_pid is not None:
                 self._kill(qemu_pid, signal.SIGKILL)
+                # "QEMU died at this stage": it must not take the agent's next command.
+                self._wait_gone(qemu_pid)
             return
         assert req.freeze_s is not None  # FaultRequest's validator
         me = os.getpid()

@@ -74,6 +74,7 @@ class VmRecord:
     migration_id: str | None = None
     recover_uri: str | None = None  # where a paused post-copy's destination listens
     announce: Announce | None = None  # sent after the `cont` that makes this copy the VM
+    never_ran: bool = False  # started paused (-S), never sent `cont` (see VmInfo)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -167,7 +168,7 @@ class HostRuntime:
         return VmInfo(name=name, uuid=rec.spec.uuid, state=state,
                       pid=rec.process.pid, exit_code=rec.process.returncode, spec=rec.spec,
                       heartbeat=last_heartbeat(tail_lines(rec.paths.serial_log, 50)),
-                      migration_id=rec.migration_id)
+                      migration_id=rec.migration_id, never_ran=rec.never_ran)
 
     async def list_vms(self) -> list[VmInfo]:
         return [await self.info(name) for name in sorted(self._vms)]
@@ -275,20 +276,21 @@ class HostRuntime:
 
     async def resume(self, name: str) -> VmInfo:
         rec = self._get(name)
-        if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
-            raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
-        if await rec.monitor.runstate() == "inmigrate":
+        self.faults.reach(FaultStage.RESUME, name, rec.process.pid)
+        monitor = _running_monitor(rec, self.config.name)
+        # A QEMU that does not answer here never gets `cont`: never_ran stays proven.
+        if await monitor.runstate() == "inmigrate":
             # `cont` now would make QEMU start the guest on its own when the stream ends.
             raise Conflict(f"VM {name} on {self.config.name} is still receiving its "
                            "migration", "resume it only once the stream has completed")
-        self.faults.reach(FaultStage.RESUME, name, rec.process.pid)
-        await rec.monitor.cont()
+        rec.never_ran = False  # from the moment `cont` may reach QEMU
+        await monitor.cont()
         self.faults.reach(FaultStage.RESUMED, name, rec.process.pid)
         if rec.announce is not None:
             # QEMU announced when the stream ended; again now that the guest runs, so a
             # virtio-net guest sends its own gratuitous ARP too. Best effort: the VM runs.
             try:
-                await rec.monitor.execute("announce-self", rec.announce.qmp())
+                await monitor.execute("announce-self", rec.announce.qmp())
             except MonitorError as exc:
                 log.warning("announce-self for %s failed: %s", name, exc)
             rec.announce = None
@@ -307,7 +309,7 @@ class HostRuntime:
             for disk in created:
                 self.disks.delete(disk)
             raise
-        rec.migration_id = migration_id
+        rec.migration_id, rec.never_ran = migration_id, True
         rec.announce = announce_of(options, spec)
         assert rec.monitor is not None
         address = self.config.migration_address or self.config.listen_host

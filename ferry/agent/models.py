@@ -52,6 +52,9 @@ class VmInfo(Frozen):
     spec: VmSpec
     heartbeat: Heartbeat | None = None
     migration_id: str | None = None
+    # True only when this agent started the QEMU paused (-S) and never sent it `cont`:
+    # its guest has executed nothing here. False when unsure (e.g. after an agent restart).
+    never_ran: bool = False
 
 
 class CreateVm(Frozen):

@@ -67,6 +67,8 @@ class Orchestrator:
         # CHECKING and persisting the migration (which reserves the target's memory)
         # happen under this lock, so that two starts cannot both count on the same room.
         self._admit = asyncio.Lock()
+        # Failed migrations whose created images are still to be deleted on their target.
+        self._images_left: set[str] = set()
 
     # --- requests ----------------------------------------------------------------
     async def check(self, vm_name: str, target: str, datastore: str | None = None,
@@ -202,7 +204,11 @@ class Orchestrator:
 
     async def resume_unfinished(self) -> None:
         """After a restart: pick up every migration the store says is unfinished."""
-        for rec in await self.store.migrations(unfinished_only=True):
+        for rec in await self.store.migrations():
+            if rec.phase.terminal:
+                if rec.images_left:
+                    self._images_left.add(rec.id)
+                continue
             if rec.cancel_requested:
                 self._cancel[rec.id].set()
             self._spawn(rec.id, resumed=True)
@@ -210,7 +216,13 @@ class Orchestrator:
     async def reap_orphans(self, host: str, reported: tuple[VmInfo, ...]) -> None:
         """Stop leftovers an agent reports: a paused or incoming copy of a VM that the
         inventory places elsewhere and that no unfinished migration involves (e.g. a
-        target whose link was down during rollback). A running copy is never touched."""
+        target whose link was down during rollback). A running copy is never touched. Then
+        delete images failed migrations created on this host and could not delete."""
+        await self._reap_orphans(host, reported)
+        if self._images_left:
+            await self._delete_images_left(host, reported)
+
+    async def _reap_orphans(self, host: str, reported: tuple[VmInfo, ...]) -> None:
         leftovers = [v for v in reported if v.state in _LEFTOVER_STATES or (
             # a destination that ended its stream but was never resumed (-S)
             v.state is AgentVmState.PAUSED and v.migration_id is not None)]
@@ -228,6 +240,25 @@ class Orchestrator:
             with contextlib.suppress(FerryError):
                 await self.agents.client(await self.store.host(host)).stop_vm(
                     info.name, force=True)
+
+    async def _delete_images_left(self, host: str, reported: tuple[VmInfo, ...]) -> None:
+        """Only the images the migration recorded as created by it, once no copy of its
+        VM is alive on this host (a stale destination is stopped above first)."""
+        busy = {m.vm for m in await self.store.migrations(unfinished_only=True)}
+        alive = {v.name for v in reported if v.state.alive}
+        for migration_id in sorted(self._images_left):
+            try:
+                rec = await self.store.migration(migration_id)
+                if rec.target != host or rec.vm in alive or rec.vm in busy:
+                    continue
+                client = self.agents.client(await self.store.host(host))
+            except FerryError:
+                continue  # tried again on the next report
+            left = await storage.delete_created(rec.images_left, client)
+            await self.store.update_migration(rec.id, images_left=left)
+            if not left:
+                log.info("migration %s: deleted the images it had left on %s", rec.id, host)
+                self._images_left.discard(rec.id)
 
     async def shutdown(self) -> None:
         """Stop watching; the migrations themselves stay persisted for resume."""
@@ -306,7 +337,8 @@ class Orchestrator:
 
     async def _end(self, job: Job, reason: str, kind: RollbackKind | None) -> None:
         try:
-            await roll_back(job, reason, kind)
+            if (await roll_back(job, reason, kind)).images_left:
+                self._images_left.add(job.id)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -35,7 +35,7 @@ async def roll_back(job: Job, reason: str, kind: RollbackKind | None) -> Migrati
         kind = rec.rollback or _legacy_kind(rec)
         reason = rec.reason or reason
     else:
-        kind = rollback_kind(rec.phase, kind)
+        kind = rollback_kind(rec.phase, kind, rec.switched)
         rec = await job.enter(rec, Phase.ROLLING_BACK, reason=reason, rollback=kind)
     reason = await ROLLBACKS[kind](job, rec, reason)
     return await job.enter(rec, Phase.FAILED, reason=reason)
@@ -56,10 +56,14 @@ async def abandon(job: Job, rec: MigrationRecord, reason: str) -> str:
 
 
 async def undo(job: Job, rec: MigrationRecord, reason: str) -> str:
-    """Before the switch: stop the stream and the destination, delete the images this
-    migration created, and let the source run. The destination started paused (-S) and
-    never ran the guest, so the source resumes even if the destination cannot be
-    reached (the leftover reaper stops it once it can)."""
+    """Before the switch (or REVERT: after it, the destination proven never to have
+    run): stop the stream and the destination, delete the images this migration
+    created, and let the source run. The destination started paused (-S) and never ran
+    the guest, so the source resumes even if the destination cannot be reached (the
+    leftover reaper stops it once it can)."""
+    if rec.switched and rec.rollback is not RollbackKind.REVERT:
+        # rollback_kind never picks UNDO once switched; a record from older code may.
+        return await unresolved(job, rec, reason)
     notes = []
     try:
         await cancel_quietly(job.source, rec.vm)
@@ -72,11 +76,13 @@ async def undo(job: Job, rec: MigrationRecord, reason: str) -> str:
             dest_gone = False
             notes.append(f"the destination on {rec.target} could not be stopped yet "
                          f"({exc.problem}); it is stopped once its agent is back")
-        if dest_gone:
-            await storage.undo(rec, job.source, job.target)
-        elif rec.created_images:
-            notes.append("images it created there were left: " + ", ".join(
-                f"{d.datastore}:{d.path}" for d in rec.created_images))
+        # Images in use by a destination not stopped cannot go yet: kept for later.
+        left = (await storage.undo(rec, job.source, job.target) if dest_gone
+                else rec.created_images)
+        if left:
+            rec = await job.update(images_left=left)
+            notes.append(f"images it created on {rec.target} are deleted once its agent "
+                         "answers again: " + ", ".join(f"{d.datastore}:{d.path}" for d in left))
         try:
             src = await job.source.vm(rec.vm)
         except NotFound:
@@ -138,4 +144,6 @@ ROLLBACKS: dict[RollbackKind, Handler] = {
     RollbackKind.UNDO: undo,
     RollbackKind.UNRESOLVED: unresolved,
     RollbackKind.LOST: lost,
+    # The same steps as UNDO: the destination never ran, so it is as if never switched.
+    RollbackKind.REVERT: undo,
 }

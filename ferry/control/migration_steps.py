@@ -28,8 +28,11 @@ from ferry.domain.migration import (
     Iteration,
     Phase,
     RollbackKind,
+    SilentSource,
     SourceStatus,
+    TargetStream,
     record_iteration,
+    when_source_silent,
 )
 from ferry.domain.records import ActionRecord, MigrationRecord
 from ferry.store.store import VmChange
@@ -39,6 +42,7 @@ CONFIRM_TIMEOUT_S = 30.0
 RETRY_S = 0.2
 TARGET_CHECK_S = 5.0
 RECOVER_EVERY_S = 2.0  # how often a paused post-copy is tried to be reconnected
+TARGET_SETTLE_S = 10.0  # a silent source: how long a loading destination is waited for
 
 Step = Callable[[Job, MigrationRecord], Awaitable[MigrationRecord]]
 
@@ -110,6 +114,11 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
         dest_check = asyncio.ensure_future(job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S))
         try:
             progress = await job.source.progress(rec.vm, wait_s=POLL_WAIT_S)
+        except FerryError as exc:
+            dest_check.cancel()
+            if await _source_done(job, rec, exc):
+                return await job.enter(rec, Phase.SWITCHOVER, remaining_bytes=0)
+            raise
         except BaseException:
             dest_check.cancel()
             raise
@@ -165,6 +174,40 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             return rec
 
 
+async def _source_done(job: Job, rec: MigrationRecord, failure: FerryError) -> bool:
+    """The source's agent failed to answer: True if the destination proves the source
+    sent the whole stream (domain when_source_silent), waiting a little (bounded) for a
+    destination still loading its last bytes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TARGET_SETTLE_S
+    while True:
+        action = when_source_silent(await _target_stream(job, rec), rec.options)
+        if action is SilentSource.SWITCH:
+            log.warning("migration %s: the source does not answer (%s) but the destination "
+                        "holds the whole stream: switching without it", rec.id,
+                        failure.problem)
+            return True
+        if action is SilentSource.ROLL_BACK or loop.time() > deadline:
+            return False
+        await asyncio.sleep(RETRY_S)
+
+
+async def _target_stream(job: Job, rec: MigrationRecord) -> TargetStream:
+    try:
+        dest = await job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S)
+    except NotFound:
+        return TargetStream.BROKEN
+    except FerryError:
+        return TargetStream.SILENT
+    if dest.migration_id != rec.id:
+        return TargetStream.BROKEN  # not this migration's destination
+    if dest.state is AgentVmState.INCOMING:
+        return TargetStream.RECEIVING
+    if dest.state is AgentVmState.PAUSED and dest.never_ran:
+        return TargetStream.COMPLETE
+    return TargetStream.BROKEN
+
+
 async def _apply(job: Job, rec: MigrationRecord, action: Action, at_ms: int
                  ) -> MigrationRecord:
     """Pull the lever the policy chose and record it in the migration's history."""
@@ -217,6 +260,12 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             raise RollBack("the source QEMU is gone during post-copy",
                            RollbackKind.LOST) from None
         except FerryError as exc:
+            if await _source_exited(job, rec):
+                if rec.finishing:
+                    return await finish(job, rec)
+                raise RollBack(f"the source QEMU exited during post-copy ({exc.problem}); "
+                               "the pages only it held are gone", RollbackKind.LOST
+                               ) from None
             trouble_since, trouble = trouble_since or loop.time(), exc.problem
             await asyncio.sleep(RETRY_S)
             continue
@@ -258,6 +307,18 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             trouble_since = None
         else:
             trouble_since, trouble = trouble_since or loop.time(), fault
+
+
+async def _source_exited(job: Job, rec: MigrationRecord) -> bool:
+    """The source's agent answers that its QEMU process is gone (not merely that the
+    agent, or the link to it, fails): nothing can recover a post-copy then."""
+    try:
+        info = await job.source.vm(rec.vm, timeout_s=TARGET_CHECK_S)
+    except NotFound:
+        return True
+    except FerryError:
+        return False
+    return info.state is AgentVmState.EXITED
 
 
 async def _recover(job: Job, rec: MigrationRecord) -> MigrationRecord:
@@ -354,10 +415,25 @@ async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
                            RollbackKind.UNRESOLVED) from None
         except FerryError as exc:
             problem = exc.problem
+            await _revert_if_never_ran(job, rec, problem)
         if loop.time() > deadline:
             raise RollBack(f"cannot resume the destination: {problem}",
                            RollbackKind.UNRESOLVED)
         await asyncio.sleep(RETRY_S)
+
+
+async def _revert_if_never_ran(job: Job, rec: MigrationRecord, problem: str) -> None:
+    """RollBack (REVERT) if the destination's agent says its QEMU exited without ever
+    being sent `cont`: it ran nothing, so the paused source still holds the only and
+    current copy of the guest. Anything less certain returns (the caller retries)."""
+    try:
+        dest = await job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S)
+    except FerryError:
+        return
+    if dest.state is AgentVmState.EXITED and dest.never_ran:
+        raise RollBack(f"the destination QEMU on {rec.target} exited before it ran the "
+                       f"guest (exit code {dest.exit_code}; {problem}); the VM goes back "
+                       f"to {rec.source}", RollbackKind.REVERT)
 
 
 async def finish(job: Job, rec: MigrationRecord) -> MigrationRecord:

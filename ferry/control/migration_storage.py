@@ -174,12 +174,24 @@ async def finish(rec: MigrationRecord, source: AgentClient, target: AgentClient
     return problems
 
 
-async def undo(rec: MigrationRecord, source: AgentClient, target: AgentClient) -> None:
+async def undo(rec: MigrationRecord, source: AgentClient, target: AgentClient
+               ) -> tuple[DiskSpec, ...]:
     """Before the switch: stop the mirrors and remove the half-made copies on the target:
-    only the images this job recorded as created by it, never any other file."""
+    only the images this job recorded as created by it, never any other file. Returns
+    those it could not delete (to be deleted later, never forgotten)."""
     if rec.moved_disks:
         with contextlib.suppress(FerryError):
             await source.stop_disk_mirrors(rec.vm, rec.id, copied_names(rec))
-    for disk in rec.created_images:
-        with contextlib.suppress(FerryError):
+    return await delete_created(rec.created_images, target)
+
+
+async def delete_created(images: tuple[DiskSpec, ...], target: AgentClient
+                         ) -> tuple[DiskSpec, ...]:
+    """Delete images a migration created on its target; returns the ones that failed."""
+    left = []
+    for disk in images:
+        try:
             await target.delete_image(disk)
+        except FerryError:
+            left.append(disk)
+    return tuple(left)

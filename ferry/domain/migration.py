@@ -79,6 +79,10 @@ class RollbackKind(StrEnum):
     UNDO = "undo"  # before the switch: the target goes, the source runs (resumed if paused)
     UNRESOLVED = "unresolved"  # where the guest runs is not known: touch nothing, VM unknown
     LOST = "lost"  # post-copy cannot finish: its memory is split, no copy may run
+    # The switch was recorded, but the destination's QEMU exited without ever having
+    # been told to run (its agent says so): the paused source holds the whole guest, so
+    # it is resumed and recorded again, as UNDO does.
+    REVERT = "revert"
 
 
 # The rollback a failure in each phase gets. UNDO is allowed only before the switch: a
@@ -93,18 +97,59 @@ ROLLBACK_FOR: dict[Phase, RollbackKind] = {
     Phase.POSTCOPY: RollbackKind.UNRESOLVED,
     Phase.RESUMING_TARGET: RollbackKind.UNRESOLVED,
 }
+_EXTRA_ROLLBACKS: dict[Phase, frozenset[RollbackKind]] = {
+    Phase.POSTCOPY: frozenset({RollbackKind.LOST}),
+    # Only with the destination agent's word that its QEMU exited and never ran.
+    Phase.RESUMING_TARGET: frozenset({RollbackKind.REVERT}),
+}
 _ALLOWED_ROLLBACKS: dict[Phase, frozenset[RollbackKind]] = {
-    phase: frozenset({kind, RollbackKind.UNRESOLVED})
-    | ({RollbackKind.LOST} if phase is Phase.POSTCOPY else set())
+    phase: frozenset({kind, RollbackKind.UNRESOLVED}) | _EXTRA_ROLLBACKS.get(phase, frozenset())
     for phase, kind in ROLLBACK_FOR.items()}
 
 
-def rollback_kind(phase: Phase, wanted: RollbackKind | None) -> RollbackKind:
+def rollback_kind(phase: Phase, wanted: RollbackKind | None, switched: bool = False
+                  ) -> RollbackKind:
     """The rollback a failure in `phase` gets: `wanted` if that phase allows it, else the
-    phase's own (an UNDO asked for after the switch becomes UNRESOLVED, never UNDO)."""
+    phase's own (an UNDO asked for after the switch becomes UNRESOLVED, never UNDO). Once
+    the switch is recorded (`switched`) no UNDO resumes the source, whatever the phase."""
+    kind = ROLLBACK_FOR.get(phase, RollbackKind.UNRESOLVED)
     if wanted is not None and wanted in _ALLOWED_ROLLBACKS.get(phase, frozenset()):
-        return wanted
-    return ROLLBACK_FOR.get(phase, RollbackKind.UNRESOLVED)
+        kind = wanted
+    if switched and kind is RollbackKind.UNDO:
+        return RollbackKind.UNRESOLVED
+    return kind
+
+
+class TargetStream(StrEnum):
+    """The destination's end of the memory stream, as its agent reports it."""
+
+    RECEIVING = "receiving"  # still loading (-incoming)
+    COMPLETE = "complete"  # loaded all of it and waits paused (-S): it has run nothing
+    BROKEN = "broken"  # gone, exited or crashed
+    SILENT = "silent"  # its agent cannot be asked
+
+
+class SilentSource(StrEnum):
+    """What PRECOPY does when the source's agent does not answer (killed, frozen)."""
+
+    WAIT = "wait"  # ask the destination again (bounded by the caller)
+    SWITCH = "switch"  # go on to SWITCHOVER without the source
+    ROLL_BACK = "roll_back"  # the phase's rollback, as for any failed call
+
+
+def when_source_silent(target: TargetStream, options: StreamOptions) -> SilentSource:
+    """A destination that loaded the whole stream proves the source sent all of it, so
+    the source QEMU has stopped the guest (it sits in `postmigrate`) and runs it again
+    only if its agent is told to `cont`, which no one does once the switch is recorded.
+    That holds without a return path: QEMU's source restarts the guest on its own only
+    when the end of the stream fails, and without a return path it cannot fail after
+    the destination got the last byte. A return path (opened for post-copy) can still
+    fail after that, so with post-copy allowed the source must answer first."""
+    if target is TargetStream.RECEIVING:
+        return SilentSource.WAIT
+    if target is TargetStream.COMPLETE and not options.allow_postcopy:
+        return SilentSource.SWITCH
+    return SilentSource.ROLL_BACK
 
 
 class ResumeAction(StrEnum):

@@ -94,6 +94,9 @@ class MigrationRecord(Frozen):
     target_disks: tuple[DiskSpec, ...] = ()
     moved_disks: tuple[DiskSpec, ...] = ()
     created_images: tuple[DiskSpec, ...] = ()
+    # Of those, the ones a rollback could not delete yet (the destination's agent did not
+    # answer): deleted once that agent reports again (Orchestrator.reap_orphans).
+    images_left: tuple[DiskSpec, ...] = ()
     nbd: str | None = None
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0

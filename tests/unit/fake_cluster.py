@@ -71,6 +71,7 @@ class FakeVm:
     status: SourceStatus = SourceStatus.NONE
     peer: tuple[FakeAgent, str] | None = None  # where the outgoing stream goes
     sync: int = 0
+    never_ran: bool = False  # started paused (-S) and never resumed, as the agent says
 
 
 class FakeAgent:
@@ -110,7 +111,7 @@ class FakeAgent:
         await self._enter("vm")
         vm = self._get(name)
         return VmInfo(name=name, uuid=vm.spec.uuid, state=vm.state, pid=1, spec=vm.spec,
-                      migration_id=vm.migration_id)
+                      migration_id=vm.migration_id, never_ran=vm.never_ran)
 
     async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
                                new_disks: tuple[NewDisk, ...] = (),
@@ -125,7 +126,7 @@ class FakeAgent:
             self.images.add(key)
             self.created.append(key)
         self.vms[spec.name] = FakeVm(spec=spec, state=AgentVmState.INCOMING,
-                                     migration_id=migration_id)
+                                     migration_id=migration_id, never_ran=True)
         return IncomingReady(uri=f"tcp:{self.host}:4444",
                              nbd=f"{self.host}:10809" if new_disks else None)
 
@@ -209,6 +210,9 @@ class FakeAgent:
         vm = self._get(name)
         if vm.state is AgentVmState.INCOMING:
             raise FerryError(f"VM {name} is still receiving its migration")
+        if vm.state is AgentVmState.EXITED:
+            raise FerryError(f"VM {name} has no running QEMU on {self.host}")
+        vm.never_ran = False
         if vm.state is not AgentVmState.RUNNING:
             self.cluster.ran.append((self.host, name))
         vm.state = AgentVmState.RUNNING

@@ -36,6 +36,7 @@ class Exited(Exception):
 class Recorder:
     def __init__(self) -> None:
         self.kills: list[tuple[int, int]] = []
+        self.kills_waited: list[int] = []
         self.spawned: list[list[str]] = []
         self.exits: list[int] = []
 
@@ -53,7 +54,7 @@ class Recorder:
 def faults(tmp_path: Path, enabled: bool = True) -> tuple[Faults, Recorder]:
     rec = Recorder()
     return Faults(enabled, tmp_path / "faults.log", kill=rec.kill, exit=rec.exit,
-                  spawn=rec.spawn), rec
+                  spawn=rec.spawn, wait_gone=rec.kills_waited.append), rec
 
 
 def req(stage: FaultStage, action: FaultAction = FaultAction.KILL_QEMU, vm: str = "vm1",
@@ -77,7 +78,7 @@ def test_a_fault_fires_once_for_its_vm_and_stage_only(tmp_path: Path) -> None:
     assert rec.kills == []
     f.reach(FaultStage.START_OUTGOING, "vm1", 42)
     f.reach(FaultStage.START_OUTGOING, "vm1", 42)  # one-shot
-    assert rec.kills == [(42, signal.SIGKILL)]
+    assert rec.kills == [(42, signal.SIGKILL)] and rec.kills_waited == [42]
     assert f.armed() == []
     logged = fired_faults(tmp_path / "faults.log")
     assert [r.request.stage for r in logged] == [FaultStage.START_OUTGOING]

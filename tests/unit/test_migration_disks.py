@@ -113,3 +113,32 @@ async def test_a_path_that_appears_after_checking_is_not_deleted_by_the_rollback
     assert done.created_images == ()
     assert target.deleted == [] and theirs in target.images
 
+
+
+@pytest.mark.parametrize("fault", ["stop_vm", "delete_image"])
+async def test_images_a_rollback_could_not_delete_are_deleted_once_the_target_reports(
+        cluster: FakeCluster, fault: str) -> None:
+    """DISK_COPY broken by a silent source; the destination's agent fails the rollback's
+    stop or delete: the images it created are recorded as left and deleted when its
+    agent reports again, and nothing else is ever deleted."""
+    vm = spec("app1", disks=(LOCAL,))
+    await cluster.add_running_vm(vm, "host1")
+    target = cluster.agents["host2"]
+    theirs = ("local-host2", "other/disk.qcow2")  # not ours: never touched
+    target.images.add(theirs)
+    cluster.agents["host1"].faults["start_disk_mirrors"].append(unreachable("host1"))
+    target.faults[fault] += [unreachable("host2")] * 2
+    rec = await cluster.orchestrator.start("app1", "host2", datastore="local-host2")
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    ours = DiskSpec(name="data", datastore="local-host2", path="app1/data.qcow2")
+    assert done.phase is Phase.FAILED and done.created_images == (ours,)
+    assert done.images_left == (ours,), done.reason
+    assert "deleted once its agent answers again" in (done.reason or "")
+    assert cluster.running_on("app1") == ["host1"]
+    # its agent reports again: a stale destination is stopped first, then the image goes
+    for _ in range(3):  # heartbeats
+        infos = tuple([await target.vm(n) for n in list(target.vms)])
+        await cluster.orchestrator.reap_orphans("host2", infos)
+    assert (await cluster.store.migration(rec.id)).images_left == ()
+    assert target.images == {theirs} and target.deleted[-1] == ("local-host2", ours.path)
+    assert set(target.deleted) == {("local-host2", ours.path)}

@@ -148,6 +148,36 @@ async def test_the_source_qemu_gone_in_postcopy_is_reported_lost(cluster: FakeCl
     assert "web1" not in cluster.agents["host2"].vms  # its half cannot run alone
 
 
+async def test_the_source_qemu_exited_in_postcopy_is_lost_at_once_not_after_the_window(
+        cluster: FakeCluster) -> None:
+    """Its agent answers (409: no running QEMU) and reports the process exited: no
+    recovery can bring its pages back, so the 10 min window is not waited out."""
+    source = cluster.agents["host1"]
+    rec = await start(cluster, [S.ACTIVE, S.POSTCOPY_ACTIVE])  # recovery window: 600 s
+    await until(cluster, rec.id, lambda: cluster.running_on("web1") == ["host2"])
+    source.vms["web1"].state = AgentVmState.EXITED
+    source.faults["progress"] += [Conflict("VM web1 has no running QEMU on host1")] * 1000
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.FAILED and done.rollback is RollbackKind.LOST, done
+    assert "the source QEMU exited during post-copy" in (done.reason or "")
+    vm = await cluster.store.vm("web1")
+    assert (vm.host, vm.state) == ("host1", VmState.CRASHED)
+    assert "web1" not in cluster.agents["host2"].vms
+
+
+async def test_a_silent_source_agent_in_postcopy_is_waited_for_not_lost(
+        cluster: FakeCluster) -> None:
+    # the agent is down (its QEMU lives on, pages and all): only the window may end it
+    source = cluster.agents["host1"]
+    rec = await start(cluster, [S.ACTIVE, S.POSTCOPY_ACTIVE], postcopy_recovery_window_s=1)
+    await until(cluster, rec.id, lambda: cluster.running_on("web1") == ["host2"])
+    for method in ("progress", "vm"):
+        source.faults[method] += [unreachable("host1")] * 10_000
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.FAILED and done.rollback is RollbackKind.UNRESOLVED, done
+    assert cluster.running_on("web1") == ["host2"]
+
+
 async def test_a_cancel_stored_first_keeps_postcopy_from_starting(cluster: FakeCluster
                                                                   ) -> None:
     source = cluster.agents["host1"]

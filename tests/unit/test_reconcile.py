@@ -15,7 +15,7 @@ from ferry.domain.reconcile import FindingKind, reconcile
 from ferry.domain.records import VmRecord
 from ferry.store import Store
 from ferry.store.store import sqlite_url
-from tests.unit.fake_cluster import facts, spec
+from tests.unit.fake_cluster import FakeCluster, FakeVm, facts, spec
 
 HOSTS = {"host1", "host2", "host3"}
 
@@ -64,6 +64,30 @@ def test_no_finding_without_evidence(state: VmState, reports: dict[str, dict[str
                                      connected: set[str]) -> None:
     full = {h: reports.get(h, {}) for h in connected}
     assert reconcile([vm(state)], full, HOSTS, connected, set()) == []
+
+
+def test_a_stale_paused_source_beside_the_recorded_copy_is_no_finding() -> None:
+    # switched without the source's agent: the source's paused copy (postmigrate) is
+    # stopped by the leftover reaper once its agent reports; the VM stays on host2
+    reports = {"host1": {"web1": False}, "host2": {"web1": True}, "host3": {}}
+    assert reconcile([vm(VmState.RUNNING, "host2")], reports, HOSTS, HOSTS, set()) == []
+
+
+async def test_the_leftover_reaper_stops_a_stale_source_never_the_recorded_copy(
+        tmp_path: Path) -> None:
+    cluster = await FakeCluster.open(tmp_path)
+    try:
+        await cluster.add_running_vm(spec("web1"), "host2")
+        stale = FakeVm(spec=spec("web1"), state=AgentVmState.MIGRATED)
+        cluster.agents["host1"].vms["web1"] = stale
+        infos = [await a.vm("web1") for a in cluster.agents.values()]
+        for host, info in zip(cluster.agents, infos, strict=True):
+            await cluster.orchestrator.reap_orphans(host, (info,))
+        assert "web1" not in cluster.agents["host1"].vms
+        assert cluster.running_on("web1") == ["host2"]
+        assert "resume_vm" not in cluster.agents["host1"].calls
+    finally:
+        await cluster.close()
 
 
 def test_busy_and_migrating_vms_are_not_judged() -> None:

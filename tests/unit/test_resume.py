@@ -18,9 +18,12 @@ from ferry.domain.migration import (
     Phase,
     ResumeAction,
     RollbackKind,
+    SilentSource,
     SourceStatus,
     StreamOptions,
+    TargetStream,
     rollback_kind,
+    when_source_silent,
 )
 from ferry.domain.records import MigrationRecord
 from ferry.domain.specs import DiskSpec
@@ -39,9 +42,35 @@ def test_every_unfinished_phase_has_a_resume_action_and_a_rollback() -> None:
 @pytest.mark.parametrize("phase", [Phase.POSTCOPY, Phase.RESUMING_TARGET])
 def test_after_the_switch_no_rollback_resumes_the_source(phase: Phase) -> None:
     for wanted in (None, *RollbackKind):
-        assert rollback_kind(phase, wanted) is not RollbackKind.UNDO
+        got = rollback_kind(phase, wanted)
+        assert got is not RollbackKind.UNDO
+        # REVERT (the destination proven never to have run) only where asked for
+        assert got is not RollbackKind.REVERT or (
+            wanted is RollbackKind.REVERT and phase is Phase.RESUMING_TARGET)
     assert rollback_kind(Phase.PRECOPY, RollbackKind.LOST) is RollbackKind.UNDO
     assert rollback_kind(Phase.POSTCOPY, RollbackKind.LOST) is RollbackKind.LOST
+
+
+@pytest.mark.parametrize("phase", [p for p in Phase if not p.terminal])
+def test_a_recorded_switch_never_gets_undo_whatever_the_phase(phase: Phase) -> None:
+    for wanted in (None, *RollbackKind):
+        assert rollback_kind(phase, wanted, switched=True) is not RollbackKind.UNDO
+    assert rollback_kind(Phase.SWITCHOVER, None, switched=True) is RollbackKind.UNRESOLVED
+    assert rollback_kind(Phase.SWITCHOVER, None) is RollbackKind.UNDO
+
+
+@pytest.mark.parametrize(("target", "postcopy", "action"), [
+    (TargetStream.RECEIVING, False, SilentSource.WAIT),
+    (TargetStream.RECEIVING, True, SilentSource.WAIT),
+    (TargetStream.COMPLETE, False, SilentSource.SWITCH),
+    # a return path can still fail the end and restart the source on its own
+    (TargetStream.COMPLETE, True, SilentSource.ROLL_BACK),
+    (TargetStream.BROKEN, False, SilentSource.ROLL_BACK),
+    (TargetStream.SILENT, False, SilentSource.ROLL_BACK),
+])
+def test_a_silent_source_is_switched_only_on_a_complete_stream_without_return_path(
+        target: TargetStream, postcopy: bool, action: SilentSource) -> None:
+    assert when_source_silent(target, StreamOptions(allow_postcopy=postcopy)) is action
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from ferry.agent.models import AgentVmState
 from ferry.control import migration_steps as migration
 from ferry.domain.convergence import CONTINUE, Action, ActionKind, ConvergenceState
 from ferry.domain.inventory import VmState
-from ferry.domain.migration import Phase, RollbackKind, SourceStatus
+from ferry.domain.migration import Phase, RollbackKind, SourceStatus, StreamOptions
 from tests.unit.fake_cluster import FakeCluster, spec, unreachable
 
 
@@ -101,3 +101,97 @@ async def test_postcopy_records_the_switch_before_the_destination_runs(
     assert done.phase is Phase.COMPLETED, done.reason
     assert hosts_at_resume and set(hosts_at_resume) == {"host2"}
     assert cluster.ran == [("host2", "web1")]
+
+
+def silence_source_once_completed(cluster: FakeCluster) -> None:
+    """The source's agent dies at the poll that sees the stream completed (the matrix's
+    source_completed cell): QEMU completed (source in postmigrate, the destination
+    paused with everything), but the agent never answers again."""
+    source = cluster.agents["host1"]
+
+    def die_at_completion() -> None:
+        vm = source.vms.get("web1")
+        if vm is not None and vm.script == [SourceStatus.COMPLETED]:
+            source._advance(vm)  # QEMU finishes on its own; the answer is lost
+            for method in ("progress", "vm", "cancel_migration", "stop_vm", "resume_vm",
+                           "stop_disk_mirrors"):
+                source.faults[method][:] = [unreachable("host1")] * 1000
+    source.on_call["progress"] = die_at_completion
+
+
+async def test_a_silent_source_whose_destination_holds_the_stream_is_switched_without_it(
+        cluster: FakeCluster) -> None:
+    silence_source_once_completed(cluster)
+    rec = await cluster.orchestrator.start("web1", "host2")
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.COMPLETED, done.reason
+    assert list(done.phase_times)[-4:] == ["precopy", "switchover", "resuming_target",
+                                           "completed"]
+    assert cluster.ran == [("host2", "web1")]  # the source was never resumed
+    assert "resume_vm" not in cluster.agents["host1"].calls
+    # the stale source stays paused until its agent is back (the leftover reaper)
+    assert cluster.agents["host1"].vms["web1"].state is AgentVmState.MIGRATED
+    vm = await cluster.store.vm("web1")
+    assert (vm.host, vm.state) == ("host2", VmState.RUNNING)
+
+
+async def test_with_a_return_path_a_silent_source_is_not_switched_without(
+        cluster: FakeCluster) -> None:
+    # post-copy allowed: QEMU's return path could still fail the end of the stream and
+    # make the source restart the guest on its own, so the destination proves nothing
+    silence_source_once_completed(cluster)
+    options = StreamOptions(allow_postcopy=True)
+    rec = await cluster.orchestrator.start("web1", "host2", options)
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.FAILED and done.rollback is RollbackKind.UNDO, done
+    assert cluster.ran == [] and "resume_vm" not in cluster.agents["host2"].calls
+    vm = await cluster.store.vm("web1")
+    assert (vm.host, vm.state) == ("host1", VmState.UNKNOWN)
+
+
+async def test_a_silent_source_mid_stream_is_rolled_back_once_the_wait_ends(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(migration, "TARGET_SETTLE_S", 0.3)
+    source = cluster.agents["host1"]
+    source.vms["web1"].script = [SourceStatus.ACTIVE]  # never completes
+    calls: list[int] = []
+
+    def die_mid_stream() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            source.faults["progress"][:] = [unreachable("host1")] * 1000
+    source.on_call["progress"] = die_mid_stream
+    rec = await cluster.orchestrator.start("web1", "host2")
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.FAILED and done.rollback is RollbackKind.UNDO, done
+    assert "unreachable" in (done.reason or "")
+    assert cluster.ran == [] and "resume_vm" not in cluster.agents["host2"].calls
+    assert "web1" not in cluster.agents["host2"].vms  # the receiving copy was stopped
+
+
+@pytest.mark.parametrize("resumed_before", [False, True])
+async def test_a_destination_that_exited_before_cont_gives_the_vm_back_to_the_source(
+        cluster: FakeCluster, resumed_before: bool) -> None:
+    """The switch is recorded, then the destination's QEMU dies before `cont`. Only
+    its agent's word that it never sent `cont` lets the source run again."""
+    target = cluster.agents["host2"]
+
+    def die_before_cont() -> None:
+        vm = target.vms["web1"]
+        vm.state = AgentVmState.EXITED
+        vm.never_ran = not resumed_before
+    target.on_call["resume_vm"] = die_before_cont
+    rec = await cluster.orchestrator.start("web1", "host2")
+    done = await cluster.orchestrator.wait(rec.id, 60)
+    assert done.phase is Phase.FAILED and done.switched, done
+    vm = await cluster.store.vm("web1")
+    if resumed_before:  # it may have run: nothing is resumed, the VM is in doubt
+        assert done.rollback is RollbackKind.UNRESOLVED
+        assert cluster.ran == [] and "resume_vm" not in cluster.agents["host1"].calls
+        assert (vm.host, vm.state) == ("host2", VmState.UNKNOWN)
+        return
+    assert done.rollback is RollbackKind.REVERT
+    assert "exited before it ran the guest" in (done.reason or "")
+    assert cluster.ran == [("host1", "web1")] and cluster.running_on("web1") == ["host1"]
+    assert "web1" not in target.vms
+    assert (vm.host, vm.state) == ("host1", VmState.RUNNING)

@@ -133,3 +133,25 @@ def test_a_restarted_qemu_on_the_same_host_is_not_two_hosts() -> None:
     samples = simulate({old: [(0.0, 0.5)], new: [(0.4, 1.0)]}, 1.0)
     assert {r.qemu for r in runs(samples)} == {old, new}
     assert double_runs(samples) == []
+
+
+def test_a_paused_qemu_woken_by_sigcont_is_not_a_run_but_a_thawed_guest_is() -> None:
+    """The freeze fault stops a paused source with SIGSTOP; SIGCONT wakes its vCPU
+    thread for some µs. That is no execution; a running guest thawed uses far more."""
+    old = Qemu("vm", "host1", 1)
+    new = Qemu("vm", "host2", 2)
+    samples = [Sample({old: Reading(0.0, 0.001, 0), new: Reading(0.0, 0.001, 0)}),
+               Sample({old: Reading(0.05, 0.051, 10_000_000),  # the guest ran here
+                       new: Reading(0.05, 0.051, 0)}),
+               Sample({old: Reading(0.1, 0.101, 10_000_000, stopped=True),
+                       new: Reading(0.1, 0.101, 40_000_000)}),  # switched over
+               Sample({old: Reading(0.15, 0.151, 10_017_000),  # thawed: 17 µs, paused
+                       new: Reading(0.15, 0.151, 80_000_000)}),
+               Sample({old: Reading(0.2, 0.201, 10_017_000),
+                       new: Reading(0.2, 0.201, 120_000_000)})]
+    assert double_runs(samples) == []
+    ran = [*samples[:3], Sample({old: Reading(0.15, 0.151, 10_000_000, stopped=True),
+                                 new: Reading(0.15, 0.151, 80_000_000)}),
+           Sample({old: Reading(0.2, 0.201, 30_000_000),  # thawed and executing
+                   new: Reading(0.2, 0.201, 120_000_000)})]
+    assert [d.hosts for d in double_runs(ran)] == [("host1", "host2")]
