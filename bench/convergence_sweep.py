@@ -37,6 +37,15 @@ control plane, waits for probe heartbeat seq >= 4, shapes host1's link both ways
 migration to host2; it follows the migration's event stream to a terminal phase, then
 lifts the shaping, waits for a new heartbeat wherever the VM now runs, and deletes it.
 
+The probe VM has the static address vm_ip(0) on the lab's VM network; the lab's echo
+client (ferry/lab/echo.py via bench/client_view.py: UDP every 1 ms plus one TCP stream,
+from the client namespace) runs from after the shaping is set, just before the "before"
+serial read and the request, until 1 s after the migration reached its terminal phase.
+Its traffic reaches host1 over the same shaped link as the migration stream (the VXLAN
+tunnel runs over the lab's management network), as a client's would on a shared link.
+Client gap = the longest interval between UDP replies, reported for completed runs only
+("-" where the policy aborted); TCP broken = reset, EOF or any lost/reordered byte.
+
 Measured per run: completed (phase), total time (phase_times completed/failed minus
 pending), downtime_ms, MiB sent (QEMU's ram.transferred; after post-copy it counts both
 phases), the levers the policy pulled (distinct action kinds), and the guest's write
@@ -53,11 +62,12 @@ At rate 0 the share is undefined ("-").
 Integrity: the heartbeat after the migration must have seq > before + 1; its
 mem_errors + disk_errors count as integrity errors.
 
-Last line: per policy completed/runs; `pairs=<n> failed=<n>` for Ferry vs Nova (a cell
-where either did not complete, or could not be measured, is a failed pair and stays out
-of the ratios); ferry_lowest_downtime=<k>/<n>: of the n cells where every policy run in
-the group completed, k where Ferry's QEMU-reported downtime was the lowest (ties count);
-then over the cells where both Ferry and Nova completed:
+Last line: per policy completed/runs; ferry_max_downtime_ms and
+ferry_max_client_gap_ms (over Ferry's completed runs); `pairs=<n> failed=<n>` for Ferry
+vs Nova (a cell where either did not complete, or could not be measured, is a failed
+pair and stays out of the ratios); ferry_lowest_downtime=<k>/<n>: of the n cells where
+every policy run in the group completed, k where Ferry's QEMU-reported downtime was the
+lowest (ties count); then over the cells where both Ferry and Nova completed:
 bytes_vs_nova = median of Ferry MiB sent / Nova MiB sent; slowdown_vs_nova = median of
 (max(0, 1 - Ferry share) + 0.05) / (max(0, 1 - Nova share) + 0.05), rates with a share
 left out; the 0.05 keeps two near-zero slowdowns (noise) from making a wild ratio.
@@ -71,6 +81,7 @@ Needs root. Run: .venv/bin/python bench/convergence_sweep.py [--rates 0,48 --cap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -78,6 +89,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from client_view import View, watching
 from common import (
     MIB,
     abba_order,
@@ -147,12 +159,18 @@ class Run:
     seq_after: int | None = None
     integrity_errors: int = 0
     vm_after: str | None = None  # "<state>@<host>" once the migration ended
+    view: View | None = None  # what the lab's echo client saw around the migration
     error: str | None = None  # the benchmark could not measure something
     serial_tail: list[str] = field(default_factory=list)  # when the guest went silent
 
     @property
     def sent_mib(self) -> float | None:
         return None if self.sent_bytes is None else self.sent_bytes / MIB
+
+    @property
+    def gap_ms(self) -> float | None:
+        """The client-visible gap, of a migration that completed only."""
+        return self.view.gap_ms if self.completed and self.view is not None else None
 
     @property
     def lost_mib(self) -> float | None:
@@ -195,25 +213,32 @@ def options(args: argparse.Namespace, policy: str) -> dict[str, Any]:
 
 
 def migrate(client: Client, config: LabConfig, args: argparse.Namespace, run: Run) -> None:
-    spec = probe_spec(config, run.vm, args.memory, args.probe_mib, run.rate)
+    spec = probe_spec(config, run.vm, args.memory, args.probe_mib, run.rate,
+                      ip=config.vm_ip(0))
     client.call("POST", "/v1/vms", {"spec": spec, "host": SOURCE})
     try:
         ferry_heartbeat(client, run.vm, MIN_SEQ - 1)
         net.shape(config, SOURCE, args.link_mbit * 1_000_000)
         try:
-            hbs = serial(client, run.vm)
-            last, t_before = hbs[-1], time.time()
-            first = next(hb for hb in hbs if hb.seq >= last.seq - 3)
-            run.seq_before, run.before_mib_s = last.seq, mib_s(first, last)
-            rec: dict[str, Any] = client.call("POST", "/v1/migrations", {
-                "vm": run.vm, "target": TARGET, "options": options(args, run.policy)})
-            run.migration = rec["id"]
-            for event in client.events(f"/v1/migrations/{rec['id']}/events"):
-                rec = event
-                if Phase(rec["phase"]).terminal:
-                    break
+            with watching(config, config.vm_ip(0)) as watch:
+                hbs = serial(client, run.vm)
+                last, t_before = hbs[-1], time.time()
+                first = next(hb for hb in hbs if hb.seq >= last.seq - 3)
+                run.seq_before, run.before_mib_s = last.seq, mib_s(first, last)
+                rec: dict[str, Any] = client.call("POST", "/v1/migrations", {
+                    "vm": run.vm, "target": TARGET, "options": options(args, run.policy)})
+                run.migration = rec["id"]
+                for event in client.events(f"/v1/migrations/{rec['id']}/events"):
+                    rec = event
+                    if Phase(rec["phase"]).terminal:
+                        break
+                run.view = watch.stop(time.monotonic())
         finally:
             net.shape(config, SOURCE, None)
+        if rec["phase"] == Phase.COMPLETED:  # `ferry migration show` shows it too
+            with contextlib.suppress(FerryError):
+                client.call("PUT", f"/v1/migrations/{rec['id']}/client-view",
+                            run.view.record())
         run.phase, run.reason = rec["phase"], rec.get("reason")
         run.completed, run.postcopy = rec["phase"] == Phase.COMPLETED, rec["postcopy_started"]
         times = rec["phase_times"]
@@ -249,7 +274,9 @@ def attempt(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
         run.error = problem(exc)
     print(f"  rate={run.rate:<3} #{run.group} {run.policy:13} {run.migration}: {run.phase}"
           f"{' (post-copy)' if run.postcopy else ''} in {fmt(run.total_s, 1)} s, "
-          f"downtime {run.downtime_ms} ms, {fmt(run.sent_mib, 0)} MiB, levers "
+          f"downtime {run.downtime_ms} ms, client gap {fmt(run.gap_ms, 1)} ms, TCP "
+          f"{'-' if run.view is None else 'BROKEN' if run.view.tcp_broken else 'ok'}, "
+          f"{fmt(run.sent_mib, 0)} MiB, levers "
           f"{run.levers or 'none'}, writes {fmt(run.before_mib_s, 1)} -> "
           f"{fmt(run.during_mib_s, 1)} MiB/s, seq {run.seq_before}->{run.seq_after}, "
           f"errors {run.integrity_errors}, VM {run.vm_after}"
@@ -279,13 +306,15 @@ def levers(run: Run) -> str:
 
 
 def table(runs: list[Run]) -> str:
-    head = ("| rate MiB/s | # | policy | completed | total s | downtime ms | MiB sent | levers "
-            "| writes MiB/s before -> during | write share | writes lost MiB |\n"
-            "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
+    head = ("| rate MiB/s | # | policy | completed | total s | downtime ms | client gap ms "
+            "| TCP | MiB sent | levers | writes MiB/s before -> during | write share "
+            "| writes lost MiB |\n|---:|---:|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|")
     rows = [f"| {r.rate} | {r.group} | {r.policy} | "
             f"{'error' if r.phase is None else 'yes' if r.completed else 'NO'}"
             f"{' (post-copy)' if r.postcopy else ''} | {fmt(r.total_s, 1)} "
-            f"| {r.downtime_ms if r.downtime_ms is not None else '-'} | {fmt(r.sent_mib, 0)} "
+            f"| {r.downtime_ms if r.downtime_ms is not None else '-'} | {fmt(r.gap_ms, 1)} "
+            f"| {'-' if r.view is None else 'broken' if r.view.tcp_broken else 'ok'} "
+            f"| {fmt(r.sent_mib, 0)} "
             f"| {levers(r)} | {fmt(r.before_mib_s, 1)} -> {fmt(r.during_mib_s, 1)} "
             f"| {fmt(r.write_share)} | {fmt(r.lost_mib, 0)} |" for r in runs]
     return "\n".join([head, *rows])
@@ -319,10 +348,13 @@ def summarize(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
     of = {p: [r for r in runs if r.policy == p] for p in args.policies}
     downtimes = [r.downtime_ms for r in of.get("ferry", []) if r.completed
                  and r.downtime_ms is not None]
+    ferry_gaps = [r.gap_ms for r in of.get("ferry", []) if r.gap_ms is not None]
     return {
         **{f"{p}_completed": [sum(r.completed for r in of[p]), len(of[p])]
            for p in args.policies},
         "ferry_max_downtime_ms": max(downtimes) if downtimes else None,
+        "ferry_max_client_gap_ms": max(ferry_gaps) if ferry_gaps else None,
+        "tcp_broken": sum(1 for r in runs if r.view is not None and r.view.tcp_broken),
         "ferry_lowest_downtime": [sum(lowest), len(lowest)],
         "pairs_vs_nova": vs_nova,
         "bytes_vs_nova": median([f.sent_bytes / n.sent_bytes for f, n in both
@@ -347,6 +379,7 @@ def last_line(s: dict[str, Any], policies: list[str]) -> str:
 
     done = " ".join(f"{p}_completed={frac(p + '_completed')}" for p in policies)
     return (f"{done} ferry_max_downtime_ms={num('ferry_max_downtime_ms', 0)} "
+            f"ferry_max_client_gap_ms={num('ferry_max_client_gap_ms', 1)} "
             f"ferry_lowest_downtime={frac('ferry_lowest_downtime')} "
             f"bytes_vs_nova={num('bytes_vs_nova')} slowdown_vs_nova={num('slowdown_vs_nova')} "
             f"{pair_fields(s['pairs_vs_nova'])} integrity_errors={s['integrity_errors']}")

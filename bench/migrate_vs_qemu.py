@@ -13,12 +13,29 @@ Nehalem, pc-i440fx-7.2, TCG) on the source host and migrates it as soon as the p
 heartbeat reaches seq >= 3, so both kinds start from a guest that has run its probe for
 the same time. Only one guest runs at a time.
 
+Both kinds of guest have one NIC on the lab's VM network `vmnet` (VXLAN between the
+hosts, a Linux bridge fyb<vni> in every host namespace) with the same static address
+(lab vm_ip(0), kernel `ip=`), each kind its own MAC (Ferry 52:54:00:de:00:01, raw
+52:54:00:de:01:01); the guest answers UDP and TCP echo on port 7. The client's view: the
+lab's echo client (ferry/lab/echo.py, bench/client_view.py) runs in the lab's client
+namespace from just before the clock starts (it first waits for its first UDP reply and
+its TCP connection; the client's ARP entry for the address is flushed before, as the
+MAC changes between runs) until 1 s after the migration was seen to end. It sends a
+UDP request every 1 ms and streams 16-byte messages over one TCP connection. Client gap
+= the longest interval between consecutive UDP replies; TCP broken = a reset, EOF, or any
+lost, reordered or corrupted byte in the echoed stream (no reconnect).
+
 - Ferry: the VM is created through the control plane (POST /v1/vms). The clock starts
   just before POST /v1/migrations and stops when the migration's event stream shows a
   terminal phase (COMPLETED means Ferry confirmed the destination runs). Downtime and
   bytes sent come from the migration record.
+  The client's view is also recorded on the migration (PUT .../client-view).
 - Raw: two QEMUs started by this script, one per lab host namespace (`ip netns exec`),
   argv from ferry.hypervisor.argv.build_argv, QMP through ferry.hypervisor.monitor.
+  The script makes the NIC's tap itself, as Ferry's agent does (`ip tuntap add`, MTU of
+  the network, on its bridge) in both hosts' namespaces, and removes both after the run,
+  also when it failed (a tap left behind fails the run). QEMU's default self-announce
+  after an incoming migration stays on, as Ferry's announce does.
   The clock starts before launching the destination QEMU (-incoming defer) and covers
   the QMP connect, migrate-incoming on tcp:<dest ip>:<port>, the stream settings Ferry
   starts with (events=on, downtime-limit 300 ms, max-bandwidth 1 TiB/s), migrate on the
@@ -34,14 +51,22 @@ difference is orchestration alone. Each Ferry run records the levers its policy 
 (JSON: ferry_levers, throttle_pct, downtime_limit_ms).
 
 After every migration the destination must print a heartbeat with seq > seq_before + 1;
-its mem_errors + disk_errors count as integrity errors.
+its mem_errors + disk_errors count as integrity errors. A run fails when its migration
+fails, the echo client cannot start, or the checks after fail; a broken TCP connection
+alone does not fail a run, it is counted in tcp_broken.
 
 Summary: per rate, medians over the runs; the wall ratio and downtime delta are medians
 of per-pair values (Ferry run i vs raw run i of that rate). A pair with a failed side is
 counted as failed and left out of the ratios (and said so); a run whose downtime QEMU
 had not filled in is left out of the downtime delta only, and counted. The last line
 gives the same pairwise medians over ALL pairs of all rates, `pairs=<n> failed=<n>`, and
-the total of integrity errors.
+the total of integrity errors. A second table gives per rate, side by side for Ferry
+and raw: QEMU's downtime (median), the client gap (median, max), TCP connections that
+survived (k/n watched runs), the median per-pair gap delta (Ferry - raw) and UDP requests
+lost. Last line: `wall_ratio=<median> downtime_delta_ms=<median>
+client_gap_ferry_ms=<max> client_gap_raw_ms=<max> tcp_broken=<n> pairs=<n> failed=<n>
+integrity_errors=<n>`; the gaps are maxima over the runs whose migration completed,
+tcp_broken counts runs of either kind.
 Needs root (namespaces, bridge). Run: .venv/bin/python bench/migrate_vs_qemu.py
 """
 
@@ -49,6 +74,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -60,6 +86,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client_view import View, VmNet, raw_taps, tap_exists, vm_network, watching
 from common import (
     BOOT_TIMEOUT_S,
     MIB,
@@ -84,13 +111,15 @@ from ferry.domain.specs import VmSpec
 from ferry.hypervisor.argv import RunPaths, build_argv
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
-from ferry.lab.config import LabConfig
+from ferry.lab.config import NETWORK, LabConfig
 
 MACHINE = "pc-i440fx-7.2"
 MIN_SEQ = 3  # migrate once the probe has printed this many heartbeats
 MIGRATE_TIMEOUT_S = 300.0
 POLL_S = 0.05
 RAW_PORT_BASE = 21000  # below the ephemeral range Ferry's agents pick from
+NIC = "nic0"  # probe_spec's one NIC, on the lab's VM network
+FERRY_MAC, RAW_MAC = "52:54:00:de:00:01", "52:54:00:de:01:01"
 PHASES = ("pending", "checking", "preparing_target", "precopy", "switchover", "completed")
 
 
@@ -114,32 +143,40 @@ class Run:
     throttle_pct: int = 0
     downtime_limit_ms: int | None = None
     late_stats: bool = False  # query-migrate said completed before total-time/downtime were set
+    migrated: bool = False  # the migration itself completed (the checks after may still fail)
+    view: View | None = None  # what the lab's echo client saw around the migration
     steps_s: dict[str, float] = field(default_factory=dict)  # where the wall time went
 
 
 # --- Ferry ------------------------------------------------------------------------
 def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: Run) -> None:
     vm = f"fb-{run.rate}-{run.index}"
-    spec = probe_spec(config, vm, args.memory, args.probe_mib, run.rate)
+    spec = probe_spec(config, vm, args.memory, args.probe_mib, run.rate, mac=FERRY_MAC,
+                      ip=config.vm_ip(0))
     client.call("POST", "/v1/vms", {"spec": spec, "host": run.source})
     try:
         before = ferry_heartbeat(client, vm, MIN_SEQ - 1)
         run.seq_before = before.seq
-        t0, epoch0 = time.perf_counter(), time.time()
         # Raw QEMU streams in the clear; so does Ferry here unless asked otherwise
         # (bench/tls_cost.py measures what TLS costs).
         options: dict[str, Any] = {"encryption": args.ferry_encryption}
         if args.ferry_policy:
             options["policy"] = args.ferry_policy
         request: dict[str, Any] = {"vm": vm, "target": run.target, "options": options}
-        rec: dict[str, Any] = client.call("POST", "/v1/migrations", request)
-        for event in client.events(f"/v1/migrations/{rec['id']}/events"):
-            rec = event
-            if Phase(rec["phase"]).terminal:
-                break
-        run.wall_s, epoch1 = time.perf_counter() - t0, time.time()
+        with watching(config, config.vm_ip(0)) as watch:
+            t0, epoch0 = time.perf_counter(), time.time()
+            rec: dict[str, Any] = client.call("POST", "/v1/migrations", request)
+            for event in client.events(f"/v1/migrations/{rec['id']}/events"):
+                rec = event
+                if Phase(rec["phase"]).terminal:
+                    break
+            run.wall_s, epoch1 = time.perf_counter() - t0, time.time()
+            run.view = watch.stop(time.monotonic())
         if rec["phase"] != Phase.COMPLETED:
             raise FerryError(f"migration {rec['phase']}: {rec['reason']}")
+        run.migrated = True
+        with contextlib.suppress(FerryError):  # `ferry migration show` shows it too
+            client.call("PUT", f"/v1/migrations/{rec['id']}/client-view", run.view.record())
         run.downtime_ms, run.sent_bytes = rec["downtime_ms"], rec["transferred_bytes"]
         run.qemu_total_ms = rec["total_ms"]
         run.ferry_levers = list(dict.fromkeys(a["kind"] for a in rec.get("actions", ())))
@@ -179,11 +216,13 @@ async def serial_heartbeat(proc: QemuProcess, after_seq: int) -> Heartbeat:
 
 
 def raw_process(config: LabConfig, host: str, spec: VmSpec, directory: Path,
-                incoming: bool) -> QemuProcess:
+                incoming: bool, vmnet: VmNet) -> QemuProcess:
     paths = RunPaths(directory)
-    # The boot files live on the lab's shared datastore, as for Ferry's agents.
+    # The boot files live on the lab's shared datastore, as for Ferry's agents; the NIC
+    # is the tap raw_taps made on the VM network's bridge.
     argv = build_argv(spec, machine=MACHINE, accel="tcg", paths=paths,
-                      datastores={"shared": str(config.shared_datastore)}, incoming=incoming)
+                      datastores={"shared": str(config.shared_datastore)}, incoming=incoming,
+                      network_mtus={NETWORK: vmnet.mtu})
     # Raw QEMU's own behaviour: the destination runs as soon as the stream ends (Ferry
     # starts it paused with -S and resumes it once the switch is recorded).
     argv = [a for a in argv if a != "-S"]
@@ -231,31 +270,40 @@ async def raw_migrate(src: Monitor, dst_proc: QemuProcess, uri: str, run: Run
 
 
 async def raw_run(config: LabConfig, args: argparse.Namespace, run: Run, workdir: Path,
-                  port: int) -> None:
+                  port: int, vmnet: VmNet) -> None:
+    # Its own MAC, the same address as Ferry's guest (only one of them runs at a time).
     spec = VmSpec.model_validate(probe_spec(config, f"raw-{run.rate}-{run.index}",
-                                            args.memory, args.probe_mib, run.rate))
+                                            args.memory, args.probe_mib, run.rate,
+                                            mac=RAW_MAC, ip=config.vm_ip(0)))
     base = workdir / f"raw-{run.rate}-{run.index}"
-    src_proc = raw_process(config, run.source, spec, base / "src", incoming=False)
-    dst_proc = raw_process(config, run.target, spec, base / "dst", incoming=True)
+    src_proc = raw_process(config, run.source, spec, base / "src", False, vmnet)
+    dst_proc = raw_process(config, run.target, spec, base / "dst", True, vmnet)
     monitors: list[Monitor] = []
-    try:
-        monitors.append(await src_proc.start())
-        before = await serial_heartbeat(src_proc, MIN_SEQ - 1)
-        run.seq_before = before.seq
-        monitors.append(await raw_migrate(monitors[0], dst_proc,
-                                          f"tcp:{config.host_ip(run.target)}:{port}", run))
-        await monitors[0].quit()
-        await src_proc.kill()
-        after = await serial_heartbeat(dst_proc, before.seq + 1)
-        run.seq_after, run.integrity_errors = after.seq, after.integrity_errors
-        run.ok = True
-    finally:
-        for mon in monitors:
-            await mon.close()
-        await src_proc.kill()
-        await dst_proc.kill()
-        if run.ok:  # a failed run keeps its serial and QEMU logs (in the kept lab dir)
-            shutil.rmtree(base, ignore_errors=True)
+    hosts = [run.source, run.target]
+    with raw_taps(config, hosts, spec.uuid, NIC, vmnet) as tap:
+        try:
+            monitors.append(await src_proc.start())
+            before = await serial_heartbeat(src_proc, MIN_SEQ - 1)
+            run.seq_before = before.seq
+            with watching(config, config.vm_ip(0)) as watch:
+                monitors.append(await raw_migrate(
+                    monitors[0], dst_proc, f"tcp:{config.host_ip(run.target)}:{port}", run))
+                run.migrated = True
+                run.view = await asyncio.to_thread(watch.stop, time.monotonic())
+            await monitors[0].quit()
+            await src_proc.kill()
+            after = await serial_heartbeat(dst_proc, before.seq + 1)
+            run.seq_after, run.integrity_errors = after.seq, after.integrity_errors
+            run.ok = True
+        finally:
+            for mon in monitors:
+                await mon.close()
+            await src_proc.kill()
+            await dst_proc.kill()
+            if run.ok:  # a failed run keeps its serial and QEMU logs (in the kept lab dir)
+                shutil.rmtree(base, ignore_errors=True)
+    if left := [h for h in hosts if tap_exists(config, h, tap)]:
+        raise FerryError(f"raw tap {tap} still on {left} after the run")
 
 
 # --- the benchmark ----------------------------------------------------------------
@@ -267,8 +315,13 @@ def attempt(run: Run, body: Callable[[], object]) -> Run:
         run.error = problem(exc)
     status = "ok" if run.ok else f"FAILED: {run.error}"
     wall = f"{run.wall_s:.2f} s" if run.wall_s is not None else "-"
+    v = run.view
+    seen = "no client view" if v is None else (
+        f"client gap {v.gap_ms:.1f} ms, TCP {'BROKEN' if v.tcp_broken else 'ok'} "
+        f"({v.tcp_bytes_echoed}/{v.tcp_bytes_sent} B echoed), UDP lost {v.udp_lost}"
+        + (f" ({v.tcp_error})" if v.tcp_error else ""))
     print(f"  {run.kind:5} rate={run.rate:<3} #{run.index} {run.source}->{run.target}: "
-          f"wall {wall}, downtime {run.downtime_ms} ms, "
+          f"wall {wall}, downtime {run.downtime_ms} ms, {seen}, "
           f"{(run.sent_bytes or 0) / MIB:.0f} MiB, seq {run.seq_before}->{run.seq_after}, "
           f"errors {run.integrity_errors}; {status}"
           + (f"; levers {run.ferry_levers}" if run.ferry_levers else ""), flush=True)
@@ -279,6 +332,7 @@ def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
     client = lab_client(config, timeout_s=120)
     hosts = [h.name for h in config.hosts]
     workdir = config.directory / "bench-raw"  # inside the lab dir: `lab down` kills leftovers
+    vmnet = vm_network(client)
     runs: list[Run] = []
     for rate in args.rates:
         for i in range(args.runs):
@@ -291,7 +345,7 @@ def benchmark(config: LabConfig, args: argparse.Namespace) -> list[Run]:
                 else:
                     port = RAW_PORT_BASE + len(runs)
                     runs.append(attempt(run, functools.partial(
-                        asyncio.run, raw_run(config, args, run, workdir, port))))
+                        asyncio.run, raw_run(config, args, run, workdir, port, vmnet))))
     return runs
 
 
@@ -317,6 +371,56 @@ def ratios(ps: list[tuple[Run, Run]]) -> list[float]:  # wall, Ferry / raw
 def deltas(ps: list[tuple[Run, Run]]) -> list[float]:  # downtime, Ferry - raw
     return [f.downtime_ms - r.downtime_ms for f, r in ps
             if f.downtime_ms is not None and r.downtime_ms is not None]
+
+
+def gaps(runs: list[Run], kind: str, rate: int | None = None) -> list[float]:
+    """Client-visible gaps of the runs whose migration completed."""
+    return [r.view.gap_ms for r in runs if r.kind == kind and r.migrated
+            and r.view is not None and (rate is None or r.rate == rate)]
+
+
+def gap_deltas(ps: list[tuple[Run, Run]]) -> list[float]:  # client gap, Ferry - raw
+    return [f.view.gap_ms - r.view.gap_ms for f, r in ps
+            if f.view is not None and r.view is not None]
+
+
+def tcp_broken(runs: list[Run]) -> int:
+    return sum(1 for r in runs if r.view is not None and r.view.tcp_broken)
+
+
+def survived(runs: list[Run], kind: str, rate: int) -> str:
+    """`k/n`: runs whose TCP connection survived, of those the echo client watched."""
+    seen = [r for r in runs if r.kind == kind and r.rate == rate and r.view is not None]
+    return f"{sum(1 for r in seen if r.view and not r.view.tcp_broken)}/{len(seen)}"
+
+
+def client_table(runs: list[Run], rates: list[int]) -> tuple[list[dict[str, Any]], str]:
+    """Per rate, side by side: QEMU's downtime, the client-visible gap, TCP survival."""
+    rows: list[dict[str, Any]] = []
+    for rate in rates:
+        row: dict[str, Any] = {"rate": rate, "gap_delta_ms": median(gap_deltas(pairs(runs, rate)))}
+        for kind in ("ferry", "raw"):
+            down = [float(r.downtime_ms) for r in runs if r.kind == kind and r.rate == rate
+                    and r.migrated and r.downtime_ms is not None]
+            g = gaps(runs, kind, rate)
+            row |= {f"{kind}_downtime_ms": median(down), f"{kind}_gap_ms": median(g),
+                    f"{kind}_gap_max_ms": max(g) if g else None,
+                    f"{kind}_tcp_survived": survived(runs, kind, rate),
+                    f"{kind}_udp_lost": sum(r.view.udp_lost for r in runs if r.kind == kind
+                                            and r.rate == rate and r.view is not None)}
+        rows.append(row)
+    head = ("| rate MiB/s | Ferry QEMU downtime ms | Ferry client gap ms (max) "
+            "| Ferry TCP survived | raw QEMU downtime ms | raw client gap ms (max) "
+            "| raw TCP survived | gap delta ms | UDP lost Ferry / raw |\n|"
+            + "---:|" * 8 + "---:|")
+    table = "\n".join([head] + [
+        f"| {w['rate']} | {fmt(w['ferry_downtime_ms'], 0)} | {fmt(w['ferry_gap_ms'], 1)} "
+        f"({fmt(w['ferry_gap_max_ms'], 1)}) | {w['ferry_tcp_survived']} "
+        f"| {fmt(w['raw_downtime_ms'], 0)} | {fmt(w['raw_gap_ms'], 1)} "
+        f"({fmt(w['raw_gap_max_ms'], 1)}) | {w['raw_tcp_survived']} "
+        f"| {fmt(w['gap_delta_ms'], 1)} | {w['ferry_udp_lost']} / {w['raw_udp_lost']} |"
+        for w in rows])
+    return rows, table
 
 
 def summarize(runs: list[Run], rates: list[int]) -> tuple[list[dict[str, Any]], str, str]:
@@ -381,17 +485,24 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(runs, int):
         return runs
     rows, table, steps = summarize(runs, args.rates)
+    view_rows, view_table = client_table(runs, args.rates)
     ps = pairs(runs)
     wall_ratio, delta = median(ratios(ps)), median(deltas(ps))
     errors = sum(r.integrity_errors for r in runs)
+    gap = {k: max(gaps(runs, k), default=None) for k in ("ferry", "raw")}
     if args.json:
         args.json.write_text(json.dumps({
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "lab_dir")},
-            "runs": [asdict(r) for r in runs], "medians": rows,
+            "runs": [asdict(r) for r in runs], "medians": rows, "client_view": view_rows,
             "overall": {"wall_ratio": wall_ratio, "downtime_delta_ms": delta,
+                        "client_gap_ferry_ms": gap["ferry"], "client_gap_raw_ms": gap["raw"],
+                        "tcp_broken": tcp_broken(runs),
                         "integrity_errors": errors, "pairs": len(all_pairs(runs)),
                         "complete_pairs": len(ps)}}, indent=2))
     print("\n" + table + "\n")
+    print("the client's view (medians over the runs whose migration completed; max in "
+          "brackets; gap delta: median of Ferry - raw over complete pairs):\n"
+          + view_table + "\n")
     print("where the time goes (medians over all rates):\n" + steps)
     failures = sum(1 for r in runs if not r.ok)
     late = {k: sum(1 for r in runs if r.kind == k and r.late_stats) for k in ("ferry", "raw")}
@@ -407,7 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{no_delta} complete pairs left out of downtime_delta_ms (no downtime read)")
     print("wall_ratio and downtime_delta_ms: medians over the Ferry/raw pairs where both "
           "sides succeeded")
+    print("client_gap_*_ms: the longest client-visible gap over all runs of that kind whose "
+          "migration completed; tcp_broken: runs (either kind) whose TCP connection broke")
     print(f"wall_ratio={fmt(wall_ratio)} downtime_delta_ms={fmt(delta, 0)} "
+          f"client_gap_ferry_ms={fmt(gap['ferry'], 1)} client_gap_raw_ms={fmt(gap['raw'], 1)} "
+          f"tcp_broken={tcp_broken(runs)} "
           f"{pair_fields(all_pairs(runs))} integrity_errors={errors}")
     return 1 if failures or errors else 0
 
