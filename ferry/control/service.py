@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ferry.control.agents import AgentPool
+from ferry.control.demand import Demand
+from ferry.control.drs import Drs
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
@@ -27,18 +29,24 @@ class ControlPlane:
         self.migrations = Orchestrator(store, self.inventory, self.agents, self.bus)
         self.relocations = Relocator(store, self.agents, self.bus)
         self.reconciler = Reconciler(store, self.agents, self.inventory.busy)
+        self.demand = Demand()
+        self.drs = Drs(store, self.inventory, self.migrations, self.demand)
 
     @classmethod
     async def open(cls, db_url: str, pki: ControlPki) -> ControlPlane:
         return cls(await Store.open(db_url), pki)
 
     async def start(self) -> None:
+        config = await self.store.drs.config()
+        await self.migrations.set_limits(config.per_host_limit, config.cluster_limit)
         await self.migrations.resume_unfinished()
         await self.relocations.resume_unfinished()
         self.reconciler.start()
+        self.drs.start()
 
     async def close(self) -> None:
         await self.reconciler.close()
+        await self.drs.close()
         await self.networks.close()
         await self.migrations.shutdown()
         await self.relocations.shutdown()

@@ -21,6 +21,7 @@ from ferry.domain.migration import Iteration, Phase, StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import Frozen, HostFacts, VmSpec
 from ferry.domain.storage import RelocationPhase, RelocationRecord
+from ferry.store.drs import DrsStore
 from ferry.store.networks import NetworkStore
 from ferry.store.security import SecurityStore
 from ferry.store.tables import (
@@ -56,6 +57,7 @@ class Store:
         self._session = async_sessionmaker(engine, expire_on_commit=False)
         self.security = SecurityStore(self._session)
         self.networks = NetworkStore(self._session)
+        self.drs = DrsStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:

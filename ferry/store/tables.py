@@ -108,3 +108,9 @@ class NetworkRow(Base):
     # Unique: two networks on one VNI would be one segment.
     vni: Mapped[int] = mapped_column(Integer, unique=True)
     spec_json: Mapped[str] = mapped_column(Text)
+
+
+class RuleRow(Base):
+    __tablename__ = "drs_rules"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rule_json: Mapped[str] = mapped_column(Text)
