@@ -13,6 +13,8 @@ from ferry.domain.auth import Principal, Privilege
 from ferry.domain.drs import Plan, Rule
 from ferry.domain.drs_config import DrsConfig
 from ferry.domain.errors import InvalidInput
+from ferry.domain.records import HostRecord
+from ferry.power import PowerConfig, parse_power_config
 
 
 def register_drs_routes(app: FastAPI, control: ControlPlane) -> None:
@@ -63,6 +65,24 @@ def register_drs_routes(app: FastAPI, control: ControlPlane) -> None:
     @app.delete("/v1/rules/{name}")
     async def remove_rule(name: str, _: Principal = setter) -> Rule:
         return await control.store.drs.remove_rule(name)
+
+    @app.get("/v1/hosts/{name}/power")
+    async def power(name: str, _: Principal = reader) -> PowerConfig | None:
+        await control.store.host(name)
+        return await control.store.drs.power(name)
+
+    @app.put("/v1/hosts/{name}/power")
+    async def set_power(name: str, body: dict[str, Any] = Body(...),
+                        _: Principal = maintainer) -> PowerConfig:
+        """How the host is powered off and on (DPM, standby): ipmi, wol or lab."""
+        return await control.dpm.set_power(name, parse_power_config(body))
+
+    @app.post("/v1/hosts/{name}/standby")
+    async def standby(name: str, on: bool = True, _: Principal = maintainer) -> HostRecord:
+        """Evacuate the host and power it down (on=false: power it up and take VMs)."""
+        if on:
+            return await control.dpm.enter_standby(name)
+        return await control.dpm.exit_standby(name)
 
     @app.post("/v1/hosts/{name}/maintenance")
     async def maintenance(name: str, on: bool = True,

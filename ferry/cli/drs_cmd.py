@@ -106,11 +106,14 @@ def register(host_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
             help="seconds between rounds when fully automated (default 60)")] = None,
         per_host_limit: Annotated[int | None, typer.Option(
             help="parallel migrations per host, in and out each (default 8)")] = None,
+        dpm: Annotated[bool | None, typer.Option(
+            help="DPM with full automation: standby hosts below the band, wake above")
+        ] = None,
         url: UrlOpt = None, json_out: JsonOpt = False) -> None:
         """Show DRS settings, or change the ones given."""
         client = connect(url)
         changes = {k: v for k, v in (("automation", automation), ("threshold", threshold),
-                                     ("interval_s", interval),
+                                     ("interval_s", interval), ("dpm", dpm),
                                      ("per_host_limit", per_host_limit)) if v is not None}
         config = (client.call("PATCH", "/v1/drs/settings", changes) if changes
                   else client.call("GET", "/v1/drs/settings"))
@@ -152,6 +155,33 @@ def register(host_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         """Remove a placement rule."""
         connect(url).call("DELETE", f"/v1/rules/{name}")
         console.print(f"rule {name} removed")
+
+    @host_app.command("power")
+    @handle_errors
+    def host_power(name: str,
+                   driver: Annotated[str, typer.Option(help="ipmi, wol or lab")],
+                   address: Annotated[str | None, typer.Option(help="IPMI: BMC address")] = None,
+                   username: Annotated[str | None, typer.Option(help="IPMI: user")] = None,
+                   password_file: Annotated[str | None, typer.Option(
+                       help="IPMI: absolute path of a file holding the password")] = None,
+                   mac: Annotated[str | None, typer.Option(help="Wake-on-LAN: MAC")] = None,
+                   url: UrlOpt = None) -> None:
+        """Set how a host is powered off and on (for DPM and `ferry host standby`)."""
+        body = {k: v for k, v in (("driver", driver), ("address", address),
+                                  ("username", username), ("password_file", password_file),
+                                  ("mac", mac)) if v is not None}
+        connect(url).call("PUT", f"/v1/hosts/{name}/power", body)
+        console.print(f"host {name}: power driver {driver}")
+
+    @host_app.command("standby")
+    @handle_errors
+    def host_standby(name: str, off: Annotated[bool, typer.Option(
+            "--off", help="power it up again and let it take VMs")] = False,
+            url: UrlOpt = None) -> None:
+        """Evacuate a host by live migration and power it down (DPM's standby)."""
+        h = connect(url, timeout_s=FOLLOW_TIMEOUT_S).call(
+            "POST", f"/v1/hosts/{name}/standby", on=not off)
+        console.print(f"host {name}: {h['state']}")
 
     @host_app.command("maintenance")
     @handle_errors

@@ -87,10 +87,13 @@ def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] 
            allowed_host: Annotated[list[str] | None, typer.Option(
                help="another name clients may use in the Host header (repeatable)")] = None,
            log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+           lab_dir: Annotated[Path | None, typer.Option(
+               help="the lab this control plane serves (its hosts' power driver stops "
+                    "and starts their agents)")] = None,
            ) -> None:
     """Run the control plane over TLS (REST API at /v1, OpenAPI at /docs)."""
     from ferry.api.main import run
-    run(db, listen, port, pki, tuple(allowed_host or ()), log_level)
+    run(db, listen, port, pki, tuple(allowed_host or ()), log_level, lab_dir)
 
 
 @app.command()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from ferry.control.demand import Demand
 from ferry.control.inventory import Inventory
@@ -65,6 +66,9 @@ class Drs:
         self.demand = demand
         self._loop: asyncio.Task[None] | None = None
         self._apply_lock = asyncio.Lock()  # one plan applied at a time
+        # DPM's round, run after each DRS round of a fully automated cluster (set by the
+        # control plane; DPM needs DRS, not the other way round).
+        self.dpm_round: Callable[[DrsConfig], Awaitable[object]] | None = None
 
     # --- settings ------------------------------------------------------------------
     async def config(self) -> DrsConfig:
@@ -210,6 +214,8 @@ class Drs:
                     log.info("DRS move %s %s -> %s: %s (%s)", result.move.vm,
                              result.move.source, result.move.target, result.move.reason,
                              result.migration_id or result.error)
+                if config.dpm and self.dpm_round is not None:
+                    await self.dpm_round(config)
             except Exception:  # a failed round is retried next interval; never stop
                 log.exception("DRS round failed")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ferry.control.agents import AgentPool
 from ferry.control.demand import Demand
+from ferry.control.dpm import Dpm, LabPower
 from ferry.control.drs import Drs
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
@@ -17,7 +18,8 @@ from ferry.store import Store
 
 
 class ControlPlane:
-    def __init__(self, store: Store, pki: ControlPki) -> None:
+    def __init__(self, store: Store, pki: ControlPki, lab_power: LabPower | None = None
+                 ) -> None:
         self.store = store
         self.trust = Trust(store, pki)
         # Agents are called over mutual TLS: they see the control plane's certificate,
@@ -31,10 +33,13 @@ class ControlPlane:
         self.reconciler = Reconciler(store, self.agents, self.inventory.busy)
         self.demand = Demand()
         self.drs = Drs(store, self.inventory, self.migrations, self.demand)
+        self.dpm = Dpm(store, self.drs, lab_power)
+        self.drs.dpm_round = self.dpm.round
 
     @classmethod
-    async def open(cls, db_url: str, pki: ControlPki) -> ControlPlane:
-        return cls(await Store.open(db_url), pki)
+    async def open(cls, db_url: str, pki: ControlPki, lab_power: LabPower | None = None
+                   ) -> ControlPlane:
+        return cls(await Store.open(db_url), pki, lab_power)
 
     async def start(self) -> None:
         config = await self.store.drs.config()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ferry.domain.specs import Frozen
 
@@ -26,3 +26,16 @@ class DrsConfig(Frozen):
     # per cluster.
     per_host_limit: int = Field(default=8, ge=1, le=64)
     cluster_limit: int = Field(default=32, ge=1, le=1024)
+    # DPM (with full automation): consolidate and put hosts in standby when demand sits
+    # below the band, wake one when it rises above (vSphere's default band 45-81 %).
+    dpm: bool = False
+    dpm_low: float = Field(default=0.45, gt=0, lt=1)
+    dpm_high: float = Field(default=0.81, gt=0, le=1)
+    ha_reserve_hosts: int = Field(default=1, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _band(self) -> DrsConfig:
+        if self.dpm_low >= self.dpm_high:
+            raise ValueError(f"the DPM band's low mark {self.dpm_low} must be below its "
+                             f"high mark {self.dpm_high}")
+        return self

@@ -14,6 +14,7 @@ class HostRecord(Frozen):
     url: str
     state: HostState
     maintenance: bool = False
+    standby: bool = False
     facts: HostFacts | None = None
     last_seen: float = 0.0
 

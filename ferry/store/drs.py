@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ferry.domain.drs import Rule
 from ferry.domain.drs_config import DrsConfig
 from ferry.domain.errors import Conflict, NotFound
+from ferry.power import PowerConfig, parse_power_config
 from ferry.store.tables import RuleRow, SettingRow
 
 _KEY = "drs"
@@ -27,6 +30,21 @@ class DrsStore:
             row = await s.get(SettingRow, _KEY)
             if row is None:
                 s.add(SettingRow(key=_KEY, value_json=config.model_dump_json()))
+            else:
+                row.value_json = config.model_dump_json()
+        return config
+
+    async def power(self, host: str) -> PowerConfig | None:
+        async with self._session() as s:
+            row = await s.get(SettingRow, f"power:{host}")
+            return parse_power_config(json.loads(row.value_json)) if row else None
+
+    async def set_power(self, host: str, config: PowerConfig) -> PowerConfig:
+        key = f"power:{host}"
+        async with self._session.begin() as s:
+            row = await s.get(SettingRow, key)
+            if row is None:
+                s.add(SettingRow(key=key, value_json=config.model_dump_json()))
             else:
                 row.value_json = config.model_dump_json()
         return config
