@@ -356,10 +356,7 @@ def plan(snapshot: ClusterSnapshot, settings: DrsSettings) -> Plan:
         budget -= len({st.moves[i].vm for i in range(start, len(st.moves))})
         if len(st.moves) == done:
             break
-        repaired = len(st.moves)
-        found, unplaced = _repair(st)
-        if len(st.moves) == repaired:
-            break
+        found, unplaced = _repair(st)  # and round again: room freed may serve a should-rule
     return _result(st, before, [*st.book.conflicts, *found], unplaced)
 
 
