@@ -50,6 +50,7 @@ from ferry.domain.errors import NotFound
 
 SPREAD = {2: 0.30, 3: 0.20, 4: 0.10, 5: 0.05}
 _SIDE = 4  # hosts taken from each end of each dimension as sources/targets per round
+_REPAIR_PASSES = 8
 _SHORTLIST = 24  # units per source tried against every target
 
 
@@ -118,7 +119,6 @@ def _gather(st: State, conflicts: list[str]) -> None:
                 break
         who = ", ".join(st.vnames[j] for j in unit.vms)
         if chosen is None:
-            unit.frozen = f"affinity rule {name} cannot be met"
             conflicts.append(f"affinity rule {name} is broken and cannot be repaired: no "
                              f"host can take all of {who}")
             continue
@@ -144,10 +144,13 @@ def _drain(st: State, host: int, unplaced: list[str]) -> None:
             unplaced.append(f"{who}: {st.hnames[host]} is unavailable, nothing moves off it")
             continue
         stuck = [st.vnames[j] for j in members if not st.vms[j].movable]
-        if stuck:
-            unplaced.append(f"{', '.join(stuck)}: not movable")
-            continue
         unit = st.book.units[u]
+        if stuck:
+            held = [st.vnames[j] for j in members if st.vms[j].movable]
+            tied = (f"; {', '.join(held)} stay with it (affinity {', '.join(unit.affinity)})"
+                    if held else "")
+            unplaced.append(f"{', '.join(stuck)}: not movable{tied}")
+            continue
         if unit.frozen:
             unplaced.append(f"{who}: {unit.frozen}")
             continue
@@ -163,23 +166,34 @@ def _drain(st: State, host: int, unplaced: list[str]) -> None:
 
 
 def _repair_host_rules(st: State, conflicts: list[str]) -> None:
-    for u, unit in enumerate(st.book.units):
-        h = st.uhost[u]
-        if h < 0 or unit.frozen or must_allows(unit, h):
-            continue
-        rule = must_rule_broken(unit, h)
-        who = ", ".join(st.vnames[j] for j in unit.vms)
-        if not st.movable(unit.vms):
-            conflicts.append(f"rule {rule} is broken for {who} on {st.hnames[h]}, which "
-                             "cannot be moved (not movable or its host unavailable)")
-            continue
-        b = _best_target(st, u, unit.vms, h)
-        if b is None:
-            conflicts.append(f"rule {rule} is broken for {who} on {st.hnames[h]} and cannot "
-                             f"be repaired: {_no_room(st, u, unit.vms, h)}")
-            continue
-        _move_all(st, unit.vms, b, f"rule {rule}: {who} may not run on {st.hnames[h]}",
-                  rule, True)
+    """Units on a host a must-rule forbids, moved; one that has no room yet is tried again
+    after the others moved (their departures may free it)."""
+    todo = [u for u, unit in enumerate(st.book.units)
+            if st.uhost[u] >= 0 and not unit.frozen and not must_allows(unit, st.uhost[u])]
+    while todo:
+        left = []
+        for u in todo:
+            unit, h = st.book.units[u], st.uhost[u]
+            rule = must_rule_broken(unit, h)
+            who = ", ".join(st.vnames[j] for j in unit.vms)
+            if not st.movable(unit.vms):
+                conflicts.append(f"rule {rule} is broken for {who} on {st.hnames[h]}, which "
+                                 "cannot be moved (not movable or its host unavailable)")
+                continue
+            b = _best_target(st, u, unit.vms, h)
+            if b is None:
+                left.append(u)
+                continue
+            _move_all(st, unit.vms, b, f"rule {rule}: {who} may not run on {st.hnames[h]}",
+                      rule, True)
+        if len(left) == len(todo):
+            for u in left:
+                unit, h = st.book.units[u], st.uhost[u]
+                conflicts.append(
+                    f"rule {must_rule_broken(unit, h)} is broken on {st.hnames[h]} and cannot "
+                    f"be repaired: {_no_room(st, u, unit.vms, h)}")
+            return
+        todo = left
 
 
 def _repair_anti(st: State, conflicts: list[str]) -> None:
@@ -308,22 +322,42 @@ def _result(st: State, before: float, conflicts: list[str], unplaced: list[str])
                 unplaced=tuple(unplaced))
 
 
+def _repair(st: State) -> tuple[list[str], list[str]]:
+    """Mandatory moves until nothing more can be done: one may free the room another
+    needs. Returns what is still broken (conflicts) and what could not leave (unplaced)."""
+    found: list[str] = []
+    unplaced: list[str] = []
+    for _ in range(_REPAIR_PASSES):
+        done = len(st.moves)
+        found, unplaced = [], []
+        _gather(st, found)
+        for h in range(len(st.hnames)):
+            if st.drained[h]:
+                _drain(st, h, unplaced)
+        _repair_host_rules(st, found)
+        _repair_anti(st, found)
+        if len(st.moves) == done:
+            break
+    return found, unplaced
+
+
 def plan(snapshot: ClusterSnapshot, settings: DrsSettings) -> Plan:
-    """Rule repairs and evacuations of hosts in maintenance/standby, then balancing."""
+    """Rule repairs and evacuations of hosts in maintenance/standby, then balancing; again
+    while balancing freed room for a repair, so a second plan on the result is empty."""
     st = State(snapshot, settings)
     before = st.imbalance()
-    conflicts = list(st.book.conflicts)
-    unplaced: list[str] = []
-    _gather(st, conflicts)
-    for h in range(len(st.hnames)):
-        if st.drained[h]:
-            _drain(st, h, unplaced)
-    _repair_host_rules(st, conflicts)
-    _repair_anti(st, conflicts)
-    if settings.threshold >= 2:
-        used = _repair_should(st, settings.max_moves)
-        _balance(st, settings.max_moves - used)
-    return _result(st, before, conflicts, unplaced)
+    found, unplaced = _repair(st)
+    budget = settings.max_moves if settings.threshold >= 2 else 0
+    while budget > 0:
+        done = len(st.moves)
+        budget -= _repair_should(st, budget)
+        start = len(st.moves)
+        _balance(st, budget)
+        budget -= len({st.moves[i].vm for i in range(start, len(st.moves))})
+        if len(st.moves) == done:
+            break
+        found, unplaced = _repair(st)  # and round again: room freed may serve a should-rule
+    return _result(st, before, [*st.book.conflicts, *found], unplaced)
 
 
 def evacuate(snapshot: ClusterSnapshot, host: str, settings: DrsSettings) -> Plan:

@@ -90,6 +90,7 @@ def compile_rules(vm_names: Sequence[str], host_index: dict[str, int],
         conflicts.append(f"rule {name} (anti_affinity) conflicts with {', '.join(together)} "
                          f"(affinity): {vm_names[a]} and {vm_names[b]} must be both apart "
                          "and together; neither is enforced")
+    undone = {j for n, m in affinity if n in dropped_aff for j in m}
     if dropped_aff:
         affinity = [(n, m) for n, m in affinity if n not in dropped_aff]
         groups = _groups(len(vm_names), affinity)
@@ -116,6 +117,15 @@ def compile_rules(vm_names: Sequence[str], host_index: dict[str, int],
                 units[u].host_rules.append((r, hosts))
     for unit in units:
         _host_sets(unit, vm_names, conflicts)
+    # Neither side of a together-and-apart conflict is enforced, so its VMs stay put:
+    # moving them could break the rule the user meant.
+    for name, members in anti:
+        if (name, members) not in kept_anti:
+            for j in members:
+                units[unit_of[j]].frozen = f"rule {name} conflicts with an affinity rule"
+    for j in undone:
+        units[unit_of[j]].frozen = "its affinity rules conflict with an anti-affinity rule"
+
     return Book(units=units, unit_of=unit_of, anti=kept_anti, conflicts=conflicts)
 
 
