@@ -46,7 +46,7 @@ from ferry.agent.stream_settings import (
     stream_capabilities,
     stream_parameters,
 )
-from ferry.agent.vmfiles import check_kernel_image, tail_lines, write_spec
+from ferry.agent.vmfiles import check_kernel_image, cpu_time_s, tail_lines, write_spec
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.networks import Announce
@@ -168,7 +168,8 @@ class HostRuntime:
         return VmInfo(name=name, uuid=rec.spec.uuid, state=state,
                       pid=rec.process.pid, exit_code=rec.process.returncode, spec=rec.spec,
                       heartbeat=last_heartbeat(tail_lines(rec.paths.serial_log, 50)),
-                      migration_id=rec.migration_id, never_ran=rec.never_ran)
+                      migration_id=rec.migration_id, never_ran=rec.never_ran,
+                      cpu_time_s=cpu_time_s(rec.process.pid))
 
     async def list_vms(self) -> list[VmInfo]:
         return [await self.info(name) for name in sorted(self._vms)]

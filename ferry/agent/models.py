@@ -55,6 +55,9 @@ class VmInfo(Frozen):
     # True only when this agent started the QEMU paused (-S) and never sent it `cont`:
     # its guest has executed nothing here. False when unsure (e.g. after an agent restart).
     never_ran: bool = False
+    # CPU time the QEMU process has used (user + system, seconds): its rate between two
+    # reports is the VM's measured CPU demand (DRS).
+    cpu_time_s: float | None = None
 
 
 class CreateVm(Frozen):

@@ -50,3 +50,18 @@ def write_spec(paths: RunPaths, spec: VmSpec) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, paths.spec_file)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_time_s(pid: int | None) -> float | None:
+    """utime + stime of a process from /proc (None if it is gone)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None

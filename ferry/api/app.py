@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.agent.models import AgentHeartbeat
 from ferry.api.auth import enrolled_host, install_gates, requires, unauthenticated_response
+from ferry.api.drs_routes import register_drs_routes
 from ferry.api.network_routes import register_network_routes
 from ferry.api.schemas import (
     CheckResult,
@@ -50,6 +51,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     install_gates(app, store, allowed_hosts)
     register_trust_routes(app, control)
     register_network_routes(app, control)
+    register_drs_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
@@ -72,6 +74,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
         """From enrolled agents only: the host is the one its certificate names."""
         await control.trust.check_heartbeat(peer, beat.facts.name, beat.url)
         await control.inventory.heartbeat(beat.facts, beat.url, beat.vms)
+        control.demand.record(beat.facts.name, beat.vms)
         await control.networks.on_heartbeat(beat.facts)
         await control.migrations.reap_orphans(beat.facts.name, beat.vms)
 
@@ -83,17 +86,11 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     async def host(name: str) -> HostRecord:
         return await control.store.host(name)
 
-    @app.post("/v1/hosts/{name}/maintenance",
-              dependencies=requires(store, Privilege.HOST_MAINTENANCE))
-    async def maintenance(name: str, on: bool = True) -> HostRecord:
-        """Mark a host in (or out of) maintenance: no VM is placed or migrated onto it.
-        Evacuating its VMs is not done here yet."""
-        return await control.store.set_maintenance(name, on)
-
     # --- VMs -------------------------------------------------------------------
     @app.post("/v1/vms", status_code=201, dependencies=requires(store, Privilege.VM_CREATE))
     async def create_vm(body: CreateVmRequest) -> VmView:
-        vm = await control.inventory.create_vm(body.spec, body.host, body.start)
+        host = body.host or await control.drs.initial_host(body.spec)
+        vm = await control.inventory.create_vm(body.spec, host, body.start)
         return VmView(spec=vm.spec, host=vm.host, state=vm.state)
 
     @app.get("/v1/vms", dependencies=read)

@@ -40,9 +40,11 @@ def _config(lab_dir: Path) -> LabConfig:
 def up(hosts: Annotated[int | None, typer.Option(
            help="number of hosts (new lab: 3)", min=1, max=32)] = None,
        cpus: Annotated[int | None, typer.Option(
-           help="declared CPUs per host (new lab: 4)", min=1)] = None,
+           "--host-cpus", "--cpus",
+           help="declared CPUs per host, DRS's capacity (new lab: 4)", min=1)] = None,
        memory: Annotated[int | None, typer.Option(
-           help="declared MiB per host (new lab: 2048)", min=64)] = None,
+           "--host-memory", "--memory",
+           help="declared MiB per host, DRS's capacity (new lab: 2048)", min=64)] = None,
        subnet: Annotated[str | None, typer.Option(
            help="IPv4 network of the lab bridge (new lab: 198.18.210.0/24, a range "
                 "reserved for test networks)")] = None,

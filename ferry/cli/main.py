@@ -12,7 +12,15 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from ferry.cli import lab_cmd, migrate_cmd, network_cmd, policy_cmd, relocate_cmd, trust_cmd
+from ferry.cli import (
+    drs_cmd,
+    lab_cmd,
+    migrate_cmd,
+    network_cmd,
+    policy_cmd,
+    relocate_cmd,
+    trust_cmd,
+)
 from ferry.cli.client import Client, connect
 from ferry.cli.output import console, heartbeat_text, print_error, print_json, table
 from ferry.domain.errors import FerryError, InvalidInput
@@ -33,6 +41,8 @@ app.add_typer(migrate_cmd.migration_app, name="migration")
 app.add_typer(policy_cmd.app, name="policy")
 app.add_typer(relocate_cmd.relocation_app, name="relocation")
 app.add_typer(network_cmd.app, name="network")
+app.add_typer(drs_cmd.drs_app, name="drs")
+app.add_typer(drs_cmd.rule_app, name="rule")
 
 F = TypeVar("F", bound=Callable[..., Any])
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL "
@@ -61,6 +71,7 @@ policy_cmd.register(handle_errors)
 relocate_cmd.register(vm_app, handle_errors)
 trust_cmd.register(app, host_app, handle_errors)
 network_cmd.register(handle_errors)
+drs_cmd.register(host_app, handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 
@@ -76,10 +87,13 @@ def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] 
            allowed_host: Annotated[list[str] | None, typer.Option(
                help="another name clients may use in the Host header (repeatable)")] = None,
            log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+           lab_dir: Annotated[Path | None, typer.Option(
+               help="the lab this control plane serves (its hosts' power driver stops "
+                    "and starts their agents)")] = None,
            ) -> None:
     """Run the control plane over TLS (REST API at /v1, OpenAPI at /docs)."""
     from ferry.api.main import run
-    run(db, listen, port, pki, tuple(allowed_host or ()), log_level)
+    run(db, listen, port, pki, tuple(allowed_host or ()), log_level, lab_dir)
 
 
 @app.command()
@@ -126,16 +140,6 @@ def host_list(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
                      len(mine)])
     table("Hosts", ["host", "state", "address", "accel", "vCPUs used/cap",
                     "MiB used/cap", "datastores", "VMs"], rows)
-
-
-@host_app.command("maintenance")
-@handle_errors
-def host_maintenance(name: str, off: Annotated[bool, typer.Option(
-        "--off", help="take the host out of maintenance")] = False, url: UrlOpt = None) -> None:
-    """Mark a host in maintenance (nothing is placed or migrated onto it). It does not
-    evacuate the host's VMs yet: migrate them with `ferry vm migrate`."""
-    h = connect(url).call("POST", f"/v1/hosts/{name}/maintenance", on=not off)
-    console.print(f"host {name}: {h['state']}")
 
 
 # --- VMs --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from ferry.control.agents import AgentPool
 from ferry.control.reconcile import BusyVms
 from ferry.domain.capacity import host_snapshots
 from ferry.domain.errors import Conflict, HostUnavailable, InvalidInput, NotFound
-from ferry.domain.inventory import HostSnapshot, HostState, VmState
+from ferry.domain.inventory import HostSnapshot, VmState
 from ferry.domain.networks import USER_NETWORK
 from ferry.domain.placement import place
 from ferry.domain.records import HostRecord, VmRecord
@@ -44,8 +44,8 @@ class Inventory:
 
     async def connected_host(self, name: str) -> HostRecord:
         host = await self.store.host(name)
-        if host.state is HostState.DISCONNECTED:
-            raise HostUnavailable(f"host {name} is not connected",
+        if not host.state.reports:
+            raise HostUnavailable(f"host {name} is {host.state}",
                                   "check that its agent runs; see `ferry host list`")
         return host
 
@@ -128,7 +128,7 @@ class Inventory:
         """The hosts reporting a copy of `name`; only when every host reports (a VM in
         doubt may run on a silent one)."""
         hosts = await self.store.hosts()
-        silent = [h.name for h in hosts if h.state is HostState.DISCONNECTED]
+        silent = [h.name for h in hosts if not h.state.reports]
         if silent:
             raise Conflict(f"where VM {name} runs is in doubt and host(s) "
                            f"{', '.join(silent)} do not report",

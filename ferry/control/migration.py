@@ -48,8 +48,10 @@ from ferry.wire import describe_validation
 
 log = logging.getLogger("ferry.migration")
 
-PER_HOST_LIMIT = 2  # outbound and inbound per host, as KubeVirt
-CLUSTER_LIMIT = 5
+# Until the cluster's DRS settings are read (`ferry drs settings`): per host, in and out
+# each (vSphere's figure for 10 GbE), and per cluster.
+PER_HOST_LIMIT = 8
+CLUSTER_LIMIT = 32
 
 _LEFTOVER_STATES = (AgentVmState.INCOMING, AgentVmState.MIGRATED, AgentVmState.EXITED)
 
@@ -113,8 +115,13 @@ class Orchestrator:
         defaults = await self.store.migration_defaults()
         return merge_options(defaults, overrides)
 
+    async def set_limits(self, per_host: int, cluster: int) -> None:
+        """Parallel migrations per host (in and out each) and per cluster."""
+        await self._slots.set_limits(per_host, cluster)
+
     async def start(self, vm_name: str, target: str, options: StreamOptions | None = None,
-                    datastore: str | None = None) -> MigrationRecord:
+                    datastore: str | None = None, cause: str | None = None
+                    ) -> MigrationRecord:
         """Persist a migration, run CHECKING now, and go on in the background. With
         `datastore`, the disks move too, onto that datastore of the target."""
         vm = await self.store.vm(vm_name)
@@ -135,18 +142,19 @@ class Orchestrator:
         await self.store.host(target)
         options = options or await self.options_for(None)
         async with self._admit:
-            rec = await self._admit_one(vm_name, vm.host, target, options, datastore)
+            rec = await self._admit_one(vm_name, vm.host, target, options, datastore, cause)
         self._spawn(rec.id)
         return rec
 
     async def _admit_one(self, vm_name: str, source: str, target: str,
-                         options: StreamOptions, datastore: str | None) -> MigrationRecord:
+                         options: StreamOptions, datastore: str | None,
+                         cause: str | None = None) -> MigrationRecord:
         """Persist the migration (from here on it reserves the target) and check it; a
         refused one ends FAILED at once and releases the reservation."""
         now = time.time()
         rec = await self.store.add_migration(MigrationRecord(
             id=uuid.uuid4().hex[:12], vm=vm_name, source=source, target=target,
-            phase=Phase.PENDING, options=options, created_at=now,
+            phase=Phase.PENDING, options=options, created_at=now, cause=cause,
             phase_times={Phase.PENDING.value: now}))
         rec = await self._enter(rec, Phase.CHECKING)
         try:

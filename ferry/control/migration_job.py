@@ -113,6 +113,11 @@ class Slots:
             self._all -= 1
             self._cond.notify_all()
 
+    async def set_limits(self, per_host: int, cluster: int) -> None:
+        async with self._cond:
+            self.per_host, self.cluster = per_host, cluster
+            self._cond.notify_all()
+
     async def wake(self) -> None:
         """Let waiters look at their cancel flags again."""
         async with self._cond:

@@ -18,7 +18,6 @@ from ferry.agent.models import AgentVmState
 from ferry.control.agents import AgentPool
 from ferry.domain.audit import Outcome
 from ferry.domain.errors import FerryError, NotFound
-from ferry.domain.inventory import HostState
 from ferry.domain.reconcile import Finding, reconcile
 from ferry.store import Store
 
@@ -74,7 +73,7 @@ class Reconciler:
     async def round(self) -> list[Finding]:
         """Judge once; apply what the previous round found too. Returns what was applied."""
         hosts = await self.store.hosts()
-        connected = {h.name for h in hosts if h.state is not HostState.DISCONNECTED}
+        connected = {h.name for h in hosts if h.state.reports}
         busy = self.busy.names() | await self._in_jobs()
         reports = {host: {name: info.state is AgentVmState.RUNNING
                           for name, info in vms.items() if info.state.alive}

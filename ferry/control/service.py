@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from ferry.control.agents import AgentPool
+from ferry.control.demand import Demand
+from ferry.control.dpm import Dpm, LabPower
+from ferry.control.drs import Drs
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
@@ -15,7 +18,8 @@ from ferry.store import Store
 
 
 class ControlPlane:
-    def __init__(self, store: Store, pki: ControlPki) -> None:
+    def __init__(self, store: Store, pki: ControlPki, lab_power: LabPower | None = None
+                 ) -> None:
         self.store = store
         self.trust = Trust(store, pki)
         # Agents are called over mutual TLS: they see the control plane's certificate,
@@ -27,18 +31,27 @@ class ControlPlane:
         self.migrations = Orchestrator(store, self.inventory, self.agents, self.bus)
         self.relocations = Relocator(store, self.agents, self.bus)
         self.reconciler = Reconciler(store, self.agents, self.inventory.busy)
+        self.demand = Demand()
+        self.drs = Drs(store, self.inventory, self.migrations, self.demand)
+        self.dpm = Dpm(store, self.drs, lab_power)
+        self.drs.dpm_round = self.dpm.round
 
     @classmethod
-    async def open(cls, db_url: str, pki: ControlPki) -> ControlPlane:
-        return cls(await Store.open(db_url), pki)
+    async def open(cls, db_url: str, pki: ControlPki, lab_power: LabPower | None = None
+                   ) -> ControlPlane:
+        return cls(await Store.open(db_url), pki, lab_power)
 
     async def start(self) -> None:
+        config = await self.store.drs.config()
+        await self.migrations.set_limits(config.per_host_limit, config.cluster_limit)
         await self.migrations.resume_unfinished()
         await self.relocations.resume_unfinished()
         self.reconciler.start()
+        self.drs.start()
 
     async def close(self) -> None:
         await self.reconciler.close()
+        await self.drs.close()
         await self.networks.close()
         await self.migrations.shutdown()
         await self.relocations.shutdown()

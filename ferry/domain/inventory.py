@@ -11,6 +11,12 @@ class HostState(StrEnum):
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
     MAINTENANCE = "maintenance"
+    STANDBY = "standby"  # powered down by DPM (or an operator); its agent is silent
+
+    @property
+    def reports(self) -> bool:
+        """Its agent is expected to answer and report what runs there."""
+        return self in (HostState.CONNECTED, HostState.MAINTENANCE)
 
 
 class VmState(StrEnum):

@@ -14,6 +14,7 @@ class HostRecord(Frozen):
     url: str
     state: HostState
     maintenance: bool = False
+    standby: bool = False
     facts: HostFacts | None = None
     last_seen: float = 0.0
 
@@ -102,6 +103,7 @@ class MigrationRecord(Frozen):
     disk_total_bytes: int = 0
     encrypted: bool = False  # memory and disk streams over TLS (decided at CHECKING)
     client_view: ClientView | None = None  # set afterwards, when the lab measured it
+    cause: str | None = None  # who or what started it, and why (a DRS move's reason)
 
     @property
     def levers(self) -> list[str]:

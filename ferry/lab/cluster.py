@@ -136,6 +136,7 @@ def init_trust(config: LabConfig) -> str | None:
 def start_control(config: LabConfig) -> int:
     argv = [sys.executable, "-m", "ferry.cli.main", "server",
             "--db", _db_url(config), "--pki", str(config.pki_dir),
+            "--lab-dir", str(config.directory),
             "--listen", config.bridge_ip, "--port", str(config.control_port)]
     return _spawn(argv, config.logs_dir / "control.log", _pidfile(config, "control"))
 
@@ -160,6 +161,10 @@ def _is_zombie(pid: int) -> bool:
             return f.read().split(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):
         return True
+
+
+def agent_pid(config: LabConfig, host: str) -> int | None:
+    return _alive_pid(_pidfile(config, f"agent-{host}"))
 
 
 def stop_agent(config: LabConfig, host: str) -> None:
@@ -218,6 +223,19 @@ def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
                    f"see the logs in {config.logs_dir}")
 
 
+def ensure_power(config: LabConfig) -> None:
+    """Every lab host's power driver is the lab's (its agent stopped = powered off); a
+    host left in standby by an earlier run is up again now."""
+    with _http(config) as http:
+        for host in config.hosts:
+            resp = http.put(f"/v1/hosts/{host.name}/power", json={"driver": "lab"})
+            if resp.status_code >= 400:
+                raise LabError(f"power driver of {host.name}: HTTP {resp.status_code} "
+                               f"{resp.text}")
+            if http.get(f"/v1/hosts/{host.name}").json().get("standby"):
+                http.post(f"/v1/hosts/{host.name}/standby", params={"on": "false"})
+
+
 def ensure_vm_network(config: LabConfig, timeout_s: float = 60.0) -> None:
     """The lab's VM network (`vmnet`) on every host, and the client machine on it."""
     with _http(config) as http:
@@ -271,6 +289,7 @@ def up(config: LabConfig) -> LabStatus:
                 start_agent(config, host.name)
         wait_registered(config)
         ensure_vm_network(config)
+        ensure_power(config)
     except Exception:
         down(config)
         raise

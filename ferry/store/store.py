@@ -21,6 +21,7 @@ from ferry.domain.migration import Iteration, Phase, StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import Frozen, HostFacts, VmSpec
 from ferry.domain.storage import RelocationPhase, RelocationRecord
+from ferry.store.drs import DrsStore
 from ferry.store.networks import NetworkStore
 from ferry.store.security import SecurityStore
 from ferry.store.tables import (
@@ -56,6 +57,7 @@ class Store:
         self._session = async_sessionmaker(engine, expire_on_commit=False)
         self.security = SecurityStore(self._session)
         self.networks = NetworkStore(self._session)
+        self.drs = DrsStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -73,7 +75,9 @@ class Store:
     # --- hosts -----------------------------------------------------------------
     @staticmethod
     def _host(row: HostRow, now: float) -> HostRecord:
-        if row.maintenance:
+        if row.standby:
+            state = HostState.STANDBY
+        elif row.maintenance:
             state = HostState.MAINTENANCE
         elif now - row.last_seen <= HEARTBEAT_TIMEOUT_S:
             state = HostState.CONNECTED
@@ -81,7 +85,8 @@ class Store:
             state = HostState.DISCONNECTED
         facts = HostFacts.model_validate_json(row.facts_json) if row.facts_json else None
         return HostRecord(name=row.name, url=row.url, state=state,
-                          maintenance=row.maintenance, facts=facts, last_seen=row.last_seen)
+                          maintenance=row.maintenance, standby=bool(row.standby), facts=facts,
+                          last_seen=row.last_seen)
 
     async def record_heartbeat(self, facts: HostFacts, url: str) -> HostRecord:
         """Register the host on its first heartbeat, refresh it on every later one."""
@@ -89,7 +94,7 @@ class Store:
         async with self._session.begin() as s:
             row = await s.get(HostRow, facts.name)
             if row is None:
-                row = HostRow(name=facts.name, url=url, maintenance=False)
+                row = HostRow(name=facts.name, url=url, maintenance=False, standby=False)
                 s.add(row)
             row.url = url
             row.facts_json = facts.model_dump_json()
@@ -127,6 +132,14 @@ class Store:
             row = await s.get(HostRow, name)
             assert row is not None
             row.maintenance = on
+            return self._host(row, time.time())
+
+    async def set_standby(self, name: str, on: bool) -> HostRecord:
+        await self.host(name)
+        async with self._session.begin() as s:
+            row = await s.get(HostRow, name)
+            assert row is not None
+            row.standby = on
             return self._host(row, time.time())
 
     # --- VMs -------------------------------------------------------------------
@@ -352,3 +365,5 @@ def _add_version_columns(conn: Connection) -> None:
         if "version" not in {c["name"] for c in inspect(conn).get_columns(table)}:
             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN version INTEGER "
                               "NOT NULL DEFAULT 0"))
+    if "standby" not in {c["name"] for c in inspect(conn).get_columns("hosts")}:
+        conn.execute(text("ALTER TABLE hosts ADD COLUMN standby BOOLEAN NOT NULL DEFAULT 0"))

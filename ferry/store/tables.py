@@ -15,6 +15,7 @@ class HostRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     url: Mapped[str] = mapped_column(String(256))
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    standby: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     facts_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_seen: Mapped[float] = mapped_column(Float, default=0.0)
 
@@ -108,3 +109,9 @@ class NetworkRow(Base):
     # Unique: two networks on one VNI would be one segment.
     vni: Mapped[int] = mapped_column(Integer, unique=True)
     spec_json: Mapped[str] = mapped_column(Text)
+
+
+class RuleRow(Base):
+    __tablename__ = "drs_rules"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rule_json: Mapped[str] = mapped_column(Text)

@@ -184,6 +184,7 @@ async def test_restart_mid_rollback_finishes_the_recorded_kind(cluster: FakeClus
 async def test_a_queued_migration_honours_cancel(cluster: FakeCluster) -> None:
     for n in (2, 3):
         await cluster.add_running_vm(spec(f"web{n}", mac=f"52:54:00:00:00:0{n}"), "host1")
+    await cluster.orchestrator.set_limits(2, 5)
     for n in (1, 2):  # two slow ones fill host1's two outbound slots
         cluster.agents["host1"].vms[f"web{n}"].script = [S.ACTIVE]
     first = [await cluster.orchestrator.start(f"web{n}", "host2") for n in (1, 2)]

@@ -1,0 +1,72 @@
+"""The store's part for DRS: its settings and the placement rules."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ferry.domain.drs import Rule
+from ferry.domain.drs_config import DrsConfig
+from ferry.domain.errors import Conflict, NotFound
+from ferry.power import PowerConfig, parse_power_config
+from ferry.store.tables import RuleRow, SettingRow
+
+_KEY = "drs"
+
+
+class DrsStore:
+    def __init__(self, session: async_sessionmaker[AsyncSession]) -> None:
+        self._session = session
+
+    async def config(self) -> DrsConfig:
+        async with self._session() as s:
+            row = await s.get(SettingRow, _KEY)
+            return DrsConfig.model_validate_json(row.value_json) if row else DrsConfig()
+
+    async def set_config(self, config: DrsConfig) -> DrsConfig:
+        async with self._session.begin() as s:
+            row = await s.get(SettingRow, _KEY)
+            if row is None:
+                s.add(SettingRow(key=_KEY, value_json=config.model_dump_json()))
+            else:
+                row.value_json = config.model_dump_json()
+        return config
+
+    async def power(self, host: str) -> PowerConfig | None:
+        async with self._session() as s:
+            row = await s.get(SettingRow, f"power:{host}")
+            return parse_power_config(json.loads(row.value_json)) if row else None
+
+    async def set_power(self, host: str, config: PowerConfig) -> PowerConfig:
+        key = f"power:{host}"
+        async with self._session.begin() as s:
+            row = await s.get(SettingRow, key)
+            if row is None:
+                s.add(SettingRow(key=key, value_json=config.model_dump_json()))
+            else:
+                row.value_json = config.model_dump_json()
+        return config
+
+    async def rules(self) -> list[Rule]:
+        async with self._session() as s:
+            rows = (await s.scalars(select(RuleRow).order_by(RuleRow.name))).all()
+            return [Rule.model_validate_json(r.rule_json) for r in rows]
+
+    async def add_rule(self, rule: Rule) -> Rule:
+        async with self._session.begin() as s:
+            if await s.get(RuleRow, rule.name) is not None:
+                raise Conflict(f"a rule named {rule.name!r} already exists",
+                               "pick another name, or remove it first")
+            s.add(RuleRow(name=rule.name, rule_json=rule.model_dump_json()))
+        return rule
+
+    async def remove_rule(self, name: str) -> Rule:
+        async with self._session.begin() as s:
+            row = await s.get(RuleRow, name)
+            if row is None:
+                raise NotFound(f"no rule {name!r}", "see `ferry rule list`")
+            rule = Rule.model_validate_json(row.rule_json)
+            await s.delete(row)
+            return rule
