@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls clean lab-down
+.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -51,6 +51,11 @@ bench-sweep: deps venv guest
 
 bench-storage: deps venv guest
 	$(PY) bench/storage_vs_copy.py --json build/bench-storage.json
+
+# Pure simulation (no root, no lab): the DRS planner against ProxLB- and PVE-style baselines.
+bench-drs: venv
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) bench/drs_sim.py
 
 bench-tls: deps venv guest
 	$(PY) bench/tls_cost.py --json build/bench-tls.json
