@@ -33,7 +33,9 @@ def moves_table(title: str, moves: list[dict[str, Any]],
                _load(m["target_after"])]
         if results is not None:
             r = results[i]
-            row.append(r.get("migration_id") or f"refused: {r.get('error')}")
+            row.append(r.get("migration_id") or (
+                "starts once the moves it needs end" if r.get("deferred")
+                else f"refused: {r.get('error')}"))
         rows.append(row)
     cols = ["VM", "from", "to", "reason", "rule", "gain", "cost", "source after",
             "target after"] + (["migration"] if results is not None else [])

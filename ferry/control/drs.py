@@ -39,12 +39,15 @@ from ferry.store import Store
 
 log = logging.getLogger("ferry.drs")
 MIB = 1 << 20
+DEPENDENCY_TIMEOUT_S = 3600.0
 
 
 class MoveResult(Frozen):
     move: Move
     migration_id: str | None = None
     error: str | None = None
+    # Started later, once the moves it depends on (that free its room) have completed.
+    deferred: bool = False
 
 
 class Applied(Frozen):
@@ -66,6 +69,7 @@ class Drs:
         self.demand = demand
         self._loop: asyncio.Task[None] | None = None
         self._apply_lock = asyncio.Lock()  # one plan applied at a time
+        self._deferred: set[asyncio.Task[None]] = set()
         # DPM's round, run after each DRS round of a fully automated cluster (set by the
         # control plane; DPM needs DRS, not the other way round).
         self.dpm_round: Callable[[DrsConfig], Awaitable[object]] | None = None
@@ -125,17 +129,60 @@ class Drs:
             return Applied(plan=current, results=await self._start(current, "DRS"))
 
     async def _start(self, current: Plan, why: str) -> tuple[MoveResult, ...]:
-        results = []
-        for move in current.moves:
-            try:
-                rec = await self.migrations.start(
-                    move.vm, move.target, cause=f"{why}: {move.reason}")
-                results.append(MoveResult(move=move, migration_id=rec.id))
-            except FerryError as exc:
-                # One refused move (the VM stopped, the target changed) does not stop
-                # the others: the next plan sees the new state.
-                results.append(MoveResult(move=move, error=exc.problem))
+        """Start every move that can start now (in parallel, within the queue's limits);
+        one that needs room another move frees starts once that one has completed."""
+        results: list[MoveResult] = []
+        started: dict[int, str] = {}
+        later: list[int] = []
+        for index, move in enumerate(current.moves):
+            if move.depends_on:
+                later.append(index)
+                results.append(MoveResult(move=move, deferred=True))
+                continue
+            result = await self._start_one(move, why)
+            if result.migration_id:
+                started[index] = result.migration_id
+            results.append(result)
+        if later:
+            task = asyncio.create_task(self._start_later(current, later, started, why))
+            self._deferred.add(task)
+            task.add_done_callback(self._deferred.discard)
         return tuple(results)
+
+    async def _start_one(self, move: Move, why: str) -> MoveResult:
+        try:
+            rec = await self.migrations.start(move.vm, move.target,
+                                              cause=f"{why}: {move.reason}")
+            return MoveResult(move=move, migration_id=rec.id)
+        except FerryError as exc:
+            # One refused move (the VM stopped, the target changed) does not stop the
+            # others: the next plan sees the new state.
+            return MoveResult(move=move, error=exc.problem)
+
+    async def _start_later(self, current: Plan, later: list[int], started: dict[int, str],
+                           why: str) -> None:
+        deadline = time.monotonic() + DEPENDENCY_TIMEOUT_S
+        for index in later:
+            move = current.moves[index]
+            while True:
+                phases = [await self._phase(started.get(d)) for d in move.depends_on]
+                if all(p is Phase.COMPLETED for p in phases):
+                    result = await self._start_one(move, why)
+                    if result.migration_id:
+                        started[index] = result.migration_id
+                    else:
+                        log.info("DRS deferred move of %s refused: %s", move.vm,
+                                 result.error)
+                    break
+                if any(p in (Phase.FAILED, None) for p in phases) or (
+                        time.monotonic() > deadline):
+                    log.info("DRS deferred move of %s dropped: a move it needed did not "
+                             "complete", move.vm)
+                    break
+                await asyncio.sleep(1.0)
+
+    async def _phase(self, migration_id: str | None) -> Phase | None:
+        return (await self.store.migration(migration_id)).phase if migration_id else None
 
     async def initial_host(self, spec: VmSpec) -> str | None:
         """Where DRS places a new VM (partially or fully automated); None when manual."""
@@ -197,6 +244,8 @@ class Drs:
         self._loop = asyncio.create_task(self._run())
 
     async def close(self) -> None:
+        for task in list(self._deferred):
+            task.cancel()
         if self._loop is not None:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
