@@ -27,33 +27,25 @@ def create(config: LabConfig) -> None:
     """Bridge in the root namespace, one namespace per host joined by a veth."""
     if ip("link", "show", config.bridge, check=False).returncode != 0:
         ip("link", "add", config.bridge, "type", "bridge")
-    ip("addr", "replace", f"{config.bridge_ip}/24", "dev", config.bridge)
+    ip("addr", "replace", f"{config.bridge_ip}/{config.subnet.prefixlen}", "dev",
+       config.bridge)
     ip("link", "set", config.bridge, "up")
     for host in config.hosts:
-        ns, veth = config.netns(host.name), config.veth(host.name)
-        if ip("netns", "pids", ns, check=False).returncode != 0:
-            ip("netns", "add", ns)
-        if ip("link", "show", veth, check=False).returncode != 0:
-            ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip("link", "set", veth, "master", config.bridge)
-        ip("link", "set", veth, "up")
-        ip("-n", ns, "addr", "replace", f"{config.host_ip(host.name)}/24", "dev", "eth0")
-        ip("-n", ns, "link", "set", "eth0", "up")
-        ip("-n", ns, "link", "set", "lo", "up")
-    _create_client(config)
+        _machine(config, config.netns(host.name), config.veth(host.name),
+                 config.host_ip(host.name))
+    # The client machine: on the lab bridge like a host, without an agent.
+    _machine(config, config.client_ns, config.client_veth, config.client_ip)
 
 
-def _create_client(config: LabConfig) -> None:
-    """The client machine: a namespace on the lab bridge like a host, without an agent."""
-    ns, veth = config.client_ns, config.client_veth
+def _machine(config: LabConfig, ns: str, veth: str, address: str) -> None:
+    """A namespace joined to the lab bridge by a veth, `address` on its eth0."""
     if ip("netns", "pids", ns, check=False).returncode != 0:
         ip("netns", "add", ns)
     if ip("link", "show", veth, check=False).returncode != 0:
         ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
     ip("link", "set", veth, "master", config.bridge)
     ip("link", "set", veth, "up")
-    ip("-n", ns, "addr", "replace", f"{config.client_ip}/{config.subnet.prefixlen}",
-       "dev", "eth0")
+    ip("-n", ns, "addr", "replace", f"{address}/{config.subnet.prefixlen}", "dev", "eth0")
     ip("-n", ns, "link", "set", "eth0", "up")
     ip("-n", ns, "link", "set", "lo", "up")
 

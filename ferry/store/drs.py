@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -20,33 +21,33 @@ class DrsStore:
     def __init__(self, session: async_sessionmaker[AsyncSession]) -> None:
         self._session = session
 
-    async def config(self) -> DrsConfig:
+    async def _get(self, key: str) -> str | None:
         async with self._session() as s:
-            row = await s.get(SettingRow, _KEY)
-            return DrsConfig.model_validate_json(row.value_json) if row else DrsConfig()
+            row = await s.get(SettingRow, key)
+            return row.value_json if row else None
 
-    async def set_config(self, config: DrsConfig) -> DrsConfig:
-        async with self._session.begin() as s:
-            row = await s.get(SettingRow, _KEY)
-            if row is None:
-                s.add(SettingRow(key=_KEY, value_json=config.model_dump_json()))
-            else:
-                row.value_json = config.model_dump_json()
-        return config
-
-    async def power(self, host: str) -> PowerConfig | None:
-        async with self._session() as s:
-            row = await s.get(SettingRow, f"power:{host}")
-            return parse_power_config(json.loads(row.value_json)) if row else None
-
-    async def set_power(self, host: str, config: PowerConfig) -> PowerConfig:
-        key = f"power:{host}"
+    async def _put(self, key: str, value: BaseModel) -> None:
         async with self._session.begin() as s:
             row = await s.get(SettingRow, key)
             if row is None:
-                s.add(SettingRow(key=key, value_json=config.model_dump_json()))
+                s.add(SettingRow(key=key, value_json=value.model_dump_json()))
             else:
-                row.value_json = config.model_dump_json()
+                row.value_json = value.model_dump_json()
+
+    async def config(self) -> DrsConfig:
+        stored = await self._get(_KEY)
+        return DrsConfig.model_validate_json(stored) if stored else DrsConfig()
+
+    async def set_config(self, config: DrsConfig) -> DrsConfig:
+        await self._put(_KEY, config)
+        return config
+
+    async def power(self, host: str) -> PowerConfig | None:
+        stored = await self._get(f"power:{host}")
+        return parse_power_config(json.loads(stored)) if stored else None
+
+    async def set_power(self, host: str, config: PowerConfig) -> PowerConfig:
+        await self._put(f"power:{host}", config)
         return config
 
     async def rules(self) -> list[Rule]:
