@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs clean lab-down
+.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs bench-announce clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -56,6 +56,9 @@ bench-storage: deps venv guest
 bench-drs: venv
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) bench/drs_sim.py
+
+bench-announce: deps venv guest
+	$(PY) bench/announce.py --json build/bench-announce.json
 
 bench-tls: deps venv guest
 	$(PY) bench/tls_cost.py --json build/bench-tls.json

@@ -6,6 +6,7 @@ VM network throughout the migration; what it saw is recorded on the migration re
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,19 @@ def follow(client: Client, migration_id: str) -> dict[str, Any]:
 
 
 def watched_migration(client: Client, lab: LabConfig, vm: str, target: str, *,
-                      tcp: bool = True, **request: Any) -> tuple[dict[str, Any], EchoReport]:
+                      tcp: bool = True, settle_s: float = 0.0, **request: Any
+                      ) -> tuple[dict[str, Any], EchoReport]:
     """Migrate `vm` to `target` with the client's echo running; record its view.
     `request` adds fields of the migration request (options, datastore, ...); without
-    `tcp` the client sends UDP echo requests only."""
+    `tcp` the client sends UDP echo requests only; it keeps asking `settle_s` after the
+    migration ended (a gap still open then is counted up to the end)."""
     address = vm_address(client, vm)
     announce = bool((request.get("options") or {}).get("announce", True))
     with (tempfile.TemporaryDirectory(prefix="ferry-echo-") as tmp,
           start_echo(lab.client_ns, address, Path(tmp) / "echo.json", tcp=tcp) as session):
         rec = client.call("POST", "/v1/migrations", {"vm": vm, "target": target, **request})
         rec = follow(client, rec["id"])
+        time.sleep(settle_s)
         report = session.stop()
     view = {"gap_ms": round(report.max_gap_ms, 1),
             "tcp_survived": (report.tcp_connected and not report.tcp_broken
