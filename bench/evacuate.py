@@ -180,8 +180,8 @@ def physical_limit(args: argparse.Namespace, ref: Reference) -> float | None:
     if not ref.ok or ref.sent_bytes is None or ref.total_ms is None:
         return None
     if ref.link == "shaped":
-        return args.vms * ref.sent_bytes / (args.rate_mbit * 1_000_000 / 8)
-    return args.vms * ref.total_ms / 1000
+        return float(args.vms * ref.sent_bytes / (args.rate_mbit * 1_000_000 / 8))
+    return float(args.vms * ref.total_ms / 1000)
 
 
 # --- one evacuation -----------------------------------------------------------------
