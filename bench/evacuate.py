@@ -116,6 +116,9 @@ class Run:
     limit_s: float | None = None
     moves: int = 0
     sent_bytes: int = 0
+    # When the first and the last stream began pre-copy, seconds after the request.
+    first_precopy_s: float | None = None
+    last_precopy_s: float | None = None
     targets: dict[str, str] = field(default_factory=dict)
     integrity_errors: int = 0
     error: str | None = None
@@ -204,6 +207,10 @@ def evacuate(client: Client, config: LabConfig, args: argparse.Namespace, run: R
         ends = [r["phase_times"].get("completed") for r in done]
         run.evac_s = max((e for e in ends if e is not None), default=time.time()) - t0
         run.sent_bytes = sum(r["transferred_bytes"] or 0 for r in done)
+        starts = [r["phase_times"]["precopy"] - t0 for r in done
+                  if "precopy" in r["phase_times"]]
+        if starts:
+            run.first_precopy_s, run.last_precopy_s = min(starts), max(starts)
         failed = [f"{r['vm']}: {r['phase']} ({r['reason']})" for r in done
                   if r["phase"] != Phase.COMPLETED]
         if refused or failed:
@@ -242,7 +249,8 @@ def attempt(client: Client, config: LabConfig, args: argparse.Namespace, run: Ru
                        for h in sorted(set(run.targets.values())))
     print(f"  {run.link:8} limit={run.limit} #{run.index}: evacuation "
           f"{fmt(run.evac_s)} s (limit {fmt(run.limit_s)} s, ratio {fmt(run.ratio)}), "
-          f"{run.moves} moves, {run.sent_bytes / MIB:.0f} MiB sent, [{spread}], "
+          f"{run.moves} moves (pre-copy began {fmt(run.first_precopy_s)}-"
+          f"{fmt(run.last_precopy_s)} s), {run.sent_bytes / MIB:.0f} MiB sent, [{spread}], "
           f"integrity errors {run.integrity_errors}; "
           + ("ok" if run.ok else f"FAILED: {run.error}"), flush=True)
     return run
