@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -235,8 +236,20 @@ def evacuate(client: Client, config: LabConfig, args: argparse.Namespace, run: R
         if entered:
             with contextlib.suppress(FerryError):
                 client.call("POST", f"/v1/hosts/{SOURCE}/maintenance", on=False)
+        if not run.ok:
+            keep_serial_logs(config, names)
         for name in names:
             remove_vm(client, name)
+
+
+def keep_serial_logs(config: LabConfig, names: list[str]) -> None:
+    """A failed run's guest consoles, copied to the lab's logs (kept on failure) before
+    the VMs are deleted with their run directories."""
+    for name in names:
+        for log in config.directory.glob(f"hosts/*/**/{name}/serial.log"):
+            host = log.relative_to(config.directory).parts[1]
+            with contextlib.suppress(OSError):
+                shutil.copyfile(log, config.logs_dir / f"{name}.{host}.serial.log")
 
 
 def attempt(client: Client, config: LabConfig, args: argparse.Namespace, run: Run) -> Run:
