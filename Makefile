@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs bench-announce clean lab-down
+.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs bench-announce bench-evacuate clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -62,6 +62,9 @@ bench-announce: deps venv guest
 
 bench-tls: deps venv guest
 	$(PY) bench/tls_cost.py --json build/bench-tls.json
+
+bench-evacuate: deps venv guest
+	$(PY) bench/evacuate.py --json build/bench-evacuate.json
 
 lab-down: venv
 	$(VENV)/bin/ferry lab down
