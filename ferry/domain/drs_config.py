@@ -20,7 +20,7 @@ class DrsConfig(Frozen):
     automation: Automation = Automation.MANUAL
     # 1: only mandatory moves (rules, maintenance) ... 5: act on slight gains.
     threshold: int = Field(default=3, ge=1, le=5)
-    interval_s: int = Field(default=60, ge=5, le=86_400)
+    interval_s: int = Field(default=60, ge=1, le=86_400)
     cooldown_s: int = Field(default=3600, ge=0, le=7 * 86_400)
     # Parallel migrations: per host (in and out each; vSphere's 10 GbE figure is 8) and
     # per cluster.

@@ -24,7 +24,7 @@ def test_dpm_puts_an_idle_host_in_standby_and_wakes_it_when_load_rises(
     assert standby(client) == []
     names: list[str] = []
     client.call("PATCH", "/v1/drs/settings", {"automation": "full", "dpm": True,
-                                              "interval_s": 5})
+                                              "interval_s": 2})
     try:
         wait_until(lambda: len(standby(client)) == 1, 120, "a host in standby")
         [asleep] = standby(client)

@@ -38,13 +38,17 @@ def hosts_connected(client: Client) -> bool:
 
 
 @pytest.fixture
-def victim(client: Client, lab: LabConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+def victim(client: Client, lab: LabConfig, request: pytest.FixtureRequest
+           ) -> Iterator[tuple[str, dict[str, Any]]]:
     """A probe VM on host1 mid-way through a slow migration to host2: (migration id,
-    its heartbeat before the migration)."""
-    boot_probe(client, lab, "vic1", "host1", dirty=5)
+    its heartbeat before the migration). Marked `finishing`, the migration is one that
+    can end on its own (a test that needs it to end, not only to be broken)."""
+    finishing = request.node.get_closest_marker("finishing") is not None
+    boot_probe(client, lab, "vic1", "host1", dirty=1 if finishing else 5)
     before = wait_heartbeat(client, "vic1")
+    options = slow_options(12 if finishing else 4)
     rec = client.call("POST", "/v1/migrations",
-                      {"vm": "vic1", "target": "host2", "options": slow_options()})
+                      {"vm": "vic1", "target": "host2", "options": options})
     wait_phase(client, rec["id"], "precopy")
     time.sleep(1.5)  # well inside pre-copy: ~20 s at 4 MiB/s
     yield rec["id"], before
@@ -99,6 +103,7 @@ def test_link_cut_during_precopy(client: Client, lab: LabConfig,
     assert_intact(client, "vic1", "host1", lab, before)
 
 
+@pytest.mark.finishing
 def test_control_plane_killed_and_restarted_mid_migration(
         client: Client, lab: LabConfig, victim: tuple[str, dict[str, Any]]) -> None:
     migration_id, before = victim
