@@ -42,9 +42,9 @@
  * mode off: disk=none disk_mib=0 disk_mib_s=0, disk_written=0 disk_passes=0.
  * disk_written counts 4 KiB blocks written by the rate writer since READY
  * (not the initial fill, not repairs); disk_passes counts completed verify
- * sweeps over the whole region (one every ~4 s for regions up to 64 MiB).
+ * sweeps over the whole region (one every ~10 s for regions up to 160 MiB).
  * mem_passes counts completed verify sweeps over the whole memory block (one
- * every ~3 s): a pass that starts after an event and completes with
+ * every ~5 s): a pass that starts after an event and completes with
  * mem_errors unchanged proves every page was intact after that event.
  * boot=<id> is a random 64-bit number drawn once at probe start (getrandom),
  * printed in decimal so that parsers expecting "key=<digits>" fields keep
@@ -89,7 +89,7 @@
 #define TICK_NS 100000000LL         /* 100 ms work quantum */
 #define TICKS_PER_SEC 10
 #define REPORT_NS 1000000000LL      /* heartbeat period */
-#define SWEEP_PERIOD_TICKS 30       /* full verify pass every ~3 s */
+#define SWEEP_PERIOD_TICKS 50       /* full verify pass every ~5 s */
 #define MAX_CATCHUP_TICKS 5         /* after a stall, drop older ticks */
 #define MAX_ERROR_REPORTS 10
 
@@ -98,7 +98,7 @@
 
 #define DISK_BLOCK 4096u            /* unit of the disk pattern and of I/O */
 #define DISK_WORDS (DISK_BLOCK / sizeof(uint64_t))
-#define DISK_SWEEP_TICKS 40         /* full disk verify pass every ~4 s... */
+#define DISK_SWEEP_TICKS 100        /* full disk verify pass every ~10 s... */
 #define DISK_SWEEP_MAX 410          /* ...but read at most ~16 MiB/s doing it */
 #define DISK_RUN_BLOCKS 16          /* rate writer: runs of up to 64 KiB */
 #define DISK_SWEEP_CHUNK 64         /* verifier: reads of up to 256 KiB */
