@@ -121,12 +121,7 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
                        + (",bootindex=1" if index == 0 and spec.kernel is None else ""),
         ]
     for nic in spec.nics:
-        # guest_announce=off: QEMU itself sends the RARP frames that re-point the
-        # network after a migration; the guest-side announce (a config interrupt the
-        # guest acknowledges over the control queue, busy-waiting under the RTNL) was
-        # the suspect of guests that hung right after a migration in the lab.
-        device = (f"virtio-net-pci,netdev=net-{nic.name},mac={nic.mac},id={nic.name},"
-                  "guest_announce=off")
+        device = f"virtio-net-pci,netdev=net-{nic.name},mac={nic.mac},id={nic.name}"
         if nic.network == USER_NETWORK:
             argv += ["-netdev", f"user,id=net-{nic.name}", "-device", device]
             continue
