@@ -253,8 +253,8 @@ class Drs:
 
     async def _run(self) -> None:
         while True:
-            config = await self.config()
-            await asyncio.sleep(config.interval_s)
+            await asyncio.sleep((await self.config()).interval_s)
+            config = await self.config()  # as set now, not before the sleep
             if config.automation is not Automation.FULL:
                 continue
             try:
