@@ -56,7 +56,8 @@ def _wait_for(serial: Path, proc: subprocess.Popen[bytes], needles: list[str]) -
 @pytest.fixture
 def echo_guest(tmp_path: Path) -> Iterator[EchoGuest]:
     if os.geteuid() != 0:
-        pytest.skip("needs root (network namespace, tap device)")
+        # As the lab fixture: a run without root is a setup error, not a pass.
+        pytest.fail("needs root (network namespace, tap device): run `make test` as root")
     if not all((GUEST_DIR / f).exists() for f in GUEST_FILES):
         pytest.fail(f"no guest image in {GUEST_DIR}: run `make guest`")
     ns = f"fyecho-{os.getpid()}"
