@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,7 +85,8 @@ class LeaseFiles:
 
     @staticmethod
     def _write(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Unique per writer: hosts share the directory, and pids repeat across hosts.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
