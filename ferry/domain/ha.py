@@ -130,9 +130,10 @@ _MAX_COMBINATIONS = 2000
 
 
 def reserve(hosts: Mapping[str, int], vms: Sequence[Protected], failures: int) -> Reserve:
-    """For every set of `failures` hosts (memory MiB each), place the protected VMs of
-    those hosts on the survivors (largest first, each on the host with most room left),
-    the survivors keeping their own. Not ok if some set leaves a VM without room.
+    """For every set of `failures` hosts (memory MiB each): the survivors keep the VMs
+    they run (protected or not), and the protected VMs of the failed hosts are placed on
+    them, largest first, each on the survivor with most room left. Not ok if some set
+    leaves a protected VM without room.
 
     First-fit decreasing is not optimal bin packing, so this errs on the side of refusing:
     it never admits a state it could not restart."""
@@ -140,37 +141,37 @@ def reserve(hosts: Mapping[str, int], vms: Sequence[Protected], failures: int) -
     total = sum(v.memory_mib for v in protected)
     capacity = sum(hosts.values())
     names = sorted(hosts)
-    k = min(failures, len(names))
-    combos = list(itertools.islice(itertools.combinations(names, k), _MAX_COMBINATIONS))
     if failures > 0 and len(names) <= failures:
         return Reserve(ok=not protected, failures=failures, protected_mib=total,
                        capacity_mib=capacity, worst=tuple(names), spare_mib=-total,
                        reason=f"{len(names)} host(s) cannot tolerate {failures} failure(s)")
+    combos = itertools.islice(itertools.combinations(names, failures), _MAX_COMBINATIONS)
     worst: tuple[str, ...] = ()
     worst_spare: int | None = None
     for down in combos:
         left = {h: hosts[h] for h in names if h not in down}
-        for v in protected:
+        for v in vms:
             if v.host in left:
                 left[v.host] -= v.memory_mib
         moving = sorted((v for v in protected if v.host not in left),
                         key=lambda v: (-v.memory_mib, v.name))
         for v in moving:
             best = max(left, key=lambda h: (left[h], h), default=None)
-            if best is None or left[best] < v.memory_mib:
-                room = left[best] if best is not None else 0
+            room = left[best] if best is not None else 0
+            if best is None or room < v.memory_mib:
+                what = f"if {', '.join(down)} failed" if down else "even with every host up"
                 return Reserve(ok=False, failures=failures, protected_mib=total,
                                capacity_mib=capacity, worst=down,
                                spare_mib=room - v.memory_mib,
-                               reason=f"if {', '.join(down)} failed, VM {v.name} "
-                               f"({v.memory_mib} MiB) would fit on no other host (the "
-                               f"most free would be {max(room, 0)} MiB)")
+                               reason=f"{what}, VM {v.name} ({v.memory_mib} MiB) would fit "
+                               f"on no other host (the most free would be {max(room, 0)} "
+                               "MiB)")
             left[best] -= v.memory_mib
         spare = sum(left.values())
         if worst_spare is None or spare < worst_spare:
             worst, worst_spare = down, spare
     return Reserve(ok=True, failures=failures, protected_mib=total, capacity_mib=capacity,
-                   worst=worst, spare_mib=worst_spare or 0)
+                   worst=worst, spare_mib=worst_spare if worst_spare is not None else 0)
 
 
 __all__ = [

@@ -53,7 +53,7 @@ def keeper(root: Path, host: str) -> tuple[LeaseKeeper, FakeGuests]:
 async def test_a_lease_is_held_by_one_host_and_taken_only_after_it_expires(
         tmp_path: Path) -> None:
     k1, g1 = keeper(tmp_path, "h1")
-    k2, g2 = keeper(tmp_path, "h2")
+    k2, _ = keeper(tmp_path, "h2")
     await k1.start([])
     await k2.start([])
     try:
@@ -70,7 +70,7 @@ async def test_a_lease_is_held_by_one_host_and_taken_only_after_it_expires(
 
 
 async def test_a_released_lease_is_free_at_once(tmp_path: Path) -> None:
-    k1, g1 = keeper(tmp_path, "h1")
+    k1, _ = keeper(tmp_path, "h1")
     k2, _ = keeper(tmp_path, "h2")
     await k1.start([])
     await k2.start([])
