@@ -130,6 +130,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
                 dependencies=requires(store, Privilege.VM_DELETE))
     async def delete_vm(name: str) -> None:
         await control.inventory.delete_vm(name)
+        await control.store.ha.forget(name)
 
     @app.get("/v1/vms/{name}/disk-files", dependencies=read)
     async def disk_files(name: str) -> dict[str, str]:

@@ -47,3 +47,9 @@ class HaStore:
         current = await self.priorities()
         current[vm] = priority
         await self._put(_PRIORITIES, json.dumps({k: v.value for k, v in sorted(current.items())}))
+
+    async def forget(self, vm: str) -> None:
+        """A deleted VM's priority goes with it (a new VM of that name starts medium)."""
+        current = await self.priorities()
+        if current.pop(vm, None) is not None:
+            await self._put(_PRIORITIES, json.dumps({k: v.value for k, v in current.items()}))
