@@ -78,18 +78,27 @@ class RuntimeGuests:
                 await rec.monitor.cont()
 
     async def lost(self, vm: str) -> None:
+        """Another host holds the lease: this copy must not execute. A migration's source
+        whose stream ended stays as it is (paused; a "revert" may resume it). Any other
+        running guest is paused at once; then a plain VM's QEMU is stopped for good,
+        while a copy that took part in a migration is left paused for the control
+        plane's leftover reaper, which stops it once it sees the VM recorded elsewhere
+        (killing a migration's copy here could lose the guest's only memory)."""
         rec = self.host.record(vm)
-        if rec is None:
+        if rec is None or rec.process.state is not ProcessState.RUNNING:
             return
         state = None
-        if rec.monitor is not None and rec.process.state is ProcessState.RUNNING:
+        if rec.monitor is not None:
             with contextlib.suppress(MonitorError, TimeoutError, KeyError, TypeError):
                 state = (await rec.monitor.execute("query-status", timeout_s=QMP_TIMEOUT_S)
                          )["status"]
         if state in _SOURCE_DONE:
             log.info("VM %s: lease handed over, the migrated source stays paused", vm)
             return
-        await self.host.stop(vm, force=True)
+        if state != "paused":
+            await self.pause(vm)  # kills QEMU when QMP does not answer
+        if rec.migration_id is None:
+            await self.host.stop(vm, force=True)
 
 
 class Isolation:

@@ -48,6 +48,7 @@ from ferry.domain.leases import (
 )
 
 log = logging.getLogger("ferry.agent.leases")
+RELEASED_SHOWN_S = 60.0
 T = TypeVar("T")
 
 
@@ -78,6 +79,9 @@ class LeaseFiles:
     def __init__(self, root: Path) -> None:
         self.leases = root / "leases"
         self.hosts = root / "hosts"
+        # path → ((inode, mtime, size), text): a file not replaced since is not read again
+        # (every write is a rename, so a new record is a new inode).
+        self._cache: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
     def setup(self) -> None:
         self.leases.mkdir(parents=True, exist_ok=True)
@@ -87,10 +91,12 @@ class LeaseFiles:
     def _write(path: Path, text: str) -> None:
         # Unique per writer: hosts share the directory, and pids repeat across hosts.
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        # No fsync: what matters is that other hosts see the record, which close() gives
+        # on NFS (close-to-open) and the page cache gives locally; a lease does not have
+        # to survive its writer's crash (it expires), and fsync would add to every
+        # migration's switchover (the destination writes the lease before `cont`).
         with open(tmp, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: readers see the old record or the new one
 
     @staticmethod
@@ -114,18 +120,33 @@ class LeaseFiles:
         text = self._read(self.hosts / f"{host}.json")
         return HostBeat.model_validate_json(text) if text is not None else None
 
+    def _read_cached(self, path: Path) -> str | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._cache.pop(path, None)
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = self._cache.get(path)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        text = self._read(path)
+        if text is not None:
+            self._cache[path] = (stamp, text)
+        return text
+
     def read_all(self) -> tuple[dict[str, LeaseRecord], dict[str, HostBeat]]:
         leases: dict[str, LeaseRecord] = {}
         beats: dict[str, HostBeat] = {}
         for path in self.leases.glob("*.json"):
             with contextlib.suppress(OSError, ValidationError, json.JSONDecodeError):
-                text = self._read(path)
+                text = self._read_cached(path)
                 if text is not None:
                     rec = LeaseRecord.model_validate_json(text)
                     leases[rec.vm] = rec
         for path in self.hosts.glob("*.json"):
             with contextlib.suppress(OSError, ValidationError, json.JSONDecodeError):
-                text = self._read(path)
+                text = self._read_cached(path)
                 if text is not None:
                     beat = HostBeat.model_validate_json(text)
                     beats[beat.host] = beat
@@ -387,11 +408,16 @@ class LeaseKeeper:
                 and now - self._beat_seen[h].since < self.timing.expire_s]
 
     def view(self) -> DatastoreView:
+        """Every held lease, and the released ones that changed within the last minute
+        (what the control plane needs to restart an isolated host's VMs; the files of
+        long-gone VMs would only grow every heartbeat)."""
+        now = self.clock()
         return DatastoreView(
             datastore=self.datastore, ok=self.ok,
             hosts={h: b.counter for h, b in self._beats.items()},
             leases={vm: LeaseView(owner=r.owner, generation=r.generation, counter=r.counter,
-                                  released=r.released) for vm, r in self._records.items()})
+                                  released=r.released) for vm, r in self._records.items()
+                    if not r.released or now - self._seen[vm].since < RELEASED_SHOWN_S})
 
 
 __all__ = ["Guests", "LeaseFiles", "LeaseKeeper", "keeper_for"]

@@ -175,7 +175,14 @@ class Ha:
 
     async def _loop(self) -> None:
         while True:
+            before = time.monotonic()
             await asyncio.sleep(ROUND_S)
+            lag = time.monotonic() - before
+            if lag > 3 * ROUND_S:
+                # This process itself stalled: the heartbeats that arrived meanwhile are
+                # not processed yet, so every host would look silent. Judge next round.
+                log.warning("HA round %.1f s late: not judging hosts this round", lag)
+                continue
             try:
                 await self.round()
             except Exception:  # judged again next second; never stop
