@@ -178,6 +178,7 @@ class LeaseKeeper:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lease-io")
         self._busy = 0  # I/O calls outstanding (a hung datastore holds them)
         self._task: asyncio.Task[None] | None = None
+        self._unadopted: list[str] = []  # adopted guests whose leases are not sorted out
 
     # --- I/O ------------------------------------------------------------------------
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
@@ -196,8 +197,19 @@ class LeaseKeeper:
     async def start(self, adopted: list[str]) -> None:
         """Set up the directories, take back the leases of the adopted VMs whose guests
         execute (those another host holds now go to Guests.lost), and start renewing.
-        Paused ones (e.g. a migration's destination) hold no lease until resumed."""
-        await self._io(self.files.setup)
+        Paused ones (e.g. a migration's destination) hold no lease until resumed. A
+        datastore that does not answer now does not keep the agent down: adopting is
+        retried every round, and the guests are paused if it has not worked after
+        fence_s (an operator resumes them)."""
+        try:
+            await self._io(self.files.setup)
+            await self._adopt(adopted)
+        except Exception as exc:
+            log.error("HA datastore %s not usable at start: %s", self.datastore, exc)
+            self._unadopted = list(adopted)
+        self._task = asyncio.create_task(self._run(), name="leases")
+
+    async def _adopt(self, adopted: list[str]) -> None:
         lost = []
         running = [vm for vm in adopted if await self.guests.executing(vm)]
         async with self._lock:
@@ -217,7 +229,6 @@ class LeaseKeeper:
             log.warning("VM %s runs here but host %s holds its lease: fencing it", vm,
                         self._owner(vm))
             await self.guests.lost(vm)
-        self._task = asyncio.create_task(self._run(), name="leases")
 
     def _owner(self, vm: str) -> str:
         rec = self._records.get(vm)
@@ -308,13 +319,28 @@ class LeaseKeeper:
     # --- the round ---------------------------------------------------------------------
     async def tick(self) -> None:
         start = self.clock()
+        if self._unadopted:
+            try:
+                await self._io(self.files.setup)
+                await self._adopt(self._unadopted)
+                self._unadopted = []
+            except Exception:
+                if must_fence(self.last_ok, start, self.timing):
+                    for vm in self._unadopted:
+                        await self.guests.pause(vm)
+                    self._unadopted = []
         if self.held and must_fence(self.last_ok, start, self.timing):
             await self._fence()
-        with contextlib.suppress(Exception):
+        beat_ok = True
+        try:
             self._beat += 1
             await self._io(self.files.write_beat,
                            HostBeat(host=self.host, counter=self._beat, address=self.address))
+        except Exception as exc:
+            beat_ok = False
+            log.warning("host heartbeat not written: %s", exc)
         lost, ok = await self._renew(start)
+        ok = ok and beat_ok
         self.ok = ok
         for vm in lost:
             log.warning("host %s took the lease of VM %s: stopping it here", self._owner(vm),
