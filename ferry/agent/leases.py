@@ -183,12 +183,20 @@ class LeaseKeeper:
     # --- I/O ------------------------------------------------------------------------
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         if self._busy >= 2:
-            raise TimeoutError("the datastore's earlier I/O has not returned")
+            raise Conflict(f"the HA datastore {self.datastore} of host {self.host} still "
+                           "has not answered earlier requests", "check the shared storage")
         self._busy += 1
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, fn, *args)
         future.add_done_callback(lambda _: self._done())
-        return await asyncio.wait_for(future, timeout=max(self.timing.renew_s * 2, 1.0))
+        try:
+            return await asyncio.wait_for(future, timeout=max(self.timing.renew_s * 2, 1.0))
+        except (OSError, TimeoutError, ValueError) as exc:
+            # A start or a resume refused for this says why (not an HTTP 500).
+            raise Conflict(f"the HA datastore {self.datastore} of host {self.host} does not "
+                           f"answer: {type(exc).__name__} {exc}".strip(),
+                           "check the shared storage; a VM runs only while its lease is "
+                           "held") from exc
 
     def _done(self) -> None:
         self._busy -= 1
