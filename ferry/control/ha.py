@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from ferry.agent.models import DatastoreView
 from ferry.control.agents import AgentPool
@@ -58,13 +59,14 @@ class HaStatus(Frozen):
 
 
 class Ha:
-    def __init__(self, store: Store, inventory: Inventory, drs: Drs, agents: AgentPool
-                 ) -> None:
+    def __init__(self, store: Store, inventory: Inventory, drs: Drs, agents: AgentPool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock  # the control plane's own monotonic clock (tests script it)
         self.store = store
         self.inventory = inventory
         self.drs = drs
         self.agents = agents
-        self._started = time.monotonic()
+        self._started = clock()
         self._beat: dict[str, float] = {}  # host → when its heartbeat last arrived
         # (reporter, host) → the counter last reported; host → when it last changed
         self._counters: dict[tuple[str, str], int] = {}
@@ -76,7 +78,7 @@ class Ha:
 
     # --- heartbeats -------------------------------------------------------------------
     async def on_heartbeat(self, host: str, view: DatastoreView | None) -> HaDirective:
-        now = time.monotonic()
+        now = self.clock()
         self._beat[host] = now
         if view is not None and view.ok:
             self._views[host] = view
@@ -89,7 +91,7 @@ class Ha:
                            isolation_s=s.isolation_s)
 
     def health(self, hosts: list[str], settings: HaSettings) -> dict[str, Health]:
-        now = time.monotonic()
+        now = self.clock()
         # Silent "since the control plane started" when never heard: a restarted
         # control plane does not take every host for dead.
         return {h: health(now, self._beat.get(h, self._started),
@@ -216,7 +218,7 @@ class Ha:
         restarted = []
         for p in restart_order(due):  # disabled ones are left out: they stay down
             failures, next_try = self._failures.get(p.name, (0, 0.0))
-            if time.monotonic() < next_try:
+            if self.clock() < next_try:
                 continue
             if await self._restart(p, judged, settings):
                 restarted.append(p.name)
@@ -224,7 +226,7 @@ class Ha:
             else:
                 failures += 1
                 self._failures[p.name] = (failures,
-                                          time.monotonic() + backoff(failures, settings))
+                                          self.clock() + backoff(failures, settings))
         return restarted
 
     async def _restart(self, p: Protected, judged: dict[str, Health],

@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ferry.agent.models import AgentVmState, DatastoreView, LeaseView, VmInfo
-from ferry.control import ha as control_ha
 from ferry.control.demand import Demand
 from ferry.control.drs import Drs
 from ferry.control.ha import Ha
@@ -111,7 +110,6 @@ async def cluster(tmp_path: Path) -> Any:
 
 
 def make_ha(cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, clock: Clock) -> Ha:
-    monkeypatch.setattr(control_ha.time, "monotonic", clock)
     drs = Drs(cluster.store, cluster.inventory, cluster.orchestrator, Demand())
     started: list[tuple[str, str]] = []
     for name, agent in cluster.agents.items():
@@ -122,7 +120,7 @@ def make_ha(cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, clock: Clock)
             return VmInfo(name=s.name, uuid=s.uuid, state=AgentVmState.RUNNING, pid=1,
                           spec=s)
         monkeypatch.setattr(agent, "create_vm", create_vm, raising=False)
-    ha = Ha(cluster.store, cluster.inventory, drs, cluster.pool)
+    ha = Ha(cluster.store, cluster.inventory, drs, cluster.pool, clock=clock)
     ha.started = started  # type: ignore[attr-defined]
     return ha
 
