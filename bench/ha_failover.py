@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.integration.watcher
 
@@ -60,8 +61,18 @@ def boot(client: Client, lab: LabConfig, name: str, mac: str) -> None:
 
 
 def boot_id(client: Client, vm: str) -> str:
-    hb = (client.call("GET", f"/v1/vms/{vm}").get("live") or {}).get("heartbeat") or {}
+    return _boot(client.call("GET", f"/v1/vms/{vm}"))
+
+
+def _boot(view: dict[str, Any]) -> str:
+    hb = (view.get("live") or {}).get("heartbeat") or {}
     return str(hb.get("boot_id") or "")
+
+
+def views(client: Client) -> dict[str, dict[str, Any]]:
+    """Every VM as the control plane lists it: what the agents last reported (no call
+    to an agent, so a dead host's does not slow the polling down)."""
+    return {v["spec"]["name"]: v for v in client.call("GET", "/v1/vms")}
 
 
 def kill_host(lab: LabConfig, host: str) -> None:
@@ -92,11 +103,11 @@ def dead_event_at(client: Client, host: str, since: float) -> float | None:
 
 
 def one_run(client: Client, lab: LabConfig, names: list[str], watcher: Watcher) -> Run:
-    vms = {v["spec"]["name"]: v for v in client.call("GET", "/v1/vms")}
+    vms = views(client)
     per_host = Counter(vms[n]["host"] for n in names)
     victim = per_host.most_common(1)[0][0]
     moving = [n for n in names if vms[n]["host"] == victim]
-    boots = {n: boot_id(client, n) for n in moving}
+    boots = {n: _boot(vms[n]) for n in moving}
     run = Run(victim=victim, moved=len(moving))
     doubles_before = len(watcher.double_runs())
     killed_wall, killed = time.time(), time.monotonic()
@@ -104,9 +115,10 @@ def one_run(client: Client, lab: LabConfig, names: list[str], watcher: Watcher) 
     pending = set(moving)
     deadline = killed + WAIT_S
     while pending and time.monotonic() < deadline:
+        now = views(client)
         for n in sorted(pending):
-            view = client.call("GET", f"/v1/vms/{n}")
-            new = boot_id(client, n)
+            view = now[n]
+            new = _boot(view)
             if view["host"] != victim and view["state"] == "running" and new \
                     and new != boots[n]:
                 pending.discard(n)

@@ -215,43 +215,73 @@ class Ha:
                 due.append(Protected(name=vm.name, host=vm.host,
                                      memory_mib=vm.spec.memory_mib,
                                      priority=priorities.get(vm.name, Priority.MEDIUM)))
-        restarted = []
-        for p in restart_order(due):  # disabled ones are left out: they stay down
-            failures, next_try = self._failures.get(p.name, (0, 0.0))
-            if self.clock() < next_try:
-                continue
-            if await self._restart(p, judged, settings):
-                restarted.append(p.name)
-                self._failures.pop(p.name, None)
-            else:
-                failures += 1
-                self._failures[p.name] = (failures,
-                                          self.clock() + backoff(failures, settings))
+        restarted: list[str] = []
+        ready = [p for p in restart_order(due)  # disabled ones are left out: stay down
+                 if self.clock() >= self._failures.get(p.name, (0, 0.0))[1]]
+        # One priority at a time, in order; within one, placed one after the other (each
+        # placement sees the previous ones) and started together, so that the agents'
+        # lease waits and confirmations overlap.
+        for rank in sorted({p.priority.rank for p in ready}):
+            tier = [p for p in ready if p.priority.rank == rank]
+            placed = await self._place(tier, judged)
+            results = await asyncio.gather(*(self._start(p, target, judged)
+                                             for p, target in placed))
+            for (p, _), ok in zip(placed, results, strict=True):
+                if ok:
+                    restarted.append(p.name)
+                    self._failures.pop(p.name, None)
+                else:
+                    self._failed(p, settings)
+            for p in tier:
+                if p not in (q for q, _ in placed):
+                    self._failed(p, settings)
         return restarted
 
-    async def _restart(self, p: Protected, judged: dict[str, Health],
-                       settings: HaSettings) -> bool:
-        with self.inventory.busy.hold(p.name):
+    def _failed(self, p: Protected, settings: HaSettings) -> None:
+        failures = self._failures.get(p.name, (0, 0.0))[0] + 1
+        self._failures[p.name] = (failures, self.clock() + backoff(failures, settings))
+
+    async def _place(self, tier: list[Protected], judged: dict[str, Health]
+                     ) -> list[tuple[Protected, str]]:
+        """A target for each VM by DRS's placement among the connected hosts (must-rules
+        honoured); those placed before count on their targets. Unplaced ones are
+        events (retried with backoff)."""
+        snapshot = await self.drs.snapshot()
+        snapshot = snapshot.model_copy(update={"hosts": tuple(
+            h.model_copy(update={"available": h.available
+                                 and judged.get(h.name) is Health.CONNECTED})
+            for h in snapshot.hosts)})
+        settings = await self.drs.settings()
+        placed = []
+        for p in tier:
             vm = await self.store.vm(p.name)
             if vm.host != p.host or vm.state not in (VmState.RUNNING, VmState.PAUSED):
-                return True  # someone else moved it meanwhile: nothing left to do
-            snapshot = await self.drs.snapshot()
-            snapshot = snapshot.model_copy(update={"hosts": tuple(
-                h.model_copy(update={"available": h.available
-                                     and judged.get(h.name) is Health.CONNECTED})
-                for h in snapshot.hosts)})
+                continue  # someone else moved it meanwhile
             fresh = DrsVm(name=p.name, host="", memory_mib=vm.spec.memory_mib,
                           vcpus=vm.spec.vcpus, cpu_demand=vm.spec.vcpus * 0.5,
                           mem_demand_mib=vm.spec.memory_mib)
-            target, why = place_initial(snapshot, fresh, await self.drs.settings())
+            target, why = place_initial(snapshot, fresh, settings)
             if target is None:
                 await self._event("vm restart", p.name, Outcome.FAILED,
                                   f"host {p.host} is {judged[p.host].value}; no host can "
                                   f"take it: {why}; retried with backoff")
-                return False
+                continue
             await self._event("vm restart", p.name, Outcome.OK,
                               f"host {p.host} is {judged[p.host].value}: restarting it on "
                               f"{target} (priority {p.priority.value}; {why})")
+            snapshot = snapshot.model_copy(update={"vms": (
+                *(v for v in snapshot.vms if v.name != p.name),
+                fresh.model_copy(update={"host": target}))})
+            placed.append((p, target))
+        return placed
+
+    async def _start(self, p: Protected, target: str, judged: dict[str, Health]) -> bool:
+        """Start the VM on `target`; its agent first takes the lease (waiting until it
+        has seen it expire itself). Then the store records it there."""
+        with self.inventory.busy.hold(p.name):
+            vm = await self.store.vm(p.name)
+            if vm.host != p.host or vm.state not in (VmState.RUNNING, VmState.PAUSED):
+                return True
             try:
                 client = self.agents.client(await self.store.host(target))
                 await client.create_vm(vm.spec, lease_wait_s=LEASE_WAIT_S)
