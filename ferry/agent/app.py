@@ -74,7 +74,7 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/vms", status_code=201)
     async def create_vm(body: CreateVm) -> VmInfo:
-        return await host.create(body.spec, paused=body.paused)
+        return await host.create(body.spec, paused=body.paused, lease_wait_s=body.lease_wait_s)
 
     @app.get("/v1/vms/{name}")
     async def show_vm(name: str) -> VmInfo:

@@ -100,9 +100,11 @@ class AgentClient:
     async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
         return await self._call("GET", f"/v1/vms/{name}", VmInfo, timeout_s=timeout_s)
 
-    async def create_vm(self, spec: VmSpec, paused: bool = False) -> VmInfo:
-        return await self._call("POST", "/v1/vms", VmInfo, CreateVm(spec=spec, paused=paused),
-                                timeout_s=60.0)
+    async def create_vm(self, spec: VmSpec, paused: bool = False,
+                        lease_wait_s: float = 0.0) -> VmInfo:
+        return await self._call("POST", "/v1/vms", VmInfo,
+                                CreateVm(spec=spec, paused=paused, lease_wait_s=lease_wait_s),
+                                timeout_s=60.0 + lease_wait_s)
 
     async def stop_vm(self, name: str, force: bool = False, grace_s: float = 30.0) -> VmInfo:
         return await self._call("POST", f"/v1/vms/{name}/stop", VmInfo, force=force,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import Field
 
+from ferry.domain.ha import IsolationResponse
+from ferry.domain.leases import LeaseTiming
 from ferry.domain.specs import Frozen, Name
 
 
@@ -33,6 +35,12 @@ class AgentConfig(Frozen):
     tls_dir: Path | None = None
     control_ca: Path | None = None
     join_token: str | None = None
+    # HA (ferry/agent/leases.py): the shared datastore holding VM leases and host
+    # heartbeats (None: no leases, no self-fencing), their timing, and the isolation
+    # response used until the control plane has said which one the cluster wants.
+    ha_datastore: Name | None = None
+    lease_timing: LeaseTiming = Field(default_factory=LeaseTiming)
+    isolation_response: IsolationResponse = IsolationResponse.POWER_OFF
     # Lab only (ferry/agent/faults.py): accept armed faults. Never on in production.
     fault_hooks: bool = False
 

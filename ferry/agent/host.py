@@ -29,6 +29,8 @@ from ferry.agent.disks import (
 )
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
 from ferry.agent.faults import Faults, FaultStage
+from ferry.agent.fencing import Isolation, RuntimeGuests
+from ferry.agent.leases import keeper_for
 from ferry.agent.models import (
     RUNSTATES,
     AgentVmState,
@@ -89,6 +91,9 @@ class HostRuntime:
         self.faults = Faults(config.fault_hooks, config.run_dir / "faults.log")  # lab only
         self.networks = HostNetworks(config.migration_address or config.listen_host,
                                      config.run_dir / "networks.json")
+        # HA (agent/leases.py, agent/fencing.py): None without an HA datastore.
+        self.leases = keeper_for(config, RuntimeGuests(self))
+        self.isolation = Isolation(self)
 
     @property
     def vms_dir(self) -> Path:
@@ -99,6 +104,8 @@ class HostRuntime:
         self.networks.load()
         self._qemu = await probe_qemu(self.accel)
         await self._adopt()
+        if self.leases is not None:
+            await self.leases.start(self.names())  # the adopted guests' leases
 
     async def _adopt(self) -> None:
         for spec_file in sorted(self.vms_dir.glob("*/spec.json")):
@@ -122,6 +129,8 @@ class HostRuntime:
 
     async def shutdown(self) -> None:
         """Close monitors; the guests keep running (an agent restart is no outage)."""
+        if self.leases is not None:
+            await self.leases.close()
         for rec in self._vms.values():
             if rec.monitor is not None:
                 await rec.monitor.close()
@@ -142,6 +151,12 @@ class HostRuntime:
         return host_facts(self.config, self.accel, self._qemu, used, self.networks.digests())
 
     # --- inspection ------------------------------------------------------------
+    def record(self, name: str) -> VmRecord | None:
+        return self._vms.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._vms)
+
     def _get(self, name: str) -> VmRecord:
         rec = self._vms.get(name)
         if rec is None:
@@ -241,9 +256,18 @@ class HostRuntime:
             raise
         return rec
 
-    async def create(self, spec: VmSpec, paused: bool = False) -> VmInfo:
-        """Start a VM's QEMU here. Its guest runs unless `paused`."""
-        rec = await self._launch(spec, incoming=False)
+    async def create(self, spec: VmSpec, paused: bool = False, lease_wait_s: float = 0.0
+                     ) -> VmInfo:
+        """Start a VM's QEMU here, holding its lease. Its guest runs unless `paused`."""
+        held = self.leases is not None and spec.name in self.leases.held
+        if self.leases is not None:
+            await self.leases.acquire(spec.name, lease_wait_s)
+        try:
+            rec = await self._launch(spec, incoming=False)
+        except Exception:
+            if self.leases is not None and not held:
+                await self.leases.release(spec.name)
+            raise
         # QEMU starts the guest at once unless -S; we never pass -S for plain starts.
         if paused and rec.monitor is not None:
             await rec.monitor.execute("stop")
@@ -262,6 +286,9 @@ class HostRuntime:
                     await rec.monitor.quit()
                     await rec.process.wait(3.0)
             await rec.process.kill()
+            if self.leases is not None:
+                with contextlib.suppress(Exception):  # unreleased, it expires instead
+                    await self.leases.release(name)
             if rec.monitor is not None:
                 await rec.monitor.close()
             info = await self.info(name)
@@ -284,6 +311,10 @@ class HostRuntime:
             # `cont` now would make QEMU start the guest on its own when the stream ends.
             raise Conflict(f"VM {name} on {self.config.name} is still receiving its "
                            "migration", "resume it only once the stream has completed")
+        if self.leases is not None:
+            # Only the migration engine resumes, once it decided this copy is the VM
+            # (switch recorded, or a destination that never ran): the lease follows.
+            await self.leases.take_over(name)
         rec.never_ran = False  # from the moment `cont` may reach QEMU
         await monitor.cont()
         self.faults.reach(FaultStage.RESUMED, name, rec.process.pid)

@@ -17,6 +17,7 @@ from ferry.agent.config import AgentConfig
 from ferry.agent.enrol import ensure_enrolled
 from ferry.agent.host import HostRuntime
 from ferry.agent.models import AgentHeartbeat
+from ferry.domain.ha import HaDirective
 from ferry.pki import HostTls
 from ferry.pki.serve import tls_config
 
@@ -33,13 +34,19 @@ async def heartbeat_loop(host: HostRuntime, tls: HostTls) -> None:
                                  verify=tls.client_context()) as http:
         while True:
             try:
-                beat = AgentHeartbeat(facts=host.facts(), vms=tuple(await host.list_vms()),
-                                      url=config.url)
+                beat = AgentHeartbeat(
+                    facts=host.facts(), vms=tuple(await host.list_vms()), url=config.url,
+                    datastore=host.leases.view() if host.leases is not None else None)
                 resp = await http.post("/v1/agents/heartbeat", content=beat.model_dump_json(),
                                        headers={"content-type": "application/json"})
                 if resp.status_code >= 400:
                     log.warning("heartbeat refused: HTTP %s %s", resp.status_code,
                                 resp.text[:200])
+                else:
+                    # The control plane answers with the HA settings agents act on alone
+                    # (an older one answers 204: no directive, no isolation response).
+                    host.isolation.delivered(HaDirective.model_validate_json(resp.content)
+                                             if resp.content else None)
             except Exception as exc:  # the control plane may be down; keep beating
                 log.debug("heartbeat failed: %s", exc)
             await asyncio.sleep(config.heartbeat_interval_s)
@@ -53,15 +60,17 @@ async def serve(config: AgentConfig) -> None:
                                        config.listen_port, ca=tls.ca_cert, cert=tls.cert,
                                        key=tls.key, require_client_cert=True))
     beat = asyncio.create_task(heartbeat_loop(host, tls))
+    isolation = asyncio.create_task(host.isolation.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     try:
         await server.serve()
     finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+        for task in (beat, isolation):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,9 @@ class VmInfo(Frozen):
 class CreateVm(Frozen):
     spec: VmSpec
     paused: bool = False
+    # How long to wait for another host's lease on the VM to expire (as this agent sees
+    # it) before refusing: an HA restart waits, an ordinary start does not.
+    lease_wait_s: float = Field(default=0.0, ge=0, le=120)
 
 
 class NewDisk(Frozen):
@@ -120,10 +123,28 @@ class Tune(Frozen):
     postcopy: bool = False
 
 
+class LeaseView(Frozen):
+    owner: str
+    generation: int
+    counter: int
+    released: bool = False
+
+
+class DatastoreView(Frozen):
+    """The HA datastore as one agent reads it: every host's heartbeat counter and every
+    VM lease. The control plane notes when counters change, on its own clock."""
+
+    datastore: str
+    ok: bool  # this agent's last renewal round reached the datastore
+    hosts: dict[str, int] = Field(default_factory=dict)
+    leases: dict[str, LeaseView] = Field(default_factory=dict)
+
+
 class AgentHeartbeat(Frozen):
     facts: HostFacts
     vms: tuple[VmInfo, ...]
     url: str
+    datastore: DatastoreView | None = None
 
 
 class SerialTail(Frozen):

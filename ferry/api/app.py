@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ferry.agent.models import AgentHeartbeat
 from ferry.api.auth import enrolled_host, install_gates, requires, unauthenticated_response
 from ferry.api.drs_routes import register_drs_routes
+from ferry.api.ha_routes import register_ha_routes
 from ferry.api.network_routes import register_network_routes
 from ferry.api.schemas import (
     CheckResult,
@@ -28,6 +29,7 @@ from ferry.control.migration import merge_options
 from ferry.control.service import ControlPlane
 from ferry.domain.auth import Privilege
 from ferry.domain.errors import FerryError, InvalidInput, Unauthenticated
+from ferry.domain.ha import HaDirective
 from ferry.domain.migration import StreamOptions
 from ferry.domain.records import ClientView, HostRecord, MigrationRecord
 from ferry.domain.storage import RelocationRecord
@@ -52,6 +54,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     register_trust_routes(app, control)
     register_network_routes(app, control)
     register_drs_routes(app, control)
+    register_ha_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
@@ -68,15 +71,18 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
         return JSONResponse(error_body(err), status_code=422)
 
     # --- agents and hosts ------------------------------------------------------
-    @app.post("/v1/agents/heartbeat", status_code=204)
+    @app.post("/v1/agents/heartbeat")
     async def heartbeat(beat: AgentHeartbeat,
-                        peer: Annotated[Identity, Depends(enrolled_host)]) -> None:
-        """From enrolled agents only: the host is the one its certificate names."""
+                        peer: Annotated[Identity, Depends(enrolled_host)]) -> HaDirective:
+        """From enrolled agents only: the host is the one its certificate names. The
+        answer is the HA settings the agent acts on by itself."""
         await control.trust.check_heartbeat(peer, beat.facts.name, beat.url)
+        directive = await control.ha.on_heartbeat(beat.facts.name, beat.datastore)
         await control.inventory.heartbeat(beat.facts, beat.url, beat.vms)
         control.demand.record(beat.facts.name, beat.vms)
         await control.networks.on_heartbeat(beat.facts)
         await control.migrations.reap_orphans(beat.facts.name, beat.vms)
+        return directive
 
     @app.get("/v1/hosts", dependencies=read)
     async def hosts() -> list[HostRecord]:
@@ -90,6 +96,8 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     @app.post("/v1/vms", status_code=201, dependencies=requires(store, Privilege.VM_CREATE))
     async def create_vm(body: CreateVmRequest) -> VmView:
         host = body.host or await control.drs.initial_host(body.spec)
+        if body.start:
+            await control.ha.admit(body.spec, host)
         vm = await control.inventory.create_vm(body.spec, host, body.start)
         return VmView(spec=vm.spec, host=vm.host, state=vm.state)
 
@@ -108,6 +116,8 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
 
     @app.post("/v1/vms/{name}/start", dependencies=requires(store, Privilege.VM_POWER))
     async def start_vm(name: str) -> VmView:
+        stored = await control.store.vm(name)
+        await control.ha.admit(stored.spec, stored.host)
         vm = await control.inventory.start_vm(name)
         return VmView(spec=vm.spec, host=vm.host, state=vm.state)
 
@@ -120,6 +130,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
                 dependencies=requires(store, Privilege.VM_DELETE))
     async def delete_vm(name: str) -> None:
         await control.inventory.delete_vm(name)
+        await control.store.ha.forget(name)
 
     @app.get("/v1/vms/{name}/disk-files", dependencies=read)
     async def disk_files(name: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from ferry.cli import (
     drs_cmd,
+    ha_cmd,
     lab_cmd,
     migrate_cmd,
     network_cmd,
@@ -43,6 +44,7 @@ app.add_typer(relocate_cmd.relocation_app, name="relocation")
 app.add_typer(network_cmd.app, name="network")
 app.add_typer(drs_cmd.drs_app, name="drs")
 app.add_typer(drs_cmd.rule_app, name="rule")
+app.add_typer(ha_cmd.cluster_app, name="cluster")
 
 F = TypeVar("F", bound=Callable[..., Any])
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL "
@@ -72,6 +74,7 @@ relocate_cmd.register(vm_app, handle_errors)
 trust_cmd.register(app, host_app, handle_errors)
 network_cmd.register(handle_errors)
 drs_cmd.register(host_app, handle_errors)
+ha_cmd.register(vm_app, handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 

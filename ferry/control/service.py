@@ -7,6 +7,7 @@ from ferry.control.demand import Demand
 from ferry.control.dpm import Dpm, LabPower
 from ferry.control.drs import Drs
 from ferry.control.events import ChangeBus
+from ferry.control.ha import Ha
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
 from ferry.control.networks import Networks
@@ -35,6 +36,7 @@ class ControlPlane:
         self.drs = Drs(store, self.inventory, self.migrations, self.demand)
         self.dpm = Dpm(store, self.drs, lab_power)
         self.drs.dpm_round = self.dpm.round
+        self.ha = Ha(store, self.inventory, self.drs, self.agents)
 
     @classmethod
     async def open(cls, db_url: str, pki: ControlPki, lab_power: LabPower | None = None
@@ -48,8 +50,10 @@ class ControlPlane:
         await self.relocations.resume_unfinished()
         self.reconciler.start()
         self.drs.start()
+        self.ha.start()
 
     async def close(self) -> None:
+        await self.ha.close()
         await self.reconciler.close()
         await self.drs.close()
         await self.networks.close()

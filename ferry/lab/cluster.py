@@ -105,7 +105,9 @@ def agent_config(config: LabConfig, host: str, join_token: str | None = None
                                     path=str(config.local_datastore(host))))
         + ((DatastoreConfig(name="small", path=str(config.small_datastore), shared=True),)
            if config.small_datastore_mib else ()),
-        fault_hooks=config.fault_hooks)
+        # VM leases and host heartbeats on the shared datastore (HA; off until enabled
+        # with `ferry cluster ha --enable`, but leases are kept from the start).
+        ha_datastore="shared", fault_hooks=config.fault_hooks)
 
 
 def start_agent(config: LabConfig, host: str) -> int:
