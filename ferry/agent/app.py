@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ferry.agent import faults
 from ferry.agent.host import HostRuntime
+from ferry.agent.memory import GuestMemory
 from ferry.agent.models import (
     ApplyNetworks,
     CreateVm,
@@ -19,6 +20,10 @@ from ferry.agent.models import (
     MirrorRequest,
     NetworkResult,
     PrepareIncoming,
+    RamDigestRequest,
+    RamDigests,
+    RamPages,
+    RamPagesRequest,
     ResumeOutgoing,
     SerialTail,
     StartOutgoing,
@@ -88,6 +93,22 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/vms/{name}/resume")
     async def resume_vm(name: str) -> VmInfo:
         return await host.resume(name)
+
+    memory = GuestMemory(host)
+
+    @app.post("/v1/vms/{name}/ram/digests")
+    async def ram_digests(name: str, body: RamDigestRequest) -> RamDigests:
+        """Digests of a paused VM's RAM: per chunk, or per page of the chunks named."""
+        return await memory.digests(name, body)
+
+    @app.post("/v1/vms/{name}/ram/read")
+    async def ram_read(name: str, body: RamPagesRequest) -> RamPages:
+        return await memory.read(name, body)
+
+    @app.post("/v1/vms/{name}/ram/write", status_code=204)
+    async def ram_write(name: str, body: RamPages) -> None:
+        """Repair pages of a migration's destination that never ran."""
+        await memory.write(name, body)
 
     @app.get("/v1/vms/{name}/serial")
     async def serial(name: str, lines: int = Query(20, ge=1, le=1000)) -> SerialTail:

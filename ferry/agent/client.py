@@ -6,6 +6,7 @@ agent becomes the same FerryError subclass the agent raised.
 
 from __future__ import annotations
 
+import base64
 import ssl
 from typing import Any, TypeVar
 
@@ -23,6 +24,10 @@ from ferry.agent.models import (
     NetworkResult,
     NewDisk,
     PrepareIncoming,
+    RamDigestRequest,
+    RamDigests,
+    RamPages,
+    RamPagesRequest,
     ResumeOutgoing,
     SerialTail,
     StartOutgoing,
@@ -204,3 +209,20 @@ class AgentClient:
     async def cancel_mirror(self, name: str, job_id: str, target: DiskSpec) -> None:
         await self._call("POST", f"/v1/vms/{name}/mirror/cancel", TypeAdapter(None),
                          MirrorRequest(job_id=job_id, target=target), timeout_s=90.0)
+
+    # --- guest RAM of a paused copy (agent/memory.py) -------------------------------
+    async def ram_digests(self, name: str, chunks: tuple[int, ...] | None = None) -> bytes:
+        """Packed u64 digests: of every chunk, or of the pages of `chunks`."""
+        out = await self._call("POST", f"/v1/vms/{name}/ram/digests", RamDigests,
+                               RamDigestRequest(chunks=chunks), timeout_s=60.0)
+        return base64.b64decode(out.digests)
+
+    async def read_ram_pages(self, name: str, pages: tuple[int, ...]) -> bytes:
+        out = await self._call("POST", f"/v1/vms/{name}/ram/read", RamPages,
+                               RamPagesRequest(pages=pages), timeout_s=60.0)
+        return base64.b64decode(out.data)
+
+    async def write_ram_pages(self, name: str, pages: tuple[int, ...], data: bytes) -> None:
+        await self._call("POST", f"/v1/vms/{name}/ram/write", TypeAdapter(None),
+                         RamPages(pages=pages, data=base64.b64encode(data).decode()),
+                         timeout_s=60.0)

@@ -60,6 +60,8 @@ class FaultStage(StrEnum):
     RESUME = "resume"
     # destination: after `cont`, before the agent answers (the guest runs there)
     RESUMED = "resumed"
+    # destination that never ran: asked for its RAM's chunk digests (memory check)
+    RAM_DIGESTS = "ram_digests"
     # relocation: a mirror poll that sees the job ready (in sync)
     MIRROR_READY = "mirror_ready"
     # relocation: before the pivot (job-complete)
@@ -70,6 +72,8 @@ class FaultAction(StrEnum):
     KILL_QEMU = "kill_qemu"
     KILL_AGENT = "kill_agent"
     FREEZE = "freeze"
+    # RAM_DIGESTS only: make a few pages of the copy stale, as a lost write does
+    CORRUPT_RAM = "corrupt_ram"
 
 
 class FaultRequest(Frozen):
@@ -176,15 +180,17 @@ class Faults:
         return req
 
     def reach(self, stage: FaultStage, vm: str, qemu_pid: int | None,
-              pass_count: int = 0) -> None:
-        """The hook: called by the agent when it reaches `stage` for `vm`."""
+              pass_count: int = 0, corrupt: Callable[[], None] | None = None) -> None:
+        """The hook: called by the agent when it reaches `stage` for `vm`; `corrupt`
+        does CORRUPT_RAM where the stage offers it."""
         if not self.enabled:
             return
         req = self.take(stage, vm, pass_count)
         if req is not None:
-            self.fire(req, qemu_pid)
+            self.fire(req, qemu_pid, corrupt)
 
-    def fire(self, req: FaultRequest, qemu_pid: int | None) -> None:
+    def fire(self, req: FaultRequest, qemu_pid: int | None,
+             corrupt: Callable[[], None] | None = None) -> None:
         record = FaultRecord(request=req, fired_at=time.time())
         self.fired.append(record)
         log.warning("fault: %s at %s for VM %s (QEMU pid %s)", req.action, req.stage,
@@ -194,6 +200,10 @@ class Faults:
                 f.write(record.model_dump_json() + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+        if req.action is FaultAction.CORRUPT_RAM:
+            if corrupt is not None:
+                corrupt()
+            return
         if req.action is FaultAction.KILL_AGENT:
             self._exit(KILLED_EXIT_CODE)
         if req.action is FaultAction.KILL_QEMU:

@@ -154,6 +154,10 @@ class HostRuntime:
     def record(self, name: str) -> VmRecord | None:
         return self._vms.get(name)
 
+    def vm_record(self, name: str) -> VmRecord:
+        """The record of VM `name`; NotFound if none runs here."""
+        return self._get(name)
+
     def names(self) -> list[str]:
         return sorted(self._vms)
 

@@ -6,6 +6,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from ferry.domain.memory_check import MAX_PAGES_PER_CALL
 from ferry.domain.migration import StreamOptions
 from ferry.domain.networks import HostNetwork
 from ferry.domain.probe import Heartbeat
@@ -173,3 +174,21 @@ class NetworkResult(Frozen):
     name: str
     ok: bool
     error: str | None = None
+
+
+class RamDigestRequest(Frozen):
+    """No chunks: one digest per chunk of the whole RAM; chunks: their pages' digests."""
+
+    chunks: tuple[int, ...] | None = Field(default=None, max_length=4096)
+
+
+class RamDigests(Frozen):
+    digests: str  # base64 of little-endian u64 xxh3-64 digests
+
+
+class RamPagesRequest(Frozen):
+    pages: tuple[int, ...] = Field(min_length=1, max_length=MAX_PAGES_PER_CALL)
+
+
+class RamPages(RamPagesRequest):
+    data: str  # base64 of the pages' contents, in the order of `pages`

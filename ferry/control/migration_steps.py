@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ferry.agent.models import AgentVmState, Tune, VmInfo
+from ferry.control import migration_memory as memory
 from ferry.control import migration_storage as storage
 from ferry.control.migration_job import Job, RollBack, log
 from ferry.domain.convergence import (
@@ -366,8 +367,13 @@ async def _switch_in_postcopy(job: Job, rec: MigrationRecord) -> tuple[Migration
 
 async def switchover(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The source has sent everything: confirm the paused destination holds it, then
-    record the VM there (RESUMING_TARGET, in the same transaction)."""
-    await _await_paused_target(job, rec)
+    record the VM there (RESUMING_TARGET, in the same transaction). On TCG the paused
+    copy's RAM is compared with the source's first, and repaired (migration_memory)."""
+    dest = await _await_paused_target(job, rec)
+    if dest.state is AgentVmState.PAUSED and dest.never_ran:
+        check = await memory.verify_and_repair(job, rec)
+        if check is not None:
+            rec = await job.update(memory_check=check)
     vm = await job.store.vm(rec.vm)
     return await job.enter(rec, Phase.RESUMING_TARGET, switched=True, vm=VmChange(
         name=rec.vm, host=rec.target, state=VmState.RUNNING,

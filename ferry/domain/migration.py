@@ -29,6 +29,7 @@ from enum import StrEnum
 from pydantic import Field, model_validator
 
 from ferry.domain.errors import Conflict
+from ferry.domain.memory_check import VerifyMemory
 from ferry.domain.specs import Frozen
 from ferry.domain.streams import Encryption
 
@@ -298,6 +299,9 @@ class StreamOptions(Frozen):
     # The destination announces the guest's MACs after the switch (QEMU's self-announce),
     # so the network learns its new port at once; off only to measure what that saves.
     announce: bool = True
+    # Compare the paused destination's RAM with the source's before it runs and repair
+    # what differs (domain/memory_check.py: TCG can lose a write during pre-copy).
+    verify_memory: VerifyMemory = VerifyMemory.AUTO
 
     @model_validator(mode="after")
     def _compression_needs_multifd(self) -> StreamOptions:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ferry.domain.inventory import HostState, VmState
+from ferry.domain.memory_check import MemoryCheck
 from ferry.domain.migration import Iteration, Phase, RollbackKind, StreamOptions
 from ferry.domain.specs import DiskSpec, Frozen, HostFacts, VmSpec
 
@@ -104,6 +105,8 @@ class MigrationRecord(Frozen):
     encrypted: bool = False  # memory and disk streams over TLS (decided at CHECKING)
     client_view: ClientView | None = None  # set afterwards, when the lab measured it
     cause: str | None = None  # who or what started it, and why (a DRS move's reason)
+    # The destination's RAM compared with the source's before it ran (TCG by default).
+    memory_check: MemoryCheck | None = None
 
     @property
     def levers(self) -> list[str]:

@@ -12,6 +12,7 @@ from ferry.domain.networks import USER_NETWORK, tap_name
 from ferry.domain.specs import DiskCache, DiskFormat, DiskSpec, VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
+RAM_BACKEND = "ram0"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -87,7 +88,10 @@ def build_argv(spec: VmSpec, *, machine: str, accel: str, paths: RunPaths,
         binary,
         "-name", f"guest={spec.name},debug-threads=on",
         "-uuid", spec.uuid,
-        "-machine", f"{machine},accel={accel}",
+        # Guest RAM in a shared memfd: the agent can compare a migration's paused copy
+        # with the source's and repair it (guest_ram.py, domain/memory_check.py).
+        "-machine", f"{machine},accel={accel},memory-backend={RAM_BACKEND}",
+        "-object", f"memory-backend-memfd,id={RAM_BACKEND},size={spec.memory_mib}M,share=on",
         "-cpu", spec.cpu_model,
         "-smp", str(spec.vcpus),
         "-m", f"{spec.memory_mib}M",

@@ -26,7 +26,10 @@ def test_kernel_boot_argv() -> None:
                                     append="console=ttyS0 a=b"))
     argv = argv_of(spec)
     assert argv[0] == "qemu-system-x86_64"
-    assert value_after(argv, "-machine") == ["pc-i440fx-7.2,accel=tcg"]
+    assert value_after(argv, "-machine") == ["pc-i440fx-7.2,accel=tcg,memory-backend=ram0"]
+    # guest RAM in a shared memfd of the VM's size (the memory check reads it)
+    assert value_after(argv, "-object") == [
+        "memory-backend-memfd,id=ram0,size=512M,share=on"]
     assert value_after(argv, "-cpu") == ["Nehalem"]
     assert value_after(argv, "-smp") == ["2"]
     assert value_after(argv, "-m") == ["512M"]

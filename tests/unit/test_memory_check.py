@@ -1,0 +1,100 @@
+"""The memory check's pure parts, and guest_ram on a real memfd of this process."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ferry.domain.errors import Conflict, InvalidInput
+from ferry.domain.memory_check import (
+    CHUNK_BYTES,
+    PAGE_BYTES,
+    PAGES_PER_CHUNK,
+    VerifyMemory,
+    batches,
+    differing,
+    pages_of,
+    unpack,
+    wanted,
+)
+from ferry.hypervisor import guest_ram
+
+SIZE = 3 * CHUNK_BYTES + 5 * PAGE_BYTES  # a short last chunk, as odd RAM sizes give
+
+
+def test_wanted_by_accelerator() -> None:
+    assert wanted(VerifyMemory.AUTO, ["tcg", "kvm"])
+    assert not wanted(VerifyMemory.AUTO, ["kvm", "kvm"])
+    assert wanted(VerifyMemory.ON, ["kvm", "kvm"])
+    assert not wanted(VerifyMemory.OFF, ["tcg", "tcg"])
+
+
+def test_differing_refuses_unequal_sizes() -> None:
+    assert differing([1, 2, 3], [1, 9, 3]) == [1]
+    with pytest.raises(ValueError, match="not the same size"):
+        differing([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="not a list of u64"):
+        unpack(b"1234567")
+
+
+@given(st.lists(st.integers(0, 63), unique=True, min_size=1, max_size=5).map(sorted),
+       st.data())
+def test_pages_of_maps_positions_back(chunks: list[int], data: st.DataObject) -> None:
+    position = data.draw(st.integers(0, len(chunks) * PAGES_PER_CHUNK - 1))
+    page = pages_of(chunks, [position])[0]
+    assert page // PAGES_PER_CHUNK == chunks[position // PAGES_PER_CHUNK]
+    assert page % PAGES_PER_CHUNK == position % PAGES_PER_CHUNK
+
+
+def test_batches_cover_everything_once() -> None:
+    pages = list(range(10_000))
+    got = batches(pages, 4096)
+    assert [len(b) for b in got] == [4096, 4096, 1808]
+    assert [p for b in got for p in b] == pages
+
+
+@pytest.fixture
+def ram() -> Iterator[mmap.mmap]:
+    """A memfd named as QEMU names a memory-backend-memfd, held open by this process."""
+    fd = os.memfd_create("memory-backend-memfd")
+    os.ftruncate(fd, SIZE)
+    mem = mmap.mmap(fd, SIZE)
+    mem[:] = bytes(range(256)) * (SIZE // 256)
+    try:
+        yield mem
+    finally:
+        mem.close()
+        os.close(fd)
+
+
+def test_compare_and_repair_through_the_memfd(ram: mmap.mmap) -> None:
+    pid = os.getpid()
+    before = unpack(guest_ram.chunk_digests(pid, SIZE))
+    assert len(before) == 4  # three whole chunks and the short one
+    saved = guest_ram.read_pages(pid, SIZE, [700, 1536 + 2])
+    guest_ram.flip_pages(pid, SIZE, [700, 1536 + 2])  # chunk 1 and the last chunk
+    after = unpack(guest_ram.chunk_digests(pid, SIZE))
+    chunks = differing(before, after)
+    assert chunks == [1, 3]
+    page_before = unpack(guest_ram.page_digests(pid, SIZE, [1, 3]))
+    assert len(page_before) == PAGES_PER_CHUNK + 5
+    guest_ram.write_pages(pid, SIZE, [700, 1538], saved)
+    assert unpack(guest_ram.chunk_digests(pid, SIZE)) == before
+    assert ram[700 * PAGE_BYTES:701 * PAGE_BYTES] == bytes(range(256)) * 16
+
+
+def test_bad_requests_name_the_problem(ram: mmap.mmap) -> None:
+    pid = os.getpid()
+    with pytest.raises(InvalidInput, match="page 1541 is out of range"):
+        guest_ram.read_pages(pid, SIZE, [1541])
+    with pytest.raises(InvalidInput, match="chunk 4 is out of range"):
+        guest_ram.page_digests(pid, SIZE, [4])
+    with pytest.raises(InvalidInput, match="4095 bytes for 1 pages"):
+        guest_ram.write_pages(pid, SIZE, [0], b"x" * 4095)
+    with pytest.raises(Conflict, match="no memfd-backed guest RAM of 4096 bytes"):
+        guest_ram.chunk_digests(pid, 4096)
