@@ -26,6 +26,7 @@ from ferry.cli.policy_cmd import (
     ThrottleOpt,
     overrides,
 )
+from ferry.domain.memory_check import VerifyMemory
 from ferry.domain.migration import Phase
 
 migration_app = typer.Typer(help="Migrations: list, show, cancel.", no_args_is_help=True)
@@ -94,6 +95,19 @@ def client_text(rec: dict[str, Any]) -> str:
             f"{'' if view.get('announce', True) else ', no announce'})")
 
 
+def memory_text(rec: dict[str, Any]) -> str:
+    """What the check of the destination's RAM found, when it ran."""
+    check = rec.get("memory_check")
+    if not check:
+        return ""
+    if check.get("skipped"):
+        return f"; memory not verified ({escape(check['skipped'])})"
+    if check["repaired_pages"]:
+        return (f"; memory verified, {check['repaired_pages']} stale pages copied again "
+                f"({check['ms']} ms)")
+    return f"; memory verified ({check['ms']} ms)"
+
+
 def summary(rec: dict[str, Any]) -> str:
     t = rec["phase_times"]
     total = t.get("completed", t.get("failed", time.time())) - t["pending"]
@@ -101,7 +115,8 @@ def summary(rec: dict[str, Any]) -> str:
         levers = list(dict.fromkeys(a["kind"] for a in rec.get("actions", []))) or ["none"]
         return (f"[green]completed[/] in {total:.2f} s: downtime {rec['downtime_ms']} ms "
                 f"(QEMU){client_text(rec)}, {len(rec['iterations'])} passes, "
-                f"{mib(rec['transferred_bytes'])} MiB sent, levers: {', '.join(levers)}")
+                f"{mib(rec['transferred_bytes'])} MiB sent, levers: {', '.join(levers)}"
+                f"{memory_text(rec)}")
     return f"[red]failed[/] after {total:.2f} s: {escape(str(rec['reason']))}"
 
 
@@ -137,6 +152,10 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         announce: Annotated[bool, typer.Option(
             help="announce the guest's MACs from the destination after the switch "
                  "(--no-announce only to measure what it saves)")] = True,
+        verify_memory: Annotated[VerifyMemory | None, typer.Option(
+            help="compare the destination's RAM with the source's before it runs and "
+                 "copy differing pages again (auto: on TCG hosts, where QEMU can lose "
+                 "a write during pre-copy)")] = None,
         url: UrlOpt = None, json_out: JsonOpt = False,
     ) -> None:
         """Live-migrate a running VM to another host (vMotion). Options not given come
@@ -158,6 +177,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
                             allow_postcopy, multifd, compress, encryption)
         if not announce:
             options["announce"] = False
+        if verify_memory is not None:
+            options["verify_memory"] = verify_memory.value
         rec = client.call("POST", "/v1/migrations",
                           {"vm": name, "target": host, "options": options,
                            "datastore": datastore})

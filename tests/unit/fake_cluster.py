@@ -8,6 +8,7 @@ statuses and can make any agent call fail once, to inject faults.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import inspect
 import time
@@ -24,6 +25,7 @@ from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
 from ferry.domain.errors import FerryError, HostUnavailable, NotFound
 from ferry.domain.inventory import VmState
+from ferry.domain.memory_check import CHUNK_BYTES, PAGES_PER_CHUNK
 from ferry.domain.migration import Phase, Progress, SourceStatus, StreamOptions
 from ferry.domain.records import HostRecord, VmRecord
 from ferry.domain.specs import (
@@ -72,6 +74,9 @@ class FakeVm:
     peer: tuple[FakeAgent, str] | None = None  # where the outgoing stream goes
     sync: int = 0
     never_ran: bool = False  # started paused (-S) and never resumed, as the agent says
+    # Pages of this copy's RAM that differ from the source's (a lost write under TCG);
+    # digests are 0 for every other page and chunk, 1 where a stale page lies.
+    stale: set[int] = field(default_factory=set)
 
 
 class FakeAgent:
@@ -204,6 +209,27 @@ class FakeAgent:
             vm.status = SourceStatus.CANCELLED
             vm.script = [SourceStatus.CANCELLED]
         return Progress(status=vm.status)
+
+    async def ram_digests(self, name: str, chunks: tuple[int, ...] | None = None) -> bytes:
+        await self._enter("ram_digests")
+        vm = self._get(name)
+        stale_chunks = {p // PAGES_PER_CHUNK for p in vm.stale}
+        if chunks is None:
+            count = vm.spec.memory_mib * 2**20 // CHUNK_BYTES
+            return array.array("Q", (int(c in stale_chunks) for c in range(count))).tobytes()
+        return array.array("Q", (int(c * PAGES_PER_CHUNK + i in vm.stale) for c in chunks
+                                 for i in range(PAGES_PER_CHUNK))).tobytes()
+
+    async def read_ram_pages(self, name: str, pages: tuple[int, ...]) -> bytes:
+        await self._enter("read_ram_pages")
+        self._get(name)
+        return bytes(4096 * len(pages))
+
+    async def write_ram_pages(self, name: str, pages: tuple[int, ...], data: bytes) -> None:
+        await self._enter("write_ram_pages")
+        vm = self._get(name)
+        assert vm.never_ran and len(data) == 4096 * len(pages)
+        vm.stale -= set(pages)
 
     async def resume_vm(self, name: str) -> VmInfo:
         await self._enter("resume_vm")
