@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from ferry.cli import (
     drs_cmd,
+    events_cmd,
     lab_cmd,
     migrate_cmd,
     network_cmd,
@@ -70,6 +71,7 @@ migrate_cmd.register(vm_app, handle_errors)
 policy_cmd.register(handle_errors)
 relocate_cmd.register(vm_app, handle_errors)
 trust_cmd.register(app, host_app, handle_errors)
+events_cmd.register(app, handle_errors)
 network_cmd.register(handle_errors)
 drs_cmd.register(host_app, handle_errors)
 lab_cmd.handle_errors = handle_errors
