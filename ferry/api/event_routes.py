@@ -49,7 +49,10 @@ def register_event_routes(app: FastAPI, control: ControlPlane) -> None:
         return await store.events.page(EventQuery(limit=limit, after=after, before=before,
                                                   vm=vm, since=since_at))
 
-    @app.get("/v1/events/stream")
+    # Not in /openapi.json: a valid request is answered by a stream that never ends, and
+    # the schema-driven fuzzer (tests/integration/test_fuzz.py) sends every valid GET and
+    # reads its body to the end. Documented in docs/events.md; tested in test_events.py.
+    @app.get("/v1/events/stream", include_in_schema=False)
     async def stream(request: Request, _: Principal = reader,
                      after: int | None = Query(None, ge=0, le=MAX_EVENT_ID),
                      vm: str | None = Query(None, min_length=1, max_length=64),
@@ -90,6 +93,10 @@ def _resume_from(last_event_id: str | None, after: int | None) -> int | None:
 async def _follow(control: ControlPlane, cursor: int, vm: str | None,
                   since: float | None) -> AsyncIterator[ServerSentEvent]:
     store = control.store
+    # The position first, as an id-only message: a client that reconnects before any
+    # event arrived resumes from here (Last-Event-ID) instead of from "now", and so
+    # misses nothing recorded while it was reconnecting.
+    yield ServerSentEvent(id=str(cursor), comment="events after this id follow")
     while True:
         page = await store.events.page(EventQuery(limit=MAX_PAGE, after=cursor, vm=vm,
                                                   since=since))

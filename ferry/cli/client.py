@@ -20,6 +20,9 @@ from ferry.wire import error_from_body, error_from_response
 
 DEFAULT_URL = "https://127.0.0.1:8700"
 RECONNECT_S = 1.0  # before resuming a lost event stream
+# The server pings an idle event stream every 15 s: four pings missed, the connection is
+# taken for dead and resumed.
+STREAM_READ_S = 60.0
 
 
 def lab_running(lab: LabConfig) -> bool:
@@ -95,7 +98,8 @@ class Client:
             try:
                 with httpx_sse.connect_sse(self._http, "GET", path, params=query,
                                            headers=headers,
-                                           timeout=httpx.Timeout(60.0, read=None)) as source:
+                                           timeout=httpx.Timeout(60.0, read=STREAM_READ_S)
+                                           ) as source:
                     if source.response.status_code >= 400:
                         source.response.read()
                         raise error_from_response(source.response.status_code,
@@ -109,7 +113,9 @@ class Client:
                 if last_id is None:  # nothing received yet: not a stream worth resuming
                     raise HostUnavailable(f"cannot follow events at {self.url}: {exc}",
                                           "check the control plane is running") from exc
-                time.sleep(RECONNECT_S)
+            # The server ended the stream (a restart, a proxy's limit) or it broke:
+            # resume after a pause, from the last id.
+            time.sleep(RECONNECT_S)
 
     def events(self, path: str) -> Iterator[dict[str, Any]]:
         """Follow a server-sent event stream, yielding each event's JSON."""

@@ -116,6 +116,8 @@ async def test_the_follower_yields_each_event_with_its_id(tmp_path: Path,
     await store.events.add(EventKind.AUDIT, SYSTEM, "y", "o2", vm="db1")
     c = await store.events.add(EventKind.AUDIT, SYSTEM, "z", "o3", vm="web1")
     follower = _follow(control, 0, "web1", None)
+    position = await anext(follower)  # where a reconnecting client resumes
+    assert (position.id, position.data) == ("0", None)
     got = [await anext(follower), await anext(follower)]
     assert [g.id for g in got] == [str(a.id), str(c.id)]
     assert '"object":"o3"' in str(got[1].data)
