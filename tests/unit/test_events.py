@@ -208,3 +208,22 @@ def test_host_gauges_come_from_the_snapshot() -> None:
     text = metrics.render(facts).decode()
     assert 'ferry_host_cpu_load_ratio{host="h1"} 0.25' in text
     assert 'ferry_host_memory_load_ratio{host="h1"} 0.25' in text
+
+
+async def test_a_role_refusal_names_the_token_and_the_vm(
+        api: tuple[httpx.AsyncClient, Store]) -> None:
+    client, store = api
+    secret = new_secret()
+    info = await store.security.add_token("ci-viewer", TokenRole.VIEWER, secret, None)
+    resp = await client.post("/v1/vms/web1/start", headers={
+        "authorization": f"Bearer {format_token(info.id, secret)}"})
+    assert resp.status_code == 403, resp.text
+    [refused] = await store.events.page(EventQuery(vm="web1"))
+    assert refused.kind is EventKind.REQUEST_REFUSED and refused.outcome is Outcome.REFUSED
+    assert f"ci-viewer ({info.id})" in refused.actor
+    assert "lacks the privilege vm.power" in refused.detail
+    # an action that went through is an audit event, not a refusal
+    assert (await client.post("/v1/tokens", json={"name": "x", "role": "viewer"})
+            ).status_code == 201
+    [made] = await store.events.page(EventQuery(limit=1))
+    assert (made.kind, made.outcome) == (EventKind.AUDIT, Outcome.OK)
