@@ -51,7 +51,10 @@ def parse_since(text: str, now: float) -> float:
                                "pass a duration (1h), an ISO time or epoch seconds >= 0")
         return seconds
     if value[-1:].isalpha() and value[:1].isdigit() and "-" not in value:
-        return now - _duration_s(value, text)
+        back = _duration_s(value, text)
+        if not math.isfinite(now - back):
+            raise InvalidInput(f"since {text!r} is too far back", "pass e.g. since=30d")
+        return now - back
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -73,6 +76,8 @@ def _duration_s(value: str, text: str) -> float:
         return float(lowered[:-1]) * 60
     try:
         return parse_duration_ms(lowered) / 1000
+    except OverflowError:  # more digits than a float holds
+        return math.inf
     except InvalidInput:
         raise InvalidInput(f"since {text!r} has an unknown unit",
                            "use s, m or min, h or d (e.g. since=30m)") from None
