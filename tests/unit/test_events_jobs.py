@@ -1,0 +1,57 @@
+"""A migration run by the real orchestrator over fake agents leaves its events in the
+log: started, the lever the policy pulled, ended, each naming who caused it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferry.control import eventlog, migration_steps
+from ferry.domain.audit import Outcome
+from ferry.domain.convergence import CONTINUE, Action, ActionKind, ConvergenceState
+from ferry.domain.events import SYSTEM, EventKind, EventQuery
+from ferry.domain.migration import Phase, SourceStatus, StreamOptions
+from tests.unit.fake_cluster import FakeCluster, spec
+
+
+def postcopy_at_once(state: ConvergenceState, _: object) -> Action:
+    return CONTINUE if state.postcopy else Action(kind=ActionKind.POSTCOPY,
+                                                  reason="dirtying faster than sent")
+
+
+async def test_started_lever_and_ended_with_the_token(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    monkeypatch.setattr(migration_steps, "decide", postcopy_at_once)
+    cluster = await FakeCluster.open(tmp_path)
+    try:
+        await cluster.add_running_vm(spec("web1"), "host1")
+        cluster.agents["host1"].vms["web1"].script = [SourceStatus.ACTIVE,
+                                                      SourceStatus.POSTCOPY_ACTIVE,
+                                                      SourceStatus.COMPLETED]
+        # As the API does for a request's token: the job's task inherits it.
+        acting = eventlog.acting.set("token ops (t1)")
+        try:
+            rec = await cluster.orchestrator.start(
+                "web1", "host2", StreamOptions(allow_postcopy=True))
+        finally:
+            eventlog.acting.reset(acting)
+        done = await cluster.orchestrator.wait(rec.id, 30)
+        assert done.phase is Phase.COMPLETED
+        events = await cluster.store.events.page(EventQuery(after=0, vm="web1"))
+        assert [e.kind for e in events] == [EventKind.MIGRATION_STARTED, EventKind.LEVER,
+                                            EventKind.MIGRATION_ENDED]
+        assert all(e.object == rec.id and e.actor == "token ops (t1)" for e in events)
+        assert "dirtying faster than sent" in events[1].detail
+        assert events[2].outcome is Outcome.OK and "levers postcopy" in events[2].detail
+        # the same VM refused by CHECKING (it is on host2 now): started, then failed
+        with pytest.raises(Exception, match="already runs on host2"):
+            await cluster.orchestrator.start("web1", "host2")
+        started, ended = (await cluster.store.events.page(EventQuery(limit=2)))[::-1]
+        assert (started.kind, ended.kind) == (EventKind.MIGRATION_STARTED,
+                                              EventKind.MIGRATION_ENDED)
+        assert ended.outcome is Outcome.FAILED and "already runs on host2" in ended.detail
+        assert ended.actor == SYSTEM  # no request's token here
+    finally:
+        await cluster.close()
