@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ferry.control import eventlog, migration_steps
+from ferry.control import eventlog, metrics, migration_steps
+from ferry.control.demand import Demand
+from ferry.control.drs import Drs
 from ferry.domain.audit import Outcome
 from ferry.domain.convergence import CONTINUE, Action, ActionKind, ConvergenceState
 from ferry.domain.events import SYSTEM, EventKind, EventQuery
@@ -53,5 +55,26 @@ async def test_started_lever_and_ended_with_the_token(tmp_path: Path,
                                               EventKind.MIGRATION_ENDED)
         assert ended.outcome is Outcome.FAILED and "already runs on host2" in ended.detail
         assert ended.actor == SYSTEM  # no request's token here
+    finally:
+        await cluster.close()
+
+
+async def test_a_maintenance_evacuation_logs_each_drs_move(tmp_path: Path) -> None:
+    cluster = await FakeCluster.open(tmp_path)
+    try:
+        await cluster.add_running_vm(spec("web1"), "host1")
+        cluster.agents["host1"].vms["web1"].script = [SourceStatus.COMPLETED]
+        drs = Drs(cluster.store, cluster.inventory, cluster.orchestrator, Demand())
+        result = await drs.enter_maintenance("host1")
+        [moved] = result.evacuation.results
+        assert moved.migration_id is not None
+        await cluster.orchestrator.wait(moved.migration_id, 30)
+        [move] = [e for e in await cluster.store.events.page(EventQuery(vm="web1"))
+                  if e.kind is EventKind.DRS_MOVE]
+        assert move.object == moved.migration_id and "host1 -> host2" in move.action
+        assert "maintenance of host1" in move.detail
+        # /metrics counts it from the log
+        facts = await metrics.gather(cluster.store, drs)
+        assert "ferry_drs_moves_total 1.0" in metrics.render(facts).decode()
     finally:
         await cluster.close()
