@@ -10,10 +10,13 @@ import pytest
 from ferry.control import eventlog, metrics, migration_steps
 from ferry.control.demand import Demand
 from ferry.control.drs import Drs
+from ferry.control.storage import Relocator
 from ferry.domain.audit import Outcome
 from ferry.domain.convergence import CONTINUE, Action, ActionKind, ConvergenceState
+from ferry.domain.errors import Incompatible
 from ferry.domain.events import SYSTEM, EventKind, EventQuery
 from ferry.domain.migration import Phase, SourceStatus, StreamOptions
+from ferry.domain.specs import DiskSpec
 from tests.unit.fake_cluster import FakeCluster, spec
 
 
@@ -76,5 +79,24 @@ async def test_a_maintenance_evacuation_logs_each_drs_move(tmp_path: Path) -> No
         # /metrics counts it from the log
         facts = await metrics.gather(cluster.store, drs)
         assert "ferry_drs_moves_total 1.0" in metrics.render(facts).decode()
+    finally:
+        await cluster.close()
+
+
+async def test_a_relocation_refused_at_checking_logs_start_and_failed_end(
+        tmp_path: Path) -> None:
+    cluster = await FakeCluster.open(tmp_path)
+    try:
+        disk = DiskSpec(name="root", datastore="shared", path="web1/root.qcow2")
+        await cluster.add_running_vm(spec("web1", disks=(disk,)), "host1")
+        cluster.agents["host1"].images.clear()  # the image went missing
+        relocator = Relocator(cluster.store, cluster.pool, cluster.bus)
+        with pytest.raises(Incompatible, match="missing"):
+            await relocator.start("web1", "fast")
+        started, ended = await cluster.store.events.page(EventQuery(after=0, vm="web1"))
+        assert (started.kind, ended.kind) == (EventKind.RELOCATION_STARTED,
+                                              EventKind.RELOCATION_ENDED)
+        assert "shared -> fast" in started.detail
+        assert ended.outcome is Outcome.FAILED and "missing" in ended.detail
     finally:
         await cluster.close()
