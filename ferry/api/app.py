@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ferry.agent.models import AgentHeartbeat
 from ferry.api.auth import enrolled_host, install_gates, requires, unauthenticated_response
 from ferry.api.drs_routes import register_drs_routes
+from ferry.api.event_routes import register_event_routes
 from ferry.api.ha_routes import register_ha_routes
 from ferry.api.network_routes import register_network_routes
 from ferry.api.schemas import (
@@ -55,6 +56,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     register_network_routes(app, control)
     register_drs_routes(app, control)
     register_ha_routes(app, control)
+    register_event_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:

@@ -1,8 +1,9 @@
-"""Routes of the trust model: API tokens, join tokens and enrolment, the event log."""
+"""Routes of the trust model: API tokens, join tokens and enrolment (the event log's
+routes are in event_routes.py)."""
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI
 
 from ferry.api.auth import need
 from ferry.api.schemas import (
@@ -14,13 +15,9 @@ from ferry.api.schemas import (
     TokenRequest,
 )
 from ferry.control.service import ControlPlane
-from ferry.domain.audit import EventRecord, TokenInfo
+from ferry.domain.audit import TokenInfo
 from ferry.domain.auth import Principal, Privilege, format_token, new_secret
 from ferry.domain.errors import Forbidden
-
-# Event ids are SQLite INTEGERs (64-bit signed): a larger `before` is no id at all, and
-# would reach the database as an int it cannot bind (an HTTP 500 before this bound).
-MAX_EVENT_ID = 2**63 - 1
 
 
 def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
@@ -70,10 +67,3 @@ def register_trust_routes(app: FastAPI, control: ControlPlane) -> None:
         host, cert = await control.trust.enrol(body.token, body.csr)
         return Enrolment(host=host, cert=cert.decode(), ca=control.trust.pki.ca_cert
                          .read_text())
-
-    @app.get("/v1/events")
-    async def events(_: Principal = reader, limit: int = Query(100, ge=1, le=1000),
-                     before: int | None = Query(None, ge=1, le=MAX_EVENT_ID),
-                     since: float | None = Query(None, ge=0)) -> list[EventRecord]:
-        """The event log, newest first (page with `before`, the last id seen)."""
-        return await store.security.events(limit, before, since)

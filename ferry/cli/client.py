@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx_sse
 
 from ferry.domain.errors import FerryError, HostUnavailable
 from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, load
@@ -17,6 +19,10 @@ from ferry.pki.layout import client_context
 from ferry.wire import error_from_body, error_from_response
 
 DEFAULT_URL = "https://127.0.0.1:8700"
+RECONNECT_S = 1.0  # before resuming a lost event stream
+# The server pings an idle event stream every 15 s: four pings missed, the connection is
+# taken for dead and resumed.
+STREAM_READ_S = 60.0
 
 
 def lab_running(lab: LabConfig) -> bool:
@@ -80,6 +86,36 @@ class Client:
         if resp.status_code >= 400:
             raise error_from_response(resp.status_code, resp.content)
         return resp.json() if resp.content else None
+
+    def follow(self, path: str, last_id: int | None = None, **params: Any
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Follow the event log's stream (httpx-sse): (id, event) pairs, forever. A lost
+        connection is resumed after the last id received (`Last-Event-ID`), so no event
+        is missed or repeated; a refusal (bad token, bad parameter) is raised."""
+        query = {k: v for k, v in params.items() if v is not None}
+        while True:
+            headers = {"last-event-id": str(last_id)} if last_id is not None else {}
+            try:
+                with httpx_sse.connect_sse(self._http, "GET", path, params=query,
+                                           headers=headers,
+                                           timeout=httpx.Timeout(60.0, read=STREAM_READ_S)
+                                           ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        raise error_from_response(source.response.status_code,
+                                                  source.response.content)
+                    for sse in source.iter_sse():
+                        if sse.id:
+                            last_id = int(sse.id)
+                        if sse.data:
+                            yield last_id or 0, json.loads(sse.data)
+            except (httpx.TransportError, httpx_sse.SSEError) as exc:
+                if last_id is None:  # nothing received yet: not a stream worth resuming
+                    raise HostUnavailable(f"cannot follow events at {self.url}: {exc}",
+                                          "check the control plane is running") from exc
+            # The server ended the stream (a restart, a proxy's limit) or it broke:
+            # resume after a pause, from the last id.
+            time.sleep(RECONNECT_S)
 
     def events(self, path: str) -> Iterator[dict[str, Any]]:
         """Follow a server-sent event stream, yielding each event's JSON."""

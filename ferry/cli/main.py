@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from ferry.cli import (
     drs_cmd,
+    events_cmd,
     ha_cmd,
     lab_cmd,
     migrate_cmd,
@@ -72,6 +73,7 @@ migrate_cmd.register(vm_app, handle_errors)
 policy_cmd.register(handle_errors)
 relocate_cmd.register(vm_app, handle_errors)
 trust_cmd.register(app, host_app, handle_errors)
+events_cmd.register(app, handle_errors)
 network_cmd.register(handle_errors)
 drs_cmd.register(host_app, handle_errors)
 ha_cmd.register(vm_app, handle_errors)

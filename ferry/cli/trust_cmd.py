@@ -1,10 +1,9 @@
-"""`ferry token …`, `ferry host join-token` and `ferry events`: the trust model and the
-event log from the command line."""
+"""`ferry token …` and `ferry host join-token`: the trust model from the command line
+(`ferry events` is in events_cmd.py)."""
 
 from __future__ import annotations
 
 import datetime
-import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -71,22 +70,5 @@ def register(app: typer.Typer, host_app: typer.Typer,
                                 {"host": host, "ttl_s": parse_duration_ms(ttl) // 1000})
         console.print(f"join token for {host}, valid {out['expires_in_s']} s, usable once:")
         console.print(out["token"], markup=False, highlight=False)
-
-    @app.command("events")
-    @handle_errors
-    def events(since: Annotated[str | None, typer.Option(
-                   help="only events newer than this, e.g. 1h")] = None,
-               limit: Annotated[int, typer.Option(help="at most this many", min=1,
-                                                  max=1000)] = 50,
-               url: UrlOpt = None, json_out: JsonOpt = False) -> None:
-        """The event log, newest first: every action, who did it, how it ended."""
-        after = time.time() - parse_duration_ms(since) / 1000 if since else None
-        rows = connect(url).call("GET", "/v1/events", limit=limit, since=after)
-        if json_out:
-            print_json(rows)
-            return
-        table("Events", ["when", "actor", "action", "outcome", "detail"],
-              [[_when(e["at"]), e["actor"], e["action"], e["outcome"], e["detail"]]
-               for e in rows])
 
     app.add_typer(token_app, name="token")

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from ferry.control import eventlog
 from ferry.control.demand import Demand
 from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
@@ -153,6 +154,8 @@ class Drs:
         try:
             rec = await self.migrations.start(move.vm, move.target,
                                               cause=f"{why}: {move.reason}")
+            await eventlog.drs_move(self.store, move.vm, move.source, move.target,
+                                    f"{why}: {move.reason}", rec.id)
             return MoveResult(move=move, migration_id=rec.id)
         except FerryError as exc:
             # One refused move (the VM stopped, the target changed) does not stop the

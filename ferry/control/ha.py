@@ -21,12 +21,14 @@ import time
 from collections.abc import Callable
 
 from ferry.agent.models import DatastoreView
+from ferry.control import eventlog
 from ferry.control.agents import AgentPool
 from ferry.control.drs import Drs
 from ferry.control.inventory import Inventory
 from ferry.domain.audit import Outcome
 from ferry.domain.drs import DrsVm, place_initial
 from ferry.domain.errors import FerryError, NoCapacity
+from ferry.domain.events import EventKind
 from ferry.domain.ha import (
     HaDirective,
     HaSettings,
@@ -291,11 +293,15 @@ class Ha:
                 return False
             await self.store.update_vm(p.name, host=target, state=VmState.RUNNING)
             await self._event("vm restarted", p.name, Outcome.OK,
-                              f"runs on {target} (was on {p.host})")
+                              f"runs on {target} (was on {p.host})",
+                                  kind=EventKind.HA_RESTART)
             log.warning("HA: restarted %s on %s (host %s %s)", p.name, target, p.host,
                         judged[p.host].value)
             return True
 
     async def _event(self, action: str, obj: str, outcome: Outcome, detail: str,
-                     actor: str = "control plane (HA)") -> None:
-        await self.store.security.add_event("ha", actor, action, obj, outcome, detail)
+                     actor: str = "control plane (HA)", kind: EventKind = EventKind.HA
+                     ) -> None:
+        vm = obj if kind is EventKind.HA_RESTART else None
+        await eventlog.record(self.store, kind, action, obj, detail, vm=vm, outcome=outcome,
+                              actor=actor)

@@ -22,6 +22,7 @@ from typing import NamedTuple
 from pydantic import ValidationError
 
 from ferry.agent.models import AgentVmState, VmInfo
+from ferry.control import eventlog
 from ferry.control import migration_storage as storage
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
@@ -156,6 +157,7 @@ class Orchestrator:
             id=uuid.uuid4().hex[:12], vm=vm_name, source=source, target=target,
             phase=Phase.PENDING, options=options, created_at=now, cause=cause,
             phase_times={Phase.PENDING.value: now}))
+        await eventlog.migration_started(self.store, rec)
         rec = await self._enter(rec, Phase.CHECKING)
         try:
             plan = await self._check(vm_name, target, datastore, options)
@@ -302,6 +304,8 @@ class Orchestrator:
 
         rec = await self.store.change_migration(rec.id, change)
         log.info("migration %s of %s: %s", rec.id, rec.vm, phase)
+        if phase.terminal:
+            await eventlog.migration_ended(self.store, rec)
         await self.bus.changed(rec.id)
         return rec
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferry.agent.client import AgentClient
+from ferry.control import eventlog
 from ferry.control.events import ChangeBus
 from ferry.domain.migration import Phase, RollbackKind, transition
 from ferry.domain.records import MigrationRecord
@@ -56,6 +57,8 @@ class Job:
 
         rec = await self.store.change_migration(rec.id, change, vm)
         log.info("migration %s of %s: %s", rec.id, rec.vm, phase)
+        if phase.terminal:
+            await eventlog.migration_ended(self.store, rec)
         await self.bus.changed(rec.id)
         return rec
 

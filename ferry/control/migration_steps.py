@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ferry.agent.models import AgentVmState, Tune, VmInfo
+from ferry.control import eventlog
 from ferry.control import migration_memory as memory
 from ferry.control import migration_storage as storage
 from ferry.control.migration_job import Job, RollBack, log
@@ -222,8 +223,10 @@ async def _apply(job: Job, rec: MigrationRecord, action: Action, at_ms: int
     if action.kind is ActionKind.POSTCOPY:
         # Persisted before QEMU is told (the POSTCOPY step does that): from here on the
         # source is never resumed. A cancel stored first wins instead.
-        return await job.enter(rec, Phase.POSTCOPY, unless_cancelled=True,
-                               postcopy_started=True, actions=(*rec.actions, entry))
+        rec = await job.enter(rec, Phase.POSTCOPY, unless_cancelled=True,
+                              postcopy_started=True, actions=(*rec.actions, entry))
+        await eventlog.lever_used(job.store, rec, entry)
+        return rec
     changes: dict[str, object] = {}
     tune = Tune()
     if action.kind is ActionKind.RAISE_DOWNTIME:
@@ -233,6 +236,7 @@ async def _apply(job: Job, rec: MigrationRecord, action: Action, at_ms: int
         changes["throttle_pct"] = action.value
         tune = Tune(throttle_pct=action.value)
     rec = await job.change(lambda cur: {"actions": (*cur.actions, entry), **changes})
+    await eventlog.lever_used(job.store, rec, entry)
     await job.source.tune(rec.vm, tune)
     return rec
 

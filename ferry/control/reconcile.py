@@ -18,6 +18,7 @@ from ferry.agent.models import AgentVmState
 from ferry.control.agents import AgentPool
 from ferry.domain.audit import Outcome
 from ferry.domain.errors import FerryError, NotFound
+from ferry.domain.events import SYSTEM, EventKind
 from ferry.domain.reconcile import Finding, reconcile
 from ferry.store import Store
 
@@ -101,7 +102,7 @@ class Reconciler:
         except (NotFound, FerryError):
             return False
         log.warning("reconcile: %s", finding.message)
-        await self.store.security.add_event(
-            "reconcile", "control plane", f"vm {finding.kind}", finding.vm, Outcome.OK,
-            f"{finding.message}; now {finding.state} on {finding.host}")
+        await self.store.events.add(
+            EventKind.RECONCILE, SYSTEM, f"vm {finding.kind}", finding.vm, Outcome.OK,
+            f"{finding.message}; now {finding.state} on {finding.host}", vm=finding.vm)
         return True

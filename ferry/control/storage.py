@@ -16,6 +16,7 @@ import uuid
 from collections import defaultdict
 
 from ferry.agent.client import AgentClient
+from ferry.control import eventlog
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.domain.errors import (
@@ -91,6 +92,7 @@ class Relocator:
             source=current, target=target, phase=RelocationPhase.PENDING,
             keep_source=keep_source, speed_bytes_s=speed_bytes_s, created_at=now,
             phase_times={"pending": now}, progress_timeout_s=progress_timeout_s))
+        await eventlog.relocation_started(self.store, rec)
         rec = await self._enter(rec, RelocationPhase.CHECKING)
         try:
             reasons = await self._check(rec)
@@ -165,6 +167,8 @@ class Relocator:
         rec = await self.store.update_relocation(rec.id, phase=phase, phase_times=times,
                                                  **changes)
         log.info("relocation %s of %s/%s: %s", rec.id, rec.vm, rec.disk, phase)
+        if phase.terminal:
+            await eventlog.relocation_ended(self.store, rec)
         await self.bus.changed(rec.id)
         return rec
 

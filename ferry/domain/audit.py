@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from ferry.domain.auth import TokenRole
+from ferry.domain.events import EventKind
 from ferry.domain.specs import Frozen
 
 
@@ -26,14 +27,16 @@ class Outcome(StrEnum):
 
 
 class EventRecord(Frozen):
-    """One entry of the event log: what was done, to what, by which token, and how it
-    ended."""
+    """One entry of the event log: what happened (kind, action), when, to which object
+    (and the VM it concerns, if any), why (detail), who caused it (actor: "token NAME
+    (ID)", a host, "anonymous from ADDRESS", or "system"), and how it ended."""
 
     id: int
     at: float
-    kind: str
+    kind: EventKind
     actor: str
     action: str
     object: str
     outcome: Outcome
     detail: str = ""
+    vm: str | None = None

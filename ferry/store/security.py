@@ -1,5 +1,5 @@
 """The store's part for trust: API tokens (hashed), one-time join tokens, enrolled
-hosts' certificate fingerprints, and the event log."""
+hosts' certificate fingerprints. (The event log is store/events.py.)"""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import uuid
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ferry.domain.audit import EventRecord, Outcome, TokenInfo
+from ferry.domain.audit import TokenInfo
 from ferry.domain.auth import Principal, TokenRole, hash_secret, secret_matches
 from ferry.domain.errors import Forbidden, NotFound, Unauthenticated
-from ferry.store.tables import EnrolmentRow, EventRow, JoinTokenRow, TokenRow
+from ferry.store.tables import EnrolmentRow, JoinTokenRow, TokenRow
 
 
 def _new_id() -> str:
@@ -104,24 +104,3 @@ class SecurityStore:
         async with self._session() as s:
             row = await s.get(EnrolmentRow, host)
             return row.fingerprint if row is not None else None
-
-    # --- event log --------------------------------------------------------------------
-    async def add_event(self, kind: str, actor: str, action: str, obj: str,
-                        outcome: Outcome, detail: str = "") -> None:
-        async with self._session.begin() as s:
-            s.add(EventRow(at=time.time(), kind=kind, actor=actor[:96], action=action[:128],
-                           object=obj[:256], outcome=outcome.value, detail=detail[:2000]))
-
-    async def events(self, limit: int = 100, before: int | None = None,
-                     since: float | None = None) -> list[EventRecord]:
-        """Newest first; page with `before` (an event id)."""
-        query = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
-        if before is not None:
-            query = query.where(EventRow.id < before)
-        if since is not None:
-            query = query.where(EventRow.at >= since)
-        async with self._session() as s:
-            rows = (await s.scalars(query)).all()
-            return [EventRecord(id=r.id, at=r.at, kind=r.kind, actor=r.actor, action=r.action,
-                                object=r.object, outcome=Outcome(r.outcome), detail=r.detail)
-                    for r in rows]

@@ -22,6 +22,7 @@ from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import Frozen, HostFacts, VmSpec
 from ferry.domain.storage import RelocationPhase, RelocationRecord
 from ferry.store.drs import DrsStore
+from ferry.store.events import EventStore
 from ferry.store.ha import HaStore
 from ferry.store.networks import NetworkStore
 from ferry.store.security import SecurityStore
@@ -60,6 +61,7 @@ class Store:
         self.networks = NetworkStore(self._session)
         self.drs = DrsStore(self._session)
         self.ha = HaStore(self._session)
+        self.events = EventStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -369,3 +371,6 @@ def _add_version_columns(conn: Connection) -> None:
                               "NOT NULL DEFAULT 0"))
     if "standby" not in {c["name"] for c in inspect(conn).get_columns("hosts")}:
         conn.execute(text("ALTER TABLE hosts ADD COLUMN standby BOOLEAN NOT NULL DEFAULT 0"))
+    if "vm" not in {c["name"] for c in inspect(conn).get_columns("events")}:
+        conn.execute(text("ALTER TABLE events ADD COLUMN vm VARCHAR(64)"))
+        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_events_vm ON events (vm)"))

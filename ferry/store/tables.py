@@ -63,7 +63,7 @@ class RelocationRow(JobColumns, Base):
     __tablename__ = "relocations"
 
 
-# --- trust: API tokens, join tokens, enrolled hosts, the audit log --------------------
+# --- trust: API tokens, join tokens, enrolled hosts; the event log (store/events.py) --
 class TokenRow(Base):
     __tablename__ = "tokens"
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -101,6 +101,8 @@ class EventRow(Base):
     object: Mapped[str] = mapped_column(String(256))
     outcome: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str] = mapped_column(Text, default="")
+    # The VM the event concerns (a migration's, a relocation's), for `?vm=` filtering.
+    vm: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class NetworkRow(Base):

@@ -17,6 +17,7 @@ from ferry.control.drs import Drs
 from ferry.control.ha import Ha
 from ferry.domain.drs import Rule, RuleKind
 from ferry.domain.errors import NoCapacity
+from ferry.domain.events import EventKind, EventQuery
 from ferry.domain.ha import (
     HaSettings,
     Health,
@@ -156,8 +157,9 @@ async def test_a_dead_hosts_vms_restart_elsewhere_by_priority(
         rec = await cluster.store.vm(name)
         assert rec.host != "host1" and rec.state is VmState.RUNNING
     assert (await cluster.store.vm("vm2")).host == "host1"  # disabled: stays down
-    events = await cluster.store.security.events()
-    assert any(e.action == "vm restarted" and e.object == "vm1" for e in events)
+    events = await cluster.store.events.page(EventQuery(vm="vm1"))
+    assert any(e.action == "vm restarted" and e.kind is EventKind.HA_RESTART
+               for e in events)
 
 
 async def test_an_isolated_hosts_vms_wait_for_their_leases(

@@ -10,6 +10,7 @@ import pytest
 from ferry.agent.models import AgentVmState, VmInfo
 from ferry.control.agents import AgentPool
 from ferry.control.reconcile import BusyVms, Reconciler
+from ferry.domain.events import EventQuery
 from ferry.domain.inventory import VmState
 from ferry.domain.reconcile import FindingKind, reconcile
 from ferry.domain.records import VmRecord
@@ -115,7 +116,7 @@ async def test_a_finding_is_applied_only_when_seen_twice(tmp_path: Path) -> None
         [applied] = await rec.round()
         assert applied.kind is FindingKind.CRASHED
         assert (await store.vm("web1")).state is VmState.CRASHED
-        events = await store.security.events()
+        events = await store.events.page(EventQuery())
         assert events[0].kind == "reconcile" and "no host runs it" in events[0].detail
         # back on host2 (say, an operator started it there by hand): recorded there
         pool.report("host2", (VmInfo(name="web1", uuid=(await store.vm("web1")).spec.uuid,
