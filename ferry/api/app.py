@@ -15,6 +15,7 @@ from ferry.agent.models import AgentHeartbeat
 from ferry.api.auth import enrolled_host, install_gates, requires, unauthenticated_response
 from ferry.api.drs_routes import register_drs_routes
 from ferry.api.network_routes import register_network_routes
+from ferry.api.schedule_routes import register_schedule_routes
 from ferry.api.schemas import (
     CheckResult,
     CreateVmRequest,
@@ -52,6 +53,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     register_trust_routes(app, control)
     register_network_routes(app, control)
     register_drs_routes(app, control)
+    register_schedule_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:

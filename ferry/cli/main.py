@@ -19,6 +19,7 @@ from ferry.cli import (
     network_cmd,
     policy_cmd,
     relocate_cmd,
+    schedule_cmd,
     trust_cmd,
 )
 from ferry.cli.client import Client, connect
@@ -43,6 +44,7 @@ app.add_typer(relocate_cmd.relocation_app, name="relocation")
 app.add_typer(network_cmd.app, name="network")
 app.add_typer(drs_cmd.drs_app, name="drs")
 app.add_typer(drs_cmd.rule_app, name="rule")
+app.add_typer(schedule_cmd.app, name="schedule")
 
 F = TypeVar("F", bound=Callable[..., Any])
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL "
@@ -72,6 +74,7 @@ relocate_cmd.register(vm_app, handle_errors)
 trust_cmd.register(app, host_app, handle_errors)
 network_cmd.register(handle_errors)
 drs_cmd.register(host_app, handle_errors)
+schedule_cmd.register(handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 

@@ -11,6 +11,7 @@ from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
 from ferry.control.networks import Networks
 from ferry.control.reconcile import Reconciler
+from ferry.control.schedules import Scheduler
 from ferry.control.storage import Relocator
 from ferry.control.trust import Trust
 from ferry.pki import ControlPki
@@ -35,6 +36,8 @@ class ControlPlane:
         self.drs = Drs(store, self.inventory, self.migrations, self.demand)
         self.dpm = Dpm(store, self.drs, lab_power)
         self.drs.dpm_round = self.dpm.round
+        self.schedules = Scheduler(store, self.migrations, self.relocations, self.drs,
+                                   self.bus)
 
     @classmethod
     async def open(cls, db_url: str, pki: ControlPki, lab_power: LabPower | None = None
@@ -48,8 +51,11 @@ class ControlPlane:
         await self.relocations.resume_unfinished()
         self.reconciler.start()
         self.drs.start()
+        # After the jobs resumed: a scheduled run's job is followed, never started again.
+        await self.schedules.start()
 
     async def close(self) -> None:
+        await self.schedules.close()
         await self.reconciler.close()
         await self.drs.close()
         await self.networks.close()

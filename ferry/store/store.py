@@ -23,6 +23,7 @@ from ferry.domain.specs import Frozen, HostFacts, VmSpec
 from ferry.domain.storage import RelocationPhase, RelocationRecord
 from ferry.store.drs import DrsStore
 from ferry.store.networks import NetworkStore
+from ferry.store.schedules import ScheduleStore
 from ferry.store.security import SecurityStore
 from ferry.store.tables import (
     Base,
@@ -58,6 +59,7 @@ class Store:
         self.security = SecurityStore(self._session)
         self.networks = NetworkStore(self._session)
         self.drs = DrsStore(self._session)
+        self.schedules = ScheduleStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:
