@@ -37,6 +37,7 @@ from ferry.domain.schedules import (
     decide_missed,
     describe_missed,
     next_due,
+    watermark,
 )
 from ferry.domain.specs import Frozen
 from ferry.domain.storage import RelocationPhase
@@ -109,10 +110,11 @@ class Scheduler:
     async def view(self, schedule: Schedule, missed: int | None = None) -> ScheduleView:
         if missed is None:
             missed = (await self.store.schedules.missed_counts()).get(schedule.id, 0)
-        return ScheduleView(schedule=schedule,
-                            next_run_at=next_due(schedule.spec, time.time()),
-                            last_run=await self.store.schedules.last_run(schedule.id),
-                            missed_runs=missed)
+        last = await self.store.schedules.last_run(schedule.id)
+        # After now, and after the latest recorded run (a time is never run twice).
+        after = max(time.time(), watermark(schedule, last))
+        return ScheduleView(schedule=schedule, next_run_at=next_due(schedule.spec, after),
+                            last_run=last, missed_runs=missed)
 
     async def views(self) -> list[ScheduleView]:
         missed = await self.store.schedules.missed_counts()

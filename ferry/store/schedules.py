@@ -60,9 +60,16 @@ class ScheduleStore:
     # --- runs ----------------------------------------------------------------------
     async def claim(self, run: ScheduleRun) -> ScheduleRun | None:
         """Insert the run; None when its (task, scheduled time) is already recorded (by
-        another loop, or before a restart): the caller must then not act."""
+        another loop, or before a restart), or a later time is (a loop that decided
+        from an older history: that time was run or reported already, as part of the
+        later record's range): the caller must then not act. The unique constraint is
+        the guarantee; the later-time check keeps a slow loop from reporting again."""
         try:
             async with self._session.begin() as s:
+                latest = await s.scalar(select(func.max(ScheduleRunRow.scheduled_at)).where(
+                    ScheduleRunRow.schedule_id == run.schedule_id))
+                if latest is not None and latest >= run.scheduled_at:
+                    return None
                 row = ScheduleRunRow(schedule_id=run.schedule_id,
                                      scheduled_at=run.scheduled_at,
                                      run_json=run.model_dump_json(),

@@ -1,0 +1,201 @@
+"""Scheduled tasks over the real store and orchestrator (fake agents): a run is claimed
+once, acts through the orchestrator, and its result lands in the run history."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ferry.control.demand import Demand
+from ferry.control.drs import Drs
+from ferry.control.schedules import Scheduler
+from ferry.control.storage import Relocator
+from ferry.domain.auth import Principal, TokenRole
+from ferry.domain.errors import Forbidden, InvalidInput, NotFound
+from ferry.domain.migration import Phase
+from ferry.domain.schedules import (
+    DrsApplyAction,
+    MaintenanceAction,
+    MigrateAction,
+    RelocateAction,
+    RunOutcome,
+    ScheduleRun,
+    ScheduleSpec,
+    next_due,
+)
+from tests.unit.fake_cluster import FakeCluster, spec
+
+EVERY_10_S = "* * * * * */10"
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[FakeCluster]:
+    c = await FakeCluster.open(tmp_path)
+    await c.add_running_vm(spec("web1"), "host1")
+    yield c
+    await c.close()
+
+
+def scheduler(c: FakeCluster) -> Scheduler:
+    return Scheduler(c.store, c.orchestrator, Relocator(c.store, c.pool, c.bus),
+                     Drs(c.store, c.inventory, c.orchestrator, Demand()), c.bus)
+
+
+def migrate(cron: str = EVERY_10_S, **extra: object) -> ScheduleSpec:
+    return ScheduleSpec.model_validate({
+        "cron": cron, "action": MigrateAction(vm="web1", target="host2"), **extra})
+
+
+async def until_ended(c: FakeCluster, schedule_id: str, at: int) -> ScheduleRun:
+    for _ in range(2000):
+        run = next(r for r in await c.store.schedules.runs(schedule_id)
+                   if r.scheduled_at == at)
+        if run.outcome.terminal:
+            return run
+        await asyncio.sleep(0.01)
+    raise AssertionError("the run never ended")
+
+
+async def test_a_due_run_migrates_once_and_records_the_migration(cluster: FakeCluster
+                                                                 ) -> None:
+    first, second = scheduler(cluster), scheduler(cluster)
+    first.up_since = second.up_since = 0.0  # both loops up long before the due time
+    task = await first.add(migrate(), None)
+    due = next_due(task.spec, task.created_at)
+    # two loops (or a loop and a restarted one) reach the same due time together
+    await asyncio.gather(first.tick(due + 0.1), second.tick(due + 0.1))
+    run = await until_ended(cluster, task.id, due)
+    assert run.outcome is RunOutcome.SUCCEEDED and len(run.migrations) == 1, run
+    assert "completed" in run.detail and run.started_at and run.ended_at
+    migrations = await cluster.store.migrations()
+    assert [m.id for m in migrations] == list(run.migrations)
+    assert migrations[0].phase is Phase.COMPLETED
+    assert migrations[0].cause is not None and task.id in migrations[0].cause
+    assert cluster.running_on("web1") == ["host2"]
+    # looked at again, later in the same period: nothing new
+    await first.tick(due + 5)
+    assert len(await cluster.store.schedules.runs(task.id)) == 1
+    await first.close()
+    await second.close()
+
+
+async def test_a_run_due_while_down_is_reported_missed_and_not_run(cluster: FakeCluster
+                                                                   ) -> None:
+    sched = scheduler(cluster)
+    task = await sched.add(migrate(), None)
+    due = next_due(task.spec, task.created_at)
+    sched.up_since = due + 3  # the loop came up after the due time: it was down then
+    await sched.tick(due + 4)
+    [run] = await cluster.store.schedules.runs(task.id)
+    assert run.outcome is RunOutcome.MISSED and run.scheduled_at == due
+    assert "while the control plane was down" in run.detail
+    assert await cluster.store.migrations() == []
+    view = (await sched.views())[0]
+    assert view.missed_runs == 1 and view.last_run == run and view.next_run_at > due
+    await sched.close()
+
+
+async def test_policy_run_runs_a_missed_one_late(cluster: FakeCluster) -> None:
+    sched = scheduler(cluster)
+    task = await sched.add(migrate(missed="run", grace_s=60), None)
+    due = next_due(task.spec, task.created_at)
+    sched.up_since = due + 3
+    await sched.tick(due + 4)
+    run = await until_ended(cluster, task.id, due)
+    assert run.outcome is RunOutcome.SUCCEEDED and run.late
+    await sched.close()
+
+
+async def test_a_refused_action_is_a_failed_run_with_the_reason(cluster: FakeCluster
+                                                               ) -> None:
+    sched = scheduler(cluster)
+    sched.up_since = 0.0
+    task = await sched.add(migrate(), None)
+    await cluster.store.update_vm("web1", host="host2")  # already there by run time
+    due = next_due(task.spec, task.created_at)
+    await sched.tick(due + 0.1)
+    run = await until_ended(cluster, task.id, due)
+    assert run.outcome is RunOutcome.FAILED and run.detail, run
+    await sched.close()
+
+
+@pytest.mark.parametrize("action, says", [
+    (MigrateAction(vm="nope", target="host2"), "there is no VM 'nope'"),
+    (MigrateAction(vm="web1", target="host9"), "there is no host 'host9'"),
+    (RelocateAction(vm="web1", datastore="fast"), "there is no datastore 'fast'"),
+    (MaintenanceAction(host="host9"), "there is no host 'host9'"),
+])
+async def test_an_unknown_object_is_refused_and_nothing_stored(
+        cluster: FakeCluster, action: object, says: str) -> None:
+    with pytest.raises(NotFound, match=says):
+        await scheduler(cluster).add(ScheduleSpec.model_validate(
+            {"cron": "0 2 * * *", "action": action}), None)
+    assert await cluster.store.schedules.all() == []
+
+
+async def test_a_bad_cron_is_refused_and_nothing_stored(cluster: FakeCluster) -> None:
+    with pytest.raises(InvalidInput, match="the hour field '24' is not valid"):
+        await scheduler(cluster).add(migrate("0 24 * * *"), None)
+    assert await cluster.store.schedules.all() == []
+
+
+async def test_scheduling_needs_the_actions_own_privilege(cluster: FakeCluster) -> None:
+    viewer = Principal(token_id="v1", name="eve", role=TokenRole.VIEWER)
+    with pytest.raises(Forbidden, match=r"lacks the privilege vm\.migrate"):
+        await scheduler(cluster).add(migrate(), viewer)
+    operator = Principal(token_id="o1", name="op", role=TokenRole.OPERATOR)
+    task = await scheduler(cluster).add(ScheduleSpec(cron="@daily", action=DrsApplyAction()),
+                                        operator)
+    assert task.created_by_name == "op"
+    with pytest.raises(Forbidden):
+        await scheduler(cluster).remove(task.id, viewer)
+
+
+async def test_a_run_whose_creator_token_is_gone_fails_without_acting(cluster: FakeCluster
+                                                                     ) -> None:
+    sched = scheduler(cluster)
+    sched.up_since = 0.0
+    ghost = Principal(token_id="gone", name="ghost", role=TokenRole.ADMIN)
+    task = await sched.add(migrate(), ghost)
+    due = next_due(task.spec, task.created_at)
+    await sched.tick(due + 0.1)
+    run = await until_ended(cluster, task.id, due)
+    assert run.outcome is RunOutcome.FAILED and "'ghost'" in run.detail
+    assert await cluster.store.migrations() == []
+    await sched.close()
+
+
+async def test_after_a_restart_a_started_run_is_followed_and_a_bare_one_interrupted(
+        cluster: FakeCluster) -> None:
+    before = scheduler(cluster)
+    task = await before.add(migrate(), None)
+    started = await cluster.orchestrator.start("web1", "host2")
+    await cluster.store.schedules.claim(ScheduleRun(
+        id=0, schedule_id=task.id, scheduled_at=100, outcome=RunOutcome.RUNNING,
+        started_at=time.time(), migrations=(started.id,)))
+    other = await before.add(ScheduleSpec(cron="@daily", action=DrsApplyAction()), None)
+    await cluster.store.schedules.claim(ScheduleRun(
+        id=0, schedule_id=other.id, scheduled_at=100, outcome=RunOutcome.RUNNING))
+    after = scheduler(cluster)
+    await after.start()  # as a restarted control plane does
+    assert (await until_ended(cluster, task.id, 100)).outcome is RunOutcome.SUCCEEDED
+    bare = await until_ended(cluster, other.id, 100)
+    assert bare.outcome is RunOutcome.INTERRUPTED and "not run again" in bare.detail
+    await after.close()
+
+
+async def test_removing_a_task_removes_its_history(cluster: FakeCluster) -> None:
+    sched = scheduler(cluster)
+    task = await sched.add(migrate(), None)
+    await cluster.store.schedules.claim(ScheduleRun(
+        id=0, schedule_id=task.id, scheduled_at=100, outcome=RunOutcome.MISSED))
+    assert (await cluster.store.schedules.claim(ScheduleRun(
+        id=0, schedule_id=task.id, scheduled_at=100, outcome=RunOutcome.RUNNING))) is None
+    await sched.remove(task.id, None)
+    assert await cluster.store.schedules.runs(task.id) == []
+    with pytest.raises(NotFound, match="see `ferry schedule list`"):
+        await cluster.store.schedules.get(task.id)
