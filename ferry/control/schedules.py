@@ -195,8 +195,9 @@ class Scheduler:
             else:
                 await record_schedule_event(self.store, schedule, run.model_copy(update={
                     "outcome": RunOutcome.INTERRUPTED, "ended_at": time.time(),
-                    "detail": "the control plane stopped during this run before it had "
-                              "started a job; not run again (see `ferry migration list`)"}))
+                    "detail": "the control plane stopped during this run before it "
+                              "recorded a job: whether its action began is not known "
+                              "here; not run again (see `ferry migration list`)"}))
 
     # --- one run -----------------------------------------------------------------
     async def _execute(self, schedule: Schedule, run: ScheduleRun) -> None:

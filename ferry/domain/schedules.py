@@ -297,8 +297,11 @@ def decide_missed(schedule: Schedule, now: float, last_run: ScheduleRun | None,
 
 
 def describe_missed(missed: MissedRange, spec: ScheduleSpec) -> str:
+    """E.g. `missed 3 runs due from 2026-01-01T02:00:00+00:00 while the control plane
+    was down: missed runs are skipped (policy skip); not run`."""
     when = "while the control plane was down" if missed.while_down else "late"
-    count = f"{missed.count}+" if missed.count >= MAX_COUNTED else str(missed.count)
-    first = datetime.fromtimestamp(missed.first, zone(spec.tz)).isoformat()
-    what = f"{count} runs due from {first}" if missed.count > 1 else "due"
-    return f"missed ({what}) {when}: {missed.why}; not run"
+    if missed.count > 1:
+        count = f"{missed.count}+" if missed.count >= MAX_COUNTED else str(missed.count)
+        first = datetime.fromtimestamp(missed.first, zone(spec.tz)).isoformat()
+        return f"missed {count} runs due from {first} {when}: {missed.why}; not run"
+    return f"missed {when}: {missed.why}; not run"

@@ -77,3 +77,59 @@ async def test_a_viewer_cannot_schedule(api: tuple[httpx.AsyncClient, dict[str, 
     resp = await client.post("/v1/schedules", headers={"authorization": tokens["viewer"]},
                              json={"cron": "@daily", "action": {"kind": "drs_apply"}})
     assert resp.status_code == 403 and "drs.apply" in resp.json()["error"]["problem"]
+
+
+class CannedClient:
+    """Answers the CLI's calls with bodies made from the API's own models."""
+
+    def __init__(self, answers: dict[tuple[str, str], object]) -> None:
+        self.answers = answers
+        self.sent: list[tuple[str, str, object]] = []
+
+    def call(self, method: str, path: str, body: object = None, **_: object) -> object:
+        self.sent.append((method, path, body))
+        return self.answers[(method, path)]
+
+
+def test_the_cli_sends_the_action_and_shows_views_and_history(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ferry.cli import schedule_cmd
+    from ferry.cli.main import app
+    from ferry.control.schedules import ScheduleView
+    from ferry.domain.schedules import (
+        MigrateAction,
+        RunOutcome,
+        Schedule,
+        ScheduleRun,
+        ScheduleSpec,
+    )
+
+    spec = ScheduleSpec(cron="0 2 * * *", action=MigrateAction(vm="web1", target="host2"))
+    run = ScheduleRun(id=1, schedule_id="abc", scheduled_at=1_767_232_800,
+                      outcome=RunOutcome.MISSED, detail="missed while the control plane "
+                      "was down: missed runs are skipped (policy skip); not run",
+                      ended_at=1_767_232_900.0, missed_count=1)
+    view = ScheduleView(schedule=Schedule(id="abc", spec=spec, created_at=1.0),
+                        next_run_at=1_767_319_200, last_run=run, missed_runs=1)
+    client = CannedClient({
+        ("POST", "/v1/schedules"): view.model_dump(mode="json"),
+        ("GET", "/v1/schedules"): [view.model_dump(mode="json")],
+        ("GET", "/v1/schedules/abc/runs"): [run.model_dump(mode="json")],
+    })
+    monkeypatch.setattr(schedule_cmd, "connect", lambda *_a, **_k: client)
+    runner = CliRunner()
+    added = runner.invoke(app, ["schedule", "add", "0 2 * * *", "migrate", "web1", "host2",
+                                "--missed", "run", "--grace", "600"])
+    assert added.exit_code == 0, added.output
+    assert "next run 2026-01-02 02:00:00 UTC" in added.output
+    assert client.sent[0][2] == {
+        "cron": "0 2 * * *", "tz": "UTC", "missed": "run", "grace_s": 600,
+        "action": {"kind": "migrate", "vm": "web1", "target": "host2"}}
+    listed = runner.invoke(app, ["schedule", "list"])
+    assert listed.exit_code == 0 and "migrate web1 host2" in listed.output, listed.output
+    history = runner.invoke(app, ["schedule", "history", "abc"])
+    assert history.exit_code == 0 and "missed while the control plane" in history.output
+    bad = runner.invoke(app, ["schedule", "add", "0 2 * * *", "migrate", "web1"])
+    assert bad.exit_code == 1 and "migrate VM HOST" in bad.output
