@@ -47,6 +47,7 @@ log = logging.getLogger("ferry.schedules")
 J = TypeVar("J")
 MAX_SLEEP_S = 60.0  # look again at least this often (a clock step, a missed wake-up)
 FOLLOW_POLL_S = 1.0
+ACT_GRACE_S = 10.0  # at shutdown, how long a run starting its action may take to start it
 
 
 class ScheduleView(Frozen):
@@ -68,6 +69,7 @@ class Scheduler:
         self.bus = bus
         self._loop: asyncio.Task[None] | None = None
         self._runs: set[asyncio.Task[None]] = set()
+        self._acting: set[asyncio.Task[ScheduleRun]] = set()
         self._wake = asyncio.Event()
         # Until the loop starts, every due time counts as come while down.
         self.up_since = float("inf")
@@ -128,7 +130,16 @@ class Scheduler:
         self._loop = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        tasks = [*self._runs, *([self._loop] if self._loop else [])]
+        if self._loop is not None:  # no new claims from here on
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        # A run starting its action gets to record what it started (else it would be
+        # found `interrupted` at the next start, its job not followed); following a job
+        # is cancelled: the next start follows it again.
+        if self._acting:
+            await asyncio.wait(self._acting, timeout=ACT_GRACE_S)
+        tasks = list(self._runs)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -201,9 +212,11 @@ class Scheduler:
 
     # --- one run -----------------------------------------------------------------
     async def _execute(self, schedule: Schedule, run: ScheduleRun) -> None:
+        act = asyncio.create_task(self._authorized_act(schedule, run))
+        self._acting.add(act)
+        act.add_done_callback(self._acting.discard)
         try:
-            await self._authorize(schedule)
-            run = await self._act(schedule, run)
+            run = await act
         except FerryError as exc:
             await record_schedule_event(self.store, schedule, run.model_copy(update={
                 "outcome": RunOutcome.FAILED, "ended_at": time.time(),
@@ -216,6 +229,10 @@ class Scheduler:
                 "detail": f"internal error: {exc!r}"}))
             return
         await self._finish(schedule, run)
+
+    async def _authorized_act(self, schedule: Schedule, run: ScheduleRun) -> ScheduleRun:
+        await self._authorize(schedule)
+        return await self._act(schedule, run)
 
     async def _authorize(self, schedule: Schedule) -> None:
         """The run acts with its creator's rights, as they are now."""

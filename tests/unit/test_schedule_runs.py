@@ -199,3 +199,27 @@ async def test_removing_a_task_removes_its_history(cluster: FakeCluster) -> None
     assert await cluster.store.schedules.runs(task.id) == []
     with pytest.raises(NotFound, match="see `ferry schedule list`"):
         await cluster.store.schedules.get(task.id)
+
+
+async def test_a_shutdown_lets_a_starting_run_record_its_job_then_follows_it_after(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    sched = scheduler(cluster)
+    sched.up_since = 0.0
+    task = await sched.add(migrate(), None)
+    real_start = cluster.orchestrator.start
+
+    async def slow_start(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(0.3)  # the shutdown comes while the action is starting
+        return await real_start(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cluster.orchestrator, "start", slow_start)
+    due = next_due(task.spec, task.created_at)
+    await sched.tick(due + 0.1)
+    await asyncio.sleep(0.05)
+    await sched.close()
+    [run] = await cluster.store.schedules.runs(task.id)
+    assert run.outcome is RunOutcome.RUNNING and len(run.migrations) == 1, run
+    after = scheduler(cluster)
+    await after.start()
+    assert (await until_ended(cluster, task.id, due)).outcome is RunOutcome.SUCCEEDED
+    await after.close()
