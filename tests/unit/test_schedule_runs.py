@@ -223,3 +223,27 @@ async def test_a_shutdown_lets_a_starting_run_record_its_job_then_follows_it_aft
     await after.start()
     assert (await until_ended(cluster, task.id, due)).outcome is RunOutcome.SUCCEEDED
     await after.close()
+
+
+@pytest.mark.parametrize("action, outcome, says", [
+    (MaintenanceAction(host="host1"), RunOutcome.SUCCEEDED,
+     "host host1 in maintenance: 1 migrations started"),
+    (MaintenanceAction(host="host1", on=False), RunOutcome.SUCCEEDED,
+     "host host1 out of maintenance"),
+    (DrsApplyAction(), RunOutcome.SUCCEEDED, "DRS plan applied"),
+    (RelocateAction(vm="web1", datastore="shared"), RunOutcome.FAILED, "web1"),
+])
+async def test_every_action_runs_through_its_service(
+        cluster: FakeCluster, action: object, outcome: RunOutcome, says: str) -> None:
+    sched = scheduler(cluster)
+    sched.up_since = 0.0
+    task = await sched.add(ScheduleSpec.model_validate(
+        {"cron": EVERY_10_S, "action": action}), None)
+    due = next_due(task.spec, task.created_at)
+    await sched.tick(due + 0.1)
+    run = await until_ended(cluster, task.id, due)
+    assert run.outcome is outcome and says in run.detail, run
+    if isinstance(action, MaintenanceAction) and action.on:
+        assert (await cluster.store.host("host1")).maintenance
+        assert cluster.running_on("web1") == ["host2"]
+    await sched.close()
