@@ -18,8 +18,8 @@ app = typer.Typer(
          "(UTC unless --tz), run by the control plane.", no_args_is_help=True)
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
-ACTIONS = ("migrate VM HOST", "relocate VM DATASTORE", "maintenance HOST on|off",
-           "drs apply")
+ACTIONS = ("migrate VM HOST", "relocate VM DATASTORE [DISK]",
+           "maintenance HOST on|off", "drs apply")
 
 
 def parse_action(words: list[str]) -> dict[str, Any]:
@@ -30,8 +30,9 @@ def parse_action(words: list[str]) -> dict[str, Any]:
     kind, args = words[0], words[1:]
     if kind == "migrate" and len(args) == 2:
         return {"kind": ActionKind.MIGRATE.value, "vm": args[0], "target": args[1]}
-    if kind == "relocate" and len(args) == 2:
-        return {"kind": ActionKind.RELOCATE.value, "vm": args[0], "datastore": args[1]}
+    if kind == "relocate" and len(args) in (2, 3):
+        return {"kind": ActionKind.RELOCATE.value, "vm": args[0], "datastore": args[1],
+                "disk": args[2] if len(args) == 3 else None}
     if kind == "maintenance" and len(args) == 2 and args[1] in ("on", "off"):
         return {"kind": ActionKind.MAINTENANCE.value, "host": args[0], "on": args[1] == "on"}
     if kind == "drs" and args == ["apply"]:
@@ -55,7 +56,8 @@ def describe_action(action: dict[str, Any]) -> str:
     if kind == ActionKind.MIGRATE:
         return f"migrate {action['vm']} {action['target']}"
     if kind == ActionKind.RELOCATE:
-        return f"relocate {action['vm']} {action['datastore']}"
+        disk = f" {action['disk']}" if action.get("disk") else ""
+        return f"relocate {action['vm']} {action['datastore']}{disk}"
     if kind == ActionKind.MAINTENANCE:
         return f"maintenance {action['host']} {'on' if action['on'] else 'off'}"
     return "drs apply"
@@ -77,7 +79,7 @@ def register(handle_errors: Callable[..., Any]) -> None:
                  "(last, as croniter has it); or @daily, @hourly, … Times are UTC "
                  "unless --tz.")],
         action: Annotated[list[str], typer.Argument(
-            help="migrate VM HOST | relocate VM DATASTORE | maintenance HOST on|off | "
+            help="migrate VM HOST | relocate VM DATASTORE [DISK] | maintenance HOST on|off | "
                  "drs apply", show_default=False)],
         tz: Annotated[str, typer.Option(
             help="IANA time zone the cron is read in (e.g. Europe/Paris)")] = "UTC",

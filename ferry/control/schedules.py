@@ -22,7 +22,7 @@ from ferry.control.events import ChangeBus
 from ferry.control.migration import Orchestrator
 from ferry.control.storage import Relocator
 from ferry.domain.auth import PRIVILEGES, Principal
-from ferry.domain.errors import FerryError, Forbidden, NotFound
+from ferry.domain.errors import FerryError, Forbidden, InvalidInput, NotFound
 from ferry.domain.migration import Phase
 from ferry.domain.schedules import (
     PRIVILEGE_OF,
@@ -94,7 +94,14 @@ class Scheduler:
             await self.store.vm(action.vm)
             await self.store.host(action.target)  # NotFound names the known hosts
         elif isinstance(action, RelocateAction):
-            await self.store.vm(action.vm)
+            disks = [d.name for d in (await self.store.vm(action.vm)).spec.disks]
+            if action.disk is not None and action.disk not in disks:
+                raise NotFound(f"VM {action.vm} has no disk {action.disk!r}",
+                               f"its disks: {', '.join(disks) or 'none'}")
+            if action.disk is None and len(disks) != 1:
+                raise InvalidInput(f"VM {action.vm} has {len(disks)} disks: say which moves",
+                                   f"add the disk after the datastore (its disks: "
+                                   f"{', '.join(disks) or 'none'})")
             known = sorted({d.name for h in await self.store.hosts() if h.facts
                             for d in h.facts.datastores})
             if action.datastore not in known:
@@ -255,7 +262,8 @@ class Scheduler:
             rec = await self.migrations.start(action.vm, action.target, cause=cause)
             changes = {"migrations": (rec.id,), "detail": f"migration {rec.id} started"}
         elif isinstance(action, RelocateAction):
-            moved = await self.relocations.start(action.vm, action.datastore)
+            moved = await self.relocations.start(action.vm, action.datastore,
+                                                 disk=action.disk)
             changes = {"relocations": (moved.id,), "detail": f"relocation {moved.id} started"}
         elif isinstance(action, MaintenanceAction):
             if action.on:

@@ -82,9 +82,11 @@ class RelocateAction(Frozen):
     kind: Literal[ActionKind.RELOCATE] = ActionKind.RELOCATE
     vm: Name
     datastore: Name
+    disk: Name | None = None  # needed when the VM has several
 
     def describe(self) -> str:
-        return f"relocate {self.vm}'s disk to {self.datastore}"
+        which = f"disk {self.disk}" if self.disk else "disk"
+        return f"relocate {self.vm}'s {which} to {self.datastore}"
 
 
 class MaintenanceAction(Frozen):

@@ -41,6 +41,7 @@ def test_schedule_actions_parse_to_the_api_body() -> None:
     assert parse_action(["migrate", "web1", "host2"]) == {
         "kind": "migrate", "vm": "web1", "target": "host2"}
     assert parse_action(["relocate", "web1", "fast"])["datastore"] == "fast"
+    assert parse_action(["relocate", "web1", "fast", "data"])["disk"] == "data"
     assert parse_action(["maintenance", "host3", "off"])["on"] is False
     assert parse_action(["drs", "apply"]) == {"kind": "drs_apply"}
 

@@ -16,6 +16,7 @@ from ferry.control.schedules import Scheduler
 from ferry.control.storage import Relocator
 from ferry.domain.auth import Principal, TokenRole
 from ferry.domain.errors import Forbidden, InvalidInput, NotFound
+from ferry.domain.inventory import VmState
 from ferry.domain.migration import Phase
 from ferry.domain.schedules import (
     DrsApplyAction,
@@ -27,9 +28,11 @@ from ferry.domain.schedules import (
     ScheduleSpec,
     next_due,
 )
+from ferry.domain.specs import DiskSpec
 from tests.unit.fake_cluster import FakeCluster, spec
 
 EVERY_10_S = "* * * * * */10"
+DISK = DiskSpec(name="root", datastore="shared", path="db1.qcow2")
 
 
 @pytest.fixture
@@ -126,12 +129,16 @@ async def test_a_refused_action_is_a_failed_run_with_the_reason(cluster: FakeClu
 @pytest.mark.parametrize("action, says", [
     (MigrateAction(vm="nope", target="host2"), "there is no VM 'nope'"),
     (MigrateAction(vm="web1", target="host9"), "there is no host 'host9'"),
-    (RelocateAction(vm="web1", datastore="fast"), "there is no datastore 'fast'"),
+    (RelocateAction(vm="db1", datastore="fast"), "there is no datastore 'fast'"),
+    (RelocateAction(vm="db1", datastore="shared", disk="data"), "no disk 'data'"),
+    (RelocateAction(vm="web1", datastore="shared"), "has 0 disks: say which moves"),
     (MaintenanceAction(host="host9"), "there is no host 'host9'"),
 ])
 async def test_an_unknown_object_is_refused_and_nothing_stored(
         cluster: FakeCluster, action: object, says: str) -> None:
-    with pytest.raises(NotFound, match=says):
+    await cluster.add_running_vm(spec("db1", disks=(DISK,), mac="52:54:00:00:00:02"),
+                                 "host2")
+    with pytest.raises((NotFound, InvalidInput), match=says):
         await scheduler(cluster).add(ScheduleSpec.model_validate(
             {"cron": "0 2 * * *", "action": action}), None)
     assert await cluster.store.schedules.all() == []
@@ -231,14 +238,19 @@ async def test_a_shutdown_lets_a_starting_run_record_its_job_then_follows_it_aft
     (MaintenanceAction(host="host1", on=False), RunOutcome.SUCCEEDED,
      "host host1 out of maintenance"),
     (DrsApplyAction(), RunOutcome.SUCCEEDED, "DRS plan applied"),
-    (RelocateAction(vm="web1", datastore="shared"), RunOutcome.FAILED, "web1"),
+    # the relocator's own refusal (db1 is stopped by then), as a user's request gets it
+    (RelocateAction(vm="db1", datastore="shared"), RunOutcome.FAILED,
+     "a live disk move needs it running"),
 ])
 async def test_every_action_runs_through_its_service(
         cluster: FakeCluster, action: object, outcome: RunOutcome, says: str) -> None:
+    await cluster.add_running_vm(spec("db1", disks=(DISK,), mac="52:54:00:00:00:02"),
+                                 "host2")
     sched = scheduler(cluster)
     sched.up_since = 0.0
     task = await sched.add(ScheduleSpec.model_validate(
         {"cron": EVERY_10_S, "action": action}), None)
+    await cluster.store.update_vm("db1", state=VmState.DEFINED)
     due = next_due(task.spec, task.created_at)
     await sched.tick(due + 0.1)
     run = await until_ended(cluster, task.id, due)
