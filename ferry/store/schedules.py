@@ -60,12 +60,15 @@ class ScheduleStore:
     # --- runs ----------------------------------------------------------------------
     async def claim(self, run: ScheduleRun) -> ScheduleRun | None:
         """Insert the run; None when its (task, scheduled time) is already recorded (by
-        another loop, or before a restart), or a later time is (a loop that decided
-        from an older history: that time was run or reported already, as part of the
-        later record's range): the caller must then not act. The unique constraint is
-        the guarantee; the later-time check keeps a slow loop from reporting again."""
+        another loop, or before a restart), the task is gone, or a later time is (a loop
+        that decided from an older history: that time was run or reported already, as
+        part of the later record's range): the caller must then not act. The unique
+        constraint is the guarantee; the later-time check keeps a slow loop from
+        reporting a time again."""
         try:
             async with self._session.begin() as s:
+                if await s.get(ScheduleRow, run.schedule_id) is None:
+                    return None  # removed since the loop read it: nothing to run
                 latest = await s.scalar(select(func.max(ScheduleRunRow.scheduled_at)).where(
                     ScheduleRunRow.schedule_id == run.schedule_id))
                 if latest is not None and latest >= run.scheduled_at:

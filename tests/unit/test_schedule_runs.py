@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from ferry.control.demand import Demand
 from ferry.control.drs import Drs
@@ -29,6 +30,7 @@ from ferry.domain.schedules import (
     next_due,
 )
 from ferry.domain.specs import DiskSpec
+from ferry.store.tables import ScheduleRunRow
 from tests.unit.fake_cluster import FakeCluster, spec
 
 EVERY_10_S = "* * * * * */10"
@@ -206,6 +208,22 @@ async def test_removing_a_task_removes_its_history(cluster: FakeCluster) -> None
     assert await cluster.store.schedules.runs(task.id) == []
     with pytest.raises(NotFound, match="see `ferry schedule list`"):
         await cluster.store.schedules.get(task.id)
+    # a loop that read the task before its removal claims nothing
+    assert (await cluster.store.schedules.claim(ScheduleRun(
+        id=0, schedule_id=task.id, scheduled_at=200, outcome=RunOutcome.RUNNING))) is None
+
+
+async def test_the_database_itself_refuses_a_second_row_for_one_scheduled_time(
+        cluster: FakeCluster) -> None:
+    """The guarantee is the unique constraint, not the store's checks before it."""
+    session = cluster.store.schedules._session
+    async with session.begin() as s:
+        s.add(ScheduleRunRow(schedule_id="t1", scheduled_at=100, run_json="{}",
+                             outcome="running"))
+    with pytest.raises(IntegrityError):
+        async with session.begin() as s:
+            s.add(ScheduleRunRow(schedule_id="t1", scheduled_at=100, run_json="{}",
+                                 outcome="running"))
 
 
 async def test_a_shutdown_lets_a_starting_run_record_its_job_then_follows_it_after(
