@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -135,6 +144,7 @@ class ScheduleRunRow(Base):
                                        name="uq_schedule_run"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     schedule_id: Mapped[str] = mapped_column(String(16), index=True)
-    scheduled_at: Mapped[int] = mapped_column(Integer)  # whole seconds: exact equality
+    # Whole seconds (exact equality for the constraint); 64 bits: past 2038 on PostgreSQL.
+    scheduled_at: Mapped[int] = mapped_column(BigInteger)
     run_json: Mapped[str] = mapped_column(Text)
     outcome: Mapped[str] = mapped_column(String(16), index=True)
