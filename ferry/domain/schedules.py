@@ -232,22 +232,38 @@ def _iter(spec: ScheduleSpec, at: float) -> croniter[float]:
         raise InvalidInput(f"cron {spec.cron!r} is not valid: {exc}") from None
 
 
+def _repeated(spec: ScheduleSpec, at: float) -> bool:
+    """`at` is the second occurrence of a local time (the hour a zone's clocks go back
+    repeats): runs once, at the first, as crontab does, not once in each."""
+    return datetime.fromtimestamp(at, zone(spec.tz)).fold == 1
+
+
 def next_due(spec: ScheduleSpec, after: float) -> int:
     """The first scheduled time strictly after `after`."""
-    return int(_iter(spec, math.floor(after)).get_next(float))
+    it = _iter(spec, math.floor(after))
+    due = it.get_next(float)
+    while _repeated(spec, due):
+        due = it.get_next(float)
+    return int(due)
 
 
 def latest_due(spec: ScheduleSpec, at: float) -> int:
     """The latest scheduled time at or before `at`."""
     # croniter's get_prev is strictly before its base: base one second on.
-    return int(_iter(spec, math.floor(at) + 1).get_prev(float))
+    it = _iter(spec, math.floor(at) + 1)
+    due = it.get_prev(float)
+    while _repeated(spec, due):
+        due = it.get_prev(float)
+    return int(due)
 
 
 def count_due(spec: ScheduleSpec, first: int, last: int, cap: int = MAX_COUNTED) -> int:
     """How many scheduled times lie in [first, last] (first is one), at most `cap`."""
-    it = _iter(spec, first)
-    count = 1
-    while count < cap and int(it.get_next(float)) <= last:
+    count, due = 1, first
+    while count < cap:
+        due = next_due(spec, due)
+        if due > last:
+            break
         count += 1
     return count
 

@@ -86,6 +86,17 @@ def test_due_times_in_utc_and_in_a_zone() -> None:
     assert count_due(seconds, ts("2026-01-01T00:00:10"), ts("2026-01-01T00:01:00")) == 6
 
 
+def test_a_local_time_the_clocks_repeat_runs_once() -> None:
+    paris = task(cron="30 2 * * *", tz="Europe/Paris").spec
+    # 25 October 2026: 02:30 comes twice in Paris (00:30 and 01:30 UTC); run at the first
+    first = next_due(paris, ts("2026-10-24T12:00:00"))
+    assert first == ts("2026-10-25T00:30:00")
+    assert next_due(paris, first) == ts("2026-10-26T01:30:00")
+    assert latest_due(paris, ts("2026-10-25T02:00:00")) == first
+    # 29 March: 02:30 does not exist; croniter runs it at 03:00 local (01:00 UTC)
+    assert next_due(paris, ts("2026-03-28T12:00:00")) == ts("2026-03-29T01:00:00")
+
+
 # --- decide_missed -----------------------------------------------------------------
 UP_LONG_AGO = 0.0
 
@@ -155,9 +166,11 @@ Step = tuple[int, bool]  # (seconds later, up or down from then on)
        grace=st.integers(1, 120),
        steps=st.lists(st.tuples(st.integers(0, 200), st.booleans()), min_size=1,
                       max_size=40),
-       stale=st.lists(st.booleans(), min_size=40, max_size=40))
+       stale=st.lists(st.booleans(), min_size=40, max_size=40),
+       tz=st.sampled_from(["UTC", "Europe/Paris"]))
 def test_no_scheduled_time_is_ever_run_twice(cron: str, policy: MissedPolicy, grace: int,
-                                             steps: list[Step], stale: list[bool]) -> None:
+                                             steps: list[Step], stale: list[bool],
+                                             tz: str) -> None:
     """Loops wake at any times, the control plane goes down and up, and a second loop
     sometimes decides from a stale history (it read before the other's claim landed):
     the store's claim (unique, and refused at or below the latest recorded time) keeps
@@ -165,7 +178,8 @@ def test_no_scheduled_time_is_ever_run_twice(cron: str, policy: MissedPolicy, gr
     decision never proposes a recorded time to a loop that has read it, every run is a
     due time, on time or late only by policy and grace, and every due time up to the
     last wake is accounted for."""
-    t = task(cron=cron, missed=policy, grace_s=grace, created="2026-01-01T00:00:00")
+    # Paris's clocks go back at 01:00 UTC that night: a local hour repeats
+    t = task(cron=cron, missed=policy, grace_s=grace, created="2026-10-25T00:50:00", tz=tz)
     now = float(t.created_at)
     up_since, up = now, True
     claimed: dict[int, RunOutcome] = {}
