@@ -13,8 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from ferry.cli.client import Client
+from ferry.cli.main import app
 from ferry.lab import cluster
 from ferry.lab.config import LabConfig
 from tests.integration.helpers import (
@@ -55,6 +57,13 @@ def ended_run(client: Client, schedule_id: str, timeout_s: float) -> dict[str, A
 
 def migrations_of(client: Client, vm: str) -> list[dict[str, Any]]:
     return [m for m in client.call("GET", "/v1/migrations") if m["vm"] == vm]
+
+
+def cli(lab: LabConfig, *args: str) -> tuple[int, str]:
+    env = {"FERRY_TOKEN": lab.admin_token_file.read_text().strip(),
+           "FERRY_CA": str(lab.ca_file)}
+    out = CliRunner().invoke(app, [*args, "--url", lab.control_url], env=env)
+    return out.exit_code, out.output
 
 
 def restart_control(client: Client, lab: LabConfig, until: float = 0.0) -> None:
@@ -109,3 +118,10 @@ def test_a_task_migrates_at_its_time_and_a_missed_one_never_runs(
     assert len(runs(client, task["id"])) == 1
     assert len(migrations_of(client, VM)) == moved
     assert client.call("GET", f"/v1/vms/{VM}")["host"] == "host2"
+    # the same through the CLI: the history shows it missed; refusals say why
+    code, out = cli(lab, "schedule", "history", task["id"])
+    assert code == 0 and "missed" in out and "control plane was down" in out, out
+    code, out = cli(lab, "schedule", "add", "0 2 * *", "migrate", VM, "host1")
+    assert code == 1 and "has 4 fields, not 5 or 6" in out, out
+    code, out = cli(lab, "schedule", "add", "0 2 * * *", "migrate", "nosuchvm", "host1")
+    assert code == 1 and "there is no VM 'nosuchvm'" in out, out
