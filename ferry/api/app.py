@@ -17,6 +17,7 @@ from ferry.api.drs_routes import register_drs_routes
 from ferry.api.event_routes import register_event_routes
 from ferry.api.ha_routes import register_ha_routes
 from ferry.api.network_routes import register_network_routes
+from ferry.api.schedule_routes import register_schedule_routes
 from ferry.api.schemas import (
     CheckResult,
     CreateVmRequest,
@@ -57,6 +58,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     register_drs_routes(app, control)
     register_ha_routes(app, control)
     register_event_routes(app, control)
+    register_schedule_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:

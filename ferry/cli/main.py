@@ -21,6 +21,7 @@ from ferry.cli import (
     network_cmd,
     policy_cmd,
     relocate_cmd,
+    schedule_cmd,
     trust_cmd,
 )
 from ferry.cli.client import Client, connect
@@ -46,6 +47,7 @@ app.add_typer(network_cmd.app, name="network")
 app.add_typer(drs_cmd.drs_app, name="drs")
 app.add_typer(drs_cmd.rule_app, name="rule")
 app.add_typer(ha_cmd.cluster_app, name="cluster")
+app.add_typer(schedule_cmd.app, name="schedule")
 
 F = TypeVar("F", bound=Callable[..., Any])
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL "
@@ -77,6 +79,7 @@ events_cmd.register(app, handle_errors)
 network_cmd.register(handle_errors)
 drs_cmd.register(host_app, handle_errors)
 ha_cmd.register(vm_app, handle_errors)
+schedule_cmd.register(handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 

@@ -12,6 +12,7 @@ from ferry.control.inventory import Inventory
 from ferry.control.migration import Orchestrator
 from ferry.control.networks import Networks
 from ferry.control.reconcile import Reconciler
+from ferry.control.schedules import Scheduler
 from ferry.control.storage import Relocator
 from ferry.control.trust import Trust
 from ferry.pki import ControlPki
@@ -37,6 +38,8 @@ class ControlPlane:
         self.dpm = Dpm(store, self.drs, lab_power)
         self.drs.dpm_round = self.dpm.round
         self.ha = Ha(store, self.inventory, self.drs, self.agents)
+        self.schedules = Scheduler(store, self.migrations, self.relocations, self.drs,
+                                   self.bus)
 
     @classmethod
     async def open(cls, db_url: str, pki: ControlPki, lab_power: LabPower | None = None
@@ -51,8 +54,11 @@ class ControlPlane:
         self.reconciler.start()
         self.drs.start()
         self.ha.start()
+        # After the jobs resumed: a scheduled run's job is followed, never started again.
+        await self.schedules.start()
 
     async def close(self) -> None:
+        await self.schedules.close()
         await self.ha.close()
         await self.reconciler.close()
         await self.drs.close()

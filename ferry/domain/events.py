@@ -32,6 +32,7 @@ class EventKind(StrEnum):
     RELOCATION_STARTED = "relocation_started"
     RELOCATION_ENDED = "relocation_ended"
     HA_RESTART = "ha_restart"
+    SCHEDULE_RUN = "schedule_run"  # a scheduled task's run ended (or was missed)
     HA = "ha"  # HA settings, priorities, host health changes, admission refusals
 
 

@@ -25,6 +25,7 @@ from ferry.store.drs import DrsStore
 from ferry.store.events import EventStore
 from ferry.store.ha import HaStore
 from ferry.store.networks import NetworkStore
+from ferry.store.schedules import ScheduleStore
 from ferry.store.security import SecurityStore
 from ferry.store.tables import (
     Base,
@@ -62,6 +63,7 @@ class Store:
         self.drs = DrsStore(self._session)
         self.ha = HaStore(self._session)
         self.events = EventStore(self._session)
+        self.schedules = ScheduleStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -117,3 +126,27 @@ class RuleRow(Base):
     __tablename__ = "drs_rules"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     rule_json: Mapped[str] = mapped_column(Text)
+
+
+# --- scheduled tasks and their runs ------------------------------------------------
+class ScheduleRow(Base):
+    __tablename__ = "schedules"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    schedule_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class ScheduleRunRow(Base):
+    """One run of a task: claimed by inserting it before the action starts. The unique
+    (task, scheduled time) is what makes a scheduled time run at most once, however
+    many loops or restarts reach it."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (UniqueConstraint("schedule_id", "scheduled_at",
+                                       name="uq_schedule_run"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[str] = mapped_column(String(16), index=True)
+    # Whole seconds (exact equality for the constraint); 64 bits: past 2038 on PostgreSQL.
+    scheduled_at: Mapped[int] = mapped_column(BigInteger)
+    run_json: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)

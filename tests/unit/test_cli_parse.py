@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ferry.cli.main import parse_disk
@@ -32,3 +34,25 @@ def test_disk_format_and_cache() -> None:
 def test_bad_disk_options_name_what_is_wrong(text: str, says: str) -> None:
     with pytest.raises(InvalidInput, match=says):
         parse_disk(text)
+
+
+def test_schedule_actions_parse_to_the_api_body() -> None:
+    from ferry.cli.schedule_cmd import parse_action
+    assert parse_action(["migrate", "web1", "host2"]) == {
+        "kind": "migrate", "vm": "web1", "target": "host2"}
+    assert parse_action(["relocate", "web1", "fast"])["datastore"] == "fast"
+    assert parse_action(["relocate", "web1", "fast", "data"])["disk"] == "data"
+    assert parse_action(["maintenance", "host3", "off"])["on"] is False
+    assert parse_action(["drs", "apply"]) == {"kind": "drs_apply"}
+
+
+@pytest.mark.parametrize("words, says", [
+    ([], "no action given"),
+    (["migrate", "web1"], "`migrate web1` is not `migrate VM HOST`"),
+    (["maintenance", "host3", "maybe"], "is not `maintenance HOST on|off`"),
+    (["reboot", "web1"], "unknown action 'reboot'"),
+])
+def test_bad_schedule_actions_name_the_expected_form(words: list[str], says: str) -> None:
+    from ferry.cli.schedule_cmd import parse_action
+    with pytest.raises(InvalidInput, match=re.escape(says)):
+        parse_action(words)
