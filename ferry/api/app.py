@@ -24,6 +24,7 @@ from ferry.api.schemas import (
     VmView,
 )
 from ferry.api.trust_routes import register_trust_routes
+from ferry.api.web_routes import register_web_routes
 from ferry.control.migration import merge_options
 from ferry.control.service import ControlPlane
 from ferry.domain.auth import Privilege
@@ -52,6 +53,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     register_trust_routes(app, control)
     register_network_routes(app, control)
     register_drs_routes(app, control)
+    register_web_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
