@@ -556,14 +556,14 @@
         results ? el("td", {}, r.migration_id || (r.deferred ? "starts once the moves it needs end" :
           `refused: ${r.error}`)) : null);
     });
-    box.replaceChildren(
+    box.replaceChildren(el("div", {},
       el("p", {}, `imbalance ${plan.imbalance_before.toFixed(3)} → ${plan.imbalance_after.toFixed(3)}, ` +
         `${plan.moves.length} move${plan.moves.length === 1 ? "" : "s"}`),
       plan.moves.length ? el("table", {}, el("thead", {}, el("tr", {},
         ["VM", "from → to", "reason", "gain", "cost", "target after"].concat(results ? ["migration"] : [])
           .map((c) => el("th", { scope: "col" }, c)))), el("tbody", {}, rows)) : null,
-      ...plan.conflicts.map((c) => el("p", { class: "error" }, `rule conflict: ${c}`)),
-      ...plan.unplaced.map((u) => el("p", { class: "error" }, `no room: ${u}`)));
+      plan.conflicts.map((c) => el("p", { class: "error" }, `rule conflict: ${c}`)),
+      plan.unplaced.map((u) => el("p", { class: "error" }, `no room: ${u}`))));
   }
 
   async function previewPlan() {
