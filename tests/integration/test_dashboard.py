@@ -120,6 +120,7 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
         expect(card.locator("svg.chart circle.dirty").first).to_be_attached()
         expect(card).to_have_attribute("data-phase", "completed", timeout=300_000)
         expect(card.locator(".outcome")).to_contain_text("completed in")
+        expect(card.locator("[data-stage=switchover]")).to_contain_text("done")
         migration_id = card.get_attribute("data-migration-id")
         assert migration_id
         rec = client.call("GET", f"/v1/migrations/{migration_id}")
@@ -137,6 +138,20 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
         assert shot.stat().st_size > 10_000
         assert not tab.problems, tab.problems  # CSP violations show up here too
         assert_intact(client, VM, "host2", lab, before)
+
+        # The other actions go through the same API: a DRS preview, maintenance on/off.
+        page.get_by_role("button", name="Preview plan").click()
+        expect(page.locator("#drs-plan")).to_contain_text("imbalance")
+        host3 = page.locator("#hosts tbody tr").filter(
+            has=page.get_by_role("rowheader", name="host3"))
+        page.select_option("#maint-host", "host3")
+        page.get_by_role("button", name="Enter maintenance").click()
+        expect(host3).to_contain_text("maintenance", timeout=30_000)
+        assert client.call("GET", "/v1/hosts/host3")["maintenance"] is True
+        page.get_by_role("button", name="Leave maintenance").click()
+        expect(host3).not_to_contain_text("maintenance", timeout=30_000)
+        assert client.call("GET", "/v1/hosts/host3")["maintenance"] is False
+        assert not tab.problems, tab.problems
     finally:
         remove_vm(client, VM)
 

@@ -38,12 +38,12 @@ def test_loads_are_demand_over_capacity_with_arrivals_on_their_target() -> None:
 
 def test_the_static_files_ship_in_the_package() -> None:
     names = {p.name for p in static_dir().iterdir()}
-    assert {"index.html", "app.js", "app.css"} <= names
+    assert {"index.html", "app.js", "view.js", "app.css", "favicon.svg"} <= names
 
 
 def test_the_page_runs_no_inline_or_foreign_code() -> None:
     page = (static_dir() / "index.html").read_text()
-    script = (static_dir() / "app.js").read_text()
+    script = "".join((static_dir() / f).read_text() for f in ("app.js", "view.js"))
     assert "<script>" not in page and not re.search(r"\son[a-z]+\s*=", page)
     assert "style=" not in page
     assert "http://" not in page and "https://" not in page  # no CDN
@@ -71,7 +71,7 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
 async def test_the_page_is_served_without_a_token_under_a_strict_csp(
         api: tuple[httpx.AsyncClient, str]) -> None:
     client, _ = api
-    for path in ("/", "/ui/app.js", "/ui/app.css"):
+    for path in ("/", "/ui/app.js", "/ui/view.js", "/ui/app.css"):
         resp = await client.get(path)
         assert resp.status_code == 200, path
         assert resp.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
@@ -80,7 +80,7 @@ async def test_the_page_is_served_without_a_token_under_a_strict_csp(
     assert "unsafe-inline" not in CONTENT_SECURITY_POLICY
     page = await client.get("/")
     assert page.headers["content-type"].startswith("text/html")
-    assert '<script src="/ui/app.js"' in page.text
+    assert '<script type="module" src="/ui/app.js">' in page.text
     assert (await client.get("/ui/../app.py")).status_code == 404
 
 
