@@ -18,6 +18,7 @@ from ferry.cli.client import Client
 from ferry.cli.demo import wait_heartbeat
 from ferry.lab.config import LabConfig
 from tests.integration.helpers import assert_intact, boot_probe, remove_vm
+from tests.integration.test_storage import assert_disk_intact, boot_disk_probe
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "build" / "artifacts"
 VM = "dash1"
@@ -72,6 +73,18 @@ def save_screenshot(page: Any, tmp_path: Path, name: str) -> Path:
     return shot
 
 
+def log_in(page: Any, lab: LabConfig) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{lab.control_url}/")
+    # Logged out: only the login form is shown, and the page's data needs a token.
+    expect(page.locator("#login-view")).to_be_visible()
+    expect(page.locator("#app")).to_be_hidden()
+    page.get_by_label("API token").fill(lab.admin_token_file.read_text().strip())
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("#app")).to_be_visible()
+
+
 def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
                                     tmp_path: Path) -> None:
     from playwright.sync_api import expect
@@ -80,12 +93,7 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
     boot_probe(client, lab, VM, "host1", dirty=5)
     try:
         before = wait_heartbeat(client, VM)
-        page.goto(f"{lab.control_url}/")
-        # Logged out: only the login form is shown, and the page's data needs a token.
-        expect(page.locator("#login-view")).to_be_visible()
-        expect(page.locator("#app")).to_be_hidden()
-        page.get_by_label("API token").fill(lab.admin_token_file.read_text().strip())
-        page.get_by_role("button", name="Log in").click()
+        log_in(page, lab)
         hosts = page.locator("#hosts tbody tr")
         expect(hosts).to_have_count(len(lab.hosts), timeout=15_000)
         for host in lab.hosts:
@@ -154,6 +162,30 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
         assert not tab.problems, tab.problems
     finally:
         remove_vm(client, VM)
+
+
+def test_relocate_storage_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab
+                                            ) -> None:
+    from playwright.sync_api import expect
+
+    page = tab.page
+    before = boot_disk_probe(client, lab, "dash2", "host1", "local-host1", size_mib=32,
+                             disk_mib=8)
+    try:
+        log_in(page, lab)
+        page.select_option("#rel-vm", "dash2")
+        page.select_option("#rel-datastore", "shared")
+        page.get_by_role("button", name="Relocate").click()
+        row = page.locator("#relocations tbody tr").filter(
+            has=page.get_by_role("rowheader", name="dash2"))
+        expect(row).to_contain_text("shared:", timeout=15_000)
+        expect(row).to_contain_text("completed", timeout=180_000)
+        assert client.call("GET", "/v1/vms/dash2")["spec"]["disks"][0]["datastore"] \
+            == "shared"
+        assert_disk_intact(client, lab, "dash2", "host1", before)
+        assert not tab.problems, tab.problems
+    finally:
+        remove_vm(client, "dash2")
 
 
 def test_chromium_is_there_for_root() -> None:

@@ -138,7 +138,14 @@ function start() {
 }
 
 // --- polling the cluster ---------------------------------------------------------------
+// One refresh at a time: an action asking for one while a poll runs gets one right after
+// it, so actions never start a second chain of polls.
+let refreshing = false;
+let refreshAgain = false;
+
 async function refresh() {
+  if (refreshing) { refreshAgain = true; return; }
+  refreshing = true;
   clearTimeout(pollTimer);
   try {
     const [hosts, vms, load, networks, migrations, relocations] = await Promise.all([
@@ -153,10 +160,13 @@ async function refresh() {
     }
     render();
   } catch (err) {
-    if (!token()) return; // logged out meanwhile
-    say(`could not refresh: ${err.message}`, true);
+    if (token()) say(`could not refresh: ${err.message}`, true); // else: logged out
+  } finally {
+    refreshing = false;
   }
-  if (token()) pollTimer = setTimeout(refresh, POLL_MS);
+  if (!token()) return;
+  if (refreshAgain) { refreshAgain = false; refresh(); return; }
+  pollTimer = setTimeout(refresh, POLL_MS);
 }
 
 function follow(id) {
