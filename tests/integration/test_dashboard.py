@@ -188,6 +188,34 @@ def test_relocate_storage_from_the_dashboard(client: Client, lab: LabConfig, tab
         remove_vm(client, "dash2")
 
 
+def test_a_viewer_sees_but_cannot_act_and_the_token_stays_out_of_urls(
+        client: Client, lab: LabConfig, tab: Tab) -> None:
+    from playwright.sync_api import expect
+
+    page = tab.page
+    urls: list[str] = []
+    page.on("request", lambda r: urls.append(r.url))
+    made = client.call("POST", "/v1/tokens", {"name": "dash-viewer", "role": "viewer"})
+    try:
+        page.goto(f"{lab.control_url}/")
+        page.get_by_label("API token").fill(made["token"])
+        page.get_by_role("button", name="Log in").click()
+        expect(page.locator("#hosts tbody tr")).to_have_count(len(lab.hosts))
+        page.select_option("#maint-host", "host3")
+        page.get_by_role("button", name="Enter maintenance").click()
+        expect(page.locator("#status")).to_contain_text("lacks the privilege")
+        expect(page.locator("#status")).to_have_class("error")
+        assert client.call("GET", "/v1/hosts/host3")["maintenance"] is False
+        # The browser logs the refused call (HTTP 403) and nothing else.
+        assert all("403" in p for p in tab.problems), tab.problems
+        page.get_by_role("button", name="Log out").click()
+        expect(page.locator("#login-view")).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('ferry.token')") is None
+        assert urls and not [u for u in urls if made["token"] in u]
+    finally:
+        client.call("DELETE", f"/v1/tokens/{made['info']['id']}")
+
+
 def test_chromium_is_there_for_root() -> None:
     """Without it the browser test above cannot run: as root (the suite's user, who can
     install it) that is a failure, never a skip."""
