@@ -300,13 +300,28 @@ function renderMigration(rec) {
   parts.chart.replaceChildren(chart(rec.iterations));
   const actions = rec.actions || [];
   parts.levers.replaceChildren(...(actions.length ? actions.map((a) => el("li", {},
-    `at ${(a.at_ms / 1000).toFixed(1)} s: ${a.kind}${a.value !== null ? ` ${a.value}` : ""}`,
-    a.reason ? ` — ${a.reason}` : "")) : [el("li", { class: "muted" }, TERMINAL.has(rec.phase) ? "none" : "none so far")]));
+    `at ${(a.at_ms / 1000).toFixed(1)} s: ${a.kind}${a.value === null || a.value === undefined ? "" : ` ${a.value}`}`,
+    a.reason ? ` — ${a.reason}` : "")) : [el("li", { class: "muted" },
+      TERMINAL.has(rec.phase) ? "none" : "none so far")]));
   const done = TERMINAL.has(rec.phase);
   parts.outcome.textContent = done ? summary(rec) : "";
   parts.outcome.className = `outcome state-${rec.phase}`;
   parts.cancel.hidden = done || !["pending", "checking", "preparing_target", "disk_copy",
     "precopy"].includes(rec.phase);
+}
+
+// Finished cards stay for a while (their chart is worth a look), not for a whole day of
+// DRS moves: past this many, the oldest finished ones go (the table below keeps them).
+const KEEP_FINISHED_CARDS = 6;
+
+function pruneCards() {
+  const finished = [...cards.keys()].filter((id) => TERMINAL.has(state.migrations.get(id)?.phase));
+  // Cards are prepended: the oldest come last in the container, and first in `cards`.
+  for (const id of finished.slice(0, Math.max(0, finished.length - KEEP_FINISHED_CARDS))) {
+    cards.get(id).root.remove();
+    cards.delete(id);
+  }
+  $("no-running").hidden = cards.size > 0;
 }
 
 function renderFinished() {
@@ -363,6 +378,7 @@ function render() {
   for (const m of state.migrations.values()) {
     if (!m.check_only && (!TERMINAL.has(m.phase) || cards.has(m.id))) renderMigration(m);
   }
+  pruneCards();
   renderFinished();
   renderRelocations();
   renderChoices();
