@@ -2,7 +2,8 @@
 # Install the Debian packages Ferry needs, only those missing (idempotent, fast when done).
 set -euo pipefail
 PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio gzip kmod xz-utils
-      zstd gcc libc6-dev make python3-venv)
+      zstd gcc libc6-dev make python3-venv
+      chromium)  # the dashboard's browser test (Playwright drives it headless)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -27,6 +27,7 @@ from ferry.api.schemas import (
     VmView,
 )
 from ferry.api.trust_routes import register_trust_routes
+from ferry.api.web_routes import register_web_routes
 from ferry.control.migration import merge_options
 from ferry.control.service import ControlPlane
 from ferry.domain.auth import Privilege
@@ -59,6 +60,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     register_ha_routes(app, control)
     register_event_routes(app, control)
     register_schedule_routes(app, control)
+    register_web_routes(app, control)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:

@@ -409,7 +409,14 @@ def imbalance(snapshot: ClusterSnapshot) -> float:
     return State(snapshot, DrsSettings()).imbalance()
 
 
+def loads(snapshot: ClusterSnapshot) -> dict[str, HostLoad]:
+    """Each host's load as the planner reads it (demand over capacity, migrations on
+    their way in counted on their target), so what an operator sees is what DRS acts on."""
+    st = State(snapshot, DrsSettings())
+    return {name: st.load(i) for i, name in enumerate(st.hnames)}
+
+
 __all__ = [
     "SPREAD", "ClusterSnapshot", "DrsHost", "DrsSettings", "DrsVm", "HostLoad", "Move", "Plan",
-    "Rule", "RuleKind", "evacuate", "imbalance", "place_initial", "plan", "smooth",
+    "Rule", "RuleKind", "evacuate", "imbalance", "loads", "place_initial", "plan", "smooth",
 ]
