@@ -126,6 +126,19 @@ class FactsCollector(Collector):
                                        for a in m.actions).items()):
             levers.add_metric([lever], n)
         yield levers
+        checks = [m.memory_check for m in self._facts.migrations if m.memory_check]
+        checked = CounterMetricFamily(
+            "ferry_memory_checks", "Destination RAM checks before the switch, by result",
+            labels=["result"])
+        checked.add_metric(["equal"], sum(1 for c in checks
+                                          if not c.skipped and not c.repaired_pages))
+        checked.add_metric(["repaired"], sum(1 for c in checks if c.repaired_pages))
+        checked.add_metric(["skipped"], sum(1 for c in checks if c.skipped))
+        yield checked
+        repaired = CounterMetricFamily("ferry_memory_repaired_pages",
+                                       "Stale destination pages copied again at switchover")
+        repaired.add_metric([], sum(c.repaired_pages for c in checks))
+        yield repaired
 
     def _other_jobs(self) -> Iterable[Metric]:
         relocations = CounterMetricFamily("ferry_relocations",

@@ -19,6 +19,7 @@ from ferry.domain.auth import TokenRole, format_token, new_secret
 from ferry.domain.drs_model import ClusterSnapshot
 from ferry.domain.errors import InvalidInput
 from ferry.domain.events import SYSTEM, EventKind, EventQuery, parse_since
+from ferry.domain.memory_check import MemoryCheck
 from ferry.domain.migration import Phase
 from ferry.domain.records import ActionRecord, MigrationRecord
 from ferry.pki import ControlPki
@@ -180,7 +181,9 @@ async def test_metrics_are_prometheus_text_derived_from_the_store(
     done = MigrationRecord(id="m1", vm="web1", source="h1", target="h2",
                            phase=Phase.COMPLETED, created_at=NOW, total_ms=12_000,
                            downtime_ms=40, transferred_bytes=5 << 20,
-                           actions=(ActionRecord(at_ms=900, kind="throttle", value=20),))
+                           actions=(ActionRecord(at_ms=900, kind="throttle", value=20),),
+                           memory_check=MemoryCheck(chunks=96, differing_chunks=2,
+                                                    repaired_pages=5, ms=80))
     await store.add_migration(done)
     await eventlog.drs_move(store, "web1", "h1", "h2", "imbalance 0.3", "m1")
     resp = await client.get("/metrics")
@@ -194,6 +197,9 @@ async def test_metrics_are_prometheus_text_derived_from_the_store(
                  'ferry_migration_downtime_seconds_sum 0.04',
                  'ferry_migration_bytes_sent_total{stream="memory"} 5.24288e+06',
                  'ferry_migration_levers_total{lever="throttle"} 1.0',
+                 'ferry_memory_checks_total{result="repaired"} 1.0',
+                 'ferry_memory_checks_total{result="skipped"} 0.0',
+                 "ferry_memory_repaired_pages_total 5.0",
                  "ferry_drs_moves_total 1.0", "ferry_ha_restarts_total 0.0"):
         assert line in text, (line, text)
 
