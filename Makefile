@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs bench-announce bench-evacuate clean lab-down
+.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs bench-announce bench-evacuate bench-memory clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -59,6 +59,9 @@ bench-drs: venv
 
 bench-announce: deps venv guest
 	$(PY) bench/announce.py --json build/bench-announce.json
+
+bench-memory: deps venv guest
+	$(PY) bench/memory_check.py --json build/bench-memory.json
 
 bench-tls: deps venv guest
 	$(PY) bench/tls_cost.py --json build/bench-tls.json
