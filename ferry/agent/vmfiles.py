@@ -22,7 +22,14 @@ def tail_lines(path: Path, max_lines: int) -> list[str]:
             data = f.read()
     except OSError:
         return []
-    lines = data.decode(errors="replace").splitlines()
+    # Only whole lines: the guest may be half-way through one (a heartbeat cut after
+    # "boot=455511" would read as another boot), and a tail read from the middle of the
+    # file starts inside one.
+    end = data.rfind(b"\n")
+    start = data.find(b"\n") + 1 if size > SERIAL_TAIL_BYTES else 0
+    if end < start:
+        return []
+    lines = data[start:end].decode(errors="replace").splitlines()
     return lines[-max_lines:]
 
 
