@@ -3,7 +3,7 @@ default on TCG) against off (what raw QEMU and libvirt do: no comparison), side 
 
 Method
 ------
-A 2-host lab of its own (prefix "fk", 198.18.227.0/24, control plane on 8727; torn
+A 2-host lab of its own (prefix "fm", 198.18.227.0/24, control plane on 8727; torn
 down at the end; the logs kept when a run failed). One probe VM (--memory MiB, the probe
 sweeping --probe-mib and dirtying --dirty MiB/s) with a static address, so the lab's
 client machine can echo it (UDP, 1 ms) during each migration. --pairs pairs of
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     runs = run_in_lab(
-        "bench/memory_check.py", args.lab_dir, 2, prefix="fk", subnet_octet=227,
+        "bench/memory_check.py", args.lab_dir, 2, prefix="fm", subnet_octet=227,
         control_port=8727, banner=lambda lab: f"{args.pairs} pairs, dirty {args.dirty} MiB/s",
         body=lambda lab: Bench(lab, args).run(), failed=lambda rs: any(not r.ok for r in rs))
     if isinstance(runs, int):
