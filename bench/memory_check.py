@@ -6,7 +6,10 @@ Method
 A 2-host lab of its own (prefix "fm", 198.18.227.0/24, control plane on 8727; torn
 down at the end; the logs kept when a run failed). One probe VM (--memory MiB, the probe
 sweeping --probe-mib and dirtying --dirty MiB/s) with a static address, so the lab's
-client machine can echo it (UDP, 1 ms) during each migration. --pairs pairs of
+client machine can echo it (UDP, 1 ms) during each migration; --neighbours busy probe
+VMs (128 MiB, same dirty rate, spread over both hosts) share the two cores with it, as
+VMs do on a real host (the lost write needs a vCPU preempted at the wrong moment, i.e.
+contention: with the machine idle it is rare). --pairs pairs of
 migrations back and forth, one with {"verify_memory": "on"} and one with "off", ABBA
 order (bench/common.py abba). Per run:
 
@@ -132,8 +135,24 @@ class Bench:
                  f"gap {fmt(run.gap_ms, 0)} ms, downtime {run.downtime_ms} ms, "
                  f"check {run.check_ms if run.verify else '-'} ms"), flush=True)
 
+    def neighbours(self) -> list[str]:
+        """Busy VMs that share the two cores with the migrating one (the race that loses
+        a write needs its vCPU thread preempted at the wrong moment: contention)."""
+        names = []
+        for i in range(self.args.neighbours):
+            name = f"busy{i}"
+            spec = probe_spec(self.lab, name, 128, 48, self.args.dirty,
+                              mac=f"52:54:00:a2:00:{i + 1:02x}")
+            self.client.call("POST", "/v1/vms", {"spec": spec,
+                                                 "host": self.hosts[i % len(self.hosts)]})
+            names.append(name)
+        for name in names:
+            wait_heartbeat(self.client, name, timeout_s=120)
+        return names
+
     def run(self) -> list[Run]:
         runs: list[Run] = []
+        busy = self.neighbours()
         self.boot(self.hosts[0])
         where = self.hosts[0]
         try:
@@ -146,7 +165,8 @@ class Bench:
                     # a broken or lost guest is replaced by a fresh one on the first host
                     where = target if run.ok and not run.broken else self.replace()
         finally:
-            remove_vm(self.client, self.vm)
+            for name in (self.vm, *busy):
+                remove_vm(self.client, name)
         return runs
 
 
@@ -187,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", type=int, default=192, help="VM memory, MiB")
     p.add_argument("--probe-mib", type=int, default=64, help="memory the probe sweeps")
     p.add_argument("--dirty", type=int, default=60, help="probe's dirty rate, MiB/s")
+    p.add_argument("--neighbours", type=int, default=4,
+                   help="busy probe VMs (128 MiB, same dirty rate) sharing the hosts")
     p.add_argument("--judge-s", type=float, default=60.0,
                    help="how long the guest is watched after each migration at most")
     p.add_argument("--lab-dir", type=Path, default=None)
@@ -194,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs = run_in_lab(
         "bench/memory_check.py", args.lab_dir, 2, prefix="fm", subnet_octet=227,
-        control_port=8727, banner=lambda lab: f"{args.pairs} pairs, dirty {args.dirty} MiB/s",
+        control_port=8727, banner=lambda lab: f"{args.pairs} pairs, dirty {args.dirty} MiB/s, "
+                                  f"{args.neighbours} busy neighbours",
         body=lambda lab: Bench(lab, args).run(), failed=lambda rs: any(not r.ok for r in rs))
     if isinstance(runs, int):
         return runs
