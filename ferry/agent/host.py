@@ -43,6 +43,7 @@ from ferry.agent.models import (
 from ferry.agent.networks import HostNetworks
 from ferry.agent.stream_settings import (
     announce_of,
+    check_postcopy_possible,
     free_port,
     incoming_parameters,
     stream_capabilities,
@@ -488,7 +489,7 @@ class HostRuntime:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
         if tune.postcopy:
             # Checked before anything is set: a refused request changes nothing.
-            await _check_postcopy_possible(rec.monitor, name, self.config.name)
+            await check_postcopy_possible(rec.monitor, name, self.config.name)
         params: dict[str, object] = {}
         if tune.downtime_ms is not None:
             params["downtime-limit"] = tune.downtime_ms
@@ -601,15 +602,3 @@ def _running_monitor(rec: VmRecord, host: str) -> Monitor:
         raise NotRunning(f"VM {rec.spec.name} has no running QEMU on {host}")
     return rec.monitor
 
-
-async def _check_postcopy_possible(monitor: Monitor, name: str, host: str) -> None:
-    """QEMU refuses migrate-start-postcopy without a migration under way or without the
-    postcopy-ram capability; that is the caller's mistake (409), not the host failing."""
-    status = (await monitor.query_migrate()).status
-    if not status.in_progress:
-        raise Conflict(f"VM {name} on {host} has no migration under way ({status}) to "
-                       "switch to post-copy", "switch only a running migration")
-    caps = await monitor.execute("query-migrate-capabilities")
-    if not any(c.get("capability") == "postcopy-ram" and c.get("state") for c in caps):
-        raise Conflict(f"the migration of {name} on {host} was started without post-copy",
-                       "migrate with allow_postcopy to be able to switch to post-copy")

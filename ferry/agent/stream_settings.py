@@ -1,12 +1,15 @@
-"""A migration stream's QEMU settings on either end, and the port it listens on."""
+"""A migration stream's QEMU settings on either end, the port it listens on, and whether
+it can switch to post-copy."""
 
 from __future__ import annotations
 
 import socket
 
+from ferry.domain.errors import Conflict
 from ferry.domain.migration import StreamOptions
 from ferry.domain.networks import USER_NETWORK, Announce
 from ferry.domain.specs import VmSpec
+from ferry.hypervisor.monitor import Monitor
 
 
 def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
@@ -47,3 +50,16 @@ def free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
         return int(s.getsockname()[1])
+
+
+async def check_postcopy_possible(monitor: Monitor, name: str, host: str) -> None:
+    """QEMU refuses migrate-start-postcopy without a migration under way or without the
+    postcopy-ram capability; that is the caller's mistake (409), not the host failing."""
+    status = (await monitor.query_migrate()).status
+    if not status.in_progress:
+        raise Conflict(f"VM {name} on {host} has no migration under way ({status}) to "
+                       "switch to post-copy", "switch only a running migration")
+    caps = await monitor.execute("query-migrate-capabilities")
+    if not any(c.get("capability") == "postcopy-ram" and c.get("state") for c in caps):
+        raise Conflict(f"the migration of {name} on {host} was started without post-copy",
+                       "migrate with allow_postcopy to be able to switch to post-copy")
