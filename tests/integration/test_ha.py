@@ -87,7 +87,8 @@ def runs_elsewhere(client: Client, lab: LabConfig, vm: str, old_host: str,
 
 
 def ha_events(client: Client) -> list[dict[str, Any]]:
-    return [e for e in client.call("GET", "/v1/events", limit=500) if e["kind"] == "ha"]
+    return [e for e in client.call("GET", "/v1/events", limit=500)
+            if e["kind"] in ("ha", "ha_restart")]
 
 
 def usable(client: Client, lab: LabConfig, host: str, name: str) -> None:
