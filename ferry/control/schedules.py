@@ -114,6 +114,11 @@ class Scheduler:
             await self.store.host(action.host)
 
     async def remove(self, schedule_id: str, principal: Principal | None) -> Schedule:
+        if principal is not None and not any(principal.has(p)
+                                             for p in PRIVILEGE_OF.values()):
+            # Refused before the lookup: a token that may remove no task learns nothing
+            # about which task ids exist (403, not 404).
+            principal.require(min(PRIVILEGE_OF.values()))
         schedule = await self.store.schedules.get(schedule_id)
         if principal is not None:
             principal.require(PRIVILEGE_OF[schedule.spec.action.kind])

@@ -109,7 +109,10 @@ def snapshot(client: Client, lab: LabConfig) -> dict[str, Any]:
                            if argv0.endswith("qemu-system-x86_64"))
             for h in lab.hosts}
     root = lab.directory / "datastores"
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    # .ferry/ is HA's bookkeeping (host heartbeats, and a VM's lease record, kept
+    # released after the VM is deleted): not user data a request could have changed.
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                   if p.is_file() and ".ferry" not in p.relative_to(root).parts)
     return {"vms": vms, "hosts": hosts, "migrations": migrations,
             "relocations": relocations, "policy": client.call("GET", "/v1/policy"),
             "tokens": tokens, "networks": networks, "qemu": qemu, "files": files}

@@ -21,6 +21,7 @@ from ferry.domain.probe import (
     page_pattern,
     probe_address,
 )
+from ferry.hypervisor.guest_ram import MEMFD_LINK
 from ferry.lab.config import LabConfig
 from tests.integration.helpers import (
     assert_intact,
@@ -82,20 +83,22 @@ def test_the_watcher_sees_a_guest_executing_on_two_hosts(
 def guest_ram(pid: int, memory_mib: int) -> int:
     """Where QEMU keeps the guest's RAM in its own address space.
 
-    QEMU 7.2 maps a pc machine's RAM ("pc.ram", guest-physical 0 up to the VM's size,
-    for VMs below 3 GiB) as one anonymous mapping of exactly that size followed by a
-    one-page PROT_NONE guard (qemu_ram_mmap); checked by hand against QMP's
+    Ferry backs a VM's RAM with a shared memfd (hypervisor/argv.py, for the memory
+    check): QEMU 7.2 maps it (guest-physical 0 up to the VM's size, for VMs below
+    3 GiB) as one shared mapping of exactly that size, named after the memfd, followed
+    by a one-page PROT_NONE guard (qemu_ram_mmap); checked by hand against QMP's
     `gpa2hva`. QMP itself cannot be asked: QEMU serves one QMP client per socket and
     the agent holds it (a second client gets no greeting).
     """
     size = memory_mib * MIB
     maps = []
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        fields = line.split()
+        fields = line.split(maxsplit=5)
         start, end = (int(x, 16) for x in fields[0].split("-"))
-        maps.append((start, end, fields[1], len(fields) == 5))  # 5: no path, anonymous
-    found = [start for (start, end, perms, anon), nxt in itertools.pairwise(maps)
-             if anon and perms == "rw-p" and end - start == size and nxt[0] == end
+        ram = len(fields) == 6 and fields[5].startswith(MEMFD_LINK)
+        maps.append((start, end, fields[1], ram))
+    found = [start for (start, end, perms, ram), nxt in itertools.pairwise(maps)
+             if ram and perms == "rw-s" and end - start == size and nxt[0] == end
              and nxt[2] == "---p"]
     assert len(found) == 1, f"no single {memory_mib} MiB RAM mapping in QEMU {pid}: {found}"
     return found[0]
