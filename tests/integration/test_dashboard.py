@@ -100,6 +100,7 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
             row = hosts.filter(has=page.get_by_role("rowheader", name=host.name))
             expect(row).to_contain_text("connected")
         expect(page.locator("#hosts tbody")).to_contain_text(VM)
+        expect(page.locator("#ha-summary")).to_contain_text("HA ")  # on or off, it says
         expect(page.locator("#datastores tbody tr").first).to_contain_text("MiB free")
         assert page.evaluate("sessionStorage.getItem('ferry.token')") is not None
         assert "token" not in page.url
