@@ -100,6 +100,7 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
             row = hosts.filter(has=page.get_by_role("rowheader", name=host.name))
             expect(row).to_contain_text("connected")
         expect(page.locator("#hosts tbody")).to_contain_text(VM)
+        expect(page.locator("#ha-summary")).to_contain_text("HA ")  # on or off, it says
         expect(page.locator("#datastores tbody tr").first).to_contain_text("MiB free")
         assert page.evaluate("sessionStorage.getItem('ferry.token')") is not None
         assert "token" not in page.url
@@ -134,6 +135,8 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
         rec = client.call("GET", f"/v1/migrations/{migration_id}")
         assert rec["phase"] == "completed" and rec["options"]["max_bandwidth_bytes_s"] \
             == 16 << 20
+        if rec.get("memory_check"):  # the check of the destination's RAM, when it ran
+            expect(card.locator(".outcome")).to_contain_text("memory ")
         points = card.locator("svg.chart circle.remaining").count()
         assert 1 <= points == len(rec["iterations"]), (points, rec["iterations"])
         expect(card.locator("[data-stage=precopy] progress")).to_have_attribute("value", "1")

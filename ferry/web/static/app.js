@@ -90,7 +90,7 @@ async function stream(path, onRecord, signal) {
 
 // --- state ----------------------------------------------------------------------------
 const state = {
-  hosts: [], vms: [], load: {}, networks: [], relocations: [],
+  hosts: [], vms: [], load: {}, networks: [], relocations: [], ha: null,
   migrations: new Map(), // id -> latest record (from polls and streams)
 };
 const streams = new Map(); // migration id -> AbortController of its event stream
@@ -148,11 +148,14 @@ async function refresh() {
   refreshing = true;
   clearTimeout(pollTimer);
   try {
-    const [hosts, vms, load, networks, migrations, relocations] = await Promise.all([
+    const [hosts, vms, load, networks, migrations, relocations, ha] = await Promise.all([
       api("GET", "/v1/hosts"), api("GET", "/v1/vms"), api("GET", "/v1/load"),
       api("GET", "/v1/networks"), api("GET", "/v1/migrations"),
-      api("GET", "/v1/relocations")]);
-    Object.assign(state, { hosts, vms, load, networks, relocations });
+      api("GET", "/v1/relocations"),
+      // HA's view of each host (connected, isolated, dead); a control plane without HA
+      // still gets the rest of the page.
+      api("GET", "/v1/cluster/ha").catch(() => null)]);
+    Object.assign(state, { hosts, vms, load, networks, relocations, ha });
     for (const m of migrations) {
       const known = state.migrations.get(m.id);
       if (!known || known.version <= m.version) state.migrations.set(m.id, m);
@@ -197,6 +200,25 @@ function bar(tag, value, label, goodHigh) {
   return el("span", {}, el(tag, attrs), el("span", { class: "bar-text" }, pct(v)));
 }
 
+function haHealth(host) {
+  const ha = state.ha;
+  const health = ha && ha.hosts ? ha.hosts[host] : undefined;
+  if (!health) return el("span", { class: "muted" }, "—");
+  return el("span", {}, el("span", { class: `state state-${health}` }, health),
+    ha.settings.enabled ? "" : el("span", { class: "muted" }, " (HA off)"));
+}
+
+function renderHaSummary() {
+  const ha = state.ha;
+  const box = $("ha-summary");
+  if (!ha) { box.textContent = ""; return; }
+  const r = ha.reserve;
+  box.textContent = !ha.settings.enabled ? "HA is off (ferry cluster ha --enable turns it on)." :
+    `HA on: tolerates ${r.failures} host failure${r.failures === 1 ? "" : "s"}; ` +
+    (r.ok ? `reserve ok (${r.spare_mib} MiB spare in the worst case)` :
+      `reserve short: ${r.reason}`);
+}
+
 function renderHosts() {
   const rows = state.hosts.map((h) => {
     const facts = h.facts || {};
@@ -211,6 +233,7 @@ function renderHosts() {
       el("th", { scope: "row" }, h.name),
       el("td", {}, el("span", { class: `state state-${h.state}` }, h.state),
         flags.length ? ` (${flags.join(", ")})` : ""),
+      el("td", {}, haHealth(h.name)),
       el("td", {}, load ? bar("meter", load.cpu, `${h.name} CPU load`) : "—",
         facts.cpus ? el("div", { class: "muted" }, `${facts.cpus} cores`) : null),
       el("td", {}, load ? bar("meter", load.memory, `${h.name} memory load`) : "—",
@@ -221,6 +244,7 @@ function renderHosts() {
         el("li", {}, v.spec.name, el("span", { class: "muted" }, ` ${v.state}`)))) : "none"));
   });
   $("hosts").tBodies[0].replaceChildren(...rows);
+  renderHaSummary();
 }
 
 // Datastores as the hosts report them: one row per datastore, with who sees it.

@@ -99,6 +99,16 @@ export function chart(iterations) {
   return root;
 }
 
+// What the check of the destination's RAM before it ran found, when it ran.
+function memoryText(check) {
+  if (!check) return "";
+  if (check.skipped) return `; memory not verified (${check.skipped})`;
+  if (check.repaired_pages) {
+    return `; memory verified, ${check.repaired_pages} stale pages copied again (${check.ms} ms)`;
+  }
+  return `; memory verified (${check.ms} ms)`;
+}
+
 export function summary(rec) {
   const t = rec.phase_times || {};
   const end = t.completed ?? t.failed;
@@ -109,7 +119,8 @@ export function summary(rec) {
     return `completed${took}: downtime ${rec.downtime_ms} ms (QEMU)` +
       (cv ? `, ${Math.round(cv.gap_ms)} ms as a client saw it` : "") +
       `, ${(rec.iterations || []).length} passes, ${mib(rec.transferred_bytes)} MiB sent` +
-      `${rec.encrypted ? ", encrypted" : ""}, levers: ${levers.join(", ") || "none"}`;
+      `${rec.encrypted ? ", encrypted" : ""}, levers: ${levers.join(", ") || "none"}` +
+      memoryText(rec.memory_check);
   }
   if (rec.phase === "failed") return `failed${took}: ${rec.reason ?? "no reason recorded"}`;
   return rec.phase;
