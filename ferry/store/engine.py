@@ -20,16 +20,19 @@ differs and why:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from ferry.store.tables import Base, SettingRow, job_indexes
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+SCHEMA_ATTEMPTS = 5
 # Keys of PostgreSQL advisory locks (one 64-bit space per database): any fixed numbers
 # nobody else uses; these spell "ferry" and a purpose.
 SCHEMA_LOCK = 0x6665727279_01
@@ -75,12 +78,22 @@ def create_engine(url: str) -> AsyncEngine:
 async def prepare_schema(engine: AsyncEngine) -> None:
     """Create what is missing: tables, and the columns and indexes later versions added
     to tables an older database already has."""
-    async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
-                               {"key": SCHEMA_LOCK})
-        await conn.run_sync(Base.metadata.create_all)
-        await conn.run_sync(_add_late_columns)
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        try:
+            async with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                       {"key": SCHEMA_LOCK})
+                await conn.run_sync(Base.metadata.create_all)
+                await conn.run_sync(_add_late_columns)
+            return
+        except OperationalError:
+            # SQLite runs DDL outside any transaction, so a process opening the same
+            # new file at once can create a table between our check and our CREATE:
+            # every step checks first, so doing it again finishes the job.
+            if engine.dialect.name != "sqlite" or attempt == SCHEMA_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.05 * attempt)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
