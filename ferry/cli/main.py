@@ -83,8 +83,12 @@ schedule_cmd.register(handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 
+DB_HELP = ("the store: a SQLite file (a path or sqlite:// URL) or a PostgreSQL database "
+           "(postgresql://USER@HOST/DB, or ?host=/run/postgresql for its socket)")
+
+
 @app.command()
-def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] =
+def server(db: Annotated[str, typer.Option(help=DB_HELP)] =
            "sqlite+aiosqlite:///ferry.db",
            listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
            port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
@@ -106,7 +110,7 @@ def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] 
 
 @app.command()
 @handle_errors
-def init(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] =
+def init(db: Annotated[str, typer.Option(help=DB_HELP)] =
          "sqlite+aiosqlite:///ferry.db",
          pki: Annotated[Path, typer.Option(help="directory for the cluster CA")] =
          Path("pki"),
