@@ -21,6 +21,7 @@ from ferry.store.engine import create_engine, insert_missing, prepare_schema, pu
 from ferry.store.engine import sqlite_url as sqlite_url
 from ferry.store.events import EventStore
 from ferry.store.ha import HaStore
+from ferry.store.leader import LeaderStore
 from ferry.store.networks import NetworkStore
 from ferry.store.schedules import ScheduleStore
 from ferry.store.security import SecurityStore
@@ -53,6 +54,7 @@ class Store:
         self.ha = HaStore(self._session)
         self.events = EventStore(self._session)
         self.schedules = ScheduleStore(self._session)
+        self.leader = LeaderStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:

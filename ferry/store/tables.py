@@ -179,3 +179,15 @@ class ScheduleRunRow(Base):
     scheduled_at: Mapped[int] = mapped_column(BigInteger)
     run_json: Mapped[str] = mapped_column(Text)
     outcome: Mapped[str] = mapped_column(String(16), index=True)
+
+
+# --- the control plane's leader (ferry/domain/leader.py) ------------------------------
+class LeaderRow(Base):
+    """One row per lease (one: "control"). Written only by compare-and-set on version."""
+
+    __tablename__ = "leader_lease"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), default="")
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -20,6 +20,7 @@ from ferry.domain.errors import Conflict
 from ferry.domain.events import SYSTEM, EventKind, EventQuery
 from ferry.domain.ha import Priority
 from ferry.domain.inventory import VmState
+from ferry.domain.leader import LeaderLease, LeaderTerms, claim
 from ferry.domain.migration import Phase
 from ferry.domain.records import MigrationRecord, VmRecord
 from ferry.domain.specs import HostFacts, KernelBoot, VmSpec
@@ -195,3 +196,15 @@ async def test_two_control_planes_starting_at_once_share_one_schema(db_url: str)
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_of_two_claims_from_one_reading_one_lands(store: Store) -> None:
+    terms = LeaderTerms()
+    read = await store.leader.read()
+    assert read == LeaderLease()
+    a, b = claim(read, "a", 100.0, terms), claim(read, "b", 100.0, terms)
+    assert a is not None and b is not None
+    landed = await asyncio.gather(store.leader.write(read, a), store.leader.write(read, b))
+    assert sorted(landed) == [False, True]
+    now = await store.leader.read()
+    assert now.holder in ("a", "b") and now.token == 1 and now.version == 1
