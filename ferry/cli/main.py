@@ -102,10 +102,13 @@ def server(db: Annotated[str, typer.Option(help=DB_HELP)] =
            lab_dir: Annotated[Path | None, typer.Option(
                help="the lab this control plane serves (its hosts' power driver stops "
                     "and starts their agents)")] = None,
+           replica_id: Annotated[str | None, typer.Option(
+               help="this replica's name in the leader lease (default: the machine's "
+                    "name; give each replica on one machine its own)")] = None,
            ) -> None:
     """Run the control plane over TLS (REST API at /v1, OpenAPI at /docs)."""
     from ferry.api.main import run
-    run(db, listen, port, pki, tuple(allowed_host or ()), log_level, lab_dir)
+    run(db, listen, port, pki, tuple(allowed_host or ()), log_level, lab_dir, replica_id)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from ferry.store import Store
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 Hook = Callable[[], Awaitable[None]]
+REPLICA_ID_MAX = 128  # the lease row's holder column
 
 
 def default_replica_id() -> str:
@@ -29,6 +30,8 @@ def default_replica_id() -> str:
 class Leadership:
     def __init__(self, store: Store, replica: str, on_lead: Hook, on_stand_by: Hook,
                  terms: LeaderTerms | None = None, clock: Clock = time.time) -> None:
+        if not 0 < len(replica) <= REPLICA_ID_MAX:
+            raise ValueError(f"a replica id is 1 to {REPLICA_ID_MAX} characters")
         self.store = store
         self.replica = replica
         self.terms = terms or LeaderTerms()
