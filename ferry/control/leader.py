@@ -82,7 +82,10 @@ class Leadership:
             if self.leading and self._written is not None:
                 wait = min(wait, max(0.0, self._written.expires_at - self._clock()))
             await asyncio.sleep(wait)
-            await self.round()
+            try:
+                await self.round()
+            except Exception:  # starting or stopping the loops failed: claim on regardless
+                log.exception("leader lease: changing over failed")
 
     async def close(self) -> None:
         """Stop claiming; a leader stops driving and gives the lease up, so a standby
