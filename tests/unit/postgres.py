@@ -19,6 +19,8 @@ BIN = Path(os.environ.get("FERRY_PG_BIN", "/usr/lib/postgresql/15/bin"))
 # The server refuses to run as root; as root we run it as Debian's `postgres` user.
 SERVER_USER = "postgres"
 START_TIMEOUT_S = 30
+PREFIX = "ferry-pg-"
+OWNER = "owner.pid"  # the test process that started the server
 
 
 class PostgresMissing(RuntimeError):
@@ -49,7 +51,9 @@ def private_server() -> Iterator[PostgresServer]:
     if not (BIN / "initdb").exists() or not (BIN / "pg_ctl").exists():
         raise PostgresMissing(f"no PostgreSQL server binaries in {BIN} "
                               "(Debian: apt-get install postgresql; scripts/install-deps.sh)")
-    root = Path(tempfile.mkdtemp(prefix="ferry-pg-"))
+    _remove_orphans()
+    root = Path(tempfile.mkdtemp(prefix=PREFIX))
+    (root / OWNER).write_text(str(os.getpid()))
     data, log = root / "data", root / "server.log"
     user = SERVER_USER if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
     if os.geteuid() == 0:
@@ -61,9 +65,28 @@ def private_server() -> Iterator[PostgresServer]:
         yield PostgresServer(socket_dir=root, user=user)
     finally:
         if (data / "postmaster.pid").exists():
-            subprocess.run(_as_server_user([
-                str(BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"]),
-                check=False, capture_output=True, timeout=60)
+            _stop(data)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _stop(data: Path) -> None:
+    subprocess.run(_as_server_user([
+        str(BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"]),
+        check=False, capture_output=True, timeout=60)
+
+
+def _remove_orphans() -> None:
+    """Servers of test sessions that died without their teardown (SIGKILL): each
+    directory names the process that made it; a dead one's server is stopped here."""
+    for root in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            owner = int((root / OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being made right now
+        if Path(f"/proc/{owner}").exists():
+            continue
+        if (root / "data" / "postmaster.pid").exists():
+            _stop(root / "data")
         shutil.rmtree(root, ignore_errors=True)
 
 
