@@ -3,6 +3,7 @@
 set -euo pipefail
 PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio gzip kmod xz-utils
       zstd gcc libc6-dev make python3-venv
+      postgresql  # the store's tests run on it too (a private server each session)
       chromium)  # the dashboard's browser test (Playwright drives it headless)
 missing=()
 for p in "${PKGS[@]}"; do

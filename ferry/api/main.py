@@ -21,10 +21,11 @@ from ferry.pki.serve import tls_config
 
 
 async def serve(db_url: str, host: str, port: int, pki_dir: Path,
-                allowed_hosts: tuple[str, ...] = (), lab_dir: Path | None = None) -> None:
+                allowed_hosts: tuple[str, ...] = (), lab_dir: Path | None = None,
+                replica_id: str | None = None) -> None:
     pki = ControlPki(pki_dir)
     pki.init((host,) if host not in ("0.0.0.0", "127.0.0.1") else ())
-    control = await ControlPlane.open(db_url, pki, _lab_power(lab_dir))
+    control = await ControlPlane.open(db_url, pki, _lab_power(lab_dir), replica_id)
     app = create_app(control, (*DEFAULT_ALLOWED_HOSTS, host, *allowed_hosts))
     server = uvicorn.Server(tls_config(app, host, port, ca=pki.ca_cert, cert=pki.cert,
                                        key=pki.key, require_client_cert=False))
@@ -50,7 +51,7 @@ def _lab_power(lab_dir: Path | None) -> LabPower | None:
 
 def run(db_url: str, host: str, port: int, pki_dir: Path,
         allowed_hosts: tuple[str, ...] = (), log_level: str = "info",
-        lab_dir: Path | None = None) -> None:
+        lab_dir: Path | None = None, replica_id: str | None = None) -> None:
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(serve(db_url, host, port, pki_dir, allowed_hosts, lab_dir))
+    asyncio.run(serve(db_url, host, port, pki_dir, allowed_hosts, lab_dir, replica_id))

@@ -83,8 +83,12 @@ schedule_cmd.register(handle_errors)
 lab_cmd.handle_errors = handle_errors
 
 
+DB_HELP = ("the store: a SQLite file (a path or sqlite:// URL) or a PostgreSQL database "
+           "(postgresql://USER@HOST/DB, or ?host=/run/postgresql for its socket)")
+
+
 @app.command()
-def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] =
+def server(db: Annotated[str, typer.Option(help=DB_HELP)] =
            "sqlite+aiosqlite:///ferry.db",
            listen: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
            port: Annotated[int, typer.Option(help="port to listen on")] = 8700,
@@ -98,15 +102,18 @@ def server(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] 
            lab_dir: Annotated[Path | None, typer.Option(
                help="the lab this control plane serves (its hosts' power driver stops "
                     "and starts their agents)")] = None,
+           replica_id: Annotated[str | None, typer.Option(
+               help="this replica's name in the leader lease (default: the machine's "
+                    "name; give each replica on one machine its own)")] = None,
            ) -> None:
     """Run the control plane over TLS (REST API at /v1, OpenAPI at /docs)."""
     from ferry.api.main import run
-    run(db, listen, port, pki, tuple(allowed_host or ()), log_level, lab_dir)
+    run(db, listen, port, pki, tuple(allowed_host or ()), log_level, lab_dir, replica_id)
 
 
 @app.command()
 @handle_errors
-def init(db: Annotated[str, typer.Option(help="SQLAlchemy URL of the store")] =
+def init(db: Annotated[str, typer.Option(help=DB_HELP)] =
          "sqlite+aiosqlite:///ferry.db",
          pki: Annotated[Path, typer.Option(help="directory for the cluster CA")] =
          Path("pki"),

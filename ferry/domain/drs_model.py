@@ -52,8 +52,12 @@ class DrsVm(Frozen):
     movable: bool = True
 
 
+# A rule's name is stored in a 64-character column (PostgreSQL refuses a longer one).
+RULE_NAME_MAX = 64
+
+
 class Rule(Frozen):
-    name: str
+    name: str = Field(min_length=1, max_length=RULE_NAME_MAX)
     kind: RuleKind
     vms: tuple[str, ...]
     hosts: tuple[str, ...] = ()

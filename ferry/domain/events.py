@@ -14,8 +14,9 @@ from ferry.domain.units import parse_duration_ms
 
 # Who caused an event that no API request caused (the DRS loop, a resumed job, HA).
 SYSTEM = "system"
-# Event ids are SQLite INTEGERs (64-bit signed): a larger one is no id at all, and would
-# reach the database as an int it cannot bind (an HTTP 500 before this bound).
+# Event ids are 64-bit signed (SQLite INTEGER, PostgreSQL BIGINT): a larger one is no
+# id at all, and would reach the database as an int it cannot bind (an HTTP 500 before
+# this bound).
 MAX_EVENT_ID = 2**63 - 1
 MAX_PAGE = 1000
 

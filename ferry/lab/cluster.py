@@ -21,6 +21,7 @@ from ferry.lab import net
 from ferry.lab.config import AGENT_PORT, NETWORK, LabConfig, load
 from ferry.pki import ControlPki, HostTls, write_private
 from ferry.pki.layout import client_context
+from ferry.store.engine import sqlite_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("FERRY_GUEST_DIR", REPO_ROOT / "build" / "guest"))
@@ -125,7 +126,7 @@ def start_agent(config: LabConfig, host: str) -> int:
 
 
 def _db_url(config: LabConfig) -> str:
-    return f"sqlite+aiosqlite:///{config.db_file}"
+    return config.db_url or sqlite_url(str(config.db_file))
 
 
 def init_trust(config: LabConfig) -> str | None:

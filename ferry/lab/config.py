@@ -37,6 +37,9 @@ class LabConfig(Frozen):
     # Agents accept armed faults (ferry/agent/faults.py): for the fault tests and the
     # soak only, never for a lab a user brings up.
     fault_hooks: bool = False
+    # The control plane's store (a SQLAlchemy or postgresql:// URL, ferry/store/engine.py);
+    # None: the SQLite file ferry.db in the lab directory.
+    db_url: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Persistence (SQLAlchemy 2, async): SQLite by default, any SQLAlchemy URL by option."""
+"""Persistence (SQLAlchemy 2, async): a SQLite file by default, PostgreSQL by URL."""
 
 from ferry.store.store import Store
 

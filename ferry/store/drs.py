@@ -6,12 +6,14 @@ import json
 
 from pydantic import BaseModel
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ferry.domain.drs import Rule
 from ferry.domain.drs_config import DrsConfig
 from ferry.domain.errors import Conflict, NotFound
 from ferry.power import PowerConfig, parse_power_config
+from ferry.store.engine import put_setting
 from ferry.store.tables import RuleRow, SettingRow
 
 _KEY = "drs"
@@ -28,11 +30,7 @@ class DrsStore:
 
     async def _put(self, key: str, value: BaseModel) -> None:
         async with self._session.begin() as s:
-            row = await s.get(SettingRow, key)
-            if row is None:
-                s.add(SettingRow(key=key, value_json=value.model_dump_json()))
-            else:
-                row.value_json = value.model_dump_json()
+            await put_setting(s, key, value.model_dump_json())
 
     async def config(self) -> DrsConfig:
         stored = await self._get(_KEY)
@@ -56,11 +54,15 @@ class DrsStore:
             return [Rule.model_validate_json(r.rule_json) for r in rows]
 
     async def add_rule(self, rule: Rule) -> Rule:
-        async with self._session.begin() as s:
-            if await s.get(RuleRow, rule.name) is not None:
-                raise Conflict(f"a rule named {rule.name!r} already exists",
-                               "pick another name, or remove it first")
-            s.add(RuleRow(name=rule.name, rule_json=rule.model_dump_json()))
+        exists = Conflict(f"a rule named {rule.name!r} already exists",
+                          "pick another name, or remove it first")
+        try:
+            async with self._session.begin() as s:
+                if await s.get(RuleRow, rule.name) is not None:
+                    raise exists
+                s.add(RuleRow(name=rule.name, rule_json=rule.model_dump_json()))
+        except IntegrityError:  # added by another replica since the check
+            raise exists from None
         return rule
 
     async def remove_rule(self, name: str) -> Rule:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ferry.domain.audit import EventRecord, Outcome
 from ferry.domain.events import EventKind, EventQuery
+from ferry.store.engine import order_event_writers
 from ferry.store.tables import EventRow
 
 
@@ -33,6 +34,7 @@ class EventStore:
                   vm: str | None = None) -> EventRecord:
         # Bounded to the columns' sizes: an event must never fail for a long message.
         async with self._session.begin() as s:
+            await order_event_writers(s)
             row = EventRow(at=time.time(), kind=kind.value, actor=actor[:96],
                            action=action[:128], object=obj[:256], outcome=outcome.value,
                            detail=detail[:2000], vm=vm[:64] if vm else None)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ferry.domain.ha import HaSettings, Priority
+from ferry.store.engine import insert_missing, put_setting
 from ferry.store.tables import SettingRow
 
 _SETTINGS = "ha"
@@ -24,11 +26,18 @@ class HaStore:
 
     async def _put(self, key: str, value: str) -> None:
         async with self._session.begin() as s:
-            row = await s.get(SettingRow, key)
-            if row is None:
-                s.add(SettingRow(key=key, value_json=value))
-            else:
-                row.value_json = value
+            await put_setting(s, key, value)
+
+    async def _change_priorities(self, change: Callable[[dict[str, str]], None]) -> None:
+        """Read-modify-write of the one priorities row in one transaction, the row
+        locked: two replicas (or requests) changing two VMs' priorities keep both."""
+        async with self._session.begin() as s:
+            await insert_missing(s, SettingRow, key=_PRIORITIES, value_json="{}")
+            row = await s.get(SettingRow, _PRIORITIES, with_for_update=True)
+            assert row is not None
+            current: dict[str, str] = json.loads(row.value_json)
+            change(current)
+            row.value_json = json.dumps(dict(sorted(current.items())))
 
     async def settings(self) -> HaSettings:
         text = await self._get(_SETTINGS)
@@ -43,13 +52,10 @@ class HaStore:
         return {vm: Priority(p) for vm, p in json.loads(text).items()} if text else {}
 
     async def set_priority(self, vm: str, priority: Priority) -> None:
-        # Read-modify-write of one row: priorities change rarely and by hand.
-        current = await self.priorities()
-        current[vm] = priority
-        await self._put(_PRIORITIES, json.dumps({k: v.value for k, v in sorted(current.items())}))
+        await self._change_priorities(lambda current: current.update({vm: priority.value}))
 
     async def forget(self, vm: str) -> None:
         """A deleted VM's priority goes with it (a new VM of that name starts medium)."""
-        current = await self.priorities()
-        if current.pop(vm, None) is not None:
-            await self._put(_PRIORITIES, json.dumps({k: v.value for k, v in current.items()}))
+        def drop(current: dict[str, str]) -> None:
+            current.pop(vm, None)
+        await self._change_priorities(drop)

@@ -67,7 +67,8 @@ class ScheduleStore:
         reporting a time again."""
         try:
             async with self._session.begin() as s:
-                if await s.get(ScheduleRow, run.schedule_id) is None:
+                # Locked: claims of one task are judged one at a time on any backend.
+                if await s.get(ScheduleRow, run.schedule_id, with_for_update=True) is None:
                     return None  # removed since the loop read it: nothing to run
                 latest = await s.scalar(select(func.max(ScheduleRunRow.scheduled_at)).where(
                     ScheduleRunRow.schedule_id == run.schedule_id))
@@ -87,7 +88,7 @@ class ScheduleStore:
     async def update_run(self, run_id: int, **changes: Any) -> ScheduleRun | None:
         """Set fields of a run; None when it is gone (its task was removed)."""
         async with self._session.begin() as s:
-            row = await s.get(ScheduleRunRow, run_id)
+            row = await s.get(ScheduleRunRow, run_id, with_for_update=True)
             if row is None:
                 return None
             run = ScheduleRun.model_validate(_run(row).model_dump() | changes)

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from ferry.domain.audit import TokenInfo
 from ferry.domain.auth import Principal, TokenRole, hash_secret, secret_matches
 from ferry.domain.errors import Forbidden, NotFound, Unauthenticated
+from ferry.store.engine import insert_missing
 from ferry.store.tables import EnrolmentRow, JoinTokenRow, TokenRow
 
 
@@ -93,11 +94,12 @@ class SecurityStore:
 
     async def enrol(self, host: str, fingerprint: str) -> None:
         async with self._session.begin() as s:
-            row = await s.get(EnrolmentRow, host)
-            if row is None:
-                s.add(EnrolmentRow(host=host, fingerprint=fingerprint, enrolled_at=time.time()))
-            else:
-                row.fingerprint, row.enrolled_at = fingerprint, time.time()
+            # A re-enrolment replaces the fingerprint; inserted first so it has a row.
+            await insert_missing(s, EnrolmentRow, host=host, fingerprint=fingerprint,
+                                 enrolled_at=time.time())
+            row = await s.get(EnrolmentRow, host, with_for_update=True)
+            assert row is not None
+            row.fingerprint, row.enrolled_at = fingerprint, time.time()
 
     async def enrolment(self, host: str) -> str | None:
         """The fingerprint of the certificate `host` holds now, or None if not enrolled."""

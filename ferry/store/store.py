@@ -6,29 +6,27 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, event, inspect, select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ferry.domain.errors import Conflict, NotFound
 from ferry.domain.inventory import HostState, VmState
-from ferry.domain.migration import Iteration, Phase, StreamOptions
+from ferry.domain.migration import Iteration, StreamOptions
 from ferry.domain.records import HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import Frozen, HostFacts, VmSpec
-from ferry.domain.storage import RelocationPhase, RelocationRecord
+from ferry.domain.storage import RelocationRecord
 from ferry.store.drs import DrsStore
+from ferry.store.engine import create_engine, insert_missing, prepare_schema, put_setting
+from ferry.store.engine import sqlite_url as sqlite_url
 from ferry.store.events import EventStore
 from ferry.store.ha import HaStore
+from ferry.store.leader import LeaderStore
 from ferry.store.networks import NetworkStore
 from ferry.store.schedules import ScheduleStore
 from ferry.store.security import SecurityStore
 from ferry.store.tables import (
-    Base,
+    TERMINAL,
     HostRow,
     IterationRow,
     MigrationRow,
@@ -38,20 +36,12 @@ from ferry.store.tables import (
 )
 
 HEARTBEAT_TIMEOUT_S = 5.0
-# Migrations and relocations end in phases of these names.
-TERMINAL = tuple(p.value for p in Phase if p.terminal)
-assert set(TERMINAL) == {p.value for p in RelocationPhase if p.terminal}
 JobRow = TypeVar("JobRow", MigrationRow, RelocationRow)
 Job = TypeVar("Job", MigrationRecord, RelocationRecord)
 # A change to a job: from the job as stored now to the fields to set. It may raise to
 # refuse (e.g. a phase that cannot follow the current one); nothing is written then.
 Change = Callable[[Job], dict[str, Any]]
 CAS_ATTEMPTS = 50  # writers of one job are few (its runner, a cancel): a retry or two
-SQLITE_BUSY_TIMEOUT_MS = 5000
-
-
-def sqlite_url(path: str) -> str:
-    return f"sqlite+aiosqlite:///{path}"
 
 
 class Store:
@@ -64,16 +54,24 @@ class Store:
         self.ha = HaStore(self._session)
         self.events = EventStore(self._session)
         self.schedules = ScheduleStore(self._session)
+        self.leader = LeaderStore(self._session)
 
     @classmethod
     async def open(cls, url: str) -> Store:
-        engine = create_async_engine(url)
-        if engine.dialect.name == "sqlite":
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-            await conn.run_sync(_add_version_columns)
+        """The store at `url`: a SQLite file path or URL, or a PostgreSQL URL (see
+        store/engine.py); its tables are created if missing."""
+        engine = create_engine(url)
+        try:
+            await prepare_schema(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
         return cls(engine)
+
+    @property
+    def backend(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self._engine.dialect.name
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -98,10 +96,10 @@ class Store:
         """Register the host on its first heartbeat, refresh it on every later one."""
         now = time.time()
         async with self._session.begin() as s:
-            row = await s.get(HostRow, facts.name)
-            if row is None:
-                row = HostRow(name=facts.name, url=url, maintenance=False, standby=False)
-                s.add(row)
+            await insert_missing(s, HostRow, name=facts.name, url=url, maintenance=False,
+                                 standby=False, last_seen=0.0)
+            row = await s.get(HostRow, facts.name, with_for_update=True)
+            assert row is not None
             row.url = url
             row.facts_json = facts.model_dump_json()
             row.last_seen = now
@@ -110,7 +108,7 @@ class Store:
     async def record_networks(self, name: str, digests: dict[str, str]) -> None:
         """What a host confirmed applying just now (its next heartbeat says the same)."""
         async with self._session.begin() as s:
-            row = await s.get(HostRow, name)
+            row = await s.get(HostRow, name, with_for_update=True)
             if row is None or not row.facts_json:
                 return
             facts = HostFacts.model_validate_json(row.facts_json)
@@ -135,7 +133,7 @@ class Store:
     async def set_maintenance(self, name: str, on: bool) -> HostRecord:
         await self.host(name)
         async with self._session.begin() as s:
-            row = await s.get(HostRow, name)
+            row = await s.get(HostRow, name, with_for_update=True)
             assert row is not None
             row.maintenance = on
             return self._host(row, time.time())
@@ -143,7 +141,7 @@ class Store:
     async def set_standby(self, name: str, on: bool) -> HostRecord:
         await self.host(name)
         async with self._session.begin() as s:
-            row = await s.get(HostRow, name)
+            row = await s.get(HostRow, name, with_for_update=True)
             assert row is not None
             row.standby = on
             return self._host(row, time.time())
@@ -181,7 +179,7 @@ class Store:
     async def update_vm(self, name: str, *, host: str | None = None,
                         state: VmState | None = None, spec: VmSpec | None = None) -> VmRecord:
         async with self._session.begin() as s:
-            row = await s.get(VmRow, name)
+            row = await s.get(VmRow, name, with_for_update=True)
             _apply_vm_change(row, VmChange(name=name, host=host, state=state, spec=spec))
             assert row is not None
             return self._vm(row)
@@ -196,14 +194,24 @@ class Store:
     # --- long jobs: migrations and relocations share these ------------------------
     async def _add_job(self, row_type: type[JobRow], record: MigrationRecord | RelocationRecord,
                        busy: Callable[[str], Conflict]) -> None:
-        """Insert a job's row, unless its VM has an unfinished job of that kind."""
-        async with self._session.begin() as s:
-            unfinished = (await s.scalars(select(row_type).where(
-                row_type.vm == record.vm, row_type.phase.not_in(TERMINAL)))).first()
-            if unfinished is not None:
-                raise busy(unfinished.id)
-            s.add(row_type(id=record.id, vm=record.vm, record_json=record.model_dump_json(),
-                           phase=record.phase.value, created_at=record.created_at))
+        """Insert a job's row, unless its VM has an unfinished job of that kind (the
+        check names it; the unique index on unfinished jobs is what holds when two
+        inserts race, on a backend with concurrent writers)."""
+        async def unfinished() -> str | None:
+            async with self._session() as s:
+                return (await s.scalars(select(row_type.id).where(
+                    row_type.vm == record.vm, row_type.phase.not_in(TERMINAL)))).first()
+        if (running := await unfinished()) is not None:
+            raise busy(running)
+        try:
+            async with self._session.begin() as s:
+                s.add(row_type(id=record.id, vm=record.vm,
+                               record_json=record.model_dump_json(),
+                               phase=record.phase.value, created_at=record.created_at))
+        except IntegrityError:
+            if (running := await unfinished()) is not None:
+                raise busy(running) from None
+            raise  # another constraint: the same id twice is a bug, not a busy VM
 
     async def _read_job(self, row_type: type[JobRow], model: type[Job], job_id: str,
                         kind: str) -> Job:
@@ -282,7 +290,7 @@ class Store:
         also = None
         if vm is not None:
             async def also(s: AsyncSession) -> None:
-                _apply_vm_change(await s.get(VmRow, vm.name), vm)
+                _apply_vm_change(await s.get(VmRow, vm.name, with_for_update=True), vm)
         return await self._update_job(MigrationRow, MigrationRecord, migration_id, change,
                                       "migration", also)
 
@@ -301,11 +309,7 @@ class Store:
 
     async def set_migration_defaults(self, options: StreamOptions) -> StreamOptions:
         async with self._session.begin() as s:
-            row = await s.get(SettingRow, "migration_defaults")
-            if row is None:
-                s.add(SettingRow(key="migration_defaults", value_json=options.model_dump_json()))
-            else:
-                row.value_json = options.model_dump_json()
+            await put_setting(s, "migration_defaults", options.model_dump_json())
         return options
 
     # --- relocations (Storage vMotion) -----------------------------------------------
@@ -354,25 +358,3 @@ def _apply_vm_change(row: VmRow | None, change: VmChange) -> None:
         row.state = change.state.value
     if change.spec is not None:
         row.spec_json = change.spec.model_dump_json()
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
-    """WAL: readers never block the writer (event streams read while jobs write); a busy
-    timeout: a writer waits for another's commit instead of failing at once."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.close()
-
-
-def _add_version_columns(conn: Connection) -> None:
-    """A database made before jobs had versions gets the column (all start at 0)."""
-    for table in ("migrations", "relocations"):
-        if "version" not in {c["name"] for c in inspect(conn).get_columns(table)}:
-            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN version INTEGER "
-                              "NOT NULL DEFAULT 0"))
-    if "standby" not in {c["name"] for c in inspect(conn).get_columns("hosts")}:
-        conn.execute(text("ALTER TABLE hosts ADD COLUMN standby BOOLEAN NOT NULL DEFAULT 0"))
-    if "vm" not in {c["name"] for c in inspect(conn).get_columns("events")}:
-        conn.execute(text("ALTER TABLE events ADD COLUMN vm VARCHAR(64)"))
-        conn.execute(text("CREATE INDEX IF NOT EXISTS ix_events_vm ON events (vm)"))

@@ -7,12 +7,25 @@ from sqlalchemy import (
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from ferry.domain.migration import Phase
+from ferry.domain.storage import RelocationPhase
+
+# Migrations and relocations end in phases of these names.
+TERMINAL = tuple(p.value for p in Phase if p.terminal)
+assert set(TERMINAL) == {p.value for p in RelocationPhase if p.terminal}
+# Ids that count up for ever (events, iterations, runs): 64 bits on PostgreSQL, whose
+# INTEGER is 32; SQLite's INTEGER is 64 already, and only INTEGER PRIMARY KEY is its
+# rowid (autoincrementing), so it keeps that spelling.
+SerialId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -24,7 +37,7 @@ class HostRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     url: Mapped[str] = mapped_column(String(256))
     maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
-    standby: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    standby: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     facts_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_seen: Mapped[float] = mapped_column(Float, default=0.0)
 
@@ -54,9 +67,17 @@ class MigrationRow(JobColumns, Base):
     __tablename__ = "migrations"
 
 
+def _one_unfinished_per_vm(row: type[JobColumns], kind: str) -> Index:
+    """At most one unfinished job of a kind per VM, kept by the database itself: with
+    concurrent writers (PostgreSQL) a check before the insert could pass twice."""
+    unfinished = row.phase.not_in(TERMINAL)
+    return Index(f"uq_{kind}_unfinished_vm", row.vm, unique=True,
+                 sqlite_where=unfinished, postgresql_where=unfinished)
+
+
 class IterationRow(Base):
     __tablename__ = "migration_iterations"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(SerialId, primary_key=True, autoincrement=True)
     migration_id: Mapped[str] = mapped_column(ForeignKey("migrations.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)
     iteration_json: Mapped[str] = mapped_column(Text)
@@ -70,6 +91,14 @@ class SettingRow(Base):
 
 class RelocationRow(JobColumns, Base):
     __tablename__ = "relocations"
+
+
+_JOB_INDEXES = (_one_unfinished_per_vm(MigrationRow, "migrations"),
+                _one_unfinished_per_vm(RelocationRow, "relocations"))
+
+
+def job_indexes() -> tuple[Index, ...]:
+    return _JOB_INDEXES
 
 
 # --- trust: API tokens, join tokens, enrolled hosts; the event log (store/events.py) --
@@ -102,7 +131,7 @@ class EnrolmentRow(Base):
 
 class EventRow(Base):
     __tablename__ = "events"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(SerialId, primary_key=True, autoincrement=True)
     at: Mapped[float] = mapped_column(Float)
     kind: Mapped[str] = mapped_column(String(32))
     actor: Mapped[str] = mapped_column(String(96))
@@ -144,9 +173,21 @@ class ScheduleRunRow(Base):
     __tablename__ = "schedule_runs"
     __table_args__ = (UniqueConstraint("schedule_id", "scheduled_at",
                                        name="uq_schedule_run"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(SerialId, primary_key=True, autoincrement=True)
     schedule_id: Mapped[str] = mapped_column(String(16), index=True)
     # Whole seconds (exact equality for the constraint); 64 bits: past 2038 on PostgreSQL.
     scheduled_at: Mapped[int] = mapped_column(BigInteger)
     run_json: Mapped[str] = mapped_column(Text)
     outcome: Mapped[str] = mapped_column(String(16), index=True)
+
+
+# --- the control plane's leader (ferry/domain/leader.py) ------------------------------
+class LeaderRow(Base):
+    """One row per lease (one: "control"). Written only by compare-and-set on version."""
+
+    __tablename__ = "leader_lease"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), default="")
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -312,9 +312,10 @@ class FakeCluster:
         self.ran: list[tuple[str, str]] = []
 
     @classmethod
-    async def open(cls, directory: Path, hosts: dict[str, HostFacts] | None = None
-                   ) -> FakeCluster:
-        store = await Store.open(sqlite_url(str(directory / "ferry.db")))
+    async def open(cls, directory: Path, hosts: dict[str, HostFacts] | None = None,
+                   db_url: str | None = None) -> FakeCluster:
+        """On a SQLite file in `directory`, or the store at `db_url`."""
+        store = await Store.open(db_url or sqlite_url(str(directory / "ferry.db")))
         cluster = cls(store, hosts or {h: facts(h) for h in ("host1", "host2")})
         await cluster.heartbeat()
         return cluster

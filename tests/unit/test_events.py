@@ -64,8 +64,8 @@ def test_a_page_request_is_checked() -> None:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(sqlite_url(str(tmp_path / "ferry.db")))
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = await Store.open(db_url)
     yield s
     await s.close()
 

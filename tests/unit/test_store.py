@@ -1,7 +1,9 @@
-"""The Store against a real SQLite database file."""
+"""The Store against a real database: each test taking `db_url` runs on a SQLite file
+and on PostgreSQL (tests/unit/conftest.py)."""
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,8 @@ FACTS = HostFacts(name="host1", address="10.0.0.1", accel="tcg", cpus=2, memory_
 
 
 @pytest.fixture
-async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = await Store.open(sqlite_url(str(tmp_path / "f.db")))
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = await Store.open(db_url)
     yield s
     await s.close()
 
@@ -52,7 +54,7 @@ async def test_vm_crud_and_duplicates(store: Store) -> None:
         await store.vm("web1")
 
 
-async def test_one_unfinished_migration_per_vm(store: Store, tmp_path: Path) -> None:
+async def test_one_unfinished_migration_per_vm(store: Store, db_url: str) -> None:
     def mig(i: str) -> MigrationRecord:
         return MigrationRecord(id=i, vm="web1", source="a", target="b", phase=Phase.PENDING,
                                created_at=time.time())
@@ -68,7 +70,7 @@ async def test_one_unfinished_migration_per_vm(store: Store, tmp_path: Path) -> 
     assert [i.number for i in rec.iterations] == [1]
     assert [m.id for m in await store.migrations(unfinished_only=True)] == ["m3"]
     # survives reopening the same file: what a restarted control plane reads
-    reopened = await Store.open(sqlite_url(str(tmp_path / "f.db")))
+    reopened = await Store.open(db_url)
     assert (await reopened.migration("m1")).reason == "x"
     await reopened.close()
 
@@ -79,10 +81,12 @@ def pending(i: str = "m1") -> MigrationRecord:
                            created_at=time.time())
 
 
-async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(store: Store) -> None:
+async def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
+    store = await Store.open(sqlite_url(str(tmp_path / "f.db")))
     async with store._engine.connect() as conn:
         mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
         busy = (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar()
+    await store.close()
     assert (mode, busy) == ("wal", 5000)
 
 
@@ -120,8 +124,9 @@ async def test_a_write_in_between_makes_the_change_apply_again_to_the_newer_reco
     assert rec.cancel_requested and not rec.postcopy_started and rec.version == 2
 
 
-async def test_a_phase_never_moves_back_from_a_stale_copy(tmp_path: Path) -> None:
-    cluster = await FakeCluster.open(tmp_path)
+async def test_a_phase_never_moves_back_from_a_stale_copy(tmp_path: Path, db_url: str
+                                                          ) -> None:
+    cluster = await FakeCluster.open(tmp_path, db_url=db_url)
     try:
         rec = await cluster.store.add_migration(pending())
         stale = await cluster.orchestrator._enter(rec, Phase.CHECKING)
@@ -133,8 +138,8 @@ async def test_a_phase_never_moves_back_from_a_stale_copy(tmp_path: Path) -> Non
         await cluster.close()
 
 
-async def test_cancel_cannot_land_on_postcopy(tmp_path: Path) -> None:
-    cluster = await FakeCluster.open(tmp_path)
+async def test_cancel_cannot_land_on_postcopy(tmp_path: Path, db_url: str) -> None:
+    cluster = await FakeCluster.open(tmp_path, db_url=db_url)
     try:
         await cluster.store.add_migration(pending().model_copy(update={
             "phase": Phase.PRECOPY, "postcopy_started": True}))
@@ -147,15 +152,14 @@ async def test_cancel_cannot_land_on_postcopy(tmp_path: Path) -> None:
         await cluster.close()
 
 
-async def test_an_older_database_gets_the_version_column(tmp_path: Path) -> None:
-    db = tmp_path / "old.db"
-    first = await Store.open(sqlite_url(str(db)))
+async def test_an_older_database_gets_the_version_column(db_url: str) -> None:
+    first = await Store.open(db_url)
     await first.add_migration(pending())
     async with first._engine.begin() as conn:
         for table in ("migrations", "relocations"):
             await conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN version")
     await first.close()
-    store = await Store.open(sqlite_url(str(db)))
+    store = await Store.open(db_url)
     try:
         rec = await store.update_migration("m1", reason="still works")
         assert rec.version == 1 and (await store.migration("m1")).reason == "still works"

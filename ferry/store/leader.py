@@ -1,0 +1,40 @@
+"""The store's part for the leader lease: read the row, write it by compare-and-set.
+Who may write what is decided in ferry/domain/leader.py."""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ferry.domain.leader import LeaderLease
+from ferry.store.engine import insert_missing
+from ferry.store.tables import LeaderRow
+
+LEASE = "control"
+
+
+class LeaderStore:
+    def __init__(self, session: async_sessionmaker[AsyncSession]) -> None:
+        self._session = session
+
+    async def read(self) -> LeaderLease:
+        """The lease row (an empty lease the first time: no leader yet)."""
+        async with self._session.begin() as s:
+            await insert_missing(s, LeaderRow, name=LEASE, holder="", expires_at=0.0,
+                                 token=0, version=0)
+        async with self._session() as s:
+            row = await s.get(LeaderRow, LEASE)
+            assert row is not None
+            return LeaderLease(holder=row.holder, expires_at=row.expires_at,
+                               token=row.token, version=row.version)
+
+    async def write(self, read: LeaderLease, new: LeaderLease) -> bool:
+        """Write `new` if the row is still as `read` (its version): True if it landed.
+        Of replicas that read one version, one write lands."""
+        async with self._session.begin() as s:
+            result = await s.execute(
+                update(LeaderRow)
+                .where(LeaderRow.name == LEASE, LeaderRow.version == read.version)
+                .values(holder=new.holder, expires_at=new.expires_at, token=new.token,
+                        version=new.version))
+            return getattr(result, "rowcount", 0) == 1
