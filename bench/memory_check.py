@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,9 @@ from common import abba, fmt, median, pair_fields, problem, remove_vm, run_in_la
 
 from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec, wait_heartbeat
-from ferry.domain.probe import Heartbeat, full_pass_after, judge_intact
+from ferry.domain.probe import Heartbeat, judge_intact
 from ferry.lab.config import LabConfig
-from ferry.lab.watch import watched_migration
+from ferry.lab.watch import current_heartbeat, heartbeats_from_now, watched_migration
 
 
 @dataclass
@@ -65,22 +64,9 @@ class Run:
     error: str | None = None
 
 
-def heartbeat(client: Client, vm: str) -> Heartbeat | None:
-    hb = (client.call("GET", f"/v1/vms/{vm}").get("live") or {}).get("heartbeat")
-    return Heartbeat.model_validate(hb) if hb else None
-
-
 def judge(client: Client, vm: str, before: Heartbeat, judge_s: float) -> list[str]:
     """judge_intact over the heartbeats from now until a full pass after the first."""
-    seen, after = heartbeat(client, vm), []
-    deadline = time.monotonic() + judge_s
-    while time.monotonic() < deadline and not full_pass_after(after):
-        time.sleep(0.5)
-        hb = heartbeat(client, vm)
-        if hb is not None and hb != seen:
-            after.append(hb)
-            seen = hb
-    return judge_intact(before, after)
+    return judge_intact(before, heartbeats_from_now(client, vm, judge_s))
 
 
 class Bench:
@@ -110,7 +96,7 @@ class Bench:
 
     def one(self, run: Run) -> None:
         try:
-            before = heartbeat(self.client, self.vm)
+            before = current_heartbeat(self.client, self.vm)
             if before is None:
                 raise RuntimeError("no heartbeat before the migration")
             rec, report = watched_migration(

@@ -12,6 +12,7 @@ from typing import Any
 
 from ferry.cli.client import Client
 from ferry.domain.errors import InvalidInput
+from ferry.domain.probe import Heartbeat, full_pass_after
 from ferry.lab.config import LabConfig
 from ferry.lab.echo import EchoReport, start_echo
 
@@ -57,3 +58,26 @@ def watched_migration(client: Client, lab: LabConfig, vm: str, target: str, *,
             "udp_lost": report.udp_lost, "announce": announce}
     rec = client.call("PUT", f"/v1/migrations/{rec['id']}/client-view", view)
     return rec, report
+
+
+def current_heartbeat(client: Client, vm: str) -> Heartbeat | None:
+    """The latest heartbeat in the serial log of the VM's QEMU, read now by its agent."""
+    hb = (client.call("GET", f"/v1/vms/{vm}").get("live") or {}).get("heartbeat")
+    return Heartbeat.model_validate(hb) if hb else None
+
+
+def heartbeats_from_now(client: Client, vm: str, timeout_s: float = 120
+                        ) -> list[Heartbeat]:
+    """The distinct heartbeats the VM prints from now on, the first one printed after
+    this call began, until a full memory pass that began after that first one completed
+    (or timeout_s passed: the caller's judgement then says what is missing)."""
+    seen = current_heartbeat(client, vm)
+    after: list[Heartbeat] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not full_pass_after(after):
+        time.sleep(0.5)
+        hb = current_heartbeat(client, vm)
+        if hb is not None and hb != seen:
+            after.append(hb)
+            seen = hb
+    return after

@@ -14,9 +14,10 @@ from ferry.agent.faults import FaultRecord, fired_faults
 from ferry.cli.client import Client
 from ferry.cli.demo import probe_spec, wait_heartbeat
 from ferry.domain.errors import NotFound
-from ferry.domain.probe import Heartbeat, full_pass_after, judge_intact
+from ferry.domain.probe import Heartbeat, judge_intact
 from ferry.lab import cluster
 from ferry.lab.config import LabConfig
+from ferry.lab.watch import heartbeats_from_now
 from ferry.pki import ControlPki
 from ferry.pki.layout import client_context
 
@@ -87,29 +88,6 @@ def wait_phase(client: Client, migration_id: str, phase: str, timeout_s: float =
         assert rec["phase"] not in ("completed", "failed"), rec
         time.sleep(0.1)
     raise AssertionError(f"migration {migration_id} never reached {phase}")
-
-
-def current_heartbeat(client: Client, vm: str) -> Heartbeat | None:
-    """The latest heartbeat in the serial log of the VM's QEMU, read now by its agent."""
-    hb = (client.call("GET", f"/v1/vms/{vm}").get("live") or {}).get("heartbeat")
-    return Heartbeat.model_validate(hb) if hb else None
-
-
-def heartbeats_from_now(client: Client, vm: str, timeout_s: float = 120
-                        ) -> list[Heartbeat]:
-    """The distinct heartbeats the VM prints from now on, the first one printed after
-    this call began, until a full memory pass that began after that first one completed
-    (or timeout_s passed: the caller's judgement then says what is missing)."""
-    seen = current_heartbeat(client, vm)
-    after: list[Heartbeat] = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not full_pass_after(after):
-        time.sleep(0.5)
-        hb = current_heartbeat(client, vm)
-        if hb is not None and hb != seen:
-            after.append(hb)
-            seen = hb
-    return after
 
 
 def assert_intact(client: Client, vm: str, host: str, lab: LabConfig,

@@ -22,11 +22,11 @@ from ferry.cli.demo import wait_heartbeat
 from ferry.domain.errors import FerryError, NoCapacity
 from ferry.lab import cluster, net
 from ferry.lab.config import LabConfig
+from ferry.lab.watch import current_heartbeat
 from tests.integration.helpers import (
     agent_answers,
     agent_pid,
     boot_probe,
-    current_heartbeat,
     hosts_connected,
     qemu_hosts,
     remove_vm,

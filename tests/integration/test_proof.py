@@ -23,11 +23,10 @@ from ferry.domain.probe import (
 )
 from ferry.hypervisor.guest_ram import MEMFD_LINK
 from ferry.lab.config import LabConfig
+from ferry.lab.watch import current_heartbeat, heartbeats_from_now
 from tests.integration.helpers import (
     assert_intact,
     boot_probe,
-    current_heartbeat,
-    heartbeats_from_now,
     qemu_hosts,
     remove_vm,
     wait_until,
