@@ -8,6 +8,7 @@ test_destination_qemu_killed_during_precopy.)
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -79,8 +80,9 @@ def test_incoming_vm_fed_a_bad_stream_fails_and_is_reported(
                 conn.sendall(STREAMS[stream])
                 conn.shutdown(socket.SHUT_WR)
                 conn.settimeout(30)
-                while conn.recv(4096):  # QEMU closes its end once it gives up
-                    pass
+                with contextlib.suppress(ConnectionResetError):  # QEMU gave up: unread
+                    while conn.recv(4096):  # bytes in its buffer make its close a reset
+                        pass
 
             def exited() -> bool:
                 return bool(agent.get(f"/v1/vms/{name}").json()["state"] == "exited")
@@ -174,7 +176,10 @@ def test_garbage_mid_stream_rolls_back_with_the_vm_intact_on_the_source(
     """A slow migration host1 → host2 whose stream gets garbage spliced in on the way
     (after the TLS layer has started, or into QEMU's own stream when cleartext): the
     destination refuses the stream, the migration ends FAILED after a rollback, and the
-    VM runs on the source as the same probe run, its memory intact."""
+    VM runs on the source as the same probe run, its memory intact. Cleartext garbage
+    that lands inside a page's bytes is nothing QEMU's loader can see: then the memory
+    check must find and repair it (COMPLETED with repaired pages, the guest intact on
+    the destination)."""
     name = f"bs-mid-{encryption}"
     boot_probe(client, lab, name, "host1", dirty=5)
     before = wait_heartbeat(client, name)
@@ -183,20 +188,26 @@ def test_garbage_mid_stream_rolls_back_with_the_vm_intact_on_the_source(
     try:
         rec = client.call("POST", "/v1/migrations", {
             "vm": name, "target": "host2",
-            "options": {**slow_options(), "encryption": encryption}})
+            "options": {**slow_options(2), "encryption": encryption}})
         wait_phase(client, rec["id"], "precopy")
         tap.watch(1.0)
         garbage = bytes(range(256)) * 5 + b"\xff" * 120  # 1400 bytes
         # Until the destination gives up: a forged segment can lose the race against a
         # real one already on its way, so splice again while pre-copy goes on.
-        for _ in range(20):
+        for _ in range(60):
             tap.inject(garbage)
             tap.watch(0.5)
             if client.call("GET", f"/v1/migrations/{rec['id']}")["phase"] != "precopy":
                 break
         done = follow(client, rec["id"])
         assert tap.injected > 0
-        assert done["phase"] == "failed", done
+        check = done.get("memory_check") or {}
+        if encryption == "disabled" and done["phase"] == "completed" and \
+                check.get("repaired_pages"):
+            wait_until(lambda: qemu_hosts(lab, name) == ["host2"], 60, "no QEMU on host1")
+            assert_intact(client, name, "host2", lab, before)
+            return
+        assert done["phase"] == "failed", (done, "no spliced segment reached QEMU?")
         assert list(done["phase_times"])[-2:] == ["rolling_back", "failed"], done
         wait_until(lambda: qemu_hosts(lab, name) == ["host1"], 60, "no QEMU left on host2")
         assert_intact(client, name, "host1", lab, before)
