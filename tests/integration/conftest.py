@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,5 +78,11 @@ def watcher(request: pytest.FixtureRequest) -> Iterator[Watcher | None]:
     finally:
         found.stop()
     problems = found.verdict()
-    if problems:
+    known = request.node.get_closest_marker("watcher_known")
+    if problems and known is not None:
+        # A finding still open and explained in the marker's reason: shown in every run
+        # (a warning in the summary), not silently dropped.
+        warnings.warn(f"integrity (known, {known.kwargs.get('reason', '')}): "
+                      + "; ".join(problems), stacklevel=1)
+    elif problems:
         pytest.fail("integrity: " + "; ".join(problems), pytrace=False)

@@ -91,6 +91,13 @@ def runs_on(client: Client, vm: str, host: str) -> bool:
     return bool(view["host"] == host and (view.get("live") or {}).get("state") == "running")
 
 
+# Known, open: in 1 of 3 full runs on 2026-11-26 (and once before) the watcher saw the
+# source QEMU's vCPU time advance after the destination ran, in this test only; the
+# migration completed and the guest was intact. Whether that is a vCPU thread woken
+# without executing the guest (the watcher counts any advance) or the source executing
+# is not established yet.
+@pytest.mark.watcher_known(reason="post-copy link cut: source vCPU time advanced after "
+                                  "the switch, under investigation")
 def test_destination_link_down_during_postcopy_is_waited_out(client: Client,
                                                              lab: LabConfig) -> None:
     """Issue 9 (post-copy is a flag): with the destination's link down for 4 s once
