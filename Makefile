@@ -30,9 +30,12 @@ lint: venv
 demo: deps venv guest
 	$(VENV)/bin/ferry lab demo
 
-# The whole suite, real-QEMU tests (marked slow) included.
+# The whole suite, real-QEMU tests (marked slow) included. Two workers, each with a lab
+# of its own (tests/integration/conftest.py): the lab tests mostly wait on guests, links
+# and timers, so two share the machine's cores; a file's tests stay on one worker.
+TEST_WORKERS ?= 2
 test: deps venv guest lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Unit tests only (no root, no QEMU).
 test-fast: venv

@@ -1,9 +1,11 @@
 """A real lab for the integration tests: namespaces, agents, control plane, QEMU.
 
-One lab per test session (prefix "ft", subnet 10.211.0.0/24, its own directory), torn
+One lab per test session (prefix "ft", subnet 198.18.211.0/24, its own directory), torn
 down at the end even when tests fail; any leftover of an earlier crashed run with the
 same prefix is removed first. FERRY_TEST_LAB_PREFIX / _OCTET / _PORT let two checkouts
-run their suites side by side.
+run their suites side by side. Under pytest-xdist (`make test` runs two workers: the
+tests mostly wait on guests, links and timers, not on the CPUs) each worker is a session
+of its own with its own lab: worker N adds N to the prefix, the octet and the port.
 
 Every test that uses the lab runs under a watcher (tests/integration/watcher.py) that
 samples every lab QEMU's vCPU time every ~50 ms and fails the test if a guest ever
@@ -25,10 +27,14 @@ from ferry.lab import cluster
 from ferry.lab.config import LabConfig
 from tests.integration.watcher import Watcher
 
-LAB_DIR = Path(os.environ.get("FERRY_TEST_LAB_DIR", "/tmp/ferry-test-lab"))
-LAB_PREFIX = os.environ.get("FERRY_TEST_LAB_PREFIX", "ft")
-LAB_OCTET = int(os.environ.get("FERRY_TEST_LAB_OCTET", "211"))
-LAB_PORT = int(os.environ.get("FERRY_TEST_LAB_PORT", "8711"))
+# "gw0", "gw1", ... under pytest-xdist; absent in a plain run.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_N = int(_WORKER[2:]) if _WORKER.startswith("gw") and _WORKER[2:].isdigit() else 0
+_SUFFIX = str(_N) if _WORKER else ""
+LAB_DIR = Path(os.environ.get("FERRY_TEST_LAB_DIR", "/tmp/ferry-test-lab") + _SUFFIX)
+LAB_PREFIX = os.environ.get("FERRY_TEST_LAB_PREFIX", "ft") + _SUFFIX
+LAB_OCTET = int(os.environ.get("FERRY_TEST_LAB_OCTET", "211")) + _N
+LAB_PORT = int(os.environ.get("FERRY_TEST_LAB_PORT", "8711")) + _N
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

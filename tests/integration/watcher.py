@@ -96,6 +96,7 @@ class Run:
     qemu: Qemu
     start: float
     end: float
+    used_ns: int = 0  # the vCPU time it used in that interval
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,12 @@ class DoubleRun:
     first: Qemu  # the one that executed first
     second: Qemu
     proven_at: float  # monotonic time of the end of the interval that proved it
+    # What the first used after the second had begun: vCPU time, intervals, and how long
+    # after the second's first interval ended the first of them began. A few µs in one
+    # interval reads as a wake-up of a paused vCPU thread; milliseconds, as execution.
+    again_ns: int = 0
+    again_intervals: int = 0
+    again_after_s: float = 0.0
 
     @property
     def hosts(self) -> tuple[str, str]:
@@ -115,7 +122,9 @@ class DoubleRun:
         return (f"VM {self.vm} executed on {self.second.host} (QEMU {self.second.pid}) "
                 f"and, after that had begun, again on {self.first.host} (QEMU "
                 f"{self.first.pid}), which had run it before: on two hosts at once, or "
-                f"a copy resumed after another ran")
+                f"a copy resumed after another ran ({self.again_ns / 1e6:.3f} ms of vCPU "
+                f"time in {self.again_intervals} interval(s), the first "
+                f"{self.again_after_s:.2f} s after)")
 
 
 def runs(samples: Sequence[Sample]) -> list[Run]:
@@ -130,7 +139,7 @@ def runs(samples: Sequence[Sample]) -> list[Run]:
                 continue
             if then.stopped and now.vcpu_ns - then.vcpu_ns <= THAW_NS:
                 continue  # woken by SIGCONT, not executing the guest
-            found.append(Run(qemu, then.before, now.after))
+            found.append(Run(qemu, then.before, now.after, now.vcpu_ns - then.vcpu_ns))
     return found
 
 
@@ -162,7 +171,12 @@ def double_runs(samples: Sequence[Sample]) -> list[DoubleRun]:
         # whichever began first is the one that executed again after the other
         first, second = (p, q) if min(r.end for r in by_qemu[p]) <= \
             min(r.end for r in by_qemu[q]) else (q, p)
-        found.append(DoubleRun(p.vm, first, second, max(p_then_q, q_then_p)))
+        began = min(r.end for r in by_qemu[second])
+        again = [r for r in by_qemu[first] if r.start >= began]
+        found.append(DoubleRun(
+            p.vm, first, second, max(p_then_q, q_then_p),
+            again_ns=sum(r.used_ns for r in again), again_intervals=len(again),
+            again_after_s=min((r.start for r in again), default=began) - began))
     return sorted(found, key=lambda d: d.proven_at)
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import FrameType
 
 import pytest
 from sqlalchemy import text
@@ -33,18 +31,10 @@ def postgres() -> Iterator[PostgresServer]:
         if os.geteuid() == 0:
             pytest.fail(message)
         pytest.skip(message)
-    # SIGTERM (a CI timeout, `kill`) would end pytest without its teardown: made an
-    # interrupt, the server is stopped on the way out like after Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with private_server() as server:
-            yield server
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, _: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    # A SIGTERM (a CI timeout) is an interrupt (tests/conftest.py): the server is
+    # stopped on the way out as after Ctrl-C.
+    with private_server() as server:
+        yield server
 
 
 async def _admin(server: PostgresServer, statement: str) -> None:
