@@ -19,6 +19,7 @@ from ferry.domain.errors import (
     InvalidInput,
     NoCapacity,
     NotFound,
+    NotLeader,
     Unauthenticated,
 )
 
@@ -29,6 +30,7 @@ STATUS: dict[type[FerryError], int] = {
     NoCapacity: 409,
     Incompatible: 409,
     HostUnavailable: 502,
+    NotLeader: 503,
     Unauthenticated: 401,
     Forbidden: 403,
 }

@@ -26,6 +26,7 @@ from ferry.api.schemas import (
     SerialLines,
     VmView,
 )
+from ferry.api.standby import install_standby_gate
 from ferry.api.trust_routes import register_trust_routes
 from ferry.api.web_routes import register_web_routes
 from ferry.control.migration import merge_options
@@ -53,6 +54,8 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     app = FastAPI(title="Ferry control plane", version="0.1.0", lifespan=lifespan)
     store = control.store
     read = requires(store, Privilege.READ)
+    # Added first, so it runs inside the Host/Origin gate (which also logs its refusals).
+    install_standby_gate(app, control)
     install_gates(app, store, allowed_hosts)
     register_trust_routes(app, control)
     register_network_routes(app, control)
@@ -86,8 +89,9 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
         directive = await control.ha.on_heartbeat(beat.facts.name, beat.datastore)
         await control.inventory.heartbeat(beat.facts, beat.url, beat.vms)
         control.demand.record(beat.facts.name, beat.vms)
-        await control.networks.on_heartbeat(beat.facts)
-        await control.migrations.reap_orphans(beat.facts.name, beat.vms)
+        if control.leadership.leading:  # actions: only the leader's
+            await control.networks.on_heartbeat(beat.facts)
+            await control.migrations.reap_orphans(beat.facts.name, beat.vms)
         return directive
 
     @app.get("/v1/hosts", dependencies=read)

@@ -7,6 +7,7 @@
      ├── NoCapacity             no host has room for the request        (HTTP 409)
      ├── Incompatible           a migration target fails a check        (HTTP 409)
      ├── HostUnavailable        an agent cannot be reached or failed    (HTTP 502)
+     ├── NotLeader              a standby control plane asked to change (HTTP 503)
      ├── Unauthenticated        no valid credentials (token, cert)      (HTTP 401)
      └── Forbidden              credentials valid, privilege missing    (HTTP 403)
 
@@ -50,6 +51,12 @@ class HostUnavailable(FerryError):
     code = "host_unavailable"
 
 
+class NotLeader(FerryError):
+    """A change sent to a control-plane replica that does not hold the leader lease."""
+
+    code = "not_leader"
+
+
 class Unauthenticated(FerryError):
     code = "unauthenticated"
 
@@ -61,5 +68,5 @@ class Forbidden(FerryError):
 ERRORS_BY_CODE: dict[str, type[FerryError]] = {
     cls.code: cls
     for cls in (FerryError, InvalidInput, NotFound, Conflict, NoCapacity, Incompatible,
-                HostUnavailable, Unauthenticated, Forbidden)
+                HostUnavailable, NotLeader, Unauthenticated, Forbidden)
 }

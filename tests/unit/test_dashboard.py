@@ -62,6 +62,7 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     secret = new_secret()
     info = await store.security.add_token("admin", TokenRole.ADMIN, secret, None)
     control = ControlPlane(store, pki)
+    control.leadership.leading = True  # the leader's API, its loops not started
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(control)),
                                  base_url="http://127.0.0.1") as client:
         yield client, format_token(info.id, secret)

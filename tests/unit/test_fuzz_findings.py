@@ -41,6 +41,7 @@ async def api(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     secret = new_secret()
     info = await store.security.add_token("admin", TokenRole.ADMIN, secret, None)
     control = ControlPlane(store, pki)
+    control.leadership.leading = True  # the leader's API, its loops not started
     app = create_app(control)
     async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1",

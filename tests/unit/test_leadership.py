@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
+from ferry.api.app import create_app
 from ferry.control.leader import Leadership
 from ferry.control.service import ControlPlane
+from ferry.domain.auth import TokenRole, format_token, new_secret
 from ferry.domain.leader import LeaderTerms
 from ferry.pki import ControlPki
 from ferry.store import Store
@@ -65,3 +68,46 @@ def test_a_replica_id_fits_the_lease_row() -> None:
         return None
     with pytest.raises(ValueError, match="1 to 128"):
         Leadership(None, "x" * 129, nothing, nothing)  # type: ignore[arg-type]
+
+
+async def test_a_standby_serves_reads_and_refuses_changes_naming_the_leader(
+        tmp_path: Path, db_url: str) -> None:
+    pki = ControlPki(tmp_path / "pki")
+    pki.init(("127.0.0.1",))
+    leader = ControlPlane(await Store.open(db_url), pki, replica_id="cp1")
+    standby = ControlPlane(await Store.open(db_url), pki, replica_id="cp2")
+    secret = new_secret()
+    info = await standby.store.security.add_token("op", TokenRole.ADMIN, secret, None)
+    auth = {"authorization": f"Bearer {format_token(info.id, secret)}"}
+    try:
+        await leader.start()
+        await standby.start()
+        assert not standby.leadership.leading
+        async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(standby)),
+                base_url="http://127.0.0.1") as client:
+            assert (await client.get("/v1/vms", headers=auth)).status_code == 200
+            stranger = await client.post("/v1/networks", json={"name": "net1"})
+            assert stranger.status_code == 401  # told nothing about the replicas
+            refused = await client.post("/v1/networks", headers=auth,
+                                        json={"name": "net1"})
+            assert refused.status_code == 503, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "not_leader"
+            assert "(replica 'cp2') is a standby" in error["problem"]
+            assert "'cp1' leads" in error["problem"] and error["fix"]
+            assert await standby.store.networks.all() == []  # nothing changed
+            # The compatibility check changes nothing: any replica answers it.
+            check = await client.post("/v1/migrations/check", headers=auth,
+                                      json={"vm": "nope", "target": "host2"})
+            assert check.status_code != 503
+        await leader.close()  # hands over: the former standby now takes changes
+        assert await standby.leadership.round()
+        async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=create_app(standby)),
+                base_url="http://127.0.0.1") as client:
+            taken = await client.post("/v1/networks", headers=auth, json={"name": "net1"})
+            assert taken.status_code == 201, taken.text
+    finally:
+        await leader.close()
+        await standby.close()
