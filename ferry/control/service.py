@@ -45,6 +45,8 @@ class ControlPlane:
         # Only the replica holding the leader lease drives jobs and the loops.
         self.leadership = Leadership(store, replica_id or default_replica_id(), self._lead,
                                      self._stand_by, terms)
+        # Job writes carry this replica's fencing token: none lands after its term.
+        store.fence = lambda: self.leadership.token
 
     @classmethod
     async def open(cls, db_url: str, pki: ControlPki, lab_power: LabPower | None = None,

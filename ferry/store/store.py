@@ -21,7 +21,7 @@ from ferry.store.engine import create_engine, insert_missing, prepare_schema, pu
 from ferry.store.engine import sqlite_url as sqlite_url
 from ferry.store.events import EventStore
 from ferry.store.ha import HaStore
-from ferry.store.leader import LeaderStore
+from ferry.store.leader import LeaderStore, current_token, fenced, in_term
 from ferry.store.networks import NetworkStore
 from ferry.store.schedules import ScheduleStore
 from ferry.store.security import SecurityStore
@@ -42,6 +42,8 @@ Job = TypeVar("Job", MigrationRecord, RelocationRecord)
 # refuse (e.g. a phase that cannot follow the current one); nothing is written then.
 Change = Callable[[Job], dict[str, Any]]
 CAS_ATTEMPTS = 50  # writers of one job are few (its runner, a cancel): a retry or two
+# The fencing token of the term this process leads in, None while it does not lead.
+Fence = Callable[[], int | None]
 
 
 class Store:
@@ -55,6 +57,19 @@ class Store:
         self.events = EventStore(self._session)
         self.schedules = ScheduleStore(self._session)
         self.leader = LeaderStore(self._session)
+        # Set by a control plane with a leader lease: its job writes then land only in
+        # its own term (a replica that lost the lease cannot overwrite the new leader's
+        # jobs). None: unfenced (a single process, the tests of the store alone).
+        self.fence: Fence | None = None
+
+    def _token(self) -> int | None:
+        """The token job writes must carry; NotLeader if this process does not lead."""
+        if self.fence is None:
+            return None
+        token = self.fence()
+        if token is None:
+            raise fenced(None)
+        return token
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -203,8 +218,11 @@ class Store:
                     row_type.vm == record.vm, row_type.phase.not_in(TERMINAL)))).first()
         if (running := await unfinished()) is not None:
             raise busy(running)
+        token = self._token()
         try:
             async with self._session.begin() as s:
+                if token is not None and (now := await current_token(s)) != token:
+                    raise fenced(token, now)
                 s.add(row_type(id=record.id, vm=record.vm,
                                record_json=record.model_dump_json(),
                                phase=record.phase.value, created_at=record.created_at))
@@ -231,13 +249,16 @@ class Store:
         no other write came in between (compare-and-set on the version), else the change
         is applied again to the newer record. `also` runs in the same transaction."""
         for _ in range(CAS_ATTEMPTS):
+            token = self._token()
             current = await self._read_job(row_type, model, job_id, kind)
             record = model.model_validate(
                 current.model_dump() | change(current) | {"version": current.version + 1})
             async with self._session.begin() as s:
+                where = [row_type.id == job_id, row_type.version == current.version]
+                if token is not None:
+                    where.append(in_term(token))
                 result = await s.execute(
-                    update(row_type)
-                    .where(row_type.id == job_id, row_type.version == current.version)
+                    update(row_type).where(*where)
                     # iterations live in their own table (a migration's grow by the pass)
                     .values(record_json=record.model_dump_json(exclude={"iterations"}),
                             phase=record.phase.value, version=record.version))
@@ -245,6 +266,8 @@ class Store:
                     if also is not None:
                         await also(s)
                     return record
+                if token is not None and (now := await current_token(s)) != token:
+                    raise fenced(token, now)
         raise Conflict(f"{kind} {job_id} kept changing while being updated",
                        "retry the request")
 

@@ -114,7 +114,9 @@ async def test_the_follower_yields_each_event_with_its_id(tmp_path: Path,
     pki = ControlPki(tmp_path / "pki")
     pki.init(("127.0.0.1",))
     control = ControlPlane(store, pki)
-    control.leadership.leading = True  # the leader's API, its loops not started
+    # The API as a lone control plane serves it, its loops not started: leading,
+    # and its job writes unfenced (no other replica's term to guard against).
+    control.leadership.leading, control.store.fence = True, None
     a = await store.events.add(EventKind.AUDIT, SYSTEM, "x", "o1", vm="web1")
     await store.events.add(EventKind.AUDIT, SYSTEM, "y", "o2", vm="db1")
     c = await store.events.add(EventKind.AUDIT, SYSTEM, "z", "o3", vm="web1")
@@ -135,7 +137,9 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Store]]:
     secret = new_secret()
     info = await store.security.add_token("admin", TokenRole.ADMIN, secret, None)
     control = ControlPlane(store, pki)
-    control.leadership.leading = True  # the leader's API, its loops not started
+    # The API as a lone control plane serves it, its loops not started: leading,
+    # and its job writes unfenced (no other replica's term to guard against).
+    control.leadership.leading, control.store.fence = True, None
     async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=create_app(control)),
             base_url="http://127.0.0.1",

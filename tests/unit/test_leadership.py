@@ -4,6 +4,7 @@ its term runs out."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,10 @@ from ferry.api.app import create_app
 from ferry.control.leader import Leadership
 from ferry.control.service import ControlPlane
 from ferry.domain.auth import TokenRole, format_token, new_secret
+from ferry.domain.errors import NotLeader
 from ferry.domain.leader import LeaderTerms
+from ferry.domain.migration import Phase
+from ferry.domain.records import MigrationRecord
 from ferry.pki import ControlPki
 from ferry.store import Store
 
@@ -111,3 +115,35 @@ async def test_a_standby_serves_reads_and_refuses_changes_naming_the_leader(
     finally:
         await leader.close()
         await standby.close()
+
+
+async def test_job_writes_land_only_in_the_writers_own_term(db_url: str) -> None:
+    old = await Store.open(db_url)  # a leader whose term is about to be taken over
+    new = await Store.open(db_url)
+    try:
+        first = await old.leader.read()
+        term1 = first.model_copy(update={"holder": "cp1", "expires_at": time.time() + 10,
+                                         "token": 1, "version": 1})
+        assert await old.leader.write(first, term1)
+        old.fence = lambda: 1
+        record = MigrationRecord(id="m1", vm="web1", source="a", target="b",
+                                 phase=Phase.PENDING, created_at=time.time())
+        await old.add_migration(record)
+        await old.update_migration("m1", phase=Phase.CHECKING)
+        # cp2 takes over (term 2): cp1, not yet aware, tries to go on writing.
+        term2 = term1.model_copy(update={"holder": "cp2", "token": 2, "version": 2})
+        assert await new.leader.write(term1, term2)
+        with pytest.raises(NotLeader, match=r"term 1 .*term 2"):
+            await old.update_migration("m1", phase=Phase.FAILED)
+        with pytest.raises(NotLeader):
+            await old.add_migration(record.model_copy(update={"id": "m2", "vm": "web2"}))
+        assert (await new.migration("m1")).phase is Phase.CHECKING  # nothing landed
+        assert [m.id for m in await new.migrations()] == ["m1"]
+        new.fence = lambda: 2
+        assert (await new.update_migration("m1", phase=Phase.FAILED)).phase is Phase.FAILED
+        old.fence = lambda: None  # a replica that knows it does not lead
+        with pytest.raises(NotLeader, match="no term"):
+            await old.update_migration("m1", error="late")
+    finally:
+        await old.close()
+        await new.close()

@@ -28,7 +28,9 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str
         info = await store.security.add_token(role.value, role, secret, None)
         headers[role.value] = f"Bearer {format_token(info.id, secret)}"
     control = ControlPlane(store, pki)
-    control.leadership.leading = True  # the leader's API, its loops not started
+    # The API as a lone control plane serves it, its loops not started: leading,
+    # and its job writes unfenced (no other replica's term to guard against).
+    control.leadership.leading, control.store.fence = True, None
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(control)),
                                  base_url="http://127.0.0.1") as client:
         yield client, headers
