@@ -23,6 +23,9 @@ class AgentConfig(Frozen):
     listen_port: int = Field(default=8100, ge=1, le=65535)
     migration_address: str | None = None  # defaults to listen_host
     control_url: str | None = None
+    # Further control-plane replicas (one leads, the others stand by): heartbeats go to
+    # every one, so whichever leads next already knows each host's health.
+    control_urls: tuple[str, ...] = ()
     run_dir: Path
     accel: str = "auto"  # auto | kvm | tcg
     cpus: int | None = None  # declared capacity; None: what the host has
@@ -47,6 +50,12 @@ class AgentConfig(Frozen):
     @property
     def url(self) -> str:
         return f"https://{self.listen_host}:{self.listen_port}"
+
+    @property
+    def replicas(self) -> tuple[str, ...]:
+        """Every control-plane URL this agent reports to, `control_url` first."""
+        first = (self.control_url,) if self.control_url else ()
+        return tuple(dict.fromkeys(first + self.control_urls))
 
     @property
     def tls_path(self) -> Path:

@@ -25,31 +25,45 @@ log = logging.getLogger("ferry.agent")
 
 
 async def heartbeat_loop(host: HostRuntime, tls: HostTls) -> None:
-    """POST facts and VMs to the control plane every interval, presenting the host's
-    certificate (which is what identifies the host); failures only logged."""
+    """POST facts and VMs to every control-plane replica every interval, presenting the
+    host's certificate (which is what identifies the host); failures only logged. Any
+    replica's answer carries the cluster's HA settings (all read one store)."""
     config = host.config
-    if not config.control_url:
+    if not config.replicas:
         return
-    async with httpx.AsyncClient(base_url=config.control_url, timeout=5.0, trust_env=False,
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False,
                                  verify=tls.client_context()) as http:
         while True:
             try:
                 beat = AgentHeartbeat(
                     facts=host.facts(), vms=tuple(await host.list_vms()), url=config.url,
                     datastore=host.leases.view() if host.leases is not None else None)
-                resp = await http.post("/v1/agents/heartbeat", content=beat.model_dump_json(),
-                                       headers={"content-type": "application/json"})
-                if resp.status_code >= 400:
-                    log.warning("heartbeat refused: HTTP %s %s", resp.status_code,
-                                resp.text[:200])
-                else:
-                    # The control plane answers with the HA settings agents act on alone
-                    # (an older one answers 204: no directive, no isolation response).
-                    host.isolation.delivered(HaDirective.model_validate_json(resp.content)
-                                             if resp.content else None)
-            except Exception as exc:  # the control plane may be down; keep beating
-                log.debug("heartbeat failed: %s", exc)
+                body = beat.model_dump_json()
+                answers = await asyncio.gather(*(
+                    _beat(http, url, body) for url in config.replicas))
+                taken = [directive for ok, directive in answers if ok]
+                if taken:
+                    host.isolation.delivered(taken[0])
+            except Exception as exc:  # keep beating whatever went wrong
+                log.debug("heartbeat round failed: %s", exc)
             await asyncio.sleep(config.heartbeat_interval_s)
+
+
+async def _beat(http: httpx.AsyncClient, url: str, body: str
+                ) -> tuple[bool, HaDirective | None]:
+    """One heartbeat to one replica: whether it took it, and its directive (None from an
+    older control plane, which answers 204)."""
+    try:
+        resp = await http.post(f"{url}/v1/agents/heartbeat", content=body,
+                               headers={"content-type": "application/json"})
+    except Exception as exc:  # that replica may be down; the others still hear us
+        log.debug("heartbeat to %s failed: %s", url, exc)
+        return False, None
+    if resp.status_code >= 400:
+        log.warning("heartbeat refused by %s: HTTP %s %s", url, resp.status_code,
+                    resp.text[:200])
+        return False, None
+    return True, HaDirective.model_validate_json(resp.content) if resp.content else None
 
 
 async def serve(config: AgentConfig) -> None:

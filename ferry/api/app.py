@@ -26,7 +26,7 @@ from ferry.api.schemas import (
     SerialLines,
     VmView,
 )
-from ferry.api.standby import install_standby_gate
+from ferry.api.standby import install_standby_gate, register_leader_route
 from ferry.api.trust_routes import register_trust_routes
 from ferry.api.web_routes import register_web_routes
 from ferry.control.migration import merge_options
@@ -61,6 +61,7 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     register_network_routes(app, control)
     register_drs_routes(app, control)
     register_ha_routes(app, control)
+    register_leader_route(app, control)
     register_event_routes(app, control)
     register_schedule_routes(app, control)
     register_web_routes(app, control)

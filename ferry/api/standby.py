@@ -9,14 +9,17 @@ agent's enrolment (a join token is single-use in the store, whoever redeems it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from ferry.api.auth import bearer, unauthenticated_response
+from ferry.api.auth import bearer, need, unauthenticated_response
 from ferry.control.service import ControlPlane
+from ferry.domain.auth import Principal, Privilege
 from ferry.domain.errors import NotLeader, Unauthenticated
+from ferry.domain.specs import Frozen
 from ferry.wire import error_body
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -54,3 +57,26 @@ def install_standby_gate(app: FastAPI, control: ControlPlane) -> None:
         except Unauthenticated as exc:
             return unauthenticated_response(exc)
         return JSONResponse(error_body(await refusal(control)), status_code=503)
+
+
+class LeaderView(Frozen):
+    """Which replica answered, whether it leads, and the lease as the store has it."""
+
+    replica: str
+    leading: bool
+    holder: str  # "" when no replica holds the lease
+    term: int  # the fencing token of the current term
+    expires_in_s: float  # by this replica's clock; negative: the term has run out
+
+
+def register_leader_route(app: FastAPI, control: ControlPlane) -> None:
+    reader = Depends(need(control.store, Privilege.READ))
+
+    @app.get("/v1/cluster/leader")
+    async def leader(_: Principal = reader) -> LeaderView:
+        """The control-plane replica that answered and the one that leads."""
+        lease = await control.store.leader.read()
+        return LeaderView(replica=control.leadership.replica,
+                          leading=control.leadership.leading, holder=lease.holder,
+                          term=lease.token,
+                          expires_in_s=round(lease.expires_at - time.time(), 1))

@@ -41,7 +41,7 @@ def connect(url: str | None = None, timeout_s: float = 60.0,
     client refuses before connecting."""
     lab = load(lab_dir or DEFAULT_LAB_DIR)
     url = url or os.environ.get("FERRY_URL") or (lab.control_url if lab else DEFAULT_URL)
-    is_lab = lab is not None and url.rstrip("/") == lab.control_url
+    is_lab = lab is not None and url.rstrip("/") in lab.control_urls
     if is_lab and lab is not None and not lab_running(lab):
         raise HostUnavailable("the lab is not running: `ferry lab up`",
                               f"(its control plane {lab.control_url} is a lab address; "
@@ -50,13 +50,24 @@ def connect(url: str | None = None, timeout_s: float = 60.0,
                                                if is_lab and lab else None)
     ca_env = os.environ.get("FERRY_CA")
     ca = Path(ca_env) if ca_env else (lab.ca_file if lab and lab.ca_file.exists() else None)
-    return Client(url, timeout_s, token=token, ca=ca)
+    others = lab.control_urls if is_lab and lab is not None else ()
+    return Client(url, timeout_s, token=token, ca=ca, others=others)
 
 
 def lab_client(lab: LabConfig, timeout_s: float = 60.0) -> Client:
     """The lab's admin client (for the demo, benchmarks and tests)."""
     return Client(lab.control_url, timeout_s, token=_read(lab.admin_token_file),
-                  ca=lab.ca_file)
+                  ca=lab.ca_file, others=lab.control_urls)
+
+
+def _code(content: bytes) -> str | None:
+    """The error code of an error body, if it is one."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return None
+    err = body.get("error") if isinstance(body, dict) else None
+    return str(err.get("code")) if isinstance(err, dict) else None
 
 
 def _read(path: Path) -> str | None:
@@ -67,25 +78,54 @@ def _read(path: Path) -> str | None:
 
 
 class Client:
+    """`others`: every replica's URL (one leads, the others stand by). A call that finds
+    its replica down (the connection refused: nothing was sent) or standing by (503
+    not_leader: nothing changed) is sent to the next one; any other failure is not
+    retried, as the request may have been acted on."""
+
     def __init__(self, url: str, timeout_s: float = 60.0, token: str | None = None,
-                 ca: Path | None = None) -> None:
+                 ca: Path | None = None, others: tuple[str, ...] = ()) -> None:
         self.url = url
+        self.urls = tuple(dict.fromkeys((url.rstrip("/"), *others)))
         headers = {"authorization": f"Bearer {token}"} if token else {}
         verify: ssl.SSLContext | bool = client_context(ca) if ca is not None else True
         self._http = httpx.Client(base_url=url, timeout=timeout_s, trust_env=False,
                                   headers=headers, verify=verify)
 
+    def _switch(self, tried: int) -> bool:
+        """Move on to the next replica, unless every one was tried."""
+        if tried + 1 >= len(self.urls):
+            return False
+        at = self.urls.index(self.url.rstrip("/")) if self.url.rstrip("/") in self.urls else 0
+        self.url = self.urls[(at + 1) % len(self.urls)]
+        self._http.base_url = httpx.URL(self.url)
+        return True
+
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
-        try:
-            resp = self._http.request(method, path, json=body,
-                                      params={k: v for k, v in params.items() if v is not None})
-        except httpx.HTTPError as exc:
-            raise HostUnavailable(f"cannot reach the control plane at {self.url}: {exc}",
-                                  "start it with `ferry lab up` or set --url/FERRY_URL"
-                                  ) from exc
-        if resp.status_code >= 400:
-            raise error_from_response(resp.status_code, resp.content)
-        return resp.json() if resp.content else None
+        query = {k: v for k, v in params.items() if v is not None}
+        tried = 0
+        while True:
+            try:
+                resp = self._http.request(method, path, json=body, params=query)
+            except httpx.ConnectError as exc:
+                if self._switch(tried):
+                    tried += 1
+                    continue
+                raise self._unreachable(exc) from exc
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from exc
+            if resp.status_code == 503 and _code(resp.content) == "not_leader" and \
+                    self._switch(tried):
+                tried += 1
+                continue
+            if resp.status_code >= 400:
+                raise error_from_response(resp.status_code, resp.content)
+            return resp.json() if resp.content else None
+
+    def _unreachable(self, exc: Exception) -> HostUnavailable:
+        where = self.url if len(self.urls) == 1 else ", ".join(self.urls)
+        return HostUnavailable(f"cannot reach the control plane at {where}: {exc}",
+                               "start it with `ferry lab up` or set --url/FERRY_URL")
 
     def follow(self, path: str, last_id: int | None = None, **params: Any
                ) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -11,7 +11,8 @@ from ferry.cli.client import connect
 from ferry.cli.output import console, print_json, table
 from ferry.domain.ha import IsolationResponse, Priority
 
-cluster_app = typer.Typer(help="Cluster-wide settings (HA).", no_args_is_help=True)
+cluster_app = typer.Typer(help="Cluster-wide settings (HA) and the control plane's leader.",
+                          no_args_is_help=True)
 UrlOpt = Annotated[str | None, typer.Option("--url", help="control plane URL")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
 
@@ -56,6 +57,21 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
         status = (client.call("PATCH", "/v1/cluster/ha", changes) if changes
                   else client.call("GET", "/v1/cluster/ha"))
         print_json(status) if json_out else show(status)
+
+    @cluster_app.command("leader")
+    @handle_errors
+    def cluster_leader(url: UrlOpt = None, json_out: JsonOpt = False) -> None:
+        """Which control-plane replica leads (drives jobs, HA, DRS, schedules)."""
+        view = connect(url).call("GET", "/v1/cluster/leader")
+        if json_out:
+            print_json(view)
+            return
+        holder = view["holder"] or "no replica"
+        console.print(f"{holder} leads (term {view['term']}, lease "
+                      f"{'runs' if view['expires_in_s'] > 0 else 'ran out'} "
+                      f"{abs(view['expires_in_s']):.1f} s "
+                      f"{'from now' if view['expires_in_s'] > 0 else 'ago'}); answered by "
+                      f"{view['replica']} ({'leader' if view['leading'] else 'standby'})")
 
     @vm_app.command("ha")
     @handle_errors

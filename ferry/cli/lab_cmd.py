@@ -48,10 +48,19 @@ def up(hosts: Annotated[int | None, typer.Option(
        subnet: Annotated[str | None, typer.Option(
            help="IPv4 network of the lab bridge (new lab: 198.18.210.0/24, a range "
                 "reserved for test networks)")] = None,
+       control_planes: Annotated[int | None, typer.Option(
+           "--control-planes", min=1, max=3,
+           help="control-plane replicas sharing the store: one leads, the others stand "
+                "by and take over when it dies (new lab: 1)")] = None,
+       db: Annotated[str | None, typer.Option(
+           "--db", help="the control plane's store: sqlite (a file in the lab directory) "
+                        "or postgresql (a private server the lab starts in its directory); "
+                        "new lab: sqlite")] = None,
        lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
-    """Create the hosts, start one agent per host and the control plane."""
+    """Create the hosts, start one agent per host and the control plane(s)."""
     try:
-        config = config_for_up(lab_dir, load(lab_dir), hosts, cpus, memory, subnet)
+        config = config_for_up(lab_dir, load(lab_dir), hosts, cpus, memory, subnet,
+                               control_planes, db)
     except FerryError as exc:
         print_error(exc)
         raise typer.Exit(1) from None
@@ -61,8 +70,10 @@ def up(hosts: Annotated[int | None, typer.Option(
     except (cluster.LabError, net.LabCommandError) as exc:
         _fail(str(exc))
         return
+    planes = (f"control plane at {config.control_url}" if config.control_planes == 1 else
+              f"{config.control_planes} control planes at {', '.join(config.control_urls)}")
     console.print(f"lab up in {time.monotonic() - began:.1f} s: {len(st.config.hosts)} hosts, "
-                  f"control plane at {config.control_url}")
+                  f"{planes}, {config.db if not config.db_url else 'given'} store")
     if st.new_admin_token:
         console.print(f"admin token (kept 0600 in {config.admin_token_file}, where the CLI "
                       "finds it):")

@@ -17,7 +17,7 @@ import httpx
 
 from ferry.agent.config import AgentConfig, DatastoreConfig
 from ferry.control.bootstrap import init_cluster, join_tokens
-from ferry.lab import net
+from ferry.lab import net, postgres
 from ferry.lab.config import AGENT_PORT, NETWORK, LabConfig, load
 from ferry.pki import ControlPki, HostTls, write_private
 from ferry.pki.layout import client_context
@@ -97,7 +97,8 @@ def agent_config(config: LabConfig, host: str, join_token: str | None = None
     spec = next(h for h in config.hosts if h.name == host)
     return AgentConfig(
         name=host, listen_host=config.host_ip(host), listen_port=AGENT_PORT,
-        control_url=config.control_url, run_dir=config.host_dir(host) / "run",
+        control_url=config.control_url, control_urls=config.control_urls[1:],
+        run_dir=config.host_dir(host) / "run",
         tls_dir=config.host_tls_dir(host), control_ca=config.ca_file, join_token=join_token,
         accel="tcg", cpus=spec.cpus, memory_mib=spec.memory_mib,
         datastores=(DatastoreConfig(name="shared", path=str(config.shared_datastore),
@@ -126,7 +127,11 @@ def start_agent(config: LabConfig, host: str) -> int:
 
 
 def _db_url(config: LabConfig) -> str:
-    return config.db_url or sqlite_url(str(config.db_file))
+    if config.db_url:
+        return config.db_url
+    if config.db == "postgresql":
+        return postgres.ensure_database(postgres.ensure_server(config.postgres_dir), "ferry")
+    return sqlite_url(str(config.db_file))
 
 
 def init_trust(config: LabConfig) -> str | None:
@@ -136,12 +141,23 @@ def init_trust(config: LabConfig) -> str | None:
                         config.admin_token_file)
 
 
-def start_control(config: LabConfig) -> int:
+def _control_name(index: int) -> str:
+    """The pid and log file name of the index-th replica ("control" for the first, as
+    a lab of one control plane always had)."""
+    return "control" if index == 0 else f"control{index + 1}"
+
+
+def start_control(config: LabConfig, index: int = 0) -> int:
     argv = [sys.executable, "-m", "ferry.cli.main", "server",
             "--db", _db_url(config), "--pki", str(config.pki_dir),
-            "--lab-dir", str(config.directory),
-            "--listen", config.bridge_ip, "--port", str(config.control_port)]
-    return _spawn(argv, config.logs_dir / "control.log", _pidfile(config, "control"))
+            "--lab-dir", str(config.directory), "--replica-id", config.replica_id(index),
+            "--listen", config.bridge_ip, "--port", str(config.control_port + index)]
+    name = _control_name(index)
+    return _spawn(argv, config.logs_dir / f"{name}.log", _pidfile(config, name))
+
+
+def control_pid(config: LabConfig, index: int = 0) -> int | None:
+    return _alive_pid(_pidfile(config, _control_name(index)))
 
 
 def kill_pid(pid: int, grace_s: float = 5.0) -> None:
@@ -177,10 +193,12 @@ def stop_agent(config: LabConfig, host: str) -> None:
         kill_pid(pid)
 
 
-def stop_control(config: LabConfig) -> None:
-    pid = _alive_pid(_pidfile(config, "control"))
-    if pid is not None:
-        kill_pid(pid)
+def stop_control(config: LabConfig, index: int | None = None) -> None:
+    """Stop the index-th replica, or every one (None)."""
+    for i in range(config.control_planes) if index is None else (index,):
+        pid = control_pid(config, i)
+        if pid is not None:
+            kill_pid(pid)
 
 
 def processes_of(directory: Path) -> list[tuple[int, str]]:
@@ -285,8 +303,9 @@ def up(config: LabConfig) -> LabStatus:
         new_token = init_trust(config)
         mount_small_datastore(config)
         net.create(config)
-        if _alive_pid(_pidfile(config, "control")) is None:
-            start_control(config)
+        for i in range(config.control_planes):
+            if control_pid(config, i) is None:
+                start_control(config, i)
         for host in config.hosts:
             if _alive_pid(_pidfile(config, f"agent-{host.name}")) is None:
                 start_agent(config, host.name)
@@ -305,6 +324,9 @@ def down(config: LabConfig) -> list[str]:
     stop_control(config)
     for host in config.hosts:
         stop_agent(config, host.name)
+    # Before the sweep below (its processes name the lab directory): a clean stop.
+    if postgres.stop_server(config.postgres_dir):
+        removed.append("the lab's PostgreSQL server (its data kept)")
     for pid, argv0 in processes_of(config.directory):
         kill_pid(pid, grace_s=2.0)
         removed.append(f"process {pid} ({Path(argv0).name})")
@@ -323,7 +345,7 @@ def status(config: LabConfig) -> LabStatus:
     qemus = [pid for pid, argv0 in processes_of(config.directory) if "qemu" in argv0]
     return LabStatus(
         config=config, network_up=net.exists(config),
-        control_pid=_alive_pid(_pidfile(config, "control")),
+        control_pid=control_pid(config),
         agent_pids={h.name: _alive_pid(_pidfile(config, f"agent-{h.name}"))
                     for h in config.hosts},
         qemu_pids=qemus)

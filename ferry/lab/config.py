@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -38,8 +38,14 @@ class LabConfig(Frozen):
     # soak only, never for a lab a user brings up.
     fault_hooks: bool = False
     # The control plane's store (a SQLAlchemy or postgresql:// URL, ferry/store/engine.py);
-    # None: the SQLite file ferry.db in the lab directory.
+    # None: the lab's own, as `db` says.
     db_url: str | None = None
+    # The lab's own store: "sqlite" (the file ferry.db in the lab directory) or
+    # "postgresql" (a private server in the lab directory, ferry/lab/postgres.py).
+    db: Literal["sqlite", "postgresql"] = "sqlite"
+    # Control-plane replicas (one leads, the others stand by), on control_port, +1, ...
+    # All share the store; more than one needs PostgreSQL or a shared SQLite file.
+    control_planes: int = Field(default=1, ge=1, le=3)
 
     @model_validator(mode="before")
     @classmethod
@@ -95,7 +101,17 @@ class LabConfig(Frozen):
 
     @property
     def control_url(self) -> str:
-        return f"https://{self.bridge_ip}:{self.control_port}"
+        return self.control_urls[0]
+
+    @property
+    def control_urls(self) -> tuple[str, ...]:
+        """Every replica's URL, the first replica's first."""
+        return tuple(f"https://{self.bridge_ip}:{self.control_port + i}"
+                     for i in range(self.control_planes))
+
+    def replica_id(self, index: int) -> str:
+        """The replica id of the index-th control plane (0-based): cp1, cp2, ..."""
+        return f"cp{index + 1}"
 
     # --- the VM network and the client machine on it ---------------------------------
     @property
@@ -155,6 +171,10 @@ class LabConfig(Frozen):
         return self.directory / "ferry.db"
 
     @property
+    def postgres_dir(self) -> Path:
+        return self.directory / "postgresql"
+
+    @property
     def shared_datastore(self) -> Path:
         return self.directory / "datastores" / "shared"
 
@@ -179,15 +199,24 @@ class LabConfig(Frozen):
 
 def config_for_up(directory: Path, existing: LabConfig | None, hosts: int | None,
                   cpus: int | None, memory_mib: int | None,
-                  subnet: str | None = None) -> LabConfig:
+                  subnet: str | None = None, control_planes: int | None = None,
+                  db: str | None = None) -> LabConfig:
     """The lab `ferry lab up` brings up: a new one with the options (or their defaults),
     or the existing one; Conflict when an option asks for a shape the existing lab has
     not (it is never silently ignored, nor silently reshaped under running VMs);
     InvalidInput for settings that make no lab."""
+    if db is not None and db not in ("sqlite", "postgresql"):
+        raise InvalidInput(f"--db {db!r} is not a store the lab can run",
+                           "use --db sqlite (the default) or --db postgresql")
     if existing is None:
+        extra: dict[str, object] = {"subnet": subnet} if subnet else {}
+        if control_planes is not None:
+            extra["control_planes"] = control_planes
+        if db is not None:
+            extra["db"] = db
         try:
             return LabConfig.default(directory, hosts or 3, cpus or 4, memory_mib or 2048,
-                                     **({"subnet": subnet} if subnet else {}))
+                                     **extra)
         except ValueError as exc:
             raise InvalidInput(f"invalid lab settings: {exc}") from None
     have = existing.hosts
@@ -200,6 +229,10 @@ def config_for_up(directory: Path, existing: LabConfig | None, hosts: int | None
         asked.append(f"{memory_mib} MiB per host")
     if subnet is not None and subnet != str(existing.subnet):
         asked.append(f"subnet {subnet}")
+    if control_planes is not None and control_planes != existing.control_planes:
+        asked.append(f"{control_planes} control planes")
+    if db is not None and db != existing.db:
+        asked.append(f"a {db} store")
     if asked:
         raise Conflict(
             f"a lab with {len(have)} hosts ({have[0].cpus} CPUs, {have[0].memory_mib} MiB "

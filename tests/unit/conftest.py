@@ -1,6 +1,6 @@
 """The store's backends for the tests that take `db_url`: each such test runs once on a
 SQLite file and once on a fresh database of a private PostgreSQL server, started the
-first time a test needs it and stopped at the end of the session (tests/unit/postgres.py).
+first time a test needs it and stopped at the end of the session (ferry/lab/postgres.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from ferry.lab.postgres import BIN, PostgresServer, private_server
 from ferry.store.engine import sqlite_url
-from tests.unit.postgres import BIN, PostgresServer, private_server
 
 BACKENDS = ("sqlite", "postgresql")
 _databases = itertools.count()
