@@ -218,11 +218,29 @@ def processes_of(directory: Path) -> list[tuple[int, str]]:
     return found
 
 
-def _http(config: LabConfig, timeout_s: float = 30.0) -> httpx.Client:
+def _http(config: LabConfig, timeout_s: float = 30.0, url: str | None = None
+          ) -> httpx.Client:
     token = config.admin_token_file.read_text().strip()
-    return httpx.Client(base_url=config.control_url, timeout=timeout_s, trust_env=False,
-                        verify=client_context(config.ca_file),
+    return httpx.Client(base_url=url or config.control_url, timeout=timeout_s,
+                        trust_env=False, verify=client_context(config.ca_file),
                         headers={"authorization": f"Bearer {token}"})
+
+
+def leader_url(config: LabConfig, timeout_s: float = 60.0) -> str:
+    """The URL of the replica that leads (the lab's changes go there); waits, bounded,
+    while none does (a term of a replica killed earlier still running out)."""
+    if config.control_planes == 1:
+        return config.control_url
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for url in config.control_urls:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError), \
+                    _http(config, 2.0, url) as http:
+                if http.get("/v1/cluster/leader").json()["leading"]:
+                    return url
+        time.sleep(0.5)
+    raise LabError(f"no control-plane replica leads after {timeout_s:.0f} s; see the logs "
+                   f"in {config.logs_dir}")
 
 
 def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
@@ -247,7 +265,7 @@ def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
 def ensure_power(config: LabConfig) -> None:
     """Every lab host's power driver is the lab's (its agent stopped = powered off); a
     host left in standby by an earlier run is up again now."""
-    with _http(config) as http:
+    with _http(config, url=leader_url(config)) as http:
         for host in config.hosts:
             resp = http.put(f"/v1/hosts/{host.name}/power", json={"driver": "lab"})
             if resp.status_code >= 400:
@@ -259,7 +277,7 @@ def ensure_power(config: LabConfig) -> None:
 
 def ensure_vm_network(config: LabConfig, timeout_s: float = 60.0) -> None:
     """The lab's VM network (`vmnet`) on every host, and the client machine on it."""
-    with _http(config) as http:
+    with _http(config, url=leader_url(config)) as http:
         resp = http.get(f"/v1/networks/{NETWORK}")
         if resp.status_code == 404:
             resp = http.post("/v1/networks", json={"name": NETWORK,
