@@ -14,6 +14,7 @@ executed on two hosts at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -52,15 +53,23 @@ def lab() -> Iterator[LabConfig]:
     config = LabConfig.default(LAB_DIR, 3, cpus=4, memory_mib=2048, prefix=LAB_PREFIX,
                                subnet_octet=LAB_OCTET, control_port=LAB_PORT,
                                small_datastore_mib=64, fault_hooks=True)
-    cluster.down(config)  # leftovers of a crashed earlier run
-    shutil.rmtree(LAB_DIR, ignore_errors=True)
     os.environ["FERRY_LAB_DIR"] = str(LAB_DIR)
+    with running_lab(config):
+        yield config
+
+
+@contextlib.contextmanager
+def running_lab(config: LabConfig) -> Iterator[LabConfig]:
+    """`config`'s lab, up from scratch (leftovers of a crashed earlier run removed
+    first), and down and removed at the end, whatever happened."""
+    cluster.down(config)
+    shutil.rmtree(config.directory, ignore_errors=True)
     cluster.up(config)
     try:
         yield config
     finally:
         cluster.down(config)
-        shutil.rmtree(LAB_DIR, ignore_errors=True)
+        shutil.rmtree(config.directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ for double runs like every lab test."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from ferry.cli.demo import wait_heartbeat
 from ferry.domain.errors import HostUnavailable, NotLeader
 from ferry.lab import cluster, net
 from ferry.lab.config import LabConfig
-from tests.integration.conftest import LAB_DIR, LAB_OCTET, LAB_PORT, LAB_PREFIX
+from tests.integration.conftest import LAB_DIR, LAB_OCTET, LAB_PORT, LAB_PREFIX, running_lab
 from tests.integration.helpers import (
     assert_intact,
     boot_probe,
@@ -45,14 +44,8 @@ def replicated() -> Iterator[LabConfig]:
                                prefix=f"{LAB_PREFIX}c"[:6], subnet_octet=LAB_OCTET + 40,
                                control_port=LAB_PORT + 40, control_planes=2,
                                db="postgresql")
-    cluster.down(config)
-    shutil.rmtree(directory, ignore_errors=True)
-    cluster.up(config)
-    try:
+    with running_lab(config):
         yield config
-    finally:
-        cluster.down(config)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def leader_view(client: Client) -> dict[str, Any] | None:
