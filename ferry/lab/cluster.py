@@ -130,6 +130,9 @@ def _db_url(config: LabConfig) -> str:
     if config.db_url:
         return config.db_url
     if config.db == "postgresql":
+        # The server runs as the postgres user: it must be able to pass through the lab
+        # directory to its own (search only: o+x, the lab's files stay unreadable).
+        config.directory.chmod(config.directory.stat().st_mode | 0o001)
         return postgres.ensure_database(postgres.ensure_server(config.postgres_dir), "ferry")
     return sqlite_url(str(config.db_file))
 
