@@ -30,6 +30,7 @@ from ferry.agent.models import (
     Tune,
     VmInfo,
 )
+from ferry.agent.terms import HEADER, TermFence
 from ferry.domain.errors import FerryError, Forbidden
 from ferry.domain.migration import Progress
 from ferry.domain.specs import HostFacts
@@ -46,6 +47,7 @@ def create_app(host: HostRuntime) -> FastAPI:
         await host.shutdown()
 
     app = FastAPI(title=f"ferry-agent {host.config.name}", lifespan=lifespan)
+    terms = TermFence(host.config.run_dir / "control-term")
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
@@ -62,6 +64,10 @@ def create_app(host: HostRuntime) -> FastAPI:
             err = Forbidden(f"{who} may not call the agent of {host.config.name}",
                             "only the cluster's control plane drives agents")
             return JSONResponse(error_body(err), status_code=status_for(err))
+        try:
+            terms.admit(request.method, request.headers.get(HEADER))
+        except FerryError as exc:
+            return JSONResponse(error_body(exc), status_code=status_for(exc))
         return await call_next(request)
 
     @app.get("/v1/facts")

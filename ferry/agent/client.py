@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -34,6 +35,7 @@ from ferry.agent.models import (
     Tune,
     VmInfo,
 )
+from ferry.agent.terms import HEADER as TERM_HEADER
 from ferry.domain.errors import HostUnavailable
 from ferry.domain.migration import Progress, StreamOptions
 from ferry.domain.networks import HostNetwork
@@ -48,8 +50,12 @@ GET_ATTEMPTS = 3
 class AgentClient:
     def __init__(self, host: str, base_url: str, timeout_s: float = 30.0,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 verify: ssl.SSLContext | bool = True) -> None:
+                 verify: ssl.SSLContext | bool = True,
+                 term: Callable[[], int | None] | None = None) -> None:
         self.host = host
+        # The caller's leader term, sent with every call (ferry/agent/terms.py): None
+        # from term() means "not leading", sent as 0; no `term` at all sends nothing.
+        self._term = term
         # A short connect timeout: an unreachable host must not stall a migration step.
         self._http = httpx.AsyncClient(base_url=base_url,
                                        timeout=httpx.Timeout(timeout_s, connect=3.0),
@@ -83,13 +89,16 @@ class AgentClient:
         content = body.model_dump_json() if body is not None else None
         timeout = timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         attempts = GET_ATTEMPTS if method == "GET" else 1
+        headers = {"content-type": "application/json"}
+        if self._term is not None:
+            headers[TERM_HEADER] = str(self._term() or 0)
         async for attempt in stamina.retry_context(
                 on=httpx.ConnectError, attempts=attempts, timeout=1.5, wait_initial=0.1,
                 wait_max=0.5, wait_jitter=0.1):
             with attempt:
                 return await self._http.request(
                     method, path, params=params or None, content=content,
-                    headers={"content-type": "application/json"}, timeout=timeout)
+                    headers=headers, timeout=timeout)
         raise AssertionError("unreachable: the retry context either returns or raises")
 
     async def facts(self) -> HostFacts:

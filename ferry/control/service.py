@@ -28,7 +28,8 @@ class ControlPlane:
         self.trust = Trust(store, pki)
         # Agents are called over mutual TLS: they see the control plane's certificate,
         # we check theirs against the cluster CA.
-        self.agents = AgentPool(pki.client_context())
+        # Calls to agents carry this replica's term: a deposed leader's are refused.
+        self.agents = AgentPool(pki.client_context(), term=lambda: self.leadership.token)
         self.bus = ChangeBus()
         self.inventory = Inventory(store, self.agents)
         self.networks = Networks(store, self.agents)
