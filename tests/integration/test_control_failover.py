@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +68,12 @@ def test_the_standby_takes_over_a_killed_leaders_migration(replicated: LabConfig
         assert view is not None and view["holder"] in ("cp1", "cp2"), view
         leader = 0 if view["holder"] == "cp1" else 1
         standby = 1 - leader
+        shown = subprocess.run(
+            [sys.executable, "-m", "ferry.cli.main", "cluster", "leader",
+             "--url", lab.control_urls[standby]], capture_output=True, text=True,
+            timeout=60, env={**os.environ, "FERRY_LAB_DIR": str(lab.directory)})
+        assert f"{view['holder']} leads" in shown.stdout and "(standby)" in shown.stdout, \
+            shown.stdout + shown.stderr
         # The standby serves reads and refuses changes, naming the leader.
         only_standby = Client(lab.control_urls[standby], 30,
                               token=lab.admin_token_file.read_text().strip(), ca=lab.ca_file)
