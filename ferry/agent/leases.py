@@ -178,6 +178,7 @@ class LeaseKeeper:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lease-io")
         self._busy = 0  # I/O calls outstanding (a hung datastore holds them)
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._unadopted: list[str] = []  # adopted guests whose leases are not sorted out
 
     # --- I/O ------------------------------------------------------------------------
@@ -190,7 +191,11 @@ class LeaseKeeper:
         future = loop.run_in_executor(self._pool, fn, *args)
         future.add_done_callback(lambda _: self._done())
         try:
-            return await asyncio.wait_for(future, timeout=max(self.timing.renew_s * 2, 1.0))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that arrives as the call completes, and close() would then
+            # wait forever for a renewal loop that goes on (seen in the unit tests).
+            async with asyncio.timeout(max(self.timing.renew_s * 2, 1.0)):
+                return await future
         except (OSError, TimeoutError, ValueError) as exc:
             # A start or a resume refused for this says why (not an HTTP 500).
             raise Conflict(f"the HA datastore {self.datastore} of host {self.host} does not "
@@ -243,14 +248,17 @@ class LeaseKeeper:
         return rec.owner if rec is not None else "another host"
 
     async def close(self) -> None:
+        self._closing = True  # the loop ends at its next round even if a cancel is lost
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                self._task.result()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.tick()
             except Exception:  # never stop renewing (or fencing) on one odd round

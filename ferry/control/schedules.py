@@ -171,8 +171,10 @@ class Scheduler:
             self._wake.clear()
             # A hair past the due time: the clock the sleep ends by and time.time() differ.
             delay = min(max(wake - time.time(), 0.0) + 0.05, MAX_SLEEP_S)
+            # asyncio.timeout: 3.11's wait_for can swallow the cancel that stops this loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def tick(self, now: float) -> float:
         """Deal with every task's due times up to `now`; return when to look next."""
