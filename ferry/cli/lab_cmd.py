@@ -98,8 +98,13 @@ def down(lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
 def status(lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
     """What of the lab is running."""
     st = cluster.status(_config(lab_dir))
-    rows: list[list[Any]] = [["network", "up" if st.network_up else "down"],
-            ["control plane", st.control_pid or "not running"]]
+    rows: list[list[Any]] = [["network", "up" if st.network_up else "down"]]
+    if st.config.control_planes == 1:
+        rows.append(["control plane", st.control_pid or "not running"])
+    else:
+        rows += [[f"control plane {st.config.replica_id(i)}", pid or "not running"]
+                 for i, pid in enumerate(st.replica_pids)]
+    rows.append(["store", st.config.db if not st.config.db_url else "given URL"])
     rows += [[f"agent {h}", pid or "not running"] for h, pid in st.agent_pids.items()]
     rows.append(["QEMU processes", len(st.qemu_pids)])
     table(f"Lab {st.config.directory}", ["part", "pid / state"], rows)

@@ -36,10 +36,11 @@ class LabError(RuntimeError):
 class LabStatus:
     config: LabConfig
     network_up: bool
-    control_pid: int | None
+    control_pid: int | None  # the first replica's
     agent_pids: dict[str, int | None]
     qemu_pids: list[int]
     new_admin_token: str | None = None  # shown once, when `up` created it
+    replica_pids: tuple[int | None, ...] = ()  # every control-plane replica's, in order
 
 
 def require_root() -> None:
@@ -367,6 +368,7 @@ def status(config: LabConfig) -> LabStatus:
     return LabStatus(
         config=config, network_up=net.exists(config),
         control_pid=control_pid(config),
+        replica_pids=tuple(control_pid(config, i) for i in range(config.control_planes)),
         agent_pids={h.name: _alive_pid(_pidfile(config, f"agent-{h.name}"))
                     for h in config.hosts},
         qemu_pids=qemus)

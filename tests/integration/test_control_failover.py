@@ -74,6 +74,11 @@ def test_the_standby_takes_over_a_killed_leaders_migration(replicated: LabConfig
             timeout=60, env={**os.environ, "FERRY_LAB_DIR": str(lab.directory)})
         assert f"{view['holder']} leads" in shown.stdout and "(standby)" in shown.stdout, \
             shown.stdout + shown.stderr
+        status = subprocess.run(
+            [sys.executable, "-m", "ferry.cli.main", "lab", "status", "--lab-dir",
+             str(lab.directory)], capture_output=True, text=True, timeout=60)
+        for part in ("control plane cp1", "control plane cp2", "postgresql"):
+            assert part in status.stdout, status.stdout + status.stderr
         # The standby serves reads and refuses changes, naming the leader.
         only_standby = Client(lab.control_urls[standby], 30,
                               token=lab.admin_token_file.read_text().strip(), ca=lab.ca_file)
