@@ -16,6 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from ferry.agent.watchdog import WatchState
 from ferry.domain.ha import HaDirective, IsolationResponse
 from ferry.domain.leases import HostBeat
 from ferry.hypervisor.errors import MonitorError
@@ -23,6 +24,7 @@ from ferry.hypervisor.process import ProcessState
 
 if TYPE_CHECKING:
     from ferry.agent.host import HostRuntime
+    from ferry.agent.leases import LeaseKeeper
 
 log = logging.getLogger("ferry.agent.fencing")
 QMP_TIMEOUT_S = 1.0
@@ -162,3 +164,13 @@ async def _any_reachable(peers: list[HostBeat]) -> bool:
             await writer.wait_closed()
         return True
     return False
+
+
+def watch_state(keeper: LeaseKeeper, isolation: Isolation) -> WatchState:
+    """What the host's watchdog acts on (ferry/agent/watchdog.py): armed while HA is on
+    and a lease is held; it kills the guests halfway between this agent's own fencing
+    and the leases' expiry unless a round proves the leases before then."""
+    t = keeper.timing
+    directive = isolation.directive
+    return WatchState(renewed_at=keeper.last_ok, kill_after_s=(t.fence_s + t.expire_s) / 2,
+                      armed=bool(keeper.held) and directive is not None and directive.enabled)

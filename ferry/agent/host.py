@@ -29,7 +29,7 @@ from ferry.agent.disks import (
 )
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
 from ferry.agent.faults import Faults, FaultStage
-from ferry.agent.fencing import Isolation, RuntimeGuests
+from ferry.agent.fencing import Isolation, RuntimeGuests, watch_state
 from ferry.agent.leases import keeper_for
 from ferry.agent.models import (
     RUNSTATES,
@@ -50,6 +50,7 @@ from ferry.agent.stream_settings import (
     stream_parameters,
 )
 from ferry.agent.vmfiles import check_kernel_image, cpu_time_s, tail_lines, write_spec
+from ferry.agent.watchdog import write_state
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.networks import Announce
@@ -95,6 +96,9 @@ class HostRuntime:
         # HA (agent/leases.py, agent/fencing.py): None without an HA datastore.
         self.leases = keeper_for(config, RuntimeGuests(self))
         self.isolation = Isolation(self)
+        if self.leases is not None:
+            keeper, run_dir = self.leases, config.run_dir
+            keeper.on_round = lambda: write_state(run_dir, watch_state(keeper, self.isolation))
 
     @property
     def vms_dir(self) -> Path:

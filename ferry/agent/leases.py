@@ -179,6 +179,8 @@ class LeaseKeeper:
         self._busy = 0  # I/O calls outstanding (a hung datastore holds them)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Called after every round (ferry/agent/watchdog.py's state is written there).
+        self.on_round: Callable[[], None] | None = None
         self._unadopted: list[str] = []  # adopted guests whose leases are not sorted out
 
     # --- I/O ------------------------------------------------------------------------
@@ -365,6 +367,11 @@ class LeaseKeeper:
         if ok:
             self.last_ok = start
             await self._maybe_unfence()
+        if self.on_round is not None:
+            try:
+                self.on_round()
+            except Exception:  # the watchdog then sees an old round: it errs on safety
+                log.exception("watchdog state not written")
         await self._observe()
 
     async def _fence(self) -> None:

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -70,6 +72,8 @@ async def serve(config: AgentConfig) -> None:
     tls = await ensure_enrolled(config)
     host = HostRuntime(config)
     await host.setup()
+    if host.leases is not None:
+        start_watchdog(config.run_dir)
     server = uvicorn.Server(tls_config(create_app(host), config.listen_host,
                                        config.listen_port, ca=tls.ca_cert, cert=tls.cert,
                                        key=tls.key, require_client_cert=True))
@@ -85,6 +89,14 @@ async def serve(config: AgentConfig) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def start_watchdog(run_dir: Path) -> None:
+    """The host's watchdog (ferry/agent/watchdog.py), in a session of its own so that
+    it outlives this agent; a second one (after an agent restart) leaves at once."""
+    subprocess.Popen([sys.executable, "-m", "ferry.agent.watchdog", "--run-dir",
+                      str(run_dir)], start_new_session=True, stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,6 +157,35 @@ def test_an_isolated_host_stops_its_vms_before_they_restart(lab: LabConfig, clie
         remove_vm(client, name)
 
 
+def test_a_hung_agents_guests_are_killed_before_they_restart_elsewhere(
+        lab: LabConfig, client: Client, ha: None) -> None:
+    """The agent hangs (SIGSTOP) while its QEMU runs on: nobody renews the VM's lease.
+    The host's watchdog (ferry/agent/watchdog.py, a process of its own) kills the QEMU
+    before the lease expires; HA restarts the VM elsewhere; the watcher sees no two
+    copies."""
+    victim = "host1"
+    name = "ha-hung"
+    pid = None
+    try:
+        boot_probe(client, lab, name, victim)
+        boot = boot_id(client, name)
+        pid = agent_pid(lab, victim)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: runs_elsewhere(client, lab, name, victim, boot), FAILOVER_WAIT_S,
+                   f"{name} running again on another host")
+        assert victim not in qemu_hosts(lab, name)
+        log = (lab.host_dir(victim) / "run" / "watchdog.log").read_text()
+        assert f"killed {name}" in log, log
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            restore_host(client, lab, victim)
+        remove_vm(client, name)
+
+
 def test_admission_control_refuses_what_breaks_the_reserve(lab: LabConfig, client: Client,
                                                            ha: None) -> None:
     # Two host failures to tolerate on three hosts: one survivor must hold them all.
