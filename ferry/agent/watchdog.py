@@ -100,11 +100,14 @@ def run(run_dir: Path, poll_s: float = POLL_S) -> None:
     """Watch until killed. One watchdog per run directory: a second one (an agent that
     restarted while the first still runs) leaves at once."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / LOCK_FILE, "w")  # noqa: SIM115 (held for the process's life)
+    lock = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held for the process's life)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return
+    lock.truncate(0)  # whose it is, for an operator (and the tests)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
     while True:
         try:
             state = WatchState.parse((run_dir / STATE_FILE).read_text())

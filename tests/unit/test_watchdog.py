@@ -44,6 +44,16 @@ def vm_dir(run_dir: Path, vm: str, pid: int) -> Path:
     return d
 
 
+def wait_locked(path: Path, pid: int, timeout_s: float) -> None:
+    """Until the watchdog `pid` holds the lock on `path` (it writes its pid there)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip() == str(pid):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"watchdog {pid} did not take {path} within {timeout_s} s")
+
+
 def wait_exit(p: subprocess.Popen[bytes], timeout_s: float) -> bool:
     try:
         p.wait(timeout=timeout_s)
@@ -66,10 +76,12 @@ def test_a_stale_armed_state_kills_the_hosts_guests_and_nothing_else(
     dog = subprocess.Popen([sys.executable, "-m", "ferry.agent.watchdog",
                             "--run-dir", str(run_dir)])
     procs.append(dog)
+    wait_locked(run_dir / "watchdog.lock", dog.pid, 30.0)
     # A second watchdog of the same run directory leaves at once.
     second = subprocess.run([sys.executable, "-m", "ferry.agent.watchdog", "--run-dir",
                              str(run_dir)], timeout=30)
     assert second.returncode == 0
+    assert (run_dir / "watchdog.lock").read_text().strip() == str(dog.pid)
     assert not wait_exit(guest, 1.0)  # renewed just now: nothing happens
     write_state(run_dir, WatchState(renewed_at=time.monotonic() - 10, kill_after_s=60.0,
                                     armed=False))
