@@ -65,7 +65,11 @@ async def _beat(http: httpx.AsyncClient, url: str, body: str
         log.warning("heartbeat refused by %s: HTTP %s %s", url, resp.status_code,
                     resp.text[:200])
         return False, None
-    return True, HaDirective.model_validate_json(resp.content) if resp.content else None
+    try:
+        return True, HaDirective.model_validate_json(resp.content) if resp.content else None
+    except ValueError as exc:  # one replica's odd answer must not lose the others'
+        log.warning("heartbeat answer of %s is no HA directive: %s", url, exc)
+        return True, None
 
 
 async def serve(config: AgentConfig) -> None:
