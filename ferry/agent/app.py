@@ -85,7 +85,8 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/vms", status_code=201)
     async def create_vm(body: CreateVm) -> VmInfo:
-        return await host.create(body.spec, paused=body.paused, lease_wait_s=body.lease_wait_s)
+        return await host.create(body.spec, paused=body.paused, lease_wait_s=body.lease_wait_s,
+                                 lease_take_over=body.lease_take_over)
 
     @app.get("/v1/vms/{name}")
     async def show_vm(name: str) -> VmInfo:

@@ -115,9 +115,11 @@ class AgentClient:
         return await self._call("GET", f"/v1/vms/{name}", VmInfo, timeout_s=timeout_s)
 
     async def create_vm(self, spec: VmSpec, paused: bool = False,
-                        lease_wait_s: float = 0.0) -> VmInfo:
+                        lease_wait_s: float = 0.0, lease_take_over: bool = False
+                        ) -> VmInfo:
         return await self._call("POST", "/v1/vms", VmInfo,
-                                CreateVm(spec=spec, paused=paused, lease_wait_s=lease_wait_s),
+                                CreateVm(spec=spec, paused=paused, lease_wait_s=lease_wait_s,
+                                         lease_take_over=lease_take_over),
                                 timeout_s=60.0 + lease_wait_s)
 
     async def stop_vm(self, name: str, force: bool = False, grace_s: float = 30.0) -> VmInfo:

@@ -62,6 +62,9 @@ class FaultStage(StrEnum):
     RESUMED = "resumed"
     # destination that never ran: asked for its RAM's chunk digests (memory check)
     RAM_DIGESTS = "ram_digests"
+    # a VM's QEMU was just started (an ordinary start or an HA restart), before the
+    # agent answers the control plane
+    STARTED = "started"
     # relocation: a mirror poll that sees the job ready (in sync)
     MIRROR_READY = "mirror_ready"
     # relocation: before the pivot (job-complete)

@@ -265,11 +265,15 @@ class HostRuntime:
             raise
         return rec
 
-    async def create(self, spec: VmSpec, paused: bool = False, lease_wait_s: float = 0.0
-                     ) -> VmInfo:
-        """Start a VM's QEMU here, holding its lease. Its guest runs unless `paused`."""
+    async def create(self, spec: VmSpec, paused: bool = False, lease_wait_s: float = 0.0,
+                     lease_take_over: bool = False) -> VmInfo:
+        """Start a VM's QEMU here, holding its lease (taken over at once only on the
+        control plane's word that its holder is powered off). Its guest runs unless
+        `paused`."""
         held = self.leases is not None and spec.name in self.leases.held
-        if self.leases is not None:
+        if self.leases is not None and lease_take_over:
+            await self.leases.take_over(spec.name)
+        elif self.leases is not None:
             await self.leases.acquire(spec.name, lease_wait_s)
         try:
             rec = await self._launch(spec, incoming=False)
@@ -280,6 +284,7 @@ class HostRuntime:
         # QEMU starts the guest at once unless -S; we never pass -S for plain starts.
         if paused and rec.monitor is not None:
             await rec.monitor.execute("stop")
+        self.faults.reach(FaultStage.STARTED, spec.name, rec.process.pid)
         return await self.info(spec.name)
 
     async def stop(self, name: str, force: bool, grace_s: float = 30.0) -> VmInfo:

@@ -67,6 +67,9 @@ class CreateVm(Frozen):
     # How long to wait for another host's lease on the VM to expire (as this agent sees
     # it) before refusing: an HA restart waits, an ordinary start does not.
     lease_wait_s: float = Field(default=0.0, ge=0, le=120)
+    # The control plane's word that the lease's holder is powered off (its power driver
+    # confirmed it): take the lease at once instead of waiting for it to expire.
+    lease_take_over: bool = False
 
 
 class NewDisk(Frozen):

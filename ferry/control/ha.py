@@ -8,8 +8,12 @@ and of an isolated host once their leases are released, are restarted one at a t
 priority on a host chosen by DRS's placement (must-rules honoured). The restart is an
 ordinary start on the target agent that first acquires the VM's lease, waiting until that
 agent has itself seen the lease expire: the control plane's verdict alone never makes a
-second copy. A restart that fails (no room, lease still held, agent error) is retried with
-backoff. Each step is an event.
+second copy. With power fencing on (the default), a dead host that has a power driver is
+powered off first; once the driver confirms it off, the targets take the leases at once
+(nothing of the host can run, so there is nothing to wait for). A restart that fails (no
+room, lease still held, agent error) is retried with backoff. A VM that a connected agent
+already reports running (a restart a previous leader began before it died) is recorded
+there, not started again. Each step is an event.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from ferry.agent.models import DatastoreView
+from ferry.agent.models import AgentVmState, DatastoreView
 from ferry.control import eventlog
 from ferry.control.agents import AgentPool
 from ferry.control.drs import Drs
@@ -44,6 +48,7 @@ from ferry.domain.ha import (
 from ferry.domain.inventory import HostState, VmState
 from ferry.domain.leases import LeaseTiming
 from ferry.domain.specs import Frozen, VmSpec
+from ferry.power import PowerDriver, PowerError, PowerState
 from ferry.store import Store
 
 log = logging.getLogger("ferry.ha")
@@ -51,6 +56,8 @@ ROUND_S = 1.0
 # How long a target agent may wait to see a lease expire: the agents' expire_s, twice.
 LEASE_WAIT_S = 2 * LeaseTiming().expire_s
 _PLACED = (VmState.RUNNING, VmState.PAUSED, VmState.MIGRATING)
+FENCE_TIMEOUT_S = 20.0  # power off and read back (ipmitool's own timeouts are shorter)
+PowerFor = Callable[[str], Awaitable[PowerDriver]]  # host -> its driver (FerryError: none)
 
 
 class HaStatus(Frozen):
@@ -62,8 +69,10 @@ class HaStatus(Frozen):
 
 class Ha:
     def __init__(self, store: Store, inventory: Inventory, drs: Drs, agents: AgentPool,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 power: PowerFor | None = None) -> None:
         self.clock = clock  # the control plane's own monotonic clock (tests script it)
+        self.power = power
         self.store = store
         self.inventory = inventory
         self.drs = drs
@@ -76,6 +85,10 @@ class Ha:
         self._views: dict[str, DatastoreView] = {}  # reporter → its latest view
         self._health: dict[str, Health] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # vm → (failures, next try)
+        # Dead hosts whose power fencing was tried in this episode of death, and those
+        # whose driver confirmed them off (both forgotten once the host is heard again).
+        self._fence_tried: set[str] = set()
+        self._fenced: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     # --- heartbeats -------------------------------------------------------------------
@@ -204,6 +217,10 @@ class Ha:
                                   f"was {before.value}; network heartbeat and datastore "
                                   "heartbeat as seen by the other hosts")
         self._health = judged
+        for host, now in judged.items():
+            if now is not Health.DEAD:
+                self._fence_tried.discard(host)
+                self._fenced.discard(host)
         if not settings.enabled:
             return []
         priorities = await self.store.ha.priorities()
@@ -220,6 +237,15 @@ class Ha:
         restarted: list[str] = []
         ready = [p for p in restart_order(due)  # disabled ones are left out: stay down
                  if self.clock() >= self._failures.get(p.name, (0, 0.0))[1]]
+        for p in list(ready):
+            if await self._adopt(p):
+                ready.remove(p)
+                restarted.append(p.name)
+        if settings.power_fencing:
+            for host in sorted({p.host for p in ready if judged[p.host] is Health.DEAD}
+                               - self._fence_tried):
+                self._fence_tried.add(host)
+                await self._power_fence(host)
         # One priority at a time, in order; within one, placed one after the other (each
         # placement sees the previous ones) and started together, so that the agents'
         # lease waits and confirmations overlap.
@@ -238,6 +264,67 @@ class Ha:
                 if p not in (q for q, _ in placed):
                     self._failed(p, settings)
         return restarted
+
+    async def _power_fence(self, host: str) -> None:
+        """Power the dead host off through its driver and read its state back: only an
+        OFF the driver reports lets its VMs' leases be taken before they expire."""
+        if self.power is None:
+            return
+        try:
+            driver = await self.power(host)
+        except FerryError:
+            await self._event("host fencing", host, Outcome.OK, "not fenced: no power "
+                              "driver; its VMs restart once their leases expire")
+            return
+        try:
+            async with asyncio.timeout(FENCE_TIMEOUT_S):
+                await driver.power_off()
+                state = await driver.status()
+        except (PowerError, TimeoutError) as exc:
+            why = exc.problem if isinstance(exc, PowerError) else \
+                f"no answer within {FENCE_TIMEOUT_S:.0f} s"
+            await self._event("host fencing", host, Outcome.FAILED,
+                              f"power off failed ({why}): its VMs restart once their "
+                              "leases expire")
+            return
+        if state is not PowerState.OFF:
+            await self._event("host fencing", host, Outcome.FAILED,
+                              f"powered off, but the driver reads the host {state.value}: "
+                              "its VMs restart once their leases expire")
+            return
+        self._fenced.add(host)
+        await self._event("host fenced", host, Outcome.OK,
+                          "powered off by its power driver and confirmed off: its VMs' "
+                          "leases are taken at once")
+        log.warning("HA: host %s fenced (powered off, confirmed)", host)
+
+    async def _adopt(self, p: Protected) -> bool:
+        """A restart begun by a leader that died before recording it: a connected agent
+        reports the copy running (so it holds the lease there). Recorded where it runs,
+        never started twice."""
+        found = self._running_on(p.name, p.host)
+        if found is None:
+            return False
+        with self.inventory.busy.hold(p.name):
+            vm = await self.store.vm(p.name)
+            if vm.host != p.host or vm.state not in (VmState.RUNNING, VmState.PAUSED):
+                return False
+            await self.store.update_vm(p.name, host=found, state=VmState.RUNNING)
+        self._failures.pop(p.name, None)
+        await self._event("vm restarted", p.name, Outcome.OK,
+                          f"found running on {found} (was on {p.host}, which is "
+                          f"{self._health[p.host].value}): a restart begun before the "
+                          "control plane changed leader", kind=EventKind.HA_RESTART)
+        return True
+
+    def _running_on(self, vm: str, home: str) -> str | None:
+        """A connected host, other than `home`, whose agent reports the VM running."""
+        for host, vms in self.agents.reported.items():
+            info = vms.get(vm)
+            if host != home and info is not None and info.state is AgentVmState.RUNNING \
+                    and self._health.get(host) is Health.CONNECTED:
+                return host
+        return None
 
     def _failed(self, p: Protected, settings: HaSettings) -> None:
         failures = self._failures.get(p.name, (0, 0.0))[0] + 1
@@ -286,7 +373,8 @@ class Ha:
                 return True
             try:
                 client = self.agents.client(await self.store.host(target))
-                await client.create_vm(vm.spec, lease_wait_s=LEASE_WAIT_S)
+                await client.create_vm(vm.spec, lease_wait_s=LEASE_WAIT_S,
+                                       lease_take_over=p.host in self._fenced)
             except FerryError as exc:
                 await self._event("vm restart", p.name, Outcome.FAILED,
                                   f"on {target}: {exc.problem}; retried with backoff")

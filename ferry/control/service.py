@@ -40,7 +40,7 @@ class ControlPlane:
         self.drs = Drs(store, self.inventory, self.migrations, self.demand)
         self.dpm = Dpm(store, self.drs, lab_power)
         self.drs.dpm_round = self.dpm.round
-        self.ha = Ha(store, self.inventory, self.drs, self.agents)
+        self.ha = Ha(store, self.inventory, self.drs, self.agents, power=self.dpm.driver)
         self.schedules = Scheduler(store, self.migrations, self.relocations, self.drs,
                                    self.bus)
         # Only the replica holding the leader lease drives jobs and the loops.

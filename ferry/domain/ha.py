@@ -15,6 +15,8 @@ VMs of a dead host are restarted elsewhere; those of an isolated host only once 
 leases are released (the power-off isolation response releases them), never while held.
 The restart itself acquires the lease on the target host, which waits until that host's
 agent has seen the lease expire: a host that is merely slow never gets its VM twice.
+With power fencing, a dead host is first powered off through its power driver; once the
+driver confirms it off nothing of it runs, and the leases are taken at once.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class HaSettings(Frozen):
     # An agent that cannot deliver heartbeats for this long, reaches no peer, and still
     # writes the datastore applies the isolation response.
     isolation_s: float = Field(default=4.0, gt=0)
+    # Fence a dead host through its power driver (IPMI, the lab's) before restarting its
+    # VMs: once the driver confirms it off, its leases are taken at once instead of
+    # after they expire. Hosts without a driver that can confirm (none, Wake-on-LAN)
+    # wait for the leases.
+    power_fencing: bool = True
     retry_s: float = Field(default=2.0, gt=0)  # first retry after a failed restart
     retry_max_s: float = Field(default=30.0, gt=0)
 

@@ -267,7 +267,7 @@ def wait_registered(config: LabConfig, timeout_s: float = 90.0) -> None:
 
 
 def ensure_power(config: LabConfig) -> None:
-    """Every lab host's power driver is the lab's (its agent stopped = powered off); a
+    """Every lab host's power driver is the lab's (no process of it = powered off); a
     host left in standby by an earlier run is up again now."""
     with _http(config, url=leader_url(config)) as http:
         for host in config.hosts:

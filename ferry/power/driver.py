@@ -28,6 +28,6 @@ class PowerDriver(Protocol):
 @runtime_checkable
 class LabPowerDriver(PowerDriver, Protocol):
     """The lab's driver (built with the lab, not here) meets the same protocol:
-    `power_off` stops the host's agent (its VMs were evacuated first) so the host drops
-    out as standby, `power_on` starts the agent again, and `status` is ON while the
-    agent's process runs, OFF when it does not."""
+    `power_off` SIGKILLs every process of the host (agent, watchdog, QEMUs) as a power cut
+    does, `power_on` starts the agent again, and `status` is ON while any of them runs,
+    OFF when none does."""

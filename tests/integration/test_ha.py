@@ -43,7 +43,7 @@ def ha(client: Client) -> Iterator[None]:
     try:
         yield
     finally:
-        client.call("PATCH", "/v1/cluster/ha", {"enabled": False,
+        client.call("PATCH", "/v1/cluster/ha", {"enabled": False, "power_fencing": True,
                                                 "host_failures_to_tolerate": 1})
 
 
@@ -118,6 +118,13 @@ def test_a_dead_hosts_vms_restart_elsewhere_by_priority(lab: LabConfig, client: 
         restarted = [e["object"] for e in sorted(ha_events(client), key=lambda e: e["id"])
                      if e["id"] > before and e["action"] == "vm restarted"]
         assert restarted == ["ha-high", "ha-med", "ha-low"], restarted
+        # The lab's power driver fenced the dead host (confirmed off) before the restarts,
+        # so they took the leases at once.
+        fenced = [e for e in ha_events(client) if e["id"] > before
+                  and e["action"] == "host fenced" and e["object"] == victim]
+        assert fenced and fenced[0]["id"] < min(
+            e["id"] for e in ha_events(client) if e["id"] > before
+            and e["action"] == "vm restarted"), fenced
         off = client.call("GET", "/v1/vms/ha-off")
         assert off["host"] == victim and qemu_hosts(lab, "ha-off") == []
         # The host comes back: it rejoins, holds no stale VM, and takes VMs again.
@@ -162,10 +169,11 @@ def test_a_hung_agents_guests_are_killed_before_they_restart_elsewhere(
     """The agent hangs (SIGSTOP) while its QEMU runs on: nobody renews the VM's lease.
     The host's watchdog (ferry/agent/watchdog.py, a process of its own) kills the QEMU
     before the lease expires; HA restarts the VM elsewhere; the watcher sees no two
-    copies."""
+    copies. Power fencing is off here: the watchdog and the leases alone must do it."""
     victim = "host1"
     name = "ha-hung"
     pid = None
+    client.call("PATCH", "/v1/cluster/ha", {"power_fencing": False})
     try:
         boot_probe(client, lab, name, victim)
         boot = boot_id(client, name)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from hypothesis import strategies as st
 from ferry.agent.models import AgentVmState, DatastoreView, LeaseView, VmInfo
 from ferry.control.demand import Demand
 from ferry.control.drs import Drs
-from ferry.control.ha import Ha
+from ferry.control.ha import Ha, PowerFor
 from ferry.domain.drs import Rule, RuleKind
-from ferry.domain.errors import NoCapacity
+from ferry.domain.errors import InvalidInput, NoCapacity
 from ferry.domain.events import EventKind, EventQuery
 from ferry.domain.ha import (
     HaSettings,
@@ -29,6 +30,7 @@ from ferry.domain.ha import (
     restart_order,
 )
 from ferry.domain.inventory import VmState
+from ferry.power import PowerDriver, PowerState
 from tests.unit.fake_cluster import FakeCluster, FakeVm, facts, spec
 
 S = HaSettings()
@@ -110,20 +112,54 @@ async def cluster(tmp_path: Path) -> Any:
     await c.close()
 
 
-def make_ha(cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, clock: Clock) -> Ha:
+def make_ha(cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, clock: Clock,
+            power: PowerFor | None = None) -> Ha:
     drs = Drs(cluster.store, cluster.inventory, cluster.orchestrator, Demand())
     started: list[tuple[str, str]] = []
+    taken_over: list[str] = []
     for name, agent in cluster.agents.items():
         async def create_vm(s: Any, paused: bool = False, lease_wait_s: float = 0.0,
+                            lease_take_over: bool = False,
                             _agent: Any = agent, _name: str = name) -> VmInfo:
             _agent.vms[s.name] = FakeVm(spec=s, state=AgentVmState.RUNNING)
             started.append((_name, s.name))
+            if lease_take_over:
+                taken_over.append(s.name)
             return VmInfo(name=s.name, uuid=s.uuid, state=AgentVmState.RUNNING, pid=1,
                           spec=s)
         monkeypatch.setattr(agent, "create_vm", create_vm, raising=False)
-    ha = Ha(cluster.store, cluster.inventory, drs, cluster.pool, clock=clock)
+    ha = Ha(cluster.store, cluster.inventory, drs, cluster.pool, clock=clock, power=power)
     ha.started = started  # type: ignore[attr-defined]
+    ha.taken_over = taken_over  # type: ignore[attr-defined]
     return ha
+
+
+class FakePower:
+    """A host's power driver: power_off switches it off unless `stuck` (then it still
+    reads ON, as a BMC whose command did not take)."""
+
+    def __init__(self, stuck: bool = False) -> None:
+        self.state, self.stuck, self.offs = PowerState.ON, stuck, 0
+
+    async def power_on(self) -> None:
+        self.state = PowerState.ON
+
+    async def power_off(self) -> None:
+        self.offs += 1
+        if not self.stuck:
+            self.state = PowerState.OFF
+
+    async def status(self) -> PowerState:
+        return self.state
+
+
+def kill_host1(ha: Ha, clock: Clock) -> Callable[[], Awaitable[None]]:
+    async def rounds() -> None:
+        for step in range(2, 8):  # host1 silent on both heartbeats
+            clock.t += 1.0
+            await beat(ha, ["host2", "host3"], {"host1": 1, "host2": step, "host3": step})
+            await ha.round()
+    return rounds
 
 
 async def beat(ha: Ha, hosts: list[str], counters: dict[str, int],
@@ -194,6 +230,65 @@ async def test_restarts_honour_must_rules(cluster: FakeCluster,
         await beat(ha, ["host2", "host3"], {"host2": step, "host3": step})
         await ha.round()
     assert (await cluster.store.vm("db")).host == "host3"
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+async def test_a_dead_host_confirmed_off_has_its_leases_taken_at_once(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch, stuck: bool) -> None:
+    """Power fencing: the dead host is powered off once; only when its driver then
+    reads it OFF do the restarts take the leases without waiting for them to expire."""
+    clock = Clock()
+    drivers = {h: FakePower(stuck=stuck) for h in ("host1", "host2", "host3")}
+
+    async def power(host: str) -> PowerDriver:
+        return drivers[host]
+    ha = make_ha(cluster, monkeypatch, clock, power)
+    await cluster.store.ha.set_settings(HaSettings(enabled=True))
+    await cluster.add_running_vm(spec("web", memory_mib=128), "host1")
+    await beat(ha, ["host1", "host2", "host3"], {"host1": 1, "host2": 1, "host3": 1})
+    await ha.round()
+    await kill_host1(ha, clock)()
+    assert drivers["host1"].offs == 1  # once per death, not every round
+    assert drivers["host2"].offs == drivers["host3"].offs == 0
+    assert [vm for _, vm in ha.started] == ["web"]  # type: ignore[attr-defined]
+    assert ha.taken_over == ([] if stuck else ["web"])  # type: ignore[attr-defined]
+    actions = {(e.action, e.outcome.value)
+               for e in await cluster.store.events.page(EventQuery(limit=50))}
+    assert (("host fencing", "failed") if stuck else ("host fenced", "ok")) in actions
+
+
+async def test_without_a_power_driver_the_leases_expire_first(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+
+    async def power(host: str) -> PowerDriver:
+        raise InvalidInput(f"host {host} has no power driver")
+    ha = make_ha(cluster, monkeypatch, clock, power)
+    await cluster.store.ha.set_settings(HaSettings(enabled=True))
+    await cluster.add_running_vm(spec("web", memory_mib=128), "host1")
+    await kill_host1(ha, clock)()
+    assert [vm for _, vm in ha.started] == ["web"]  # type: ignore[attr-defined]
+    assert ha.taken_over == []  # type: ignore[attr-defined]
+
+
+async def test_a_restart_found_running_is_recorded_not_repeated(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leader that died after its target started the VM and before recording it:
+    the next leader finds the copy in the target's report and records it there."""
+    clock = Clock()
+    ha = make_ha(cluster, monkeypatch, clock)
+    await cluster.store.ha.set_settings(HaSettings(enabled=True))
+    web = spec("web", memory_mib=128)
+    await cluster.add_running_vm(web, "host1")
+    cluster.pool.reported["host3"] = {"web": VmInfo(
+        name="web", uuid=web.uuid, state=AgentVmState.RUNNING, pid=7, spec=web)}
+    await kill_host1(ha, clock)()
+    assert ha.started == []  # type: ignore[attr-defined]
+    rec = await cluster.store.vm("web")
+    assert (rec.host, rec.state) == ("host3", VmState.RUNNING)
+    events = await cluster.store.events.page(EventQuery(vm="web"))
+    assert any(e.action == "vm restarted" and "found running on host3" in e.detail
+               for e in events)
 
 
 async def test_admission_control_refuses_what_breaks_the_reserve(
