@@ -21,7 +21,8 @@ def show(status: dict[str, Any]) -> None:
     s, r = status["settings"], status["reserve"]
     console.print(f"HA {'enabled' if s['enabled'] else 'disabled'}; host failures to "
                   f"tolerate {s['host_failures_to_tolerate']}; isolation response "
-                  f"{s['isolation_response']}")
+                  f"{s['isolation_response']}; power fencing "
+                  f"{'on' if s.get('power_fencing', True) else 'off'}")
     worst = ", ".join(r["worst"]) or "-"
     verdict = "ok" if r["ok"] else f"[red]not kept[/]: {r['reason']}"
     console.print(f"reserve: {verdict}; protected VMs {r['protected_mib']} MiB of "
@@ -44,6 +45,11 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
             isolation_response: Annotated[IsolationResponse | None, typer.Option(
                 "--isolation-response", help="what an isolated host does with its VMs")
             ] = None,
+            power_fencing: Annotated[bool | None, typer.Option(
+                "--power-fencing/--no-power-fencing",
+                help="power a dead host off through its power driver first; once the "
+                "driver confirms it off, its VMs restart without waiting for their leases "
+                "to expire")] = None,
             url: UrlOpt = None, json_out: JsonOpt = False) -> None:
         """Show HA settings, host health and the reserve; change them with the options."""
         client = connect(url)
@@ -54,6 +60,8 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
             changes["host_failures_to_tolerate"] = failures
         if isolation_response is not None:
             changes["isolation_response"] = isolation_response.value
+        if power_fencing is not None:
+            changes["power_fencing"] = power_fencing
         status = (client.call("PATCH", "/v1/cluster/ha", changes) if changes
                   else client.call("GET", "/v1/cluster/ha"))
         print_json(status) if json_out else show(status)
