@@ -134,7 +134,11 @@ def _db_url(config: LabConfig) -> str:
         # The server runs as the postgres user: it must be able to pass through the lab
         # directory to its own (search only: o+x, the lab's files stay unreadable).
         config.directory.chmod(config.directory.stat().st_mode | 0o001)
-        return postgres.ensure_database(postgres.ensure_server(config.postgres_dir), "ferry")
+        try:
+            return postgres.ensure_database(postgres.ensure_server(config.postgres_dir),
+                                            "ferry")
+        except postgres.PostgresMissing as exc:
+            raise LabError(f"--db postgresql: {exc}") from None
     return sqlite_url(str(config.db_file))
 
 
