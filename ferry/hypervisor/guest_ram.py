@@ -42,13 +42,17 @@ def ram_file(pid: int, size: int) -> Path:
 
 
 @contextmanager
-def mapped(pid: int, size: int, writable: bool = False) -> Iterator[memoryview]:
-    """The guest RAM mapped shared: what QEMU's guest sees, byte for byte."""
+def mapped(pid: int, size: int, writable: bool = False, populate: bool = False
+           ) -> Iterator[memoryview]:
+    """The guest RAM mapped shared: what QEMU's guest sees, byte for byte. `populate`
+    for a pass over all of it: the kernel maps every page at once (192 MiB measured:
+    32 ms instead of 40 to hash it all) rather than one fault per page."""
     flags = os.O_RDWR if writable else os.O_RDONLY
     fd = os.open(ram_file(pid, size), flags)
     try:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        with mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot) as mem:
+        how = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        with mmap.mmap(fd, size, flags=how, prot=prot) as mem:
             view = memoryview(mem)
             try:
                 yield view
@@ -65,7 +69,7 @@ def _packed(values: Iterator[int]) -> bytes:
 def chunk_digests(pid: int, size: int) -> bytes:
     """One xxh3-64 per CHUNK_BYTES of RAM, packed little-endian u64 (the last chunk may
     be shorter)."""
-    with mapped(pid, size) as ram:
+    with mapped(pid, size, populate=True) as ram:
         return _packed(xxhash.xxh3_64_intdigest(ram[at:at + CHUNK_BYTES])
                        for at in range(0, size, CHUNK_BYTES))
 
