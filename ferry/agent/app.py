@@ -9,6 +9,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ferry.agent import faults
+from ferry.agent.disk_moves import DiskMoves
 from ferry.agent.host import HostRuntime
 from ferry.agent.memory import GuestMemory
 from ferry.agent.models import (
@@ -102,6 +103,7 @@ def create_app(host: HostRuntime) -> FastAPI:
         return await host.resume(name)
 
     memory = GuestMemory(host)
+    moves = DiskMoves(host)
 
     @app.post("/v1/vms/{name}/ram/digests")
     async def ram_digests(name: str, body: RamDigestRequest) -> RamDigests:
@@ -168,32 +170,32 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/images/info")
     async def image_info(body: ImageRef) -> ImageInfo | None:
-        return await host.image(body.disk)
+        return await moves.image(body.disk)
 
     @app.post("/v1/images/delete")
     async def delete_image(body: ImageRef) -> dict[str, bool]:
-        return {"deleted": host.delete_image(body.disk)}
+        return {"deleted": moves.delete_image(body.disk)}
 
     @app.get("/v1/vms/{name}/disk-files")
     async def disk_files(name: str) -> dict[str, str]:
-        return await host.disk_files(name)
+        return await moves.disk_files(name)
 
     @app.post("/v1/vms/{name}/mirror")
     async def start_mirror(name: str, body: MirrorRequest) -> MirrorProgress:
-        return await host.start_mirror(name, body.job_id, body.target, body.speed_bytes_s)
+        return await moves.start_mirror(name, body.job_id, body.target, body.speed_bytes_s)
 
     @app.get("/v1/vms/{name}/mirror/{job_id}")
     async def mirror(name: str, job_id: str,
                      wait_s: float = Query(0.0, ge=0, le=10)) -> MirrorProgress:
-        return await host.mirror(name, job_id, wait_s)
+        return await moves.mirror(name, job_id, wait_s)
 
     @app.post("/v1/vms/{name}/mirror/pivot")
     async def pivot(name: str, body: MirrorRequest) -> VmInfo:
-        return await host.pivot(name, body.job_id, body.target)
+        return await moves.pivot(name, body.job_id, body.target)
 
     @app.post("/v1/vms/{name}/mirror/cancel", status_code=204)
     async def cancel_mirror(name: str, body: MirrorRequest) -> None:
-        await host.cancel_mirror(name, body.job_id, body.target)
+        await moves.cancel_mirror(name, body.job_id, body.target)
 
     @app.post("/v1/vms/{name}/migration/cancel")
     async def cancel(name: str) -> Progress:

@@ -20,7 +20,6 @@ from ferry.agent import stream_tls
 from ferry.agent.config import AgentConfig
 from ferry.agent.disks import (
     DiskOps,
-    check_disk_target,
     export_disks,
     nbd_mirrors,
     start_nbd_mirrors,
@@ -56,9 +55,8 @@ from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.networks import Announce
 from ferry.domain.probe import last_heartbeat
 from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
-from ferry.domain.storage import ImageInfo, MirrorProgress
+from ferry.domain.storage import MirrorProgress
 from ferry.domain.streams import migration_endpoint, nbd_endpoint
-from ferry.hypervisor import blockjobs
 from ferry.hypervisor.argv import RunPaths, boot_file, build_argv, disk_path
 from ferry.hypervisor.errors import MonitorError, NotRunning
 from ferry.hypervisor.images import create_image
@@ -165,6 +163,9 @@ class HostRuntime:
 
     def names(self) -> list[str]:
         return sorted(self._vms)
+
+    def records(self) -> list[VmRecord]:
+        return list(self._vms.values())
 
     def _get(self, name: str) -> VmRecord:
         rec = self._vms.get(name)
@@ -319,7 +320,7 @@ class HostRuntime:
     async def resume(self, name: str) -> VmInfo:
         rec = self._get(name)
         self.faults.reach(FaultStage.RESUME, name, rec.process.pid)
-        monitor = _running_monitor(rec, self.config.name)
+        monitor = running_monitor(rec, self.config.name)
         # A QEMU that does not answer here never gets `cont`: never_ran stays proven.
         if await monitor.runstate() == "inmigrate":
             # `cont` now would make QEMU start the guest on its own when the stream ends.
@@ -404,7 +405,7 @@ class HostRuntime:
         A destination that has not noticed the break yet (it only reads, and nothing
         arrives) is paused first: its stream is dead anyway."""
         rec = self._get(name)
-        monitor = _running_monitor(rec, self.config.name)
+        monitor = running_monitor(rec, self.config.name)
         status = (await monitor.query_migrate()).status
         if status in (SourceStatus.POSTCOPY_RECOVER, SourceStatus.POSTCOPY_RECOVER_SETUP) \
                 and rec.recover_uri is not None:
@@ -426,23 +427,23 @@ class HostRuntime:
         return IncomingReady(uri=uri)
 
     async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
-        await unexport_disks(_running_monitor(self._get(name), self.config.name), disks)
+        await unexport_disks(running_monitor(self._get(name), self.config.name), disks)
 
     async def start_disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
         nbd_endpoint(req.nbd)  # an address:port, nothing else
         self.faults.reach(FaultStage.DISK_MIRRORS, name, self._get(name).process.pid)
-        monitor = _running_monitor(self._get(name), self.config.name)
+        monitor = running_monitor(self._get(name), self.config.name)
         tls = (await stream_tls.connect_to(monitor, self._qemu_tls_dir(), req.tls_peer)
                if req.tls_peer else {})
         await start_nbd_mirrors(monitor, req.migration_id, req.nbd, req.disks, tls)
         return await nbd_mirrors(monitor, req.migration_id, req.disks)
 
     async def disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
-        monitor = _running_monitor(self._get(name), self.config.name)
+        monitor = running_monitor(self._get(name), self.config.name)
         return await nbd_mirrors(monitor, req.migration_id, req.disks)
 
     async def stop_disk_mirrors(self, name: str, req: DiskMirrors) -> None:
-        monitor = _running_monitor(self._get(name), self.config.name)
+        monitor = running_monitor(self._get(name), self.config.name)
         await stop_nbd_mirrors(monitor, req.migration_id, req.disks)
 
     # --- migration: source side ------------------------------------------------
@@ -481,7 +482,7 @@ class HostRuntime:
         destination's recovery listener (migrate with resume)."""
         migration_endpoint(uri)  # tcp:<IPv4>:<port> only, as for the first stream
         rec = self._get(name)
-        monitor = _running_monitor(rec, self.config.name)
+        monitor = running_monitor(rec, self.config.name)
         status = (await monitor.query_migrate()).status
         if rec.migration_id not in (None, migration_id):
             raise Conflict(f"VM {name} is in another migration ({rec.migration_id})")
@@ -535,69 +536,6 @@ class HostRuntime:
             self.faults.reach(FaultStage.SOURCE_COMPLETED, name, rec.process.pid)
         return progress
 
-    # --- disks -------------------------------------------------------------------
-    async def image(self, disk: DiskSpec) -> ImageInfo | None:
-        return await self.disks.info(disk)
-
-    def delete_image(self, disk: DiskSpec) -> bool:
-        self._refuse_if_in_use(disk)
-        return self.disks.delete(disk)
-
-    def _refuse_if_in_use(self, disk: DiskSpec) -> None:
-        in_use = [r.spec.name for r in self._vms.values()
-                  if r.process.state is ProcessState.RUNNING and any(
-                      (d.datastore, d.path) == (disk.datastore, disk.path)
-                      for d in r.spec.disks)]
-        if in_use:
-            raise Conflict(f"{disk.datastore}:{disk.path} is in use by VM {in_use[0]}")
-
-    async def disk_files(self, name: str) -> dict[str, str]:
-        """Each disk's image file as QEMU itself reports it (query-block)."""
-        rec = self._get(name)
-        monitor = _running_monitor(rec, self.config.name)
-        return {d.name: (await blockjobs.disk_nodes(monitor, d.name)).filename
-                for d in rec.spec.disks}
-
-    async def start_mirror(self, name: str, job_id: str, target: DiskSpec,
-                           speed_bytes_s: int = 0) -> MirrorProgress:
-        rec = self._get(name)
-        check_disk_target(rec.spec, target)
-        async with rec.lock:
-            return await self.disks.start_mirror(_running_monitor(rec, self.config.name),
-                                                 rec.spec, job_id, target, speed_bytes_s)
-
-    async def mirror(self, name: str, job_id: str, wait_s: float = 0.0) -> MirrorProgress:
-        """The mirror job's state; with wait_s, once it is ready or after wait_s."""
-        rec = self._get(name)
-        progress = await blockjobs.wait_ready(_running_monitor(rec, self.config.name), job_id,
-                                              wait_s)
-        if progress.ready:
-            self.faults.reach(FaultStage.MIRROR_READY, name, rec.process.pid)
-        return progress
-
-    async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
-        rec = self._get(name)
-        self.faults.reach(FaultStage.PIVOT, name, rec.process.pid)
-        async with rec.lock:
-            rec.spec = await self.disks.pivot(_running_monitor(rec, self.config.name),
-                                              rec.spec, job_id, target)
-            write_spec(rec.paths, rec.spec)
-        return await self.info(name)
-
-    async def cancel_mirror(self, name: str, job_id: str, target: DiskSpec) -> None:
-        rec = self._vms.get(name)
-        monitor = None
-        if rec is not None and rec.process.state is ProcessState.RUNNING:
-            monitor = rec.monitor
-            if any((d.datastore, d.path) == (target.datastore, target.path)
-                   for d in rec.spec.disks):
-                raise Conflict(f"VM {name} already runs on {target.datastore}:{target.path}; "
-                               "the move completed and cannot be cancelled")
-        # Cancelling deletes the partial copy: never an image another VM here runs on
-        # (the VM named may not run here at all, and then nothing else checks).
-        self._refuse_if_in_use(target)
-        await self.disks.cancel_mirror(monitor, job_id, target)
-
     async def cancel_outgoing(self, name: str) -> Progress:
         rec = self._get(name)
         if rec.monitor is None:
@@ -606,7 +544,7 @@ class HostRuntime:
         return await rec.monitor.query_migrate()
 
 
-def _running_monitor(rec: VmRecord, host: str) -> Monitor:
+def running_monitor(rec: VmRecord, host: str) -> Monitor:
     if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
         raise NotRunning(f"VM {rec.spec.name} has no running QEMU on {host}")
     return rec.monitor

@@ -14,6 +14,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from ferry.agent.config import AgentConfig, DatastoreConfig
+from ferry.agent.disk_moves import DiskMoves
 from ferry.agent.disks import DiskOps
 from ferry.agent.host import HostRuntime, VmRecord, check_kernel_image
 from ferry.agent.models import MirrorRequest, NewDisk, StartOutgoing, Tune
@@ -147,12 +148,13 @@ async def test_cancelling_a_mirror_never_deletes_an_image_a_running_vm_uses(
     runtime._vms["web1"] = VmRecord(spec=spec, paths=RunPaths(tmp_path / "web1"),
                                     process=StandInProcess(),  # type: ignore[arg-type]
                                     monitor=StandInMonitor())  # type: ignore[arg-type]
+    moves = DiskMoves(runtime)
     with pytest.raises(Conflict, match="in use by VM web1"):
-        await runtime.cancel_mirror("ghost", "job1", live)
+        await moves.cancel_mirror("ghost", "job1", live)
     assert (shared / "web1.qcow2").read_bytes() == b"live disk"
     # A partial copy no VM uses still goes.
-    await runtime.cancel_mirror("ghost", "job1", DiskSpec(name="root", datastore="shared",
-                                                          path="partial.qcow2"))
+    await moves.cancel_mirror("ghost", "job1", DiskSpec(name="root", datastore="shared",
+                                                        path="partial.qcow2"))
     assert not (shared / "partial.qcow2").exists()
 
 
