@@ -15,7 +15,6 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -27,6 +26,7 @@ from ferry.control import migration_storage as storage
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.inventory import Inventory
+from ferry.control.jobs import JobRunner
 from ferry.control.migration_job import Job, RollBack, Slots
 from ferry.control.migration_rollback import roll_back
 from ferry.control.migration_steps import STEPS
@@ -64,8 +64,7 @@ class Orchestrator:
         self.inventory = inventory
         self.agents = agents
         self.bus = bus
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._cancel: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._jobs = JobRunner("migration")
         self._slots = Slots(PER_HOST_LIMIT, CLUSTER_LIMIT)
         # CHECKING and persisting the migration (which reserves the target's memory)
         # happen under this lock, so that two starts cannot both count on the same room.
@@ -195,7 +194,7 @@ class Orchestrator:
             return {"cancel_requested": True}
 
         rec = await self.store.change_migration(migration_id, request)
-        self._cancel[migration_id].set()
+        self._jobs.request_cancel(migration_id)
         await self._slots.wake()  # a queued migration stops waiting
         await self.bus.changed(migration_id)
         return rec
@@ -220,7 +219,7 @@ class Orchestrator:
                     self._images_left.add(rec.id)
                 continue
             if rec.cancel_requested:
-                self._cancel[rec.id].set()
+                self._jobs.request_cancel(rec.id)
             self._spawn(rec.id, resumed=True)
 
     async def reap_orphans(self, host: str, reported: tuple[VmInfo, ...]) -> None:
@@ -272,25 +271,15 @@ class Orchestrator:
 
     async def shutdown(self) -> None:
         """Stop watching; the migrations themselves stay persisted for resume."""
-        for task in self._tasks.values():
-            task.cancel()
-        for task in list(self._tasks.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._jobs.shutdown()
 
     async def wait(self, migration_id: str, timeout_s: float) -> MigrationRecord:
-        task = self._tasks.get(migration_id)
-        if task is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        await self._jobs.wait(migration_id, timeout_s)
         return await self.store.migration(migration_id)
 
     # --- the runner -------------------------------------------------------------------
     def _spawn(self, migration_id: str, resumed: bool = False) -> None:
-        task = asyncio.create_task(self._run(migration_id, resumed),
-                                   name=f"migration-{migration_id}")
-        self._tasks[migration_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(migration_id, None))
+        self._jobs.start(migration_id, lambda: self._run(migration_id, resumed))
 
     async def _enter(self, rec: MigrationRecord, phase: Phase, **changes: object
                      ) -> MigrationRecord:
@@ -313,7 +302,7 @@ class Orchestrator:
         return Job(id=rec.id, store=self.store, bus=self.bus,
                    source=self.agents.client(await self.store.host(rec.source)),
                    target=self.agents.client(await self.store.host(rec.target)),
-                   cancelled=self._cancel[rec.id])
+                   cancelled=self._jobs.cancel_flag(rec.id))
 
     async def _run(self, migration_id: str, resumed: bool) -> None:
         rec = await self.store.migration(migration_id)

@@ -8,17 +8,16 @@ the pivot succeeded and the store points at the copy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
 import uuid
-from collections import defaultdict
 
 from ferry.agent.client import AgentClient
 from ferry.control import eventlog
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
+from ferry.control.jobs import JobRunner
 from ferry.domain.errors import (
     Conflict,
     FerryError,
@@ -62,8 +61,7 @@ class Relocator:
         self.store = store
         self.agents = agents
         self.bus = bus
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._cancel: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._jobs = JobRunner("relocation")
 
     async def start(self, vm_name: str, datastore: str, *, disk: str | None = None,
                     fmt: DiskFormat | None = None, provisioning: Provisioning | None = None,
@@ -141,7 +139,7 @@ class Relocator:
             raise Conflict(f"relocation {relocation_id} already ended ({rec.phase})")
         if rec.phase is RelocationPhase.PIVOTING:
             raise Conflict(f"relocation {relocation_id} is pivoting; too late to cancel")
-        self._cancel[relocation_id].set()
+        self._jobs.request_cancel(relocation_id)
         return rec
 
     async def resume_unfinished(self) -> None:
@@ -149,15 +147,10 @@ class Relocator:
             self._spawn(rec.id)
 
     async def shutdown(self) -> None:
-        for task in list(self._tasks.values()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._jobs.shutdown()
 
     def _spawn(self, relocation_id: str) -> None:
-        task = asyncio.create_task(self._run(relocation_id))
-        self._tasks[relocation_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(relocation_id, None))
+        self._jobs.start(relocation_id, lambda: self._run(relocation_id))
 
     async def _enter(self, rec: RelocationRecord, phase: RelocationPhase, **changes: object
                      ) -> RelocationRecord:
@@ -205,7 +198,7 @@ class Relocator:
         watch = CopyWatch()
         await agent.start_mirror(rec.vm, job_id(rec), rec.target, rec.speed_bytes_s)
         while True:
-            if self._cancel[rec.id].is_set():
+            if self._jobs.cancel_flag(rec.id).is_set():
                 raise RollBack("cancelled by the user")
             state = await agent.mirror(rec.vm, job_id(rec), wait_s=PROGRESS_WAIT_S)
             if state.stopped:
