@@ -18,11 +18,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ferry.cli.client import Client
 from ferry.domain.errors import FerryError, NotFound
@@ -85,10 +85,13 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def bench_lab(lab_dir: Path | None, hosts: int, prefix: str, subnet_octet: int,
-              control_port: int) -> Iterator[BenchLab]:
+              control_port: int, lab_options: Mapping[str, Any] | None = None
+              ) -> Iterator[BenchLab]:
     """A fresh lab, torn down on the way out whatever happens (SIGTERM raises
     KeyboardInterrupt in here like Ctrl-C). An own temp dir is removed unless
-    `keep_logs` is still set; the caller catches the KeyboardInterrupt."""
+    `keep_logs` is still set; the caller catches the KeyboardInterrupt. `lab_options`
+    are further LabConfig fields (e.g. control_planes=2, db="postgresql"; replicas
+    listen on control_port, +1, ...)."""
     signal.signal(signal.SIGTERM, _terminate)
     prefix = os.environ.get("FERRY_BENCH_PREFIX", prefix)
     subnet_octet = int(os.environ.get("FERRY_BENCH_SUBNET_OCTET", subnet_octet))
@@ -96,7 +99,8 @@ def bench_lab(lab_dir: Path | None, hosts: int, prefix: str, subnet_octet: int,
     own_dir = lab_dir is None
     directory = Path(tempfile.mkdtemp(prefix="ferry-bench-")) if lab_dir is None else lab_dir
     lab = BenchLab(LabConfig.default(directory, hosts, prefix=prefix,
-                                     subnet_octet=subnet_octet, control_port=control_port))
+                                     subnet_octet=subnet_octet, control_port=control_port,
+                                     **dict(lab_options or {})))
     try:
         cluster.down(lab.config)  # leftovers of an earlier crashed run in the same directory
         began = time.monotonic()
@@ -116,16 +120,16 @@ def bench_lab(lab_dir: Path | None, hosts: int, prefix: str, subnet_octet: int,
 
 def run_in_lab(script: str, lab_dir: Path | None, hosts: int, *, prefix: str,
                subnet_octet: int, control_port: int, banner: Callable[[BenchLab], str],
-               body: Callable[[LabConfig], list[R]], failed: Callable[[list[R]], bool]
-               ) -> list[R] | int:
+               body: Callable[[LabConfig], list[R]], failed: Callable[[list[R]], bool],
+               lab_options: Mapping[str, Any] | None = None) -> list[R] | int:
     """Check the machine, run `body` in a fresh lab and tear it down; the runs, or an
     exit code (2: this machine cannot run it, 130: interrupted). The lab's logs are
-    kept when `failed(runs)` says something went wrong."""
+    kept when `failed(runs)` says something went wrong. `lab_options`: see bench_lab."""
     if (code := preflight(script)) is not None:
         return code
     try:
         with bench_lab(lab_dir, hosts, prefix=prefix, subnet_octet=subnet_octet,
-                       control_port=control_port) as lab:
+                       control_port=control_port, lab_options=lab_options) as lab:
             print(f"lab up in {lab.config.directory} ({lab.up_s:.1f} s); {banner(lab)}",
                   flush=True)
             runs = body(lab.config)
