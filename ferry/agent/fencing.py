@@ -85,7 +85,9 @@ class RuntimeGuests:
         running guest is paused at once; then a plain VM's QEMU is stopped for good,
         while a copy that took part in a migration is left paused for the control
         plane's leftover reaper, which stops it once it sees the VM recorded elsewhere
-        (killing a migration's copy here could lose the guest's only memory)."""
+        (killing a migration's copy here could lose the guest's only memory). A QEMU
+        whose QMP does not answer is killed whatever it is: whether it executes cannot be
+        told, and the lease's holder may run the guest."""
         rec = self.host.record(vm)
         if rec is None or rec.process.state is not ProcessState.RUNNING:
             return

@@ -272,16 +272,18 @@ class HostRuntime:
         control plane's word that its holder is powered off). Its guest runs unless
         `paused`."""
         held = self.leases is not None and spec.name in self.leases.held
-        if self.leases is not None and lease_take_over:
-            await self.leases.take_over(spec.name)
-        elif self.leases is not None:
-            await self.leases.acquire(spec.name, lease_wait_s)
-        try:
-            rec = await self._launch(spec, incoming=False)
-        except Exception:
-            if self.leases is not None and not held:
-                await self.leases.release(spec.name)
-            raise
+        with (self.leases.starting(spec.name) if self.leases is not None
+              else contextlib.nullcontext()):
+            if self.leases is not None and lease_take_over:
+                await self.leases.take_over(spec.name)
+            elif self.leases is not None:
+                await self.leases.acquire(spec.name, lease_wait_s)
+            try:
+                rec = await self._launch(spec, incoming=False)
+            except Exception:
+                if self.leases is not None and not held:
+                    await self.leases.release(spec.name)
+                raise
         # QEMU starts the guest at once unless -S; we never pass -S for plain starts.
         if paused and rec.monitor is not None:
             await rec.monitor.execute("stop")

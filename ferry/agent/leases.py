@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -169,6 +169,9 @@ class LeaseKeeper:
         self.ok = False
         self._beat = 0
         self._stalled: set[str] = set()  # guests we paused ourselves (fenced on a stall)
+        # Leases taken for a QEMU being launched: renewed like a live guest's, never
+        # released as "its QEMU is gone" before the launch has registered it.
+        self._starting: set[str] = set()
         self._unfence_at: float | None = None
         self._seen: dict[str, Observed] = {}  # leases of others, as watched here
         self._records: dict[str, LeaseRecord] = {}
@@ -268,6 +271,19 @@ class LeaseKeeper:
             await asyncio.sleep(self.timing.renew_s)
 
     # --- acquiring and releasing -----------------------------------------------------
+    @contextlib.contextmanager
+    def starting(self, vm: str) -> Iterator[None]:
+        """Around taking a VM's lease and launching its QEMU: until the launch has
+        registered the process, the rounds count the guest as alive."""
+        self._starting.add(vm)
+        try:
+            yield
+        finally:
+            self._starting.discard(vm)
+
+    def _alive(self, vm: str) -> bool:
+        return vm in self._starting or self.guests.alive(vm)
+
     async def acquire(self, vm: str, wait_s: float = 0.0) -> None:
         """Hold the VM's lease before its guest runs here. Free (missing, released) or
         our own: taken at once. Another host's: only once this agent has seen it
@@ -391,7 +407,7 @@ class LeaseKeeper:
         async with self._lock:
             for vm in sorted(self.held):
                 mine = self.held[vm]
-                if not self.guests.alive(vm):
+                if not self._alive(vm):
                     continue  # released below, outside the loop over held
                 try:
                     found = await self._io(self.files.read_lease, vm)
@@ -409,7 +425,7 @@ class LeaseKeeper:
                 except Exception as exc:
                     ok = False
                     log.warning("lease of %s not renewed: %s", vm, exc)
-        for vm in [v for v in sorted(self.held) if not self.guests.alive(v)]:
+        for vm in [v for v in sorted(self.held) if not self._alive(v)]:
             with contextlib.suppress(Exception):
                 await self.release(vm)
         # A round that took longer than fence_s proves nothing for its start.

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from ferry.agent.models import AgentVmState, DatastoreView
@@ -241,7 +242,7 @@ class Ha:
             if await self._adopt(p):
                 ready.remove(p)
                 restarted.append(p.name)
-        if settings.power_fencing:
+        if settings.power_fencing and _may_fence(judged):
             for host in sorted({p.host for p in ready if judged[p.host] is Health.DEAD}
                                - self._fence_tried):
                 self._fence_tried.add(host)
@@ -393,3 +394,13 @@ class Ha:
         vm = obj if kind is EventKind.HA_RESTART else None
         await eventlog.record(self.store, kind, action, obj, detail, vm=vm, outcome=outcome,
                               actor=actor)
+
+
+def _may_fence(judged: dict[str, Health]) -> bool:
+    """Power fencing only while this control plane hears at least as many hosts as it
+    finds dead: one cut off from the hosts itself (all silent, or most) would otherwise
+    power off healthy hosts. Then the leases decide alone, as without fencing."""
+    counts = Counter(judged.values())
+    return counts[Health.CONNECTED] > 0 and \
+        counts[Health.CONNECTED] >= counts[Health.DEAD]
+

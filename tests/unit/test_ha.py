@@ -257,6 +257,32 @@ async def test_a_dead_host_confirmed_off_has_its_leases_taken_at_once(
     assert (("host fencing", "failed") if stuck else ("host fenced", "ok")) in actions
 
 
+async def test_a_control_plane_that_hears_too_few_hosts_fences_none(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut off itself, the control plane finds most hosts silent: powering them off would
+    take healthy hosts down, so it fences none (the leases decide, as without fencing)."""
+    clock = Clock()
+    drivers = {h: FakePower() for h in ("host1", "host2", "host3")}
+
+    async def power(host: str) -> PowerDriver:
+        return drivers[host]
+    ha = make_ha(cluster, monkeypatch, clock, power)
+    await cluster.store.ha.set_settings(HaSettings(enabled=True))
+    await cluster.add_running_vm(spec("web", memory_mib=128), "host1")
+    await cluster.add_running_vm(spec("db", memory_mib=128, mac="52:54:00:00:00:22"),
+                                 "host2")
+    for step in range(2, 8):  # only host3 is heard: two dead against one connected
+        clock.t += 1.0
+        await beat(ha, ["host3"], {"host1": 1, "host2": 1, "host3": step})
+        await ha.round()
+    assert [d.offs for d in drivers.values()] == [0, 0, 0]
+    assert ha.taken_over == []  # type: ignore[attr-defined]
+    for _ in range(8, 14):  # and hearing nobody at all
+        clock.t += 1.0
+        await ha.round()
+    assert [d.offs for d in drivers.values()] == [0, 0, 0]
+
+
 async def test_without_a_power_driver_the_leases_expire_first(
         cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()

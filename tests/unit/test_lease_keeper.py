@@ -84,6 +84,31 @@ async def test_a_released_lease_is_free_at_once(tmp_path: Path) -> None:
         await k2.close()
 
 
+async def test_a_lease_taken_for_a_start_is_kept_while_the_qemu_launches(
+        tmp_path: Path) -> None:
+    """Rounds between taking the lease and the launch registering the QEMU renew it;
+    they must not release it as "its QEMU is gone" (the guest would then run on a
+    released lease that nobody renews or fences)."""
+    k1, g1 = keeper(tmp_path, "h1")
+    await k1.start([])
+    try:
+        with k1.starting("vm1"):
+            await k1.take_over("vm1")
+            first = k1.held["vm1"].counter
+            await asyncio.sleep(FAST.renew_s * 6)  # several rounds; no QEMU yet
+            assert "vm1" in k1.held and k1.held["vm1"].counter > first
+            assert not k1.files.read_lease("vm1").released  # type: ignore[union-attr]
+            g1.running.add("vm1")  # the launch registered it
+        await asyncio.sleep(FAST.renew_s * 3)
+        assert "vm1" in k1.held
+        g1.running.discard("vm1")  # and once it is really gone, the lease is released
+        await asyncio.sleep(FAST.renew_s * 3)
+        assert "vm1" not in k1.held
+        assert k1.files.read_lease("vm1").released  # type: ignore[union-attr]
+    finally:
+        await k1.close()
+
+
 async def test_a_handover_makes_the_old_holder_yield(tmp_path: Path) -> None:
     k1, g1 = keeper(tmp_path, "h1")
     k2, g2 = keeper(tmp_path, "h2")
