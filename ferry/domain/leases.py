@@ -41,9 +41,11 @@ resolved by the rules above (last rename wins, the generation orders owners, and
 side re-reads before acting), not by mutual exclusion. A release (`released=True`) is
 written only after the VM's QEMU is gone, so a released lease can be taken at once.
 
-What this cannot cover without a watchdog: a host whose agent hangs (not the host) keeps
-its QEMU running while the lease expires. sanlock pairs its leases with wdmd and the
-kernel watchdog for exactly that; Ferry does not yet.
+What the leases alone cannot cover: a host whose agent hangs (not the host) keeps its
+QEMU running while the lease expires. sanlock pairs its leases with wdmd and the kernel
+watchdog for exactly that; Ferry's host watchdog (ferry/agent/watchdog.py, a process of
+its own) kills the host's QEMUs before the lease can be judged expired, and power
+fencing (ferry/control/ha.py) powers a dead host off before its leases are taken early.
 """
 
 from __future__ import annotations
