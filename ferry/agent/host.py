@@ -58,10 +58,11 @@ from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.storage import MirrorProgress
 from ferry.domain.streams import migration_endpoint, nbd_endpoint
 from ferry.hypervisor.argv import RunPaths, boot_file, build_argv, disk_path
-from ferry.hypervisor.errors import MonitorError, NotRunning
+from ferry.hypervisor.errors import HypervisorError, MonitorError, NotRunning
 from ferry.hypervisor.images import create_image
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
+from ferry.hypervisor.sockets import listening_ports
 from ferry.pki import HostTls
 
 log = logging.getLogger("ferry.agent")
@@ -368,13 +369,15 @@ class HostRuntime:
                    if tls_peer else {})
             await rec.monitor.set_migration_parameters(
                 stream_parameters(options) | incoming_parameters(options) | tls)
+            # Both listeners on port 0: the kernel picks free ports, read back from
+            # QEMU (the stream) and from /proc (NBD, which QEMU does not report).
             if new_disks:
-                nbd_port = free_port(address)
-                await export_disks(rec.monitor, address, nbd_port,
+                assert rec.process.pid is not None
+                before = await asyncio.to_thread(listening_ports, rec.process.pid)
+                await export_disks(rec.monitor, address, 0,
                                    tuple(d.disk.name for d in new_disks), tls)
-                nbd = f"{address}:{nbd_port}"
-            uri = f"tcp:{address}:{free_port(address)}"
-            await rec.monitor.migrate_incoming(uri)
+                nbd = f"{address}:{await self._new_listener(rec.process.pid, before)}"
+            uri = await rec.monitor.listen_incoming(address)
         except Exception:
             await self.stop(spec.name, force=True)
             for disk in created:
@@ -382,6 +385,13 @@ class HostRuntime:
             raise
         self.faults.reach(FaultStage.PREPARE_INCOMING, spec.name, rec.process.pid)
         return IncomingReady(uri=uri, nbd=nbd)
+
+    async def _new_listener(self, pid: int, before: set[int]) -> int:
+        new = await asyncio.to_thread(listening_ports, pid)
+        if len(new - before) != 1:
+            raise HypervisorError(f"cannot tell the port QEMU {pid} serves NBD on "
+                                  f"(listening before {sorted(before)}, now {sorted(new)})")
+        return (new - before).pop()
 
     async def _create_disks(self, new_disks: tuple[NewDisk, ...]) -> list[DiskSpec]:
         created: list[DiskSpec] = []

@@ -118,6 +118,18 @@ class Monitor:
     async def migrate_incoming(self, uri: str) -> None:
         await self.execute("migrate-incoming", {"uri": uri})
 
+    async def listen_incoming(self, address: str) -> str:
+        """Listen for the incoming stream on `address`, on a port the kernel picks
+        (port 0), and return the `tcp:` URI with the port QEMU reports (query-migrate's
+        socket-address)."""
+        await self.migrate_incoming(f"tcp:{address}:0")
+        reply = await self.execute("query-migrate")
+        for sock in reply.get("socket-address", []):
+            if sock.get("type") == "inet" and str(sock.get("port", "0")) != "0":
+                return f"tcp:{address}:{int(sock['port'])}"
+        raise MonitorError(f"QEMU of {self._name} listens for the incoming migration but "
+                           f"does not say on which port ({reply})")
+
     async def migrate_cancel(self) -> None:
         await self.execute("migrate_cancel")
 
