@@ -4,6 +4,7 @@ guest: a refused command keeps QMP's error class, a lost connection is MonitorGo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -32,7 +33,9 @@ async def monitor(tmp_path: Path) -> AsyncIterator[Monitor]:
         yield mon
     finally:
         await mon.close()
-        proc.kill()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # it quit by itself
+                proc.kill()
         await asyncio.wait_for(proc.wait(), 10)
 
 
