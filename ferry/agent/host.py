@@ -43,7 +43,6 @@ from ferry.agent.networks import HostNetworks
 from ferry.agent.stream_settings import (
     announce_of,
     check_postcopy_possible,
-    free_port,
     incoming_parameters,
     stream_capabilities,
     stream_parameters,
@@ -389,7 +388,7 @@ class HostRuntime:
     async def _new_listener(self, pid: int, before: set[int]) -> int:
         new = await asyncio.to_thread(listening_ports, pid)
         if len(new - before) != 1:
-            raise HypervisorError(f"cannot tell the port QEMU {pid} serves NBD on "
+            raise HypervisorError(f"cannot tell the port QEMU {pid} listens on "
                                   f"(listening before {sorted(before)}, now {sorted(new)})")
         return (new - before).pop()
 
@@ -431,8 +430,10 @@ class HostRuntime:
             raise Conflict(f"the incoming migration of {name} on {self.config.name} is "
                            f"{status}, not paused", "recover only a paused post-copy")
         address = self.config.migration_address or self.config.listen_host
-        uri = f"tcp:{address}:{free_port(address)}"
-        await monitor.migrate_recover(uri)
+        assert rec.process.pid is not None
+        before = await asyncio.to_thread(listening_ports, rec.process.pid)
+        await monitor.migrate_recover(f"tcp:{address}:0")  # the kernel picks the port
+        uri = f"tcp:{address}:{await self._new_listener(rec.process.pid, before)}"
         rec.recover_uri = uri
         return IncomingReady(uri=uri)
 
