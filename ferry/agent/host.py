@@ -57,13 +57,14 @@ from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.storage import MirrorProgress
 from ferry.domain.streams import migration_endpoint, nbd_endpoint
 from ferry.hypervisor.argv import RunPaths, boot_file, build_argv, disk_path
-from ferry.hypervisor.errors import HypervisorError, MonitorError, NotRunning
+from ferry.hypervisor.errors import CommandFailed, HypervisorError, MonitorError, NotRunning
 from ferry.hypervisor.images import create_image
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
 from ferry.hypervisor.sockets import listening_ports
 from ferry.pki import HostTls
 
+REVERT_TIMEOUT_S = 10.0  # a post-copy cancel ends within milliseconds
 log = logging.getLogger("ferry.agent")
 
 
@@ -546,6 +547,33 @@ class HostRuntime:
         elif progress.status is SourceStatus.COMPLETED:
             self.faults.reach(FaultStage.SOURCE_COMPLETED, name, rec.process.pid)
         return progress
+
+    async def revert_outgoing(self, name: str) -> VmInfo:
+        """Run the source of a post-copy again whose destination never ran (the control
+        plane has its agent's word): the source still holds the whole guest. QEMU 7.2
+        restarts the guest by itself when a post-copy is cancelled or fails, but leaves
+        its disks handed over (inactive; a write then aborts QEMU), and refuses `cont`
+        until that restart: so `cont` (which re-activates them) is retried right behind
+        the cancel on the monitor, leaving the guest no time to write."""
+        rec = self._get(name)
+        monitor = running_monitor(rec, self.config.name)
+        if self.leases is not None:
+            await self.leases.take_over(name)
+        if (await monitor.query_migrate()).status.in_progress:
+            await monitor.migrate_cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REVERT_TIMEOUT_S
+        while True:
+            try:
+                await monitor.cont()
+                break
+            except CommandFailed as exc:  # "Migration is not finalized yet"
+                if loop.time() > deadline:
+                    raise Conflict(f"VM {name} on {self.config.name}: QEMU refused `cont` "
+                                   f"for {REVERT_TIMEOUT_S:.0f} s after the post-copy "
+                                   f"ended ({exc.desc})") from exc
+                await asyncio.sleep(0.001)
+        return await self.info(name)
 
     async def cancel_outgoing(self, name: str) -> Progress:
         rec = self._get(name)

@@ -276,8 +276,10 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             continue
         status = progress.status
         if status in (SourceStatus.FAILED, SourceStatus.CANCELLED, SourceStatus.NONE):
-            raise RollBack(f"QEMU reported the post-copy migration {status}: "
-                           f"{progress.error or 'no reason given'}", RollbackKind.LOST)
+            why = f"QEMU reported the post-copy migration {status}: " \
+                f"{progress.error or 'no reason given'}"
+            await _revert_if_never_ran(job, rec, why)
+            raise RollBack(why, RollbackKind.LOST)
         if status in (SourceStatus.ACTIVE, SourceStatus.SETUP):
             # Not switched yet (persisted POSTCOPY, then the request was lost): ask again.
             try:
@@ -352,6 +354,10 @@ async def _switch_in_postcopy(job: Job, rec: MigrationRecord) -> tuple[Migration
     except FerryError:
         return rec, False
     if dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
+        if dest.never_ran:
+            raise RollBack(f"the destination QEMU on {rec.target} exited during post-copy "
+                           f"before it ran the guest (exit code {dest.exit_code}); the VM "
+                           f"goes back to {rec.source}", RollbackKind.REVERT)
         raise RollBack(f"the destination {dest.state} during post-copy", RollbackKind.LOST)
     if dest.state is AgentVmState.INCOMING:
         return rec, False  # still loading the device state
