@@ -551,15 +551,21 @@ class HostRuntime:
     async def revert_outgoing(self, name: str) -> VmInfo:
         """Run the source of a post-copy again whose destination never ran (the control
         plane has its agent's word): the source still holds the whole guest. QEMU 7.2
-        restarts the guest by itself when a post-copy is cancelled or fails, but leaves
+        restarts the guest by itself when a post-copy fails or is cancelled, but leaves
         its disks handed over (inactive; a write then aborts QEMU), and refuses `cont`
         until that restart: so `cont` (which re-activates them) is retried right behind
-        the cancel on the monitor, leaving the guest no time to write."""
+        it on the monitor. A post-copy QEMU paused on the broken stream cannot be ended
+        at all (7.2's cancel leaves it waiting for a recovery): refused."""
         rec = self._get(name)
         monitor = running_monitor(rec, self.config.name)
+        status = (await monitor.query_migrate()).status
+        if status in (SourceStatus.POSTCOPY_PAUSED, SourceStatus.POSTCOPY_RECOVER):
+            # QEMU 7.2's migrate_cancel leaves a paused post-copy waiting for ever.
+            raise Conflict(f"the post-copy of VM {name} on {self.config.name} is {status}: "
+                           "QEMU cannot end it to run the source again")
         if self.leases is not None:
             await self.leases.take_over(name)
-        if (await monitor.query_migrate()).status.in_progress:
+        if status.in_progress:
             await monitor.migrate_cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REVERT_TIMEOUT_S

@@ -164,8 +164,9 @@ CELLS = [
     Cell(FaultStage.POSTCOPY, K, S, Outcome.LOST, Flow.POSTCOPY),  # reported at once
     Cell(FaultStage.POSTCOPY, A, S, Outcome.DEST, Flow.POSTCOPY, ci=True),
     Cell(FaultStage.POSTCOPY, F, S, Outcome.DEST, Flow.POSTCOPY),
-    # (post-copy, the destination killed before `cont`: it ran nothing, so REVERT)
-    Cell(FaultStage.RESUME, K, D, Outcome.SOURCE, Flow.POSTCOPY, ci=True),
+    # (post-copy, the destination killed before `cont`: the source holds the whole guest
+    # but pauses the post-copy, which QEMU 7.2 cannot end: lost, saying why)
+    Cell(FaultStage.RESUME, K, D, Outcome.LOST, Flow.POSTCOPY, ci=True),
 ]
 
 
