@@ -87,6 +87,9 @@ async def undo(job: Job, rec: MigrationRecord, reason: str) -> str:
         try:
             src = await job.source.vm(rec.vm)
         except NotFound:
+            src = None
+        if src is None or not src.state.alive:
+            # Its agent reports the QEMU exited (or knows none): the only copy is gone.
             await _set_vm(job, rec, rec.source, VmState.CRASHED)
             notes.append(f"the source QEMU on {rec.source} is gone: the VM is not running")
             return "; ".join([reason, *notes])
