@@ -201,6 +201,11 @@ def create_app(host: HostRuntime) -> FastAPI:
     async def cancel(name: str) -> Progress:
         return await host.cancel_outgoing(name)
 
+    @app.post("/v1/vms/{name}/migration/revert")
+    async def revert(name: str) -> VmInfo:
+        """Post-copy whose destination never ran: end it and run the source again."""
+        return await host.revert_outgoing(name)
+
     if host.config.fault_hooks:  # lab only
         faults.add_routes(app, host.faults)
 

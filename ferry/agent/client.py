@@ -189,6 +189,10 @@ class AgentClient:
     async def cancel_migration(self, name: str) -> Progress:
         return await self._call("POST", f"/v1/vms/{name}/migration/cancel", Progress)
 
+    async def revert_outgoing(self, name: str) -> VmInfo:
+        return await self._call("POST", f"/v1/vms/{name}/migration/revert", VmInfo,
+                                timeout_s=30.0)
+
     async def image(self, disk: DiskSpec) -> ImageInfo | None:
         return await self._call("POST", "/v1/images/info", TypeAdapter(ImageInfo | None),
                                 ImageRef(disk=disk))

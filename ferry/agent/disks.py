@@ -13,7 +13,7 @@ from ferry.domain.specs import DiskSpec, VmSpec
 from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.hypervisor import blockjobs
 from ferry.hypervisor.argv import disk_path
-from ferry.hypervisor.errors import MonitorError
+from ferry.hypervisor.errors import CommandFailed, MonitorError
 from ferry.hypervisor.images import create_image, image_info
 from ferry.hypervisor.monitor import Monitor
 
@@ -136,13 +136,13 @@ async def unexport_disks(monitor: Monitor, disks: tuple[str, ...]) -> None:
     for disk in disks:
         try:
             await monitor.execute("block-export-del", {"id": f"exp-{disk}"})
-        except MonitorError as exc:
-            if "not found" not in str(exc).lower():
+        except CommandFailed as exc:  # QEMU answered: only "no such export" is fine
+            if "not found" not in exc.desc.lower():
                 raise
     try:
         await monitor.execute("nbd-server-stop")
-    except MonitorError as exc:
-        if "not running" not in str(exc).lower():
+    except CommandFailed as exc:  # QEMU 7.2 has no query for the NBD server
+        if "not running" not in exc.desc.lower():
             raise
 
 

@@ -43,7 +43,6 @@ from ferry.agent.networks import HostNetworks
 from ferry.agent.stream_settings import (
     announce_of,
     check_postcopy_possible,
-    free_port,
     incoming_parameters,
     stream_capabilities,
     stream_parameters,
@@ -58,12 +57,14 @@ from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.storage import MirrorProgress
 from ferry.domain.streams import migration_endpoint, nbd_endpoint
 from ferry.hypervisor.argv import RunPaths, boot_file, build_argv, disk_path
-from ferry.hypervisor.errors import MonitorError, NotRunning
+from ferry.hypervisor.errors import CommandFailed, HypervisorError, MonitorError, NotRunning
 from ferry.hypervisor.images import create_image
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
+from ferry.hypervisor.sockets import listening_ports
 from ferry.pki import HostTls
 
+REVERT_TIMEOUT_S = 10.0  # a post-copy cancel ends within milliseconds
 log = logging.getLogger("ferry.agent")
 
 
@@ -370,13 +371,15 @@ class HostRuntime:
                    if tls_peer else {})
             await rec.monitor.set_migration_parameters(
                 stream_parameters(options) | incoming_parameters(options) | tls)
+            # Both listeners on port 0: the kernel picks free ports, read back from
+            # QEMU (the stream) and from /proc (NBD, which QEMU does not report).
             if new_disks:
-                nbd_port = free_port(address)
-                await export_disks(rec.monitor, address, nbd_port,
+                assert rec.process.pid is not None
+                before = await asyncio.to_thread(listening_ports, rec.process.pid)
+                await export_disks(rec.monitor, address, 0,
                                    tuple(d.disk.name for d in new_disks), tls)
-                nbd = f"{address}:{nbd_port}"
-            uri = f"tcp:{address}:{free_port(address)}"
-            await rec.monitor.migrate_incoming(uri)
+                nbd = f"{address}:{await self._new_listener(rec.process.pid, before)}"
+            uri = await rec.monitor.listen_incoming(address)
         except Exception:
             await self.stop(spec.name, force=True)
             for disk in created:
@@ -384,6 +387,13 @@ class HostRuntime:
             raise
         self.faults.reach(FaultStage.PREPARE_INCOMING, spec.name, rec.process.pid)
         return IncomingReady(uri=uri, nbd=nbd)
+
+    async def _new_listener(self, pid: int, before: set[int]) -> int:
+        new = await asyncio.to_thread(listening_ports, pid)
+        if len(new - before) != 1:
+            raise HypervisorError(f"cannot tell the port QEMU {pid} listens on "
+                                  f"(listening before {sorted(before)}, now {sorted(new)})")
+        return (new - before).pop()
 
     async def _create_disks(self, new_disks: tuple[NewDisk, ...]) -> list[DiskSpec]:
         created: list[DiskSpec] = []
@@ -423,8 +433,10 @@ class HostRuntime:
             raise Conflict(f"the incoming migration of {name} on {self.config.name} is "
                            f"{status}, not paused", "recover only a paused post-copy")
         address = self.config.migration_address or self.config.listen_host
-        uri = f"tcp:{address}:{free_port(address)}"
-        await monitor.migrate_recover(uri)
+        assert rec.process.pid is not None
+        before = await asyncio.to_thread(listening_ports, rec.process.pid)
+        await monitor.migrate_recover(f"tcp:{address}:0")  # the kernel picks the port
+        uri = f"tcp:{address}:{await self._new_listener(rec.process.pid, before)}"
         rec.recover_uri = uri
         return IncomingReady(uri=uri)
 
@@ -537,6 +549,39 @@ class HostRuntime:
         elif progress.status is SourceStatus.COMPLETED:
             self.faults.reach(FaultStage.SOURCE_COMPLETED, name, rec.process.pid)
         return progress
+
+    async def revert_outgoing(self, name: str) -> VmInfo:
+        """Run the source of a post-copy again whose destination never ran (the control
+        plane has its agent's word): the source still holds the whole guest. QEMU 7.2
+        restarts the guest by itself when a post-copy fails or is cancelled, but leaves
+        its disks handed over (inactive; a write then aborts QEMU), and refuses `cont`
+        until that restart: so `cont` (which re-activates them) is retried right behind
+        it on the monitor. A post-copy QEMU paused on the broken stream cannot be ended
+        at all (7.2's cancel leaves it waiting for a recovery): refused."""
+        rec = self._get(name)
+        monitor = running_monitor(rec, self.config.name)
+        status = (await monitor.query_migrate()).status
+        if status in (SourceStatus.POSTCOPY_PAUSED, SourceStatus.POSTCOPY_RECOVER):
+            # QEMU 7.2's migrate_cancel leaves a paused post-copy waiting for ever.
+            raise Conflict(f"the post-copy of VM {name} on {self.config.name} is {status}: "
+                           "QEMU cannot end it to run the source again")
+        if self.leases is not None:
+            await self.leases.take_over(name)
+        if status.in_progress:
+            await monitor.migrate_cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REVERT_TIMEOUT_S
+        while True:
+            try:
+                await monitor.cont()
+                break
+            except CommandFailed as exc:  # "Migration is not finalized yet"
+                if loop.time() > deadline:
+                    raise Conflict(f"VM {name} on {self.config.name}: QEMU refused `cont` "
+                                   f"for {REVERT_TIMEOUT_S:.0f} s after the post-copy "
+                                   f"ended ({exc.desc})") from exc
+                await asyncio.sleep(0.001)
+        return await self.info(name)
 
     async def cancel_outgoing(self, name: str) -> Progress:
         rec = self._get(name)

@@ -3,8 +3,6 @@ it can switch to post-copy."""
 
 from __future__ import annotations
 
-import socket
-
 from ferry.domain.errors import Conflict
 from ferry.domain.migration import StreamOptions
 from ferry.domain.networks import USER_NETWORK, Announce
@@ -44,12 +42,6 @@ def incoming_parameters(options: StreamOptions) -> dict[str, object]:
     timing, or none at all when announcing is off."""
     announce = Announce() if options.announce else Announce(rounds=0)
     return dict(announce.migration_parameters())
-
-
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
 
 
 async def check_postcopy_possible(monitor: Monitor, name: str, host: str) -> None:

@@ -66,7 +66,8 @@ async def undo(job: Job, rec: MigrationRecord, reason: str) -> str:
         return await unresolved(job, rec, reason)
     notes = []
     try:
-        await cancel_quietly(job.source, rec.vm)
+        if not rec.postcopy_started:  # a post-copy is ended by revert_outgoing below
+            await cancel_quietly(job.source, rec.vm)
         try:
             await job.target.stop_vm(rec.vm, force=True)
             dest_gone = True
@@ -86,10 +87,17 @@ async def undo(job: Job, rec: MigrationRecord, reason: str) -> str:
         try:
             src = await job.source.vm(rec.vm)
         except NotFound:
+            src = None
+        if src is None or not src.state.alive:
+            # Its agent reports the QEMU exited (or knows none): the only copy is gone.
             await _set_vm(job, rec, rec.source, VmState.CRASHED)
             notes.append(f"the source QEMU on {rec.source} is gone: the VM is not running")
             return "; ".join([reason, *notes])
-        if src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
+        if rec.postcopy_started:
+            # QEMU may have restarted the guest itself with its disks still handed
+            # over: the agent ends the post-copy and `cont`s right behind it.
+            await job.source.revert_outgoing(rec.vm)
+        elif src.state in (AgentVmState.MIGRATED, AgentVmState.PAUSED):
             await job.source.resume_vm(rec.vm)
         vm = await job.store.vm(rec.vm)
         await job.store.update_vm(rec.vm, host=rec.source, state=VmState.RUNNING,

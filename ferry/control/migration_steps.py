@@ -276,8 +276,10 @@ async def postcopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             continue
         status = progress.status
         if status in (SourceStatus.FAILED, SourceStatus.CANCELLED, SourceStatus.NONE):
-            raise RollBack(f"QEMU reported the post-copy migration {status}: "
-                           f"{progress.error or 'no reason given'}", RollbackKind.LOST)
+            why = f"QEMU reported the post-copy migration {status}: " \
+                f"{progress.error or 'no reason given'}"
+            await _revert_if_never_ran(job, rec, why)
+            raise RollBack(why, RollbackKind.LOST)
         if status in (SourceStatus.ACTIVE, SourceStatus.SETUP):
             # Not switched yet (persisted POSTCOPY, then the request was lost): ask again.
             try:
@@ -352,6 +354,15 @@ async def _switch_in_postcopy(job: Job, rec: MigrationRecord) -> tuple[Migration
     except FerryError:
         return rec, False
     if dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
+        if dest.never_ran:
+            # The source holds the whole guest, but QEMU 7.2 cannot end a post-copy its
+            # source paused on the broken stream (migrate_cancel leaves its migration
+            # thread waiting for a recovery for ever), so it cannot run again. Only a
+            # post-copy QEMU itself ended (failed) is reverted: postcopy() above.
+            raise RollBack(f"the destination QEMU on {rec.target} exited during post-copy "
+                           f"before it ran the guest (exit code {dest.exit_code}); the "
+                           f"source on {rec.source} holds the whole guest but QEMU cannot "
+                           "end its paused post-copy to run it again", RollbackKind.LOST)
         raise RollBack(f"the destination {dest.state} during post-copy", RollbackKind.LOST)
     if dest.state is AgentVmState.INCOMING:
         return rec, False  # still loading the device state

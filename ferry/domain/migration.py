@@ -99,7 +99,9 @@ ROLLBACK_FOR: dict[Phase, RollbackKind] = {
     Phase.RESUMING_TARGET: RollbackKind.UNRESOLVED,
 }
 _EXTRA_ROLLBACKS: dict[Phase, frozenset[RollbackKind]] = {
-    Phase.POSTCOPY: frozenset({RollbackKind.LOST}),
+    # REVERT in post-copy too: a destination that never ran requested no page and ran
+    # nothing, so the paused source still holds the whole, current guest.
+    Phase.POSTCOPY: frozenset({RollbackKind.LOST, RollbackKind.REVERT}),
     # Only with the destination agent's word that its QEMU exited and never ran.
     Phase.RESUMING_TARGET: frozenset({RollbackKind.REVERT}),
 }

@@ -1,7 +1,8 @@
 """A typed layer over qemu.qmp: the QMP commands Ferry uses, with typed results.
 
 Every call is bounded by a timeout; a QMP error, a timeout or a lost connection
-becomes a MonitorError naming the command, with the original as its cause.
+becomes a MonitorError naming the command (CommandFailed with QMP's error class,
+MonitorTimeout, MonitorGone), with the original as its cause.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from ferry.domain.migration import Progress, SourceStatus
-from ferry.hypervisor.errors import MonitorError
+from ferry.hypervisor.errors import CommandFailed, MonitorError, MonitorGone, MonitorTimeout
 
 COMMAND_TIMEOUT_S = 10.0
 
@@ -64,9 +65,15 @@ class Monitor:
             return await asyncio.wait_for(
                 self._client.execute(command, dict(arguments) if arguments else None),
                 timeout_s)
-        except (QMPError, OSError, TimeoutError) as exc:
-            raise MonitorError(f"QMP {command} on {self._name} failed: {exc or type(exc)}"
-                               ) from exc
+        except ExecuteError as exc:
+            raise CommandFailed(f"QMP {command} on {self._name} failed: {exc}",
+                                exc.error_class, str(exc)) from exc
+        except TimeoutError as exc:
+            raise MonitorTimeout(f"QMP {command} on {self._name}: no answer within "
+                                 f"{timeout_s:.0f} s") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise MonitorGone(f"QMP {command} on {self._name} failed: the connection is "
+                              f"lost ({exc!r})") from exc
 
     # --- VM state -------------------------------------------------------------
     async def runstate(self) -> str:
@@ -117,6 +124,18 @@ class Monitor:
 
     async def migrate_incoming(self, uri: str) -> None:
         await self.execute("migrate-incoming", {"uri": uri})
+
+    async def listen_incoming(self, address: str) -> str:
+        """Listen for the incoming stream on `address`, on a port the kernel picks
+        (port 0), and return the `tcp:` URI with the port QEMU reports (query-migrate's
+        socket-address)."""
+        await self.migrate_incoming(f"tcp:{address}:0")
+        reply = await self.execute("query-migrate")
+        for sock in reply.get("socket-address", []):
+            if sock.get("type") == "inet" and str(sock.get("port", "0")) != "0":
+                return f"tcp:{address}:{int(sock['port'])}"
+        raise MonitorError(f"QEMU of {self._name} listens for the incoming migration but "
+                           f"does not say on which port ({reply})")
 
     async def migrate_cancel(self) -> None:
         await self.execute("migrate_cancel")

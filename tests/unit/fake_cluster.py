@@ -210,6 +210,17 @@ class FakeAgent:
             vm.script = [SourceStatus.CANCELLED]
         return Progress(status=vm.status)
 
+    async def revert_outgoing(self, name: str) -> VmInfo:
+        """As the agent: the post-copy ends and the source runs again."""
+        await self._enter("revert_outgoing")
+        vm = self._get(name)
+        vm.status = SourceStatus.CANCELLED
+        vm.script = [SourceStatus.CANCELLED]
+        if vm.state is not AgentVmState.RUNNING:
+            self.cluster.ran.append((self.host, name))
+        vm.state = AgentVmState.RUNNING
+        return await self.vm(name)
+
     async def ram_digests(self, name: str, chunks: tuple[int, ...] | None = None) -> bytes:
         await self._enter("ram_digests")
         vm = self._get(name)

@@ -165,6 +165,37 @@ async def test_the_source_qemu_exited_in_postcopy_is_lost_at_once_not_after_the_
     assert "web1" not in cluster.agents["host2"].vms
 
 
+@pytest.mark.parametrize("source_status", [S.POSTCOPY_PAUSED, S.FAILED])
+async def test_a_destination_dead_before_it_ran_in_postcopy(
+        cluster: FakeCluster, source_status: SourceStatus) -> None:
+    """The destination QEMU exits before `cont` (its agent: never ran): it requested no
+    page and ran nothing, so the source, which stopped at the switch, holds the whole
+    guest. Where QEMU ended the post-copy itself (failed), the VM runs there again
+    (REVERT through the agent's revert_outgoing, which re-activates the disks QEMU 7.2
+    leaves handed over). A post-copy the source paused cannot be ended on QEMU 7.2: LOST,
+    saying why."""
+    source, target = cluster.agents["host1"], cluster.agents["host2"]
+
+    def dies() -> None:  # the destination QEMU dies just before it would get `cont`
+        target.vms["web1"].state = AgentVmState.EXITED
+        source.vms["web1"].script = [source_status]  # QEMU's source notices
+    target.on_call["resume_vm"] = dies
+    rec = await start(cluster, [S.ACTIVE, S.POSTCOPY_ACTIVE])
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    vm = await cluster.store.vm("web1")
+    if source_status is S.POSTCOPY_PAUSED:
+        assert done.phase is Phase.FAILED and done.rollback is RollbackKind.LOST, done
+        assert "cannot end its paused post-copy" in (done.reason or ""), done.reason
+        assert "revert_outgoing" not in source.calls
+        assert (vm.host, vm.state) == ("host1", VmState.CRASHED)
+        return
+    assert done.phase is Phase.FAILED and done.rollback is RollbackKind.REVERT, done
+    assert "before it ran the guest" in (done.reason or ""), done.reason
+    assert (vm.host, vm.state) == ("host1", VmState.RUNNING)
+    assert source.calls.count("revert_outgoing") == 1 and "resume_vm" not in source.calls
+    assert cluster.running_on("web1") == ["host1"] and "web1" not in target.vms
+
+
 async def test_a_silent_source_agent_in_postcopy_is_waited_for_not_lost(
         cluster: FakeCluster) -> None:
     # the agent is down (its QEMU lives on, pages and all): only the window may end it

@@ -195,3 +195,24 @@ async def test_a_destination_that_exited_before_cont_gives_the_vm_back_to_the_so
     assert cluster.ran == [("host1", "web1")] and cluster.running_on("web1") == ["host1"]
     assert "web1" not in target.vms
     assert (vm.host, vm.state) == ("host1", VmState.RUNNING)
+
+
+async def test_a_source_qemu_that_exited_before_the_switch_is_recorded_crashed(
+        cluster: FakeCluster) -> None:
+    """The source QEMU dies mid pre-copy and its agent reports it exited: the undo
+    rollback records the VM crashed on the source (no copy runs anywhere), never
+    `running` on a host where no QEMU runs."""
+    source = cluster.agents["host1"]
+
+    def source_dies() -> None:
+        vm = source.vms["web1"]
+        vm.state = AgentVmState.EXITED
+        vm.script = [SourceStatus.FAILED]
+    source.on_call["progress"] = source_dies
+    rec = await cluster.orchestrator.start("web1", "host2")
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.FAILED, done
+    assert "is gone: the VM is not running" in (done.reason or ""), done.reason
+    vm = await cluster.store.vm("web1")
+    assert (vm.host, vm.state) == ("host1", VmState.CRASHED)
+    assert "resume_vm" not in source.calls and cluster.running_on("web1") == []
