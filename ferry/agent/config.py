@@ -46,6 +46,10 @@ class AgentConfig(Frozen):
     isolation_response: IsolationResponse = IsolationResponse.POWER_OFF
     # Lab only (ferry/agent/faults.py): accept armed faults. Never on in production.
     fault_hooks: bool = False
+    # Optional: a watchdog device ferry-watchdog feeds while all is well (softdog or a
+    # hardware watchdog; ferry/agent/kernel_watchdog.py). Never set in the lab.
+    kernel_watchdog: Path | None = None
+    kernel_watchdog_timeout_s: int = Field(default=4, ge=1, le=60)
 
     @property
     def url(self) -> str:

@@ -77,7 +77,7 @@ async def serve(config: AgentConfig) -> None:
     host = HostRuntime(config)
     await host.setup()
     if host.leases is not None:
-        start_watchdog(config.run_dir)
+        start_watchdog(config)
     server = uvicorn.Server(tls_config(create_app(host), config.listen_host,
                                        config.listen_port, ca=tls.ca_cert, cert=tls.cert,
                                        key=tls.key, require_client_cert=True))
@@ -95,11 +95,14 @@ async def serve(config: AgentConfig) -> None:
                 await task
 
 
-def start_watchdog(run_dir: Path) -> None:
+def start_watchdog(config: AgentConfig) -> None:
     """The host's watchdog (ferry/agent/watchdog.py), in a session of its own so that
     it outlives this agent; a second one (after an agent restart) leaves at once."""
-    subprocess.Popen([sys.executable, "-m", "ferry.agent.watchdog", "--run-dir",
-                      str(run_dir)], start_new_session=True, stdin=subprocess.DEVNULL,
+    argv = [sys.executable, "-m", "ferry.agent.watchdog", "--run-dir", str(config.run_dir)]
+    if config.kernel_watchdog is not None:
+        argv += ["--kernel-watchdog", str(config.kernel_watchdog),
+                 "--kernel-timeout", str(config.kernel_watchdog_timeout_s)]
+    subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -11,8 +11,10 @@ have paused them (fence_s), before any other host may take the leases (expire_s)
 armed only while the agent says so: HA enabled and at least one lease held.
 
 sanlock does the same to the processes holding its leases, with wdmd and the kernel
-watchdog covering sanlock itself; no kernel watchdog is used here (none in the lab's
-sandbox), so a hung watchdog is not covered.
+watchdog covering sanlock itself. Here the kernel watchdog is optional (agent config
+`kernel_watchdog`; see kernel_watchdog.py): fed every round, it resets the host when this
+process stops or a QEMU it killed does not die. The lab never sets it (its hosts share
+one kernel).
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.agent.kernel_watchdog import DEFAULT_TIMEOUT_S, KernelWatchdog
+
 STATE_FILE = "watchdog.json"
 LOCK_FILE = "watchdog.lock"
 LOG_FILE = "watchdog.log"
 POLL_S = 0.2
+SURVIVE_S = 1.0  # a SIGKILLed QEMU still there after this is stuck in the kernel
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,49 @@ def fire(run_dir: Path) -> list[str]:
     return killed
 
 
-def run(run_dir: Path, poll_s: float = POLL_S) -> None:
+def _log(run_dir: Path, line: str) -> None:
+    with open(run_dir / LOG_FILE, "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
+@dataclass
+class Watch:
+    """One host's watch, a round at a time (`tick`): kill the guests when the agent's
+    leases are stale, and keep the kernel watchdog (if any) fed only while nothing is
+    wrong that a kill could not fix."""
+
+    run_dir: Path
+    device: KernelWatchdog | None = None
+    survived_since: float | None = None  # a killed QEMU still there since then
+
+    def tick(self, now: float) -> None:
+        try:
+            state = WatchState.parse((self.run_dir / STATE_FILE).read_text())
+        except OSError:
+            state = None
+        if must_kill(state, now):
+            killed = fire(self.run_dir)
+            if killed:
+                assert state is not None
+                _log(self.run_dir, f"leases not renewed for {now - state.renewed_at:.1f} s: "
+                     f"killed {', '.join(killed)}")
+            left = host_qemus(self.run_dir)
+            if not left:
+                self.survived_since = None
+            elif self.survived_since is None:
+                self.survived_since = now
+            elif now - self.survived_since > SURVIVE_S and self.device is not None:
+                _log(self.run_dir, f"{', '.join(vm for vm, _ in left)} survived SIGKILL "
+                     "for 1 s: no longer feeding the kernel watchdog (the host resets)")
+                self.device.stop_feeding()
+        else:
+            self.survived_since = None
+        if self.device is not None and not self.device.silenced:
+            self.device.pet()
+
+
+def run(run_dir: Path, poll_s: float = POLL_S, device: KernelWatchdog | None = None
+        ) -> None:
     """Watch until killed. One watchdog per run directory: a second one (an agent that
     restarted while the first still runs) leaves at once."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,19 +155,16 @@ def run(run_dir: Path, poll_s: float = POLL_S) -> None:
     lock.truncate(0)  # whose it is, for an operator (and the tests)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    if device is not None:
+        _log(run_dir, device.open())
+
+        def stop(_signum: int, _frame: object) -> None:
+            device.disarm()  # a stop on purpose: the host must not reset
+            raise SystemExit(0)
+        signal.signal(signal.SIGTERM, stop)
+    watch = Watch(run_dir, device)
     while True:
-        try:
-            state = WatchState.parse((run_dir / STATE_FILE).read_text())
-        except OSError:
-            state = None
-        if must_kill(state, time.monotonic()):
-            killed = fire(run_dir)
-            if killed:
-                assert state is not None
-                with open(run_dir / LOG_FILE, "a") as log:
-                    log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} leases not renewed "
-                              f"for {time.monotonic() - state.renewed_at:.1f} s: killed "
-                              f"{', '.join(killed)}\n")
+        watch.tick(time.monotonic())
         time.sleep(poll_s)
 
 
@@ -130,9 +174,16 @@ def main(argv: list[str] | None = None) -> None:
         "agent stops renewing their HA leases (started by ferry-agent).")
     parser.add_argument("--run-dir", type=Path, required=True,
                         help="the agent's run directory")
+    parser.add_argument("--kernel-watchdog", type=Path, default=None,
+                        help="a watchdog device (/dev/watchdog) to feed while all is well: "
+                        "the host resets if this process stops or a killed QEMU survives")
+    parser.add_argument("--kernel-timeout", type=int, default=DEFAULT_TIMEOUT_S,
+                        help=f"the device's timeout in seconds (default {DEFAULT_TIMEOUT_S})")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    run(args.run_dir)
+    device = (KernelWatchdog(args.kernel_watchdog, args.kernel_timeout)
+              if args.kernel_watchdog is not None else None)
+    run(args.run_dir, device=device)
 
 
 if __name__ == "__main__":
