@@ -294,7 +294,21 @@ class Relocator:
             await (await self._agent(rec)).cancel_mirror(rec.vm, job_id(rec), rec.target)
         except FerryError as exc:
             reason = f"{reason}; cleanup incomplete: {exc.problem}"
+        if await self._qemu_gone(rec):
+            await self.store.update_vm(rec.vm, state=VmState.CRASHED)
+            reason = f"{reason}; the VM's QEMU is gone, so VM {rec.vm} is not running"
         await self._enter(rec, RelocationPhase.FAILED, reason=reason)
+
+    async def _qemu_gone(self, rec: RelocationRecord) -> bool:
+        """The VM's agent says its QEMU exited (or knows none); False when it cannot
+        be asked (then the reconciler settles it once the agent answers)."""
+        try:
+            live = await (await self._agent(rec)).vm(rec.vm)
+        except NotFound:
+            return True
+        except FerryError:
+            return False
+        return not live.state.alive
 
     async def _runs_on_target(self, rec: RelocationRecord) -> bool:
         """QEMU writes to the copy (as query-block says; the agent's spec may lag)."""

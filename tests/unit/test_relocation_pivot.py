@@ -14,7 +14,7 @@ from ferry.control import storage
 from ferry.control.agents import AgentPool
 from ferry.control.events import ChangeBus
 from ferry.control.storage import Relocator
-from ferry.domain.errors import HostUnavailable
+from ferry.domain.errors import Conflict, HostUnavailable
 from ferry.domain.inventory import VmState
 from ferry.domain.records import HostRecord, VmRecord
 from ferry.domain.specs import DiskSpec
@@ -107,5 +107,39 @@ async def test_a_pivot_never_told_leaves_the_vm_unknown(tmp_path: Path,
         vm = await store.vm("web1")
         assert vm.state is VmState.UNKNOWN and vm.spec.disks == (OLD,)
         assert agent.deleted == []  # both images kept
+    finally:
+        await store.close()
+
+
+class GoneAgent(Agent):
+    """The VM's QEMU was killed at the pivot: the agent answers, reporting it exited."""
+
+    def __init__(self) -> None:
+        super().__init__(["/ds/shared/web1.qcow2"])
+        self.cancelled = False
+
+    async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
+        return VmInfo(name=name, uuid=self.spec.uuid, state=AgentVmState.EXITED, pid=None,
+                      spec=self.spec)
+
+    async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
+        raise Conflict(f"VM {name} has no running QEMU on host1")
+
+    async def cancel_mirror(self, name: str, job_id: str, target: DiskSpec) -> None:
+        self.cancelled = True
+
+
+async def test_a_vm_whose_qemu_died_at_the_pivot_is_recorded_crashed(tmp_path: Path
+                                                                    ) -> None:
+    agent = GoneAgent()
+    store, relocator, rid = await _relocator(tmp_path, agent)
+    try:
+        await relocator._run(rid)
+        done = await store.relocation(rid)
+        assert done.phase is RelocationPhase.FAILED, done
+        assert "QEMU is gone" in (done.reason or ""), done.reason
+        vm = await store.vm("web1")
+        assert vm.state is VmState.CRASHED and vm.spec.disks == (OLD,)
+        assert agent.cancelled  # the partial copy goes
     finally:
         await store.close()
