@@ -248,6 +248,7 @@ class Relocator:
         image that may lack the guest's latest writes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PIVOT_DOUBT_S
+        gone = False
         while loop.time() < deadline:
             rec = await self.store.relocation(relocation_id)
             uses = await self._uses_target(rec)
@@ -257,12 +258,16 @@ class Relocator:
             if uses is False:
                 await self._roll_back(relocation_id, problem)
                 return
+            if await self._qemu_gone(rec):
+                gone = True  # nobody can say any more: no point in asking on
+                break
             await asyncio.sleep(PIVOT_RETRY_S)
         rec = await self.store.relocation(relocation_id)
         await self.store.update_vm(rec.vm, state=VmState.UNKNOWN)
         rec = await self._enter(rec, RelocationPhase.ROLLING_BACK, reason=problem)
+        why = "its QEMU is gone" if gone else "QEMU could not be asked"
         await self._enter(rec, RelocationPhase.FAILED, reason=(
-            f"{problem}; cannot tell whether disk {rec.disk} now uses "
+            f"{problem}; {why}: cannot tell whether disk {rec.disk} last used "
             f"{rec.target.datastore}:{rec.target.path} or the old image, so VM {rec.vm} is "
             "marked unknown (not started from a possibly stale image) and both images are "
             "kept"))

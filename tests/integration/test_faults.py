@@ -329,8 +329,10 @@ MOVE_CELLS = [
     MoveCell(FaultStage.MIRROR_READY, F, Outcome.SOURCE),
     MoveCell(FaultStage.PIVOT, A, Outcome.SOURCE),
     MoveCell(FaultStage.PIVOT, F, Outcome.EITHER),
-    # (the VM's only QEMU: the relocation's rollback records it crashed)
-    MoveCell(FaultStage.PIVOT, K, Outcome.LOST),
+    MoveCell(FaultStage.PIVOT, K, Outcome.LOST, xfail=(  # the VM's only QEMU
+        "its QEMU died at the pivot, so which image holds the guest's last writes cannot "
+        "be told: the VM is marked `unknown` with both images kept (not `crashed`), at "
+        "once now that the agent reports the QEMU gone")),
 ]
 
 

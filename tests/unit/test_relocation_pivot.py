@@ -3,6 +3,7 @@ answering right at the pivot (issue 9: relocation can lose writes)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ferry.domain.inventory import VmState
 from ferry.domain.records import HostRecord, VmRecord
 from ferry.domain.specs import DiskSpec
 from ferry.domain.storage import RelocationPhase, RelocationRecord
+from ferry.hypervisor.errors import NotRunning
 from ferry.store import Store
 from ferry.store.store import sqlite_url
 from tests.unit.fake_cluster import facts, spec
@@ -141,5 +143,34 @@ async def test_a_vm_whose_qemu_died_at_the_pivot_is_recorded_crashed(tmp_path: P
         vm = await store.vm("web1")
         assert vm.state is VmState.CRASHED and vm.spec.disks == (OLD,)
         assert agent.cancelled  # the partial copy goes
+    finally:
+        await store.close()
+
+
+class DiedAtPivotAgent(GoneAgent):
+    """QEMU killed right at the pivot: the pivot and query-block fail as the agent's
+    NotRunning does (a HostUnavailable), and the agent reports the QEMU exited."""
+
+    async def pivot(self, name: str, job_id: str, target: DiskSpec) -> VmInfo:
+        raise NotRunning(f"VM {name} has no running QEMU on host1")
+
+    async def disk_files(self, name: str) -> dict[str, str]:
+        raise NotRunning(f"VM {name} has no running QEMU on host1")
+
+
+async def test_a_qemu_gone_at_the_pivot_is_not_asked_about_for_ten_minutes(
+        tmp_path: Path) -> None:
+    """Which image holds its last writes cannot be told any more: unknown at once, both
+    images kept (PIVOT_DOUBT_S is 600 s here)."""
+    agent = DiedAtPivotAgent()
+    store, relocator, rid = await _relocator(tmp_path, agent)
+    try:
+        await asyncio.wait_for(relocator._run(rid), 5.0)
+        done = await store.relocation(rid)
+        assert done.phase is RelocationPhase.FAILED, done
+        assert "its QEMU is gone" in (done.reason or ""), done.reason
+        vm = await store.vm("web1")
+        assert vm.state is VmState.UNKNOWN and vm.spec.disks == (OLD,)
+        assert agent.deleted == [] and not agent.cancelled  # both images kept
     finally:
         await store.close()
