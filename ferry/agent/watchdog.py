@@ -132,7 +132,8 @@ class Watch:
                 self.survived_since = None
             elif self.survived_since is None:
                 self.survived_since = now
-            elif now - self.survived_since > SURVIVE_S and self.device is not None:
+            elif now - self.survived_since > SURVIVE_S and self.device is not None \
+                    and not self.device.silenced:  # said and done once
                 _log(self.run_dir, f"{', '.join(vm for vm, _ in left)} survived SIGKILL "
                      "for 1 s: no longer feeding the kernel watchdog (the host resets)")
                 self.device.stop_feeding()
