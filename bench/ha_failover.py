@@ -413,6 +413,13 @@ def _yes(value: bool | None) -> str:
     return "-" if value is None else "yes" if value else "NO"
 
 
+def _stat_rows(columns: list[tuple[list[float], int]]) -> None:
+    """The median and max rows under a table: each column's values and width."""
+    for label, pick in (("median", median), ("max", _max)):
+        print(f"{label:<6} " + " ".join(f"{fmt(pick(values)):>{width}}"
+                                        for values, width in columns))
+
+
 def report(out: list[Run | Takeover]) -> int:
     kills = [r for r in out if isinstance(r, Run)]
     takes = [r for r in out if isinstance(r, Takeover)]
@@ -426,9 +433,7 @@ def report(out: list[Run | Takeover]) -> int:
     failover = [r.failover_s for r in kills if r.failover_s is not None]
     guest = [r.guest_s for r in kills if r.guest_s is not None]
     fenced = [r.fenced_s for r in kills if r.fenced_s is not None]
-    for label, pick in (("median", median), ("max", _max)):
-        print(f"{label:<6} {fmt(pick(detect)):>19} {fmt(pick(fenced)):>9} "
-              f"{fmt(pick(failover)):>11} {fmt(pick(guest)):>8}")
+    _stat_rows([(detect, 19), (fenced, 9), (failover, 11), (guest, 8)])
     print(f"\nleader kills during a migration\n{'run':>3} {'killed':>7} {'takeover_s':>11} "
           f"{'then':>8} {'stream_after_s':>14} {'migration':>10} {'mig_s':>6} {'intact':>7} "
           f"{'double':>7}  error")
@@ -437,8 +442,7 @@ def report(out: list[Run | Takeover]) -> int:
               f"{fmt(t.stream_after_s):>14} {t.outcome:>10} {fmt(t.migration_s, 1):>6} "
               f"{_yes(t.intact):>7} {t.double:>7}  {t.error}")
     took = [t.takeover_s for t in takes if t.takeover_s is not None]
-    for label, pick in (("median", median), ("max", _max)):
-        print(f"{label:<6} {fmt(pick(took)):>15}")
+    _stat_rows([(took, 15)])
     failed = sum(1 for r in out if r.error)
     print(f"detect_s={fmt(median(detect))} failover_max_s="
           f"{fmt(max(failover, default=None))} double_runs={sum(r.double for r in out)} "
