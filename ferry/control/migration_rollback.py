@@ -118,14 +118,27 @@ async def unresolved(job: Job, rec: MigrationRecord, reason: str) -> str:
 
 
 async def lost(job: Job, rec: MigrationRecord, reason: str) -> str:
-    """Post-copy cannot finish: the guest's memory is split between two hosts, so no
-    copy may run. The destination is stopped, the source kept paused for inspection."""
+    """No copy may run: post-copy cannot finish (the guest's memory is split between
+    the hosts; the source is kept paused for inspection), or the destination died after
+    it was told to run the guest (the paused source holds an older state and is stopped
+    as a finished migration's would be; the VM stays on the target, whose disks have
+    its last writes)."""
     with contextlib.suppress(FerryError):
         await job.target.stop_vm(rec.vm, force=True)
-    # Placed on the source, so that its paused copy is kept (not reaped as a leftover).
-    await _set_vm(job, rec, rec.source, VmState.CRASHED)
-    return (f"{reason}; post-copy had started, so the VM could not be rolled back and is "
-            f"lost (its source copy, if any, is kept paused on {rec.source} for inspection)")
+    if rec.postcopy_started:
+        # Placed on the source, so that its paused copy is kept (not reaped as a leftover).
+        await _set_vm(job, rec, rec.source, VmState.CRASHED)
+        return (f"{reason}; post-copy had started, so the VM could not be rolled back and "
+                f"is lost (its source copy, if any, is kept paused on {rec.source} for "
+                "inspection)")
+    # If the source's agent does not answer, the leftover reaper stops the stale copy.
+    with contextlib.suppress(FerryError):
+        await job.source.stop_vm(rec.vm, force=True)
+    await _set_vm(job, rec, rec.target, VmState.CRASHED)
+    return (f"{reason}; the switch was recorded and the destination was told to run the "
+            f"guest, so the older paused copy on {rec.source} must not run again: the VM "
+            f"is lost and recorded crashed on {rec.target}, where its disks were last "
+            f"written (`ferry vm start {rec.vm}` boots it again)")
 
 
 async def _set_vm(job: Job, rec: MigrationRecord, host: str | None, state: VmState) -> None:

@@ -436,7 +436,7 @@ async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
                            RollbackKind.UNRESOLVED) from None
         except FerryError as exc:
             problem = exc.problem
-            await _revert_if_never_ran(job, rec, problem)
+        await _settle_dead_target(job, rec, problem)
         if loop.time() > deadline:
             raise RollBack(f"cannot resume the destination: {problem}",
                            RollbackKind.UNRESOLVED)
@@ -447,6 +447,16 @@ async def _revert_if_never_ran(job: Job, rec: MigrationRecord, problem: str) -> 
     """RollBack (REVERT) if the destination's agent says its QEMU exited without ever
     being sent `cont`: it ran nothing, so the paused source still holds the only and
     current copy of the guest. Anything less certain returns (the caller retries)."""
+    await _settle_dead_target(job, rec, problem, lost_if_ran=False)
+
+
+async def _settle_dead_target(job: Job, rec: MigrationRecord, problem: str,
+                              lost_if_ran: bool = True) -> None:
+    """After a failed `cont`: REVERT as above; LOST (if `lost_if_ran`) when its agent
+    reports the QEMU exited or crashed after it was sent `cont` (or cannot tell, after
+    an agent restart): the guest may have run there, so the paused source holds an
+    older state that must not run again, and the current one is gone. An agent that
+    does not answer returns (the caller retries, then reports the VM unknown)."""
     try:
         dest = await job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S)
     except FerryError:
@@ -455,6 +465,10 @@ async def _revert_if_never_ran(job: Job, rec: MigrationRecord, problem: str) -> 
         raise RollBack(f"the destination QEMU on {rec.target} exited before it ran the "
                        f"guest (exit code {dest.exit_code}; {problem}); the VM goes back "
                        f"to {rec.source}", RollbackKind.REVERT)
+    if lost_if_ran and dest.state in (AgentVmState.EXITED, AgentVmState.CRASHED):
+        raise RollBack(f"the destination QEMU on {rec.target} {dest.state} after it was "
+                       f"told to run the guest (exit code {dest.exit_code}; {problem}): "
+                       "the guest's current memory is gone", RollbackKind.LOST)
 
 
 async def finish(job: Job, rec: MigrationRecord) -> MigrationRecord:

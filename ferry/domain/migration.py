@@ -79,7 +79,9 @@ class RollbackKind(StrEnum):
     ABANDON = "abandon"  # nothing was touched yet: only the record ends
     UNDO = "undo"  # before the switch: the target goes, the source runs (resumed if paused)
     UNRESOLVED = "unresolved"  # where the guest runs is not known: touch nothing, VM unknown
-    LOST = "lost"  # post-copy cannot finish: its memory is split, no copy may run
+    # Post-copy cannot finish (its memory is split), or the destination died after it
+    # ran: no copy may run.
+    LOST = "lost"
     # The switch was recorded, but the destination's QEMU exited without ever having
     # been told to run (its agent says so): the paused source holds the whole guest, so
     # it is resumed and recorded again, as UNDO does.
@@ -102,8 +104,9 @@ _EXTRA_ROLLBACKS: dict[Phase, frozenset[RollbackKind]] = {
     # REVERT in post-copy too: a destination that never ran requested no page and ran
     # nothing, so the paused source still holds the whole, current guest.
     Phase.POSTCOPY: frozenset({RollbackKind.LOST, RollbackKind.REVERT}),
-    # Only with the destination agent's word that its QEMU exited and never ran.
-    Phase.RESUMING_TARGET: frozenset({RollbackKind.REVERT}),
+    # REVERT only with the destination agent's word that its QEMU exited and never ran;
+    # LOST with its word that the QEMU exited after it was sent `cont`.
+    Phase.RESUMING_TARGET: frozenset({RollbackKind.REVERT, RollbackKind.LOST}),
 }
 _ALLOWED_ROLLBACKS: dict[Phase, frozenset[RollbackKind]] = {
     phase: frozenset({kind, RollbackKind.UNRESOLVED}) | _EXTRA_ROLLBACKS.get(phase, frozenset())

@@ -99,8 +99,6 @@ UNKNOWN_AGENT = ("the source agent was down (or frozen) when the rollback asked 
 GAVE_UP_RESUME = ("RESUMING_TARGET gives up after 30 s on a frozen destination agent and "
                   "marks the VM `unknown`; the thawed agent then runs its pending `cont`, "
                   "so the guest runs on the destination while the store says unknown")
-RESUMED_DIED = ("the destination ran the guest and died: the VM is lost, but RESUMING_TARGET "
-                "reports it `unknown` (UNRESOLVED) instead of crashed with the reason")
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,8 @@ CELLS = [
     Cell(FaultStage.RESUME, A, D, Outcome.DEST, ci=True),
     Cell(FaultStage.RESUME, F, D, Outcome.DEST, xfail=GAVE_UP_RESUME),
     # ... and after it (the guest ran there): its death takes the only current copy
-    Cell(FaultStage.RESUMED, K, D, Outcome.LOST, xfail=RESUMED_DIED),
+    # (LOST with the reason, recorded crashed on the target; the older source stopped)
+    Cell(FaultStage.RESUMED, K, D, Outcome.LOST),
     Cell(FaultStage.RESUMED, A, D, Outcome.DEST),
     # POSTCOPY: memory split between the hosts
     Cell(FaultStage.POSTCOPY, K, S, Outcome.LOST, Flow.POSTCOPY),  # reported at once

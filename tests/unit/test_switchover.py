@@ -185,10 +185,12 @@ async def test_a_destination_that_exited_before_cont_gives_the_vm_back_to_the_so
     done = await cluster.orchestrator.wait(rec.id, 60)
     assert done.phase is Phase.FAILED and done.switched, done
     vm = await cluster.store.vm("web1")
-    if resumed_before:  # it may have run: nothing is resumed, the VM is in doubt
-        assert done.rollback is RollbackKind.UNRESOLVED
+    if resumed_before:  # it may have run: its memory is gone, the older source stops
+        assert done.rollback is RollbackKind.LOST, done
+        assert "after it was told to run the guest" in (done.reason or "")
         assert cluster.ran == [] and "resume_vm" not in cluster.agents["host1"].calls
-        assert (vm.host, vm.state) == ("host2", VmState.UNKNOWN)
+        assert "web1" not in cluster.agents["host1"].vms  # the stale copy was stopped
+        assert (vm.host, vm.state) == ("host2", VmState.CRASHED)
         return
     assert done.rollback is RollbackKind.REVERT
     assert "exited before it ran the guest" in (done.reason or "")
