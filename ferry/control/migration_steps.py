@@ -422,10 +422,17 @@ async def _await_paused_target(job: Job, rec: MigrationRecord) -> VmInfo:
 
 async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The store has the VM on the target: run it there (`cont` is idempotent), then
-    tear down the source. The source is never resumed from here on."""
+    tear down the source. The source is never resumed from here on (but by REVERT).
+    A destination agent that does not answer (frozen, its link down) is waited for
+    within the recovery window, as in post-copy: nothing better can happen meanwhile,
+    and its pending `cont` may run the guest when it is back. One that answers but
+    cannot run the guest is given CONFIRM_TIMEOUT_S."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + CONFIRM_TIMEOUT_S
+    start = loop.time()
+    window = max(float(rec.options.postcopy_recovery_window_s), CONFIRM_TIMEOUT_S)
+    warned = False
     while True:
+        silent = False
         try:
             info = await job.target.resume_vm(rec.vm)
             if info.state is AgentVmState.RUNNING:
@@ -434,12 +441,19 @@ async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
         except NotFound:
             raise RollBack("the destination QEMU vanished after the switch was recorded",
                            RollbackKind.UNRESOLVED) from None
+        except HostUnavailable as exc:
+            problem, silent = exc.problem, True
         except FerryError as exc:
             problem = exc.problem
         await _settle_dead_target(job, rec, problem)
-        if loop.time() > deadline:
+        waited = loop.time() - start
+        if waited > (window if silent else CONFIRM_TIMEOUT_S):
             raise RollBack(f"cannot resume the destination: {problem}",
                            RollbackKind.UNRESOLVED)
+        if silent and not warned:
+            warned = True
+            log.warning("migration %s: the destination does not answer (%s); waiting up "
+                        "to %d s for it (the source stays paused)", rec.id, problem, window)
         await asyncio.sleep(RETRY_S)
 
 

@@ -73,7 +73,8 @@ async def test_a_destination_lost_at_switchover_never_ran_so_the_source_resumes(
 async def test_a_destination_that_cannot_be_resumed_leaves_the_vm_unknown_not_doubled(
         cluster: FakeCluster) -> None:
     cluster.agents["host2"].faults["resume_vm"][:] = [unreachable("host2")] * 1000
-    rec = await cluster.orchestrator.start("web1", "host2")
+    rec = await cluster.orchestrator.start(
+        "web1", "host2", StreamOptions(postcopy_recovery_window_s=1))
     done = await cluster.orchestrator.wait(rec.id, 30)
     assert done.phase is Phase.FAILED and done.rollback is RollbackKind.UNRESOLVED
     assert "could not be confirmed, so nothing was resumed" in (done.reason or "")
@@ -218,3 +219,19 @@ async def test_a_source_qemu_that_exited_before_the_switch_is_recorded_crashed(
     vm = await cluster.store.vm("web1")
     assert (vm.host, vm.state) == ("host1", VmState.CRASHED)
     assert "resume_vm" not in source.calls and cluster.running_on("web1") == []
+
+
+async def test_a_destination_silent_at_resume_is_waited_for_within_the_window(
+        cluster: FakeCluster) -> None:
+    """Its agent frozen past CONFIRM_TIMEOUT_S right after the switch: the migration
+    keeps asking (the source stays paused) and completes once the agent answers."""
+    target = cluster.agents["host2"]
+    silent = [unreachable("host2")] * 12  # ~2.4 s of failing calls at RETRY_S
+    target.faults["resume_vm"][:] = silent
+    rec = await cluster.orchestrator.start(
+        "web1", "host2", StreamOptions(postcopy_recovery_window_s=60))
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.COMPLETED, done
+    assert target.faults["resume_vm"] == []  # every failing call was made
+    assert cluster.ran == [("host2", "web1")] and cluster.running_on("web1") == ["host2"]
+    assert "resume_vm" not in cluster.agents["host1"].calls
