@@ -225,9 +225,12 @@ class Ha:
         if not settings.enabled:
             return []
         priorities = await self.store.ha.priorities()
+        # A migration owns its VM until it ends (after the switch the VM is recorded
+        # running on the target while the job still decides; its end settles the VM).
+        migrating = {m.vm for m in await self.store.migrations(unfinished_only=True)}
         due = []
         for vm in await self.store.vms():
-            if vm.state not in (VmState.RUNNING, VmState.PAUSED):
+            if vm.state not in (VmState.RUNNING, VmState.PAUSED) or vm.name in migrating:
                 continue  # a migration or a VM in doubt is not HA's to move
             state = judged.get(vm.host)
             if state is Health.DEAD or (state is Health.ISOLATED

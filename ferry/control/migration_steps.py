@@ -41,6 +41,10 @@ from ferry.store.store import VmChange
 
 POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
 CONFIRM_TIMEOUT_S = 30.0
+# How long RESUMING_TARGET waits for a silent destination agent: past a frozen host's or
+# a flapping link's outage, short enough that a dead destination is reported (the VM
+# `unknown`) within two minutes.
+RESUME_WINDOW_S = 120.0
 RETRY_S = 0.2
 TARGET_CHECK_S = 5.0
 RECOVER_EVERY_S = 2.0  # how often a paused post-copy is tried to be reconnected
@@ -423,13 +427,13 @@ async def _await_paused_target(job: Job, rec: MigrationRecord) -> VmInfo:
 async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The store has the VM on the target: run it there (`cont` is idempotent), then
     tear down the source. The source is never resumed from here on (but by REVERT).
-    A destination agent that does not answer (frozen, its link down) is waited for
-    within the recovery window, as in post-copy: nothing better can happen meanwhile,
-    and its pending `cont` may run the guest when it is back. One that answers but
-    cannot run the guest is given CONFIRM_TIMEOUT_S."""
+    A destination agent that does not answer (frozen, its link down) is waited for up
+    to RESUME_WINDOW_S: nothing better can happen meanwhile (the source must not run
+    again), and its pending `cont` may run the guest when it is back. One that answers
+    but cannot run the guest is given CONFIRM_TIMEOUT_S."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    window = max(float(rec.options.postcopy_recovery_window_s), CONFIRM_TIMEOUT_S)
+    window = max(RESUME_WINDOW_S, CONFIRM_TIMEOUT_S)
     warned = False
     while True:
         silent = False

@@ -17,9 +17,10 @@ fired, restarts an agent the fault killed, follows the migration to its end and 
 The watcher (conftest.py) fails any cell in which the guest executed on two hosts.
 
 CI runs the cells marked `ci` (at least one per stage and one per fault kind; about
-4 minutes); `make test-faults` (FERRY_FAULTS=all, -m faults) runs them all. A cell whose
-correct outcome the engine does not reach yet is xfail with the reason (not strict: the
-reconciler may settle it seconds later).
+4 minutes); `make test-faults` (FERRY_FAULTS=all, -m faults) runs them all. Where a
+silent agent leaves the engine unable to confirm the VM's place, the engine reports it
+`unknown` and the reconciler (control/reconcile.py) settles it once the agents report
+again; the cell waits for that (bounded) and judges the settled outcome.
 Link cuts and control-plane restarts are in test_migration_failures.py and
 test_convergence.py (the test breaks the lab itself once a phase is reached).
 """
@@ -93,11 +94,6 @@ FLOW_OPTIONS: dict[Flow, dict[str, Any]] = {
                     "allow_postcopy": True, "postcopy_recovery_window_s": 90},
 }
 
-UNKNOWN_AGENT = ("the source agent was down (or frozen) when the rollback asked where the VM "
-                 "is: the VM is left `unknown` and nothing reconciles it once the agent is "
-                 "back, though its QEMU kept (or can resume) the whole guest on the source")
-
-
 @dataclass(frozen=True)
 class Cell:
     stage: FaultStage
@@ -107,7 +103,6 @@ class Cell:
     flow: Flow = Flow.PLAIN
     pass_count: int = 1
     ci: bool = False
-    xfail: str | None = None
 
     @property
     def id(self) -> str:
@@ -130,13 +125,11 @@ CELLS = [
     Cell(FaultStage.START_OUTGOING, K, S, Outcome.LOST),  # only copy
     # (the engine leaves it unknown; the reconciler resolves it once the agent is back)
     Cell(FaultStage.START_OUTGOING, A, S, Outcome.SOURCE, ci=True),
-    Cell(FaultStage.START_OUTGOING, F, S, Outcome.EITHER, xfail=UNKNOWN_AGENT),
+    Cell(FaultStage.START_OUTGOING, F, S, Outcome.EITHER),
     # PRECOPY, later passes
     Cell(FaultStage.PRECOPY_PASS, K, S, Outcome.LOST, Flow.SLOW, pass_count=2, ci=True),
-    Cell(FaultStage.PRECOPY_PASS, A, S, Outcome.SOURCE, Flow.SLOW, pass_count=2,
-         xfail=UNKNOWN_AGENT),
-    Cell(FaultStage.PRECOPY_PASS, F, S, Outcome.SOURCE, Flow.SLOW, pass_count=2,
-         xfail=UNKNOWN_AGENT),
+    Cell(FaultStage.PRECOPY_PASS, A, S, Outcome.SOURCE, Flow.SLOW, pass_count=2),
+    Cell(FaultStage.PRECOPY_PASS, F, S, Outcome.SOURCE, Flow.SLOW, pass_count=2),
     # SWITCHOVER: the source reports the stream completed (the destination holds it all)
     Cell(FaultStage.SOURCE_COMPLETED, K, S, Outcome.DEST, ci=True),
     # (the agent silent, the destination holding the whole stream proves the source
@@ -168,10 +161,6 @@ def _param(cell: Cell) -> Any:
     if not cell.ci:
         marks += [pytest.mark.faults_full,
                   pytest.mark.skipif(not FULL, reason="full fault matrix: make test-faults")]
-    if cell.xfail:
-        # Not strict: the reconciler (control/reconcile.py) may settle the engine's
-        # outcome seconds later, so whether the cell sees it fixed depends on timing.
-        marks.append(pytest.mark.xfail(strict=False, reason=cell.xfail))
     return pytest.param(cell, id=f"{cell.id}-{cell.flow}", marks=marks)
 
 
@@ -314,7 +303,6 @@ class MoveCell:
     action: FaultAction
     outcome: Outcome  # SOURCE: on the old image; DEST: on the new one; EITHER; LOST
     ci: bool = False
-    xfail: str | None = None
 
     @property
     def id(self) -> str:
@@ -326,10 +314,9 @@ MOVE_CELLS = [
     MoveCell(FaultStage.MIRROR_READY, F, Outcome.SOURCE),
     MoveCell(FaultStage.PIVOT, A, Outcome.SOURCE),
     MoveCell(FaultStage.PIVOT, F, Outcome.EITHER),
-    MoveCell(FaultStage.PIVOT, K, Outcome.LOST, xfail=(  # the VM's only QEMU
-        "its QEMU died at the pivot, so which image holds the guest's last writes cannot "
-        "be told: the VM is marked `unknown` with both images kept (not `crashed`), at "
-        "once now that the agent reports the QEMU gone")),
+    # (its only QEMU died at the pivot: `unknown` at once, both images kept, then
+    # `crashed` by the reconciler once the agent reports no QEMU)
+    MoveCell(FaultStage.PIVOT, K, Outcome.LOST),
 ]
 
 
@@ -338,10 +325,6 @@ def _move_param(cell: MoveCell) -> Any:
     if not cell.ci:
         marks += [pytest.mark.faults_full,
                   pytest.mark.skipif(not FULL, reason="full fault matrix: make test-faults")]
-    if cell.xfail:
-        # Not strict: the reconciler (control/reconcile.py) may settle the engine's
-        # outcome seconds later, so whether the cell sees it fixed depends on timing.
-        marks.append(pytest.mark.xfail(strict=False, reason=cell.xfail))
     return pytest.param(cell, id=cell.id, marks=marks)
 
 
@@ -413,7 +396,7 @@ def test_relocation_fault_cell(cell: MoveCell, client: Client, lab: LabConfig) -
 # --- DISK_COPY: a migration without shared storage --------------------------------------
 COPY_CELLS = [
     MoveCell(FaultStage.DISK_MIRRORS, K, Outcome.LOST),  # only QEMU
-    MoveCell(FaultStage.DISK_MIRRORS, A, Outcome.SOURCE, xfail=UNKNOWN_AGENT),
+    MoveCell(FaultStage.DISK_MIRRORS, A, Outcome.SOURCE),
     # (images the rollback cannot delete at once are deleted when the agent reports)
     MoveCell(FaultStage.DISK_MIRRORS, F, Outcome.SOURCE, ci=True),
 ]

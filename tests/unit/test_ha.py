@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from ferry.domain.ha import (
     restart_order,
 )
 from ferry.domain.inventory import VmState
+from ferry.domain.migration import Phase
+from ferry.domain.records import MigrationRecord
 from ferry.power import PowerDriver, PowerState
 from tests.unit.fake_cluster import FakeCluster, FakeVm, facts, spec
 
@@ -330,3 +333,22 @@ async def test_admission_control_refuses_what_breaks_the_reserve(
     await ha.admit(spec("d", memory_mib=200, mac="52:54:00:00:00:04"), "host3")
     status = await ha.status()
     assert status.reserve.ok and status.reserve.protected_mib == 1200
+
+
+async def test_a_vm_a_migration_still_drives_is_left_to_it(
+        cluster: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the switch the VM is recorded running on the target while the migration
+    still decides (RESUMING_TARGET waits for a silent destination): HA restarting it
+    from its disks meanwhile would race the job's own end. The other VM is restarted."""
+    clock = Clock()
+    ha = make_ha(cluster, monkeypatch, clock)
+    await cluster.store.ha.set_settings(HaSettings(enabled=True))
+    for name, mac in (("moving", "52:54:00:00:00:21"), ("still", "52:54:00:00:00:22")):
+        await cluster.add_running_vm(spec(name, memory_mib=128, mac=mac), "host1")
+    await cluster.store.add_migration(MigrationRecord(
+        id="m1", vm="moving", source="host2", target="host1",
+        phase=Phase.RESUMING_TARGET, switched=True, created_at=time.time()))
+    await beat(ha, ["host1", "host2", "host3"], {"host1": 1, "host2": 1, "host3": 1})
+    await kill_host1(ha, clock)()
+    assert [vm for _, vm in ha.started] == ["still"]  # type: ignore[attr-defined]
+    assert (await cluster.store.vm("moving")).host == "host1"

@@ -20,6 +20,7 @@ from tests.unit.fake_cluster import FakeCluster, spec, unreachable
 async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                   ) -> AsyncIterator[FakeCluster]:
     monkeypatch.setattr(migration, "CONFIRM_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(migration, "RESUME_WINDOW_S", 1.0)
     c = await FakeCluster.open(tmp_path)
     await c.add_running_vm(spec("web1"), "host1")
     yield c
@@ -73,8 +74,7 @@ async def test_a_destination_lost_at_switchover_never_ran_so_the_source_resumes(
 async def test_a_destination_that_cannot_be_resumed_leaves_the_vm_unknown_not_doubled(
         cluster: FakeCluster) -> None:
     cluster.agents["host2"].faults["resume_vm"][:] = [unreachable("host2")] * 1000
-    rec = await cluster.orchestrator.start(
-        "web1", "host2", StreamOptions(postcopy_recovery_window_s=1))
+    rec = await cluster.orchestrator.start("web1", "host2")
     done = await cluster.orchestrator.wait(rec.id, 30)
     assert done.phase is Phase.FAILED and done.rollback is RollbackKind.UNRESOLVED
     assert "could not be confirmed, so nothing was resumed" in (done.reason or "")
@@ -226,10 +226,9 @@ async def test_a_destination_silent_at_resume_is_waited_for_within_the_window(
     """Its agent frozen past CONFIRM_TIMEOUT_S right after the switch: the migration
     keeps asking (the source stays paused) and completes once the agent answers."""
     target = cluster.agents["host2"]
-    silent = [unreachable("host2")] * 12  # ~2.4 s of failing calls at RETRY_S
+    silent = [unreachable("host2")] * 4  # ~0.8 s at RETRY_S: past CONFIRM_TIMEOUT_S
     target.faults["resume_vm"][:] = silent
-    rec = await cluster.orchestrator.start(
-        "web1", "host2", StreamOptions(postcopy_recovery_window_s=60))
+    rec = await cluster.orchestrator.start("web1", "host2")
     done = await cluster.orchestrator.wait(rec.id, 30)
     assert done.phase is Phase.COMPLETED, done
     assert target.faults["resume_vm"] == []  # every failing call was made
