@@ -145,7 +145,13 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
         finish = projected_finish_s(state.iterations, p_dirty, rate, state.downtime_ms)
         if finish is not None and finish <= budget_left:
             return CONTINUE
-        target = min(options.max_downtime_ms, math.ceil(needed_ms * 1.25) + 10)
+        # The dirty set of short passes jitters around a floor: a limit just above the
+        # smallest recent set switches at the next dip, with the shortest pause; once
+        # the limit is there already, a step to what the latest set needs.
+        recent = [it.remaining_bytes for it in state.iterations[1:][-4:]]
+        snug = math.ceil(min(recent) / rate * 1000 * 1.1) + 5
+        target = snug if snug > state.downtime_ms else math.ceil(needed_ms * 1.25) + 10
+        target = min(options.max_downtime_ms, target)
         late = ("the dirty set stopped shrinking" if finish is None
                 else f"pre-copy would need {finish:.0f} s, {budget_left:.0f} s left")
         return Action(kind=ActionKind.RAISE_DOWNTIME, value=target,

@@ -320,3 +320,16 @@ def test_ferry_raises_a_fitting_limit_only_when_pre_copy_would_not_finish_in_tim
         finish = projected_finish_s(s.iterations, s.progress.dirty_rate_bytes_s, rate,
                                     downtime)
         assert finish is None or finish > completion_deadline_s(256, FERRY) - elapsed
+
+
+def test_a_stalled_set_gets_a_limit_just_above_its_recent_floor() -> None:
+    # Short passes leave 2 to 3 MiB dirty, jittering, at 25 MiB/s: 80-120 ms. A limit
+    # snug above the floor (2 MiB: 80 ms) switches at the next dip with the shortest
+    # pause; a second raise (the limit already there) steps to what the latest needs.
+    jitter = its(256, 100, 40, 3, 2, 3, 3, 3)
+    first = decide(state(dirty_mib_s=12, iterations=jitter, downtime=25), FERRY)
+    assert first.kind is ActionKind.RAISE_DOWNTIME and first.value is not None
+    assert 80 < first.value <= 95, first
+    again = decide(state(dirty_mib_s=12, iterations=jitter, downtime=first.value), FERRY)
+    assert again.kind is ActionKind.RAISE_DOWNTIME and again.value is not None
+    assert 120 < again.value <= 160, again
