@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages Ferry needs, only those missing (idempotent, fast when done).
 set -euo pipefail
-PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 cpio gzip kmod xz-utils
+PKGS=(qemu-system-x86 qemu-utils busybox-static iproute2 nftables cpio gzip kmod xz-utils
       zstd gcc libc6-dev make python3-venv
       postgresql  # the store's tests run on it too (a private server each session)
       chromium)  # the dashboard's browser test (Playwright drives it headless)

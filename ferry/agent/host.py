@@ -106,6 +106,7 @@ class HostRuntime:
     async def setup(self) -> None:
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.networks.load()
+        await self.networks.restore_filter()
         self._qemu = await probe_qemu(self.accel)
         await self._adopt()
         if self.leases is not None:

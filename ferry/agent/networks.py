@@ -12,10 +12,12 @@ import asyncio
 import json
 import logging
 import os
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from ferry.agent import vxlan_filter
 from ferry.agent.models import NetworkResult
 from ferry.domain.errors import Conflict, FerryError, HostUnavailable, InvalidInput
 from ferry.domain.networks import (
@@ -126,7 +128,28 @@ class HostNetworks:
                 except FerryError as exc:
                     results.append(NetworkResult(name=name, ok=False, error=str(exc)))
             self._save()
+            await self._narrow_filter()
         return results
+
+    async def restore_filter(self) -> None:
+        """At agent start: the VXLAN filter for the networks kept from before (the
+        kernel keeps devices and rules; this also covers an agent that predates it)."""
+        async with self._lock:
+            await self._narrow_filter()
+
+    async def _narrow_filter(self) -> None:
+        """Peers of the networks this host has, and nobody else (best effort: a failure
+        here leaves a wider filter in place, and is logged)."""
+        try:
+            if self._have:
+                await vxlan_filter.admit_only(self._peers())
+            else:
+                await vxlan_filter.remove()
+        except FerryError as exc:
+            log.warning("VXLAN filter not updated: %s", exc)
+
+    def _peers(self, *extra: HostNetwork) -> set[IPv4Address]:
+        return {p for net in (*self._have.values(), *extra) for p in net.peers}
 
     async def _ensure(self, net: HostNetwork) -> None:
         br, vx = net.bridge, net.vxlan
@@ -146,6 +169,9 @@ class HostNetworks:
         await run("ip", "link", "set", vx, "mtu", str(net.mtu), "master", br)
         await run("ip", "link", "set", br, "mtu", str(net.mtu))
         await self._flood_list(vx, {str(p) for p in net.peers})
+        # Before the device is up: from then on only the cluster's endpoints reach it.
+        # A host that cannot filter does not provide the network (the error says why).
+        await vxlan_filter.admit_only(self._peers(net))
         await run("ip", "link", "set", vx, "up")
         await run("ip", "link", "set", br, "up")
 

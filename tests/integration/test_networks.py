@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -12,8 +14,8 @@ import pytest
 from ferry.cli.client import Client
 from ferry.cli.demo import probe_spec, wait_heartbeat
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
-from ferry.domain.networks import tap_name
-from ferry.lab.config import LabConfig
+from ferry.domain.networks import VXLAN_PORT, tap_name, vxlan_name
+from ferry.lab.config import NETWORK, LabConfig
 from tests.integration.helpers import boot_probe, next_mac, remove_vm, wait_until
 
 
@@ -100,3 +102,54 @@ def test_user_mode_nic_needs_no_network(client: Client, lab: LabConfig) -> None:
         assert not any(n.startswith("fyt") for n in links(lab, "host2"))
     finally:
         remove_vm(client, "probe-user")
+
+
+def _send_vxlan(lab: LabConfig, ns: str | None, source_ip: str, to_host: str, vni: int,
+                mac: str) -> None:
+    """One VXLAN datagram carrying a broadcast ARP request from `mac`, sent with plain
+    UDP from `source_ip` (in namespace `ns`, or the lab bridge's machine)."""
+    code = (
+        "import socket, struct, sys\n"
+        "src, dst, vni, mac = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]\n"
+        "m = bytes.fromhex(mac.replace(':', ''))\n"
+        "arp = struct.pack('!HHBBH6s4s6s4s', 1, 0x0800, 6, 4, 1, m,\n"
+        "                  socket.inet_aton('198.19.250.250'), bytes(6),\n"
+        "                  socket.inet_aton('198.19.250.251'))\n"
+        "frame = b'\\xff' * 6 + m + b'\\x08\\x06' + arp\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.bind((src, 0))\n"
+        f"s.sendto(struct.pack('!II', 0x08000000, vni << 8) + frame, (dst, {VXLAN_PORT}))\n")
+    argv = [sys.executable, "-c", code, source_ip, lab.host_ip(to_host), str(vni), mac]
+    if ns is not None:
+        argv = ["ip", "netns", "exec", ns, *argv]
+    subprocess.run(argv, check=True, timeout=30)
+
+
+def _learnt(lab: LabConfig, host: str, vni: int) -> dict[str, str]:
+    """MAC -> remote endpoint the host's VXLAN device learnt."""
+    out = subprocess.run(["bridge", "-n", lab.netns(host), "-j", "fdb", "show", "dev",
+                          vxlan_name(vni)], capture_output=True, text=True,
+                         check=True).stdout
+    return {e["mac"]: e.get("dst", "") for e in json.loads(out or "[]")}
+
+
+def test_vxlan_from_outside_the_cluster_is_dropped(client: Client, lab: LabConfig) -> None:
+    """Anyone on the lab network could otherwise put frames on a VM network, or, with
+    MAC learning on, point a guest's MAC at themselves and take its traffic. The same
+    datagram from a known endpoint (the lab client, an extra VTEP) is learnt, which shows
+    the probe would see a stranger's too."""
+    vni = networks(client)[NETWORK]["spec"]["vni"]
+    friend, stranger = "02:00:5e:00:00:a1", "02:00:5e:00:00:b2"
+    _send_vxlan(lab, lab.client_ns, lab.client_ip, "host1", vni, friend)
+    wait_until(lambda: _learnt(lab, "host1", vni).get(friend) == lab.client_ip, 10,
+               "host1 learns the lab client's MAC")
+    _send_vxlan(lab, None, lab.bridge_ip, "host1", vni, stranger)
+    time.sleep(1.0)  # what a wrongly admitted datagram needs to be learnt: far less
+    assert stranger not in _learnt(lab, "host1", vni)
+    rules = subprocess.run(["ip", "netns", "exec", lab.netns("host1"), "nft", "-j", "list",
+                            "table", "inet", "ferry_vxlan"], capture_output=True, text=True,
+                           check=True).stdout
+    drops = [e["rule"] for e in json.loads(rules)["nftables"] if "rule" in e
+             and any("drop" in x for x in e["rule"]["expr"])]
+    packets = sum(x["counter"]["packets"] for r in drops for x in r["expr"] if "counter" in x)
+    assert packets >= 1, rules
