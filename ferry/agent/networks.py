@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from ferry import commands
 from ferry.agent import vxlan_filter
 from ferry.agent.models import NetworkResult
 from ferry.domain.errors import Conflict, FerryError, HostUnavailable, InvalidInput
@@ -40,19 +41,14 @@ class NetworkCommandFailed(HostUnavailable):
 
 
 async def run(*argv: str, check: bool = True) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
+        done = await commands.run(*argv, timeout_s=COMMAND_TIMEOUT_S)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise NetworkCommandFailed(f"`{' '.join(argv)}` did not finish in "
                                    f"{COMMAND_TIMEOUT_S:.0f} s") from None
-    if check and proc.returncode != 0:
-        raise NetworkCommandFailed(f"`{' '.join(argv)}` failed: {err.decode().strip()}")
-    return out.decode()
+    if check and done.returncode != 0:
+        raise NetworkCommandFailed(f"`{' '.join(argv)}` failed: {done.err}")
+    return done.out
 
 
 async def link_exists(name: str) -> bool:

@@ -12,10 +12,10 @@ removed when the host has no network left.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
+from ferry import commands
 from ferry.domain.errors import HostUnavailable
 from ferry.domain.networks import VXLAN_PORT
 
@@ -53,20 +53,15 @@ def removal() -> str:
 
 async def apply(script: str) -> None:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            "nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        done = await commands.run("nft", "-f", "-", timeout_s=COMMAND_TIMEOUT_S,
+                                  stdin=script.encode())
     except FileNotFoundError:
         raise FilterFailed("nftables (`nft`) is not installed: VXLAN cannot be limited to "
                            "the cluster's hosts", "apt-get install nftables") from None
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(script.encode()), COMMAND_TIMEOUT_S)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise FilterFailed(f"`nft -f -` did not finish in {COMMAND_TIMEOUT_S:.0f} s") from None
-    if proc.returncode != 0:
-        raise FilterFailed(f"nftables refused the VXLAN filter: {err.decode().strip()}")
+    if done.returncode != 0:
+        raise FilterFailed(f"nftables refused the VXLAN filter: {done.err}")
 
 
 async def admit_only(peers: Iterable[IPv4Address]) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
+from ferry import commands
 from ferry.domain.errors import InvalidInput
 from ferry.domain.specs import DiskFormat, Provisioning
 from ferry.domain.storage import ImageInfo
@@ -13,17 +13,13 @@ from ferry.hypervisor.errors import HypervisorError
 
 
 async def _qemu_img(*args: str, timeout_s: float = 300.0) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        done = await commands.run("qemu-img", *args, timeout_s=timeout_s)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise HypervisorError(f"qemu-img {args[0]} took longer than {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        raise HypervisorError(f"qemu-img {args[0]} failed: {err.decode().strip()}")
-    return out.decode()
+    if done.returncode != 0:
+        raise HypervisorError(f"qemu-img {args[0]} failed: {done.err}")
+    return done.out
 
 
 async def create_image(path: Path, fmt: DiskFormat, size: int,
