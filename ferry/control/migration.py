@@ -207,9 +207,9 @@ class Orchestrator:
                                "record what the client saw once it has ended")
             return {"client_view": view}
 
-        rec = await self.store.change_migration(migration_id, record)
+        await self.store.change_migration(migration_id, record)
         await self.bus.changed(migration_id)
-        return rec
+        return await self.store.migration(migration_id)  # with its passes, as GET has
 
     async def resume_unfinished(self) -> None:
         """After a restart: pick up every migration the store says is unfinished."""
