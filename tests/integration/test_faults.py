@@ -140,7 +140,7 @@ CELLS = [
     # (its agent says it exited without `cont`: REVERT, the paused source resumed)
     Cell(FaultStage.RESUME, K, D, Outcome.SOURCE),
     Cell(FaultStage.RESUME, A, D, Outcome.DEST, ci=True),
-    # (its agent silent: waited for within the recovery window, then `cont` goes through)
+    # (its agent silent: waited for up to RESUME_WINDOW_S, 120 s; then `cont` goes through)
     Cell(FaultStage.RESUME, F, D, Outcome.DEST),
     # ... and after it (the guest ran there): its death takes the only current copy
     # (LOST with the reason, recorded crashed on the target; the older source stopped)
