@@ -131,7 +131,8 @@ class HostNetworks:
         """At agent start: the VXLAN filter for the networks kept from before (the
         kernel keeps devices and rules; this also covers an agent that predates it)."""
         async with self._lock:
-            await self._narrow_filter()
+            if self._have:  # none: nothing to filter (a deleted last network took it)
+                await self._narrow_filter()
 
     async def _narrow_filter(self) -> None:
         """Peers of the networks this host has, and nobody else (best effort: a failure

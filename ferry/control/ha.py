@@ -227,7 +227,9 @@ class Ha:
         priorities = await self.store.ha.priorities()
         # A migration owns its VM until it ends (after the switch the VM is recorded
         # running on the target while the job still decides; its end settles the VM).
-        migrating = {m.vm for m in await self.store.migrations(unfinished_only=True)}
+        failed = any(h in (Health.DEAD, Health.ISOLATED) for h in judged.values())
+        migrating = ({m.vm for m in await self.store.migrations(unfinished_only=True)}
+                     if failed else set())
         due = []
         for vm in await self.store.vms():
             if vm.state not in (VmState.RUNNING, VmState.PAUSED) or vm.name in migrating:

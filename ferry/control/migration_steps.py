@@ -449,7 +449,8 @@ async def resume_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
             problem, silent = exc.problem, True
         except FerryError as exc:
             problem = exc.problem
-        await _settle_dead_target(job, rec, problem)
+        if not silent:  # a silent agent cannot say how its QEMU ended either
+            await _settle_dead_target(job, rec, problem)
         waited = loop.time() - start
         if waited > (window if silent else CONFIRM_TIMEOUT_S):
             raise RollBack(f"cannot resume the destination: {problem}",
