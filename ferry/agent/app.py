@@ -33,7 +33,7 @@ from ferry.agent.models import (
 )
 from ferry.agent.terms import HEADER, TermFence
 from ferry.domain.errors import FerryError, Forbidden
-from ferry.domain.migration import Progress
+from ferry.domain.migration import Progress, SourceStatus
 from ferry.domain.specs import HostFacts
 from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.pki import Role
@@ -125,8 +125,10 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/incoming")
     async def prepare_incoming(body: PrepareIncoming) -> IncomingReady:
-        return await host.prepare_incoming(body.migration_id, body.spec, body.options,
-                                           body.new_disks, body.tls_peer)
+        ready = await host.prepare_incoming(body.migration_id, body.spec, body.options,
+                                            body.new_disks, body.tls_peer)
+        memory.expect_incoming(body.spec.name, body.options)
+        return ready
 
     @app.post("/v1/vms/{name}/incoming/recover")
     async def recover_incoming(name: str) -> IncomingReady:
@@ -156,13 +158,17 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/vms/{name}/migrate", status_code=202)
     async def start_outgoing(name: str, body: StartOutgoing) -> dict[str, str]:
+        memory.expect_outgoing(name, body.options)
         await host.start_outgoing(name, body.migration_id, body.uri, body.options,
                                   body.downtime_ms, body.tls_peer)
         return {"status": "started"}
 
     @app.get("/v1/vms/{name}/migration")
     async def progress(name: str, wait_s: float = Query(0.0, ge=0, le=10)) -> Progress:
-        return await host.progress(name, wait_s)
+        progress = await host.progress(name, wait_s)
+        if progress.status is SourceStatus.COMPLETED:
+            memory.outgoing_completed(name)
+        return progress
 
     @app.post("/v1/vms/{name}/migration/tune")
     async def tune(name: str, body: Tune) -> Progress:

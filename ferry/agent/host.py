@@ -538,11 +538,12 @@ class HostRuntime:
                 await asyncio.wait_for(rec.monitor.migration_events.get(), wait_s)
             rec.monitor.migration_events.clear()
         progress = await rec.monitor.query_migrate()
-        for _ in range(100):
-            # QEMU says 'completed' a moment before it fills in total-time and downtime.
+        for _ in range(500):
+            # QEMU says 'completed' a moment before it fills in total-time and downtime
+            # (the guest is paused on both hosts meanwhile: ask again soon).
             if progress.status is not SourceStatus.COMPLETED or progress.elapsed_ms > 0:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
             progress = await rec.monitor.query_migrate()
         if progress.status is SourceStatus.ACTIVE:
             self.faults.reach(FaultStage.PRECOPY_PASS, name, rec.process.pid,

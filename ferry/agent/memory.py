@@ -3,22 +3,51 @@
 Only a paused copy is read (a running guest's RAM changes under the digest), and only a
 migration's destination that never ran is written: the control plane copies the source's
 pages into it before `cont`, never into a guest that has executed.
+
+The digests of the whole RAM are the slow part (~30 ms per 256 MiB) and the guest is
+paused on both hosts meanwhile: so each side starts them itself the moment its copy is
+final (the source when its stream completed, the destination when it received the whole
+stream), and the control plane's request takes what was computed. A result is handed out
+only while nothing can have changed the RAM since: same QEMU, no `cont` sent through its
+monitor, no page written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import logging
+from dataclasses import dataclass
 
 from ferry.agent.faults import FaultStage
-from ferry.agent.host import HostRuntime
+from ferry.agent.host import HostRuntime, VmRecord
 from ferry.agent.models import RamDigestRequest, RamDigests, RamPages, RamPagesRequest
-from ferry.domain.errors import Conflict, InvalidInput
-from ferry.domain.memory_check import PAGE_BYTES
+from ferry.domain.errors import Conflict, FerryError, InvalidInput
+from ferry.domain.memory_check import PAGE_BYTES, wanted
+from ferry.domain.migration import StreamOptions
 from ferry.hypervisor import guest_ram
 from ferry.hypervisor.errors import NotRunning
+from ferry.hypervisor.monitor import Monitor
+from ferry.hypervisor.process import ProcessState
+
+log = logging.getLogger("ferry.agent")
 
 READABLE = ("paused", "postmigrate")
+EVENT_WAIT_S = 1.0  # how often a destination's watch looks whether its QEMU still runs
+
+
+@dataclass(frozen=True)
+class _Early:
+    """Whole-RAM digests started as soon as the copy was final."""
+
+    monitor: Monitor
+    pid: int
+    conts: int
+    task: asyncio.Task[bytes]
+
+    def current(self, monitor: Monitor | None, pid: int | None) -> bool:
+        return monitor is self.monitor and pid == self.pid and monitor.conts == self.conts
 
 
 def fault_pages(size: int) -> tuple[int, ...]:
@@ -32,6 +61,93 @@ class GuestMemory:
 
     def __init__(self, host: HostRuntime) -> None:
         self._host = host
+        self._early: dict[str, _Early] = {}
+        self._outgoing: set[str] = set()  # sources to digest once their stream completed
+        self._watches: dict[str, asyncio.Task[None]] = {}
+
+    # --- digests computed ahead of the request -----------------------------------
+    def _wanted(self, options: StreamOptions) -> bool:
+        # This host's view only: a TCG peer of a KVM host computes on request.
+        return wanted(options.verify_memory, [self._host.accel])
+
+    def expect_outgoing(self, name: str, options: StreamOptions) -> None:
+        """A source's stream starts: digest its RAM when the stream completed."""
+        self._early.pop(name, None)
+        if self._wanted(options):
+            self._outgoing.add(name)
+        else:
+            self._outgoing.discard(name)
+
+    def outgoing_completed(self, name: str) -> None:
+        """The source's stream completed (its guest stays paused from here on)."""
+        if name in self._outgoing:
+            self._outgoing.discard(name)
+            with contextlib.suppress(FerryError):
+                self._start(name)
+
+    def expect_incoming(self, name: str, options: StreamOptions) -> None:
+        """A destination listens: digest its RAM the moment the stream is received."""
+        self._early.pop(name, None)
+        old = self._watches.pop(name, None)
+        if old is not None:
+            old.cancel()
+        if self._wanted(options):
+            rec = self._host.vm_record(name)
+            self._watches[name] = asyncio.create_task(self._watch_incoming(name, rec))
+
+    async def _watch_incoming(self, name: str, rec: VmRecord) -> None:
+        try:
+            while rec.monitor is not None and rec.process.state is ProcessState.RUNNING \
+                    and self._host.record(name) is rec:
+                try:
+                    event = await asyncio.wait_for(rec.monitor.migration_events.get(),
+                                                   EVENT_WAIT_S)
+                except TimeoutError:
+                    continue
+                data = event.get("data")
+                status = data.get("status") if isinstance(data, dict) else None
+                if status == "completed":
+                    if rec.never_ran:
+                        self._start(name)
+                    return
+                if status in ("failed", "cancelled", "postcopy-active"):
+                    return
+        except FerryError as exc:
+            log.warning("VM %s: digests not started ahead: %s", name, exc.problem)
+        finally:
+            if self._watches.get(name) is asyncio.current_task():
+                del self._watches[name]
+
+    def _start(self, name: str) -> None:
+        rec = self._host.vm_record(name)
+        if rec.monitor is None or rec.process.pid is None:
+            return
+        task = asyncio.create_task(self._whole(name, rec.monitor, rec.process.pid))
+        task.add_done_callback(_quiet)
+        self._early[name] = _Early(rec.monitor, rec.process.pid, rec.monitor.conts, task)
+
+    async def _taken_early(self, name: str, monitor: Monitor, pid: int) -> bytes | None:
+        early = self._early.pop(name, None)
+        if early is None or not early.current(monitor, pid):
+            return None
+        try:
+            packed = await early.task
+        except (FerryError, OSError):
+            return None  # computed again below, and its error answered from there
+        return packed if early.current(monitor, pid) else None
+
+    async def _whole(self, name: str, monitor: Monitor, pid: int) -> bytes:
+        """Digests of every chunk of the paused RAM (the lab's CORRUPT_RAM fault makes a
+        destination's copy stale first)."""
+        rec = self._host.vm_record(name)
+        if await monitor.runstate() not in READABLE:
+            raise Conflict(f"VM {name} on {self._host.config.name} is not paused")
+        size = rec.spec.memory_mib << 20
+        if rec.never_ran:
+            pages = fault_pages(size)
+            self._host.faults.reach(FaultStage.RAM_DIGESTS, name, pid, corrupt=lambda: (
+                guest_ram.flip_pages(pid, size, pages)))
+        return await asyncio.to_thread(guest_ram.chunk_digests, pid, size)
 
     async def _paused_pid(self, name: str, write: bool) -> tuple[int, int]:
         rec = self._host.vm_record(name)
@@ -50,12 +166,12 @@ class GuestMemory:
 
     async def digests(self, name: str, body: RamDigestRequest) -> RamDigests:
         pid, size = await self._paused_pid(name, write=False)
-        if body.chunks is None and self._host.vm_record(name).never_ran:
-            pages = fault_pages(size)
-            self._host.faults.reach(FaultStage.RAM_DIGESTS, name, pid, corrupt=lambda: (
-                guest_ram.flip_pages(pid, size, pages)))
         if body.chunks is None:
-            packed = await asyncio.to_thread(guest_ram.chunk_digests, pid, size)
+            monitor = self._host.vm_record(name).monitor
+            assert monitor is not None  # _paused_pid asked it
+            packed = await self._taken_early(name, monitor, pid)
+            if packed is None:
+                packed = await self._whole(name, monitor, pid)
         else:
             packed = await asyncio.to_thread(guest_ram.page_digests, pid, size, body.chunks)
         return RamDigests(digests=base64.b64encode(packed).decode())
@@ -67,9 +183,16 @@ class GuestMemory:
 
     async def write(self, name: str, body: RamPages) -> None:
         pid, size = await self._paused_pid(name, write=True)
+        self._early.pop(name, None)  # what it held is about to change
         try:
             data = base64.b64decode(body.data, validate=True)
         except ValueError as exc:
             raise InvalidInput(f"the page data is not base64: {exc}",
                                "send the pages as standard base64") from exc
         await asyncio.to_thread(guest_ram.write_pages, pid, size, body.pages, data)
+
+
+def _quiet(task: asyncio.Task[bytes]) -> None:
+    """A digest started ahead whose result nobody took: its error is not news."""
+    if not task.cancelled():
+        task.exception()

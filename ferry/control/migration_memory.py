@@ -28,18 +28,15 @@ from ferry.domain.memory_check import (
 from ferry.domain.records import MigrationRecord
 
 
-async def _wanted(job: Job, rec: MigrationRecord) -> bool:
-    accels = []
-    for name in (rec.source, rec.target):
-        facts = (await job.store.host(name)).facts
-        accels.append(facts.accel if facts else "tcg")  # unknown: assume the risky one
+async def is_wanted(job: Job, rec: MigrationRecord) -> bool:
+    hosts = await asyncio.gather(job.store.host(rec.source), job.store.host(rec.target))
+    # A host whose facts are unknown: assume the risky accelerator.
+    accels = [h.facts.accel if h.facts else "tcg" for h in hosts]
     return wanted(rec.options.verify_memory, accels)
 
 
-async def verify_and_repair(job: Job, rec: MigrationRecord) -> MemoryCheck | None:
-    """None when not wanted; otherwise what was found (and repaired)."""
-    if not await _wanted(job, rec):
-        return None
+async def verify_and_repair(job: Job, rec: MigrationRecord) -> MemoryCheck:
+    """What was found (and repaired); for a migration where is_wanted."""
     began = time.monotonic()
     try:
         src, dst = await asyncio.gather(job.source.ram_digests(rec.vm),

@@ -145,9 +145,10 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
         if it is not None:
             iterations.append(it)
             await job.store.add_iteration(rec.id, it)
-        rec = await job.update(remaining_bytes=progress.remaining_bytes,
-                               transferred_bytes=progress.transferred_bytes)
         status = progress.status
+        if status is not SourceStatus.COMPLETED:  # else entering SWITCHOVER records them
+            rec = await job.update(remaining_bytes=progress.remaining_bytes,
+                                   transferred_bytes=progress.transferred_bytes)
         if status is SourceStatus.COMPLETED:
             return await job.enter(rec, Phase.SWITCHOVER, downtime_ms=progress.downtime_ms,
                                    total_ms=progress.elapsed_ms, remaining_bytes=0,
@@ -388,15 +389,16 @@ async def switchover(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The source has sent everything: confirm the paused destination holds it, then
     record the VM there (RESUMING_TARGET, in the same transaction). On TCG the paused
     copy's RAM is compared with the source's first, and repaired (migration_memory)."""
-    dest = await _await_paused_target(job, rec)
-    if dest.state is AgentVmState.PAUSED and dest.never_ran:
+    # The guest is paused on both hosts from here on: the reads go side by side.
+    dest, wanted, vm = await asyncio.gather(_await_paused_target(job, rec),
+                                            memory.is_wanted(job, rec), job.store.vm(rec.vm))
+    check = None
+    if wanted and dest.state is AgentVmState.PAUSED and dest.never_ran:
         check = await memory.verify_and_repair(job, rec)
-        if check is not None:
-            rec = await job.update(memory_check=check)
-    vm = await job.store.vm(rec.vm)
     return await job.enter(rec, Phase.RESUMING_TARGET, switched=True, vm=VmChange(
         name=rec.vm, host=rec.target, state=VmState.RUNNING,
-        spec=storage.target_spec(vm.spec, rec.target_disks)))
+        spec=storage.target_spec(vm.spec, rec.target_disks)),
+        memory_check=check or rec.memory_check)
 
 
 async def _await_paused_target(job: Job, rec: MigrationRecord) -> VmInfo:

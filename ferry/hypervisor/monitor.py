@@ -32,6 +32,9 @@ class Monitor:
         self.job_events = EventListener(("JOB_STATUS_CHANGE",))
         self._client.register_listener(self.migration_events)
         self._client.register_listener(self.job_events)
+        # `cont` commands sent through this monitor, counted before each is sent: what
+        # was read of a paused guest is still current while this has not changed.
+        self.conts = 0
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect, retrying while QEMU creates its socket, for at most timeout_s."""
@@ -83,6 +86,7 @@ class Monitor:
         return str(reply["status"])
 
     async def cont(self) -> None:
+        self.conts += 1
         await self.execute("cont")
 
     async def quit(self) -> None:
