@@ -39,12 +39,14 @@ lost, reordered or corrupted byte in the echoed stream (no reconnect).
   The clock starts before launching the destination QEMU (-incoming defer) and covers
   the QMP connect, migrate-incoming on tcp:<dest ip>:<port>, the stream settings Ferry
   starts with (events=on, downtime-limit 300 ms, max-bandwidth 1 TiB/s), migrate on the
-  source, polling query-migrate every 50 ms until completed, and polling query-status
-  on the destination until 'running'. Downtime and bytes sent (ram.transferred) come
-  from the source's final query-migrate.
+  source, polling query-migrate every 50 ms until completed, polling query-status
+  on the destination until 'running', then `quit` on the source until its QEMU exited:
+  both clocks end with the source gone (Ferry's COMPLETED comes after its agent stopped
+  the source). Downtime and bytes sent (ram.transferred) come from the source's final
+  query-migrate, taken out of the clock.
 
-Ferry's default "ferry" convergence policy starts with a lower downtime limit (a tenth
-of its 500 ms maximum) than raw QEMU's 300 ms and raises it only when pre-copy would not
+Ferry's default "ferry" convergence policy starts with a lower downtime limit (a
+twentieth of its 500 ms maximum) than raw QEMU's 300 ms and raises it only when pre-copy would not
 otherwise finish in its budget; it may also throttle the guest; raw QEMU does none of
 that. `--ferry-policy qemu` makes Ferry run exactly the raw stream settings, so the
 difference is orchestration alone. Each Ferry run records the levers its policy pulled
@@ -230,9 +232,10 @@ def raw_process(config: LabConfig, host: str, spec: VmSpec, directory: Path,
                                                 *argv], paths)
 
 
-async def raw_migrate(src: Monitor, dst_proc: QemuProcess, uri: str, run: Run
-                      ) -> Monitor:
-    """Everything inside the clock, from launching the destination to it running."""
+async def raw_migrate(src: Monitor, src_proc: QemuProcess, dst_proc: QemuProcess, uri: str,
+                      run: Run) -> Monitor:
+    """Everything inside the clock, from launching the destination to it running and the
+    source QEMU gone (Ferry's clock also ends once its agent stopped the source)."""
     t0 = time.perf_counter()
     dst = await dst_proc.start()
     t1 = time.perf_counter()
@@ -255,17 +258,22 @@ async def raw_migrate(src: Monitor, dst_proc: QemuProcess, uri: str, run: Run
             raise FerryError(f"raw destination stayed {state}")
         await asyncio.sleep(0.01)
     t4 = time.perf_counter()
-    run.wall_s = t4 - t0
     run.late_stats = not progress.elapsed_ms
     for _ in range(100):  # outside the clock: wait for QEMU to fill in total-time/downtime
         if progress.elapsed_ms:
             break
         await asyncio.sleep(0.01)
         progress = await src.query_migrate()
+    t4b = time.perf_counter()
+    await src.quit()
+    if not await src_proc.wait(30.0):
+        raise FerryError("the raw source QEMU did not exit after quit")
+    t5 = time.perf_counter()
+    run.wall_s = (t4 - t0) + (t5 - t4b)
     run.downtime_ms, run.sent_bytes = progress.downtime_ms, progress.transferred_bytes
     run.qemu_total_ms = progress.elapsed_ms
     run.steps_s = {"launch_dest": t1 - t0, "incoming+migrate": t2 - t1,
-                   "migrate_done": t3 - t2, "confirm": t4 - t3}
+                   "migrate_done": t3 - t2, "confirm": t4 - t3, "source_quit": t5 - t4b}
     return dst
 
 
@@ -287,10 +295,10 @@ async def raw_run(config: LabConfig, args: argparse.Namespace, run: Run, workdir
             run.seq_before = before.seq
             with watching(config, config.vm_ip(0)) as watch:
                 monitors.append(await raw_migrate(
-                    monitors[0], dst_proc, f"tcp:{config.host_ip(run.target)}:{port}", run))
+                    monitors[0], src_proc, dst_proc,
+                    f"tcp:{config.host_ip(run.target)}:{port}", run))
                 run.migrated = True
                 run.view = await asyncio.to_thread(watch.stop, time.monotonic())
-            await monitors[0].quit()
             await src_proc.kill()
             after = await serial_heartbeat(dst_proc, before.seq + 1)
             run.seq_after, run.integrity_errors = after.seq, after.integrity_errors

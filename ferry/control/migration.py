@@ -45,6 +45,7 @@ from ferry.domain.records import ClientView, MigrationRecord
 from ferry.domain.specs import DiskSpec
 from ferry.domain.streams import encrypt
 from ferry.store import Store
+from ferry.store.store import VmChange
 from ferry.wire import describe_validation
 
 log = logging.getLogger("ferry.migration")
@@ -124,23 +125,35 @@ class Orchestrator:
                     ) -> MigrationRecord:
         """Persist a migration, run CHECKING now, and go on in the background. With
         `datastore`, the disks move too, onto that datastore of the target."""
-        vm = await self.store.vm(vm_name)
-        active = [m for m in await self.store.migrations(unfinished_only=True)
-                  if m.vm == vm_name]
+        # Read side by side; the first error in this order is the one reported.
+        vm_read = asyncio.ensure_future(self.store.vm(vm_name))
+        migrations_read = asyncio.ensure_future(self.store.migrations(unfinished_only=True))
+        relocations_read = asyncio.ensure_future(self.store.relocations(unfinished_only=True))
+        target_read = asyncio.ensure_future(self.store.host(target))
+        options_read = asyncio.ensure_future(self.options_for(None))
+        reads = (vm_read, migrations_read, relocations_read, target_read, options_read)
+        try:
+            vm, migrations = await vm_read, await migrations_read
+            relocations = await relocations_read
+            await target_read
+            options = options or await options_read
+        finally:
+            for read in reads:
+                if read.done() and not read.cancelled():
+                    read.exception()  # retrieved: an error after the first is no news
+                read.cancel()
+        active = [m for m in migrations if m.vm == vm_name]
         if active:
             raise Conflict(f"VM {vm_name} is already being migrated ({active[0].id})",
                            "wait for it to finish or cancel it with "
                            f"`ferry migration cancel {active[0].id}`")
-        moving = [r for r in await self.store.relocations(unfinished_only=True)
-                  if r.vm == vm_name]
+        moving = [r for r in relocations if r.vm == vm_name]
         if moving:
             raise Conflict(f"VM {vm_name} has a disk move running ({moving[0].id})",
                            "wait for it to finish first")
         if vm.state is not VmState.RUNNING:
             raise Conflict(f"VM {vm_name} is {vm.state}, only a running VM migrates live",
                            f"start it with `ferry vm start {vm_name}`")
-        await self.store.host(target)
-        options = options or await self.options_for(None)
         async with self._admit:
             rec = await self._admit_one(vm_name, vm.host, target, options, datastore, cause)
         self._spawn(rec.id)
@@ -152,12 +165,15 @@ class Orchestrator:
         """Persist the migration (from here on it reserves the target) and check it; a
         refused one ends FAILED at once and releases the reservation."""
         now = time.time()
+        # Stored already CHECKING (PENDING is only the time it was asked for): one write
+        # fewer before the target is prepared.
         rec = await self.store.add_migration(MigrationRecord(
             id=uuid.uuid4().hex[:12], vm=vm_name, source=source, target=target,
-            phase=Phase.PENDING, options=options, created_at=now, cause=cause,
-            phase_times={Phase.PENDING.value: now}))
+            phase=Phase.CHECKING, options=options, created_at=now, cause=cause,
+            phase_times={Phase.PENDING.value: now, Phase.CHECKING.value: now}))
+        log.info("migration %s of %s: %s", rec.id, rec.vm, rec.phase)
         await eventlog.migration_started(self.store, rec)
-        rec = await self._enter(rec, Phase.CHECKING)
+        await self.bus.changed(rec.id)
         try:
             plan = await self._check(vm_name, target, datastore, options)
         except FerryError as exc:
@@ -171,12 +187,11 @@ class Orchestrator:
                                     rollback=RollbackKind.ABANDON)
             await self._enter(rec, Phase.FAILED)
             raise Incompatible(f"cannot migrate {vm_name} to {target}: {reason}")
-        rec = await self.store.update_migration(rec.id, encrypted=plan.encrypted)
+        changes: dict[str, object] = {"encrypted": plan.encrypted}
         if plan.moved_disks:
-            rec = await self.store.update_migration(rec.id, target_disks=plan.target_disks,
-                                                    moved_disks=plan.moved_disks)
-        await self.store.update_vm(vm_name, state=VmState.MIGRATING)
-        return rec
+            changes |= {"target_disks": plan.target_disks, "moved_disks": plan.moved_disks}
+        return await self.store.change_migration(
+            rec.id, lambda _: changes, VmChange(name=vm_name, state=VmState.MIGRATING))
 
     async def cancel(self, migration_id: str) -> MigrationRecord:
         def request(cur: MigrationRecord) -> dict[str, object]:
@@ -299,9 +314,10 @@ class Orchestrator:
         return rec
 
     async def _job(self, rec: MigrationRecord) -> Job:
+        source, target = await asyncio.gather(self.store.host(rec.source),
+                                              self.store.host(rec.target))
         return Job(id=rec.id, store=self.store, bus=self.bus,
-                   source=self.agents.client(await self.store.host(rec.source)),
-                   target=self.agents.client(await self.store.host(rec.target)),
+                   source=self.agents.client(source), target=self.agents.client(target),
                    cancelled=self._jobs.cancel_flag(rec.id))
 
     async def _run(self, migration_id: str, resumed: bool) -> None:
