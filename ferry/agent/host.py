@@ -44,6 +44,7 @@ from ferry.agent.stream_settings import (
     announce_of,
     check_postcopy_possible,
     incoming_parameters,
+    send_announce,
     stream_capabilities,
     stream_parameters,
 )
@@ -337,14 +338,8 @@ class HostRuntime:
         rec.never_ran = False  # from the moment `cont` may reach QEMU
         await monitor.cont()
         self.faults.reach(FaultStage.RESUMED, name, rec.process.pid)
-        if rec.announce is not None:
-            # QEMU announced when the stream ended; again now that the guest runs, so a
-            # virtio-net guest sends its own gratuitous ARP too. Best effort: the VM runs.
-            try:
-                await monitor.execute("announce-self", rec.announce.qmp())
-            except MonitorError as exc:
-                log.warning("announce-self for %s failed: %s", name, exc)
-            rec.announce = None
+        await send_announce(monitor, rec.announce, name)
+        rec.announce = None
         return await self.info(name)
 
     # --- migration: destination side -----------------------------------------
@@ -475,6 +470,9 @@ class HostRuntime:
                 return  # a resumed control plane asking again: already under way
             raise Conflict(f"VM {name} is already migrating ({rec.migration_id})")
         rec.migration_id = migration_id
+        # Run again after a rollback, the source tells the network the guest is back:
+        # the destination may have announced it when the stream ended.
+        rec.announce = announce_of(options, rec.spec)
         rec.monitor.migration_events.clear()
         await rec.monitor.set_migration_capabilities(stream_capabilities(options, True))
         params = stream_parameters(options)
@@ -583,6 +581,8 @@ class HostRuntime:
                                    f"for {REVERT_TIMEOUT_S:.0f} s after the post-copy "
                                    f"ended ({exc.desc})") from exc
                 await asyncio.sleep(0.001)
+        await send_announce(monitor, rec.announce, name)
+        rec.announce = None
         return await self.info(name)
 
     async def cancel_outgoing(self, name: str) -> Progress:

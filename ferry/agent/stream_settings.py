@@ -1,13 +1,18 @@
-"""A migration stream's QEMU settings on either end, the port it listens on, and whether
-it can switch to post-copy."""
+"""A migration stream's QEMU settings on either end, the port it listens on, whether it
+can switch to post-copy, and the announce owed once a copy runs."""
 
 from __future__ import annotations
+
+import logging
 
 from ferry.domain.errors import Conflict
 from ferry.domain.migration import StreamOptions
 from ferry.domain.networks import USER_NETWORK, Announce
 from ferry.domain.specs import VmSpec
+from ferry.hypervisor.errors import MonitorError
 from ferry.hypervisor.monitor import Monitor
+
+log = logging.getLogger("ferry.agent")
 
 
 def stream_capabilities(options: StreamOptions, source: bool) -> dict[str, bool]:
@@ -35,6 +40,20 @@ def announce_of(options: StreamOptions, spec: VmSpec) -> Announce | None:
     or the migration turned announcing off (to measure the difference)."""
     bridged = any(nic.network != USER_NETWORK for nic in spec.nics)
     return Announce() if options.announce and bridged else None
+
+
+async def send_announce(monitor: Monitor, announce: Announce | None, name: str) -> None:
+    """The announce owed after the `cont` that made this copy the VM: a destination's
+    QEMU announced when the stream ended, again now that the guest runs (a virtio-net
+    guest then sends its own gratuitous ARP too); a source run again after a rollback
+    tells the network the guest is back (the destination may have announced it). Best
+    effort: the VM runs either way."""
+    if announce is None:
+        return
+    try:
+        await monitor.execute("announce-self", announce.qmp())
+    except MonitorError as exc:
+        log.warning("announce-self for %s failed: %s", name, exc)
 
 
 def incoming_parameters(options: StreamOptions) -> dict[str, object]:

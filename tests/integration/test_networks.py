@@ -16,7 +16,16 @@ from ferry.cli.demo import probe_spec, wait_heartbeat
 from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.networks import VXLAN_PORT, tap_name, vxlan_name
 from ferry.lab.config import NETWORK, LabConfig
-from tests.integration.helpers import boot_probe, next_mac, remove_vm, wait_until
+from tests.integration.helpers import (
+    arm_fault,
+    assert_intact,
+    boot_probe,
+    disarm_faults,
+    follow,
+    next_mac,
+    remove_vm,
+    wait_until,
+)
 
 
 def links(lab: LabConfig, host: str) -> dict[str, dict[str, Any]]:
@@ -153,3 +162,37 @@ def test_vxlan_from_outside_the_cluster_is_dropped(client: Client, lab: LabConfi
              and any("drop" in x for x in e["rule"]["expr"])]
     packets = sum(x["counter"]["packets"] for r in drops for x in r["expr"] if "counter" in x)
     assert packets >= 1, rules
+
+
+def _client_learnt(lab: LabConfig) -> dict[str, str]:
+    """MAC -> VTEP the lab client's VXLAN device learnt (lab/net.py join_client)."""
+    out = subprocess.run(["bridge", "-n", lab.client_ns, "-j", "fdb", "show", "dev", "vx0"],
+                         capture_output=True, text=True, check=True).stdout
+    return {e["mac"]: e.get("dst", "") for e in json.loads(out or "[]")}
+
+
+def test_a_rolled_back_source_announces_the_guest_again(client: Client, lab: LabConfig
+                                                        ) -> None:
+    """A migration that reverts after the stream ended (here the destination's QEMU dies
+    before `cont`) leaves the network knowing the guest's MAC wherever the destination's
+    announces pointed it: the source, run again, announces it itself. The guest has no
+    address and sends nothing, so only an announce puts it in the client's table (without
+    the source's announce the client had no entry for it at all)."""
+    name = "probe-revert-announce"
+    spec = probe_spec(lab, name, 192, 64, 0, mac=next_mac())
+    mac = spec["nics"][0]["mac"]
+    client.call("POST", "/v1/vms", {"spec": spec, "host": "host1"})
+    try:
+        before = wait_heartbeat(client, name, timeout_s=120)
+        arm_fault(lab, "host2", name, "resume", "kill_qemu")
+        rec = client.call("POST", "/v1/migrations", {"vm": name, "target": "host2"})
+        rec = follow(client, rec["id"])
+        assert rec["phase"] == "failed" and rec["rollback"] == "revert", rec
+        assert rec["switched"], rec  # the stream had ended
+        wait_until(lambda: _client_learnt(lab).get(mac) == lab.host_ip("host1"), 15,
+                   f"the client's VXLAN table to point {mac} at host1 again "
+                   f"(now {_client_learnt(lab).get(mac)})")
+        assert_intact(client, name, "host1", lab, before)
+    finally:
+        disarm_faults(lab, "host2")
+        remove_vm(client, name)
