@@ -213,7 +213,7 @@ def next_heartbeat(client: Client, vm: str, after_seq: int) -> tuple[Heartbeat, 
 def options(args: argparse.Namespace, policy: str) -> dict[str, Any]:
     """The policy's options, its per-GiB budget lowered so its deadline fits the cap."""
     base = POLICIES[policy] | {"encryption": "disabled"}
-    own = base.get("completion_budget_s_per_gib", StreamOptions().completion_budget_s_per_gib)
+    own = StreamOptions.model_validate(base).budget_per_gib_s
     capped = max(1, math.floor(args.cap_s / budget_gib(args.memory, PolicyKind(base["policy"]))))
     return base | {"completion_budget_s_per_gib": min(own, capped)}
 

@@ -10,6 +10,11 @@ import typer
 
 from ferry.cli.client import connect
 from ferry.cli.output import console, print_json, table
+from ferry.domain.migration import (
+    DEFAULT_BUDGET_S_PER_GIB,
+    KUBEVIRT_BUDGET_S_PER_GIB,
+    PolicyKind,
+)
 from ferry.domain.units import parse_duration_ms, parse_rate
 
 app = typer.Typer(help="The cluster's default migration policy.", no_args_is_help=True)
@@ -21,7 +26,8 @@ DowntimeOpt = Annotated[str | None, typer.Option(help="longest allowed downtime,
 BandwidthOpt = Annotated[str | None, typer.Option(
     help="cap the stream, e.g. 200MiB (per second) or 500mbit; 0 = unlimited")]
 BudgetOpt = Annotated[int | None, typer.Option(
-    help="completion budget in seconds per GiB of RAM (Nova and KubeVirt use 800)")]
+    help="completion budget in seconds per GiB of RAM (default: the policy's own, "
+    "KubeVirt 150, the others 800 as Nova)")]
 ThrottleOpt = Annotated[int | None, typer.Option(
     help="largest vCPU throttle in percent (1-99) the policy may apply; see --no-throttle")]
 AllowThrottleOpt = Annotated[bool | None, typer.Option(
@@ -66,12 +72,21 @@ def overrides(policy: str | None = None, max_downtime: str | None = None,
     return out
 
 
+def budget_text(p: dict[str, Any]) -> str:
+    own = p.get("completion_budget_s_per_gib")
+    if own is not None:
+        return f"{own} s per GiB"
+    policy_own = (KUBEVIRT_BUDGET_S_PER_GIB if p["policy"] == PolicyKind.KUBEVIRT
+                  else DEFAULT_BUDGET_S_PER_GIB)
+    return f"{policy_own} s per GiB (the policy's own)"
+
+
 def show_policy(p: dict[str, Any]) -> None:
     bw = p["max_bandwidth_bytes_s"]
     table("Migration policy (cluster default)", ["setting", "value"], [
         ["policy", p["policy"]], ["max downtime", f"{p['max_downtime_ms']} ms"],
         ["bandwidth", f"{bw / 1048576:.0f} MiB/s" if bw else "unlimited"],
-        ["completion budget", f"{p['completion_budget_s_per_gib']} s per GiB"],
+        ["completion budget", budget_text(p)],
         ["progress timeout", f"{p['progress_timeout_s']} s"],
         ["throttle", f"up to {p['max_throttle_pct']} %" if p["allow_throttle"] else "off"],
         ["post-copy", "allowed" if p["allow_postcopy"] else "off"],

@@ -146,7 +146,7 @@ async def copy_disks(rec: MigrationRecord, source: AgentClient,
         budget = completion_deadline_s(max(total >> 20, 1), rec.options)
         if elapsed > budget:
             raise DiskCopyFailed(f"the disk copy did not finish within its budget of "
-                                 f"{budget:.0f} s ({rec.options.completion_budget_s_per_gib} "
+                                 f"{budget:.0f} s ({rec.options.budget_per_gib_s} "
                                  "s per GiB)")
         await asyncio.sleep(COPY_POLL_S)
 

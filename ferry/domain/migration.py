@@ -276,6 +276,10 @@ class Compression(StrEnum):
     ZSTD = "zstd"
 
 
+DEFAULT_BUDGET_S_PER_GIB = 800  # Nova's live_migration_completion_timeout
+KUBEVIRT_BUDGET_S_PER_GIB = 150  # KubeVirt's completionTimeoutPerGiB
+
+
 class StreamOptions(Frozen):
     """How a migration's memory stream is run and kept converging.
 
@@ -287,7 +291,8 @@ class StreamOptions(Frozen):
     # 0: unlimited. QEMU refuses 2**64 and more (the stream then failed to start as a
     # QMP error); an int64 is also what every store and client can hold.
     max_bandwidth_bytes_s: int = Field(default=0, ge=0, le=2**63 - 1)
-    completion_budget_s_per_gib: int = Field(default=800, ge=1, le=100_000)
+    # None: the policy's own (budget_per_gib_s).
+    completion_budget_s_per_gib: int | None = Field(default=None, ge=1, le=100_000)
     progress_timeout_s: int = Field(default=150, ge=1, le=100_000)
     allow_throttle: bool = True
     max_throttle_pct: int = Field(default=99, ge=1, le=99)
@@ -323,6 +328,15 @@ class StreamOptions(Frozen):
     @property
     def initial_downtime_ms(self) -> int:
         return min(300, self.max_downtime_ms)  # QEMU's default limit, if allowed
+
+    @property
+    def budget_per_gib_s(self) -> int:
+        """The completion budget per GiB: the one set, else the policy's own (KubeVirt's
+        current completionTimeoutPerGiB 150 s, Nova's 800)."""
+        if self.completion_budget_s_per_gib is not None:
+            return self.completion_budget_s_per_gib
+        return KUBEVIRT_BUDGET_S_PER_GIB if self.policy is PolicyKind.KUBEVIRT \
+            else DEFAULT_BUDGET_S_PER_GIB
 
 
 class Iteration(Frozen):
@@ -364,7 +378,7 @@ def budget_gib(memory_mib: int, policy: PolicyKind) -> float:
 def completion_deadline_s(memory_mib: int, options: StreamOptions) -> float:
     """Total time a migration may take before its timeout action (Nova/KubeVirt style);
     Ferry's own policies never allow less than 60 s."""
-    budget = options.completion_budget_s_per_gib * budget_gib(memory_mib, options.policy)
+    budget = options.budget_per_gib_s * budget_gib(memory_mib, options.policy)
     if options.policy in (PolicyKind.FERRY, PolicyKind.QEMU):
         return max(60.0, budget)
     return budget
@@ -376,7 +390,7 @@ def abort_reason(elapsed_s: float, since_progress_s: float, memory_mib: int,
     deadline = completion_deadline_s(memory_mib, options)
     if elapsed_s > deadline:
         return (f"migration did not complete within its budget of {deadline:.0f} s "
-                f"({options.completion_budget_s_per_gib} s per GiB)")
+                f"({options.budget_per_gib_s} s per GiB)")
     if since_progress_s > options.progress_timeout_s:
         return (f"no progress for {since_progress_s:.0f} s (remaining memory did not "
                 f"shrink); the guest dirties memory faster than the link carries it")

@@ -333,3 +333,18 @@ def test_a_stalled_set_gets_a_limit_just_above_its_recent_floor() -> None:
     again = decide(state(dirty_mib_s=12, iterations=jitter, downtime=first.value), FERRY)
     assert again.kind is ActionKind.RAISE_DOWNTIME and again.value is not None
     assert 120 < again.value <= 160, again
+
+
+def test_each_policy_has_its_peers_budget_unless_one_is_set() -> None:
+    """KubeVirt's completionTimeoutPerGiB is 150 s, Nova's completion timeout 800 s; a
+    budget given explicitly wins for any policy."""
+    assert StreamOptions(policy=PolicyKind.KUBEVIRT).budget_per_gib_s == 150
+    assert StreamOptions(policy=PolicyKind.NOVA).budget_per_gib_s == 800
+    assert StreamOptions().budget_per_gib_s == 800
+    # 256 MiB is one whole GB for KubeVirt: 150 s, as the sweep's kubevirt arm sets it.
+    assert completion_deadline_s(256, StreamOptions(policy=PolicyKind.KUBEVIRT)) == 150
+    own = StreamOptions(policy=PolicyKind.KUBEVIRT, completion_budget_s_per_gib=400)
+    assert own.budget_per_gib_s == 400
+    # Switching a cluster's default policy to kubevirt gives it KubeVirt's budget.
+    merged = StreamOptions.model_validate(StreamOptions().model_dump() | {"policy": "kubevirt"})
+    assert merged.budget_per_gib_s == 150
