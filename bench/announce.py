@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     runs = run_in_lab(
-        "bench/announce.py", args.lab_dir, 3, prefix="fa", subnet_octet=213,
-        control_port=8713, banner=lambda lab: f"{args.pairs} pairs",
+        "bench/announce.py", args.lab_dir, 3, prefix="fa", subnet_octet=215,
+        control_port=8715, banner=lambda lab: f"{args.pairs} pairs",
         body=lambda lab: benchmark(lab, args), failed=lambda rs: any(not r.ok for r in rs))
     if isinstance(runs, int):
         return runs

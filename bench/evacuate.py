@@ -45,9 +45,9 @@ complete pairs of time(1 move) / time(8 moves). A run that fails (a move refused
 failed, a VM left on host1, a probe not advancing or rebooted) is counted and kept out
 of the medians; a pair with a failed side is failed (`pairs=<n> failed=<n>`). The last
 line gives the shaped link's figures: evac_ratio (8 parallel moves, the default, time /
-limit), parallel_speedup, every integrity error of every run, and failed = failed runs,
-references included. The goal (issue 12) is evac_ratio <= 1.1; the unshaped figures are
-printed on the line before.
+limit), parallel_speedup, every integrity error of every run, the shaped link's pairs
+(`pairs=<n> failed=<n>`) and failed_runs = failed runs, references included. The goal
+(issue 12) is evac_ratio <= 1.1; the unshaped figures are printed on the line before.
 Needs root (namespaces, bridge, tc). Run: .venv/bin/python bench/evacuate.py
 """
 
@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
           "time/limit with 8 parallel moves, parallel_speedup the median time(1)/time(8)")
     print(f"evac_ratio={fmt(median(ratios(runs, 'shaped', 8)))} "
           f"parallel_speedup={fmt(median(speedups(runs, 'shaped')))} "
-          f"integrity_errors={errors} failed={failed}")
+          f"integrity_errors={errors} {pair_fields(all_pairs(runs, 'shaped'))} "
+          f"failed_runs={failed}")
     return 1 if failed or errors else 0
 
 
