@@ -97,8 +97,10 @@ class Enrolment(Frozen):
 
 class CreateNetworkRequest(Frozen):
     name: str = Field(description="network name: lowercase letters, digits, '-'")
-    vni: int | None = Field(default=None, description="VXLAN network identifier "
-                            "(1-16777215); default: the lowest free one from 100")
-    mtu: int | None = Field(default=None, description="the segment's MTU (default 1450)")
+    # strict: a JSON true or "7" is not a VNI (pydantic would take them as 1 and 7)
+    vni: int | None = Field(default=None, strict=True, description="VXLAN network "
+                            "identifier (1-16777215); default: the lowest free one from 100")
+    mtu: int | None = Field(default=None, strict=True,
+                            description="the segment's MTU (default 1450)")
     vteps: tuple[str, ...] = Field(default=(), description="IPv4 addresses of endpoints "
                                    "outside the cluster that join the segment")

@@ -220,7 +220,7 @@ class Orchestrator:
             if not cur.phase.terminal:
                 raise Conflict(f"migration {migration_id} is still {cur.phase}",
                                "record what the client saw once it has ended")
-            return {"client_view": view}
+            return {"client_view": view.model_copy(update={"announce": cur.options.announce})}
 
         await self.store.change_migration(migration_id, record)
         await self.bus.changed(migration_id)

@@ -25,8 +25,8 @@ FIRST_AUTO_VNI = 100
 DEFAULT_MTU = 1450
 VXLAN_PORT = 4789
 
-Vni = Annotated[int, Field(ge=VNI_MIN, le=VNI_MAX)]
-Mtu = Annotated[int, Field(ge=576, le=9000)]
+Vni = Annotated[int, Field(ge=VNI_MIN, le=VNI_MAX, strict=True)]
+Mtu = Annotated[int, Field(ge=576, le=9000, strict=True)]
 
 
 def _unicast(address: IPv4Address, what: str) -> IPv4Address:

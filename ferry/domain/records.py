@@ -52,10 +52,13 @@ class ClientView(Frozen):
     echo client, ferry/lab/echo.py): the longest gap between echo replies, whether its
     TCP connection survived intact, and how many echo requests got no answer."""
 
-    gap_ms: float = Field(ge=0, le=86_400_000)
-    tcp_survived: bool | None = None  # None: the client kept no TCP connection
-    udp_lost: int = Field(default=0, ge=0)
-    announce: bool = True  # whether the destination announced the guest
+    gap_ms: float = Field(ge=0, le=86_400_000, strict=True)
+    # None: the client kept no TCP connection
+    tcp_survived: bool | None = Field(default=None, strict=True)
+    udp_lost: int = Field(default=0, ge=0, strict=True)
+    # Whether the destination announced the guest: the migration's own option (what a
+    # client sends here is replaced by it).
+    announce: bool = Field(default=True, strict=True)
     measured_by: str = Field(default="lab echo client", max_length=64)
 
 

@@ -1,5 +1,6 @@
 """VM networks as pure values: names, validation, what each host is told."""
 
+import json
 from ipaddress import IPv4Address
 
 import pytest
@@ -19,6 +20,7 @@ from ferry.domain.networks import (
     tap_name,
     vxlan_name,
 )
+from ferry.domain.records import ClientView
 from ferry.domain.specs import NicSpec, VmSpec
 from tests.unit.test_compat_placement import SPEC, host
 
@@ -42,6 +44,11 @@ def test_interface_names_fit_linux_limits_and_are_stable() -> None:
     ({"name": "net", "vni": 5, "vteps": ["127.0.0.1"]}, "not a unicast"),
     ({"name": "net", "vni": 5, "vteps": ["example.com"]}, "IPv4"),
     ({"name": "net", "vni": 5, "vteps": ["10.0.0.1", "10.0.0.1"]}, "listed twice"),
+    # JSON true, "7" and 7.5 are not VNIs (lax pydantic would take true and "7").
+    ({"name": "net", "vni": True}, "valid integer"),
+    ({"name": "net", "vni": "7"}, "valid integer"),
+    ({"name": "net", "vni": 7.5}, "valid integer"),
+    ({"name": "net", "vni": 5, "mtu": "1400"}, "valid integer"),
 ])
 def test_bad_networks_are_refused_with_the_reason(fields: dict[str, object],
                                                   message: str) -> None:
@@ -97,3 +104,17 @@ def test_a_target_without_the_vms_network_is_refused_but_user_needs_none() -> No
     assert [r.reason for r in refusals] == [RefusalReason.NETWORK_MISSING]
     assert "no network vmnet" in refusals[0].message
     assert check_migration(user, "host1", without) == []
+
+
+@pytest.mark.parametrize("body", [
+    {"gap_ms": 12.5, "tcp_survived": "yes"},
+    {"gap_ms": "12"},
+    {"gap_ms": -1},
+    {"gap_ms": 1, "udp_lost": 2.5},
+    {"gap_ms": 1, "udp_lost": -3},
+])
+def test_a_client_view_takes_only_numbers_and_booleans_as_such(body: dict[str, object]
+                                                                ) -> None:
+    with pytest.raises(ValidationError):
+        ClientView.model_validate_json(json.dumps(body))
+    assert ClientView.model_validate_json('{"gap_ms": 250}').gap_ms == 250.0
