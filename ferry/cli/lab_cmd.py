@@ -57,7 +57,11 @@ def up(hosts: Annotated[int | None, typer.Option(
                         "or postgresql (a private server the lab starts in its directory); "
                         "new lab: sqlite")] = None,
        lab_dir: DirOpt = DEFAULT_LAB_DIR) -> None:
-    """Create the hosts, start one agent per host and the control plane(s)."""
+    """Create the hosts, agents, control plane(s), VM network vmnet and client machine.
+
+    The VM network spans the hosts over VXLAN; the client machine is the namespace
+    <prefix>-client on that network, an "outside" machine from which `ferry lab demo`
+    and the benchmarks measure a migration as a client sees it."""
     try:
         config = config_for_up(lab_dir, load(lab_dir), hosts, cpus, memory, subnet,
                                control_planes, db)

@@ -237,6 +237,9 @@ def vm_create(
 ) -> None:
     """Create a VM (and power it on). Boot a kernel, a disk, or the lab's --probe guest."""
     memory_mib = parse_size(memory, "mib") // (1 << 20)
+    if ip and not probe:
+        raise InvalidInput("--ip sets the probe guest's address", "use it with --probe, or "
+                           "give your own guest its address on its kernel command line")
     spec: dict[str, Any] = {"name": name, "vcpus": vcpus, "memory_mib": memory_mib,
                             "cpu_model": cpu_model, "machine": machine,
                             "disks": [parse_disk(d) for d in disk or []], "nics": []}
@@ -261,6 +264,10 @@ def vm_create(
         if spec["nics"][0]["network"] != "user":
             address = check_ip(ip) if ip else next_free_ip(connect(url), lab)
             append = f"ip={address}/{lab.vm_subnet.prefixlen} {append}"
+        elif ip:
+            raise InvalidInput(f"--ip {ip} cannot be used with --nic user: a user-mode "
+                               "NIC is reachable by nobody", "leave out --ip, or put the "
+                               "probe on a VM network (--nic vmnet)")
         append = (f"console=ttyS0 quiet panic=-1 ferry.probe_mib={probe_mib} "
                   f"ferry.dirty_mib_s={dirty_rate} {append}").strip()
     if kernel:

@@ -113,11 +113,15 @@ def summary(rec: dict[str, Any]) -> str:
     total = t.get("completed", t.get("failed", time.time())) - t["pending"]
     if rec["phase"] == Phase.COMPLETED:
         levers = list(dict.fromkeys(a["kind"] for a in rec.get("actions", []))) or ["none"]
-        return (f"[green]completed[/] in {total:.2f} s: downtime {rec['downtime_ms']} ms "
+        downtime = ("not measured" if rec.get("downtime_ms") is None
+                    else f"{rec['downtime_ms']} ms")
+        return (f"[green]completed[/] in {total:.2f} s: downtime {downtime} "
                 f"(QEMU){client_text(rec)}, {len(rec['iterations'])} passes, "
                 f"{mib(rec['transferred_bytes'])} MiB sent, levers: {', '.join(levers)}"
                 f"{memory_text(rec)}")
-    return f"[red]failed[/] after {total:.2f} s: {escape(str(rec['reason']))}"
+    seen = client_text(rec).removeprefix(", ")
+    return (f"[red]failed[/] after {total:.2f} s: {escape(str(rec['reason']))}"
+            f"{f' (client: {seen})' if seen else ''}")
 
 
 def follow(client: Client, migration_id: str, quiet: bool) -> dict[str, Any]:
@@ -210,7 +214,9 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     @handle_errors
     def migration_show(migration_id: str, url: UrlOpt = None, json_out: JsonOpt = False
                        ) -> None:
-        """One migration: stage timestamps and every pre-copy pass."""
+        """One migration: stage timestamps, every pre-copy pass, the levers pulled, and
+        its downtime as QEMU measured it and, when the lab's echo client measured it, as
+        a client saw it (longest gap in echo replies, whether TCP survived)."""
         rec = connect(url).call("GET", f"/v1/migrations/{migration_id}")
         if json_out:
             print_json(rec)
