@@ -121,11 +121,16 @@ def next_vni(used: Iterable[int]) -> int:
 def host_view(networks: Iterable[NetworkSpec], host_address: str,
               host_addresses: Iterable[str]) -> tuple[HostNetwork, ...]:
     """What one host must provide: every network, its peers the other hosts' addresses
-    and the network's own extra endpoints."""
+    and the network's own extra endpoints (never the host itself: an extra endpoint
+    that is the host's own address would make it flood to itself)."""
     others = sorted({IPv4Address(a) for a in host_addresses if a != host_address}, key=int)
+    try:
+        me: IPv4Address | None = IPv4Address(host_address)
+    except ValueError:
+        me = None
     return tuple(
         HostNetwork(name=n.name, vni=n.vni, mtu=n.mtu,
-                    peers=tuple(dict.fromkeys([*others, *n.vteps])))
+                    peers=tuple(dict.fromkeys(p for p in [*others, *n.vteps] if p != me)))
         for n in sorted(networks, key=lambda n: n.name))
 
 

@@ -69,6 +69,12 @@ def test_each_host_floods_to_every_other_host_and_the_extra_endpoints() -> None:
     assert [n.name for n in view] == ["a", "b"]
     assert [str(p) for p in view[0].peers] == ["10.0.0.2", "10.0.0.3"]
     assert [str(p) for p in view[1].peers] == ["10.0.0.2", "10.0.0.3", "10.0.0.99"]
+    # An extra endpoint that is this host itself is not a peer of it (it is of the others).
+    own = [NetworkSpec(name="c", vni=3, vteps=(IPv4Address("10.0.0.1"),))]
+    assert [str(p) for p in host_view(own, "10.0.0.1", ["10.0.0.1", "10.0.0.2"])[0].peers] \
+        == ["10.0.0.2"]
+    assert [str(p) for p in host_view(own, "10.0.0.2", ["10.0.0.1", "10.0.0.2"])[0].peers] \
+        == ["10.0.0.1"]
 
 
 @given(st.permutations([IPv4Address(f"10.0.0.{i}") for i in range(2, 9)]))
