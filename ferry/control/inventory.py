@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from ferry.agent.models import AgentVmState, VmInfo
@@ -32,6 +33,8 @@ class Inventory:
         self.store = store
         self.agents = agents
         self.busy = BusyVms()  # what requests change now: the reconciler waits
+        # Held from a new VM's network check to its record (see Networks.delete).
+        self.network_users = asyncio.Lock()
 
     async def heartbeat(self, facts: HostFacts, url: str, vms: tuple[VmInfo, ...]) -> None:
         await self.store.record_heartbeat(facts, url)
@@ -62,14 +65,17 @@ class Inventory:
                            "choose another name or delete the existing VM")
         except NotFound:
             pass
-        await self._check_networks(spec)
-        chosen = place(spec, await self.snapshots(), host)
-        record = await self.store.host(chosen)
-        assert record.facts is not None  # place() only picks hosts with facts
-        machine = record.facts.resolve_machine(spec.machine) or spec.machine
-        # Pin the versioned machine type now so the VM stays migratable later.
-        spec = VmSpec.model_validate(spec.model_dump() | {"machine": machine})
-        vm = await self.store.add_vm(VmRecord(spec=spec, host=chosen, state=VmState.DEFINED))
+        async with self.network_users:
+            # Also one MAC per network: two creates do not both find it free.
+            await self._check_networks(spec)
+            chosen = place(spec, await self.snapshots(), host)
+            record = await self.store.host(chosen)
+            assert record.facts is not None  # place() only picks hosts with facts
+            machine = record.facts.resolve_machine(spec.machine) or spec.machine
+            # Pin the versioned machine type now so the VM stays migratable later.
+            spec = VmSpec.model_validate(spec.model_dump() | {"machine": machine})
+            vm = await self.store.add_vm(VmRecord(spec=spec, host=chosen,
+                                                  state=VmState.DEFINED))
         if start:
             try:
                 return await self.start_vm(spec.name)

@@ -36,9 +36,13 @@ class NetworkView(Frozen):
 
 
 class Networks:
-    def __init__(self, store: Store, agents: AgentPool) -> None:
+    def __init__(self, store: Store, agents: AgentPool,
+                 users: asyncio.Lock | None = None) -> None:
         self.store = store
         self.agents = agents
+        # Held while a network's users are counted and it is deleted; VM creation holds
+        # it from its network check to its record (Inventory.network_users).
+        self._users_lock = users or asyncio.Lock()
         self._pushing: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[tuple[str, str], str] = {}  # (host, network) -> last error
 
@@ -66,11 +70,12 @@ class Networks:
 
     async def delete(self, name: str) -> None:
         await self.store.networks.get(name)  # 404 before anything else
-        users = await self._users(name)
-        if users:
-            raise Conflict(f"network {name} is used by VM(s) {', '.join(users)}",
-                           "delete those VMs or give them other NICs first")
-        await self.store.networks.delete(name)
+        async with self._users_lock:
+            users = await self._users(name)
+            if users:
+                raise Conflict(f"network {name} is used by VM(s) {', '.join(users)}",
+                               "delete those VMs or give them other NICs first")
+            await self.store.networks.delete(name)
         await self.push_all()
 
     async def views(self) -> list[NetworkView]:

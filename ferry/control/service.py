@@ -32,7 +32,8 @@ class ControlPlane:
         self.agents = AgentPool(pki.client_context(), term=lambda: self.leadership.token)
         self.bus = ChangeBus()
         self.inventory = Inventory(store, self.agents)
-        self.networks = Networks(store, self.agents)
+        # A VM created on a network and that network deleted are not interleaved.
+        self.networks = Networks(store, self.agents, self.inventory.network_users)
         self.migrations = Orchestrator(store, self.inventory, self.agents, self.bus)
         self.relocations = Relocator(store, self.agents, self.bus)
         self.reconciler = Reconciler(store, self.agents, self.inventory.busy)
