@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -52,10 +53,13 @@ async def run(*argv: str, check: bool = True) -> str:
 
 
 async def link_exists(name: str) -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        "ip", "link", "show", "dev", name, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL)
-    return await proc.wait() == 0
+    """Whether this network namespace has a link `name` (asked of the kernel directly:
+    no `ip` process on a migration's path)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 async def _link_details(name: str) -> dict[str, object] | None:
@@ -208,15 +212,19 @@ class HostNetworks:
     async def plug(self, spec: VmSpec) -> None:
         """A tap per bridged NIC, on its network's bridge, before QEMU opens it."""
         self.check(spec, "this host")
-        for nic in spec.nics:
-            if nic.network == USER_NETWORK:
-                continue
-            net = self._have[nic.network]
-            tap = tap_name(spec.uuid, nic.name)
-            if not await link_exists(tap):
-                await run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
-            await run("ip", "link", "set", tap, "mtu", str(net.mtu), "master", net.bridge,
-                      "up")
+        try:
+            for nic in spec.nics:
+                if nic.network == USER_NETWORK:
+                    continue
+                net = self._have[nic.network]
+                tap = tap_name(spec.uuid, nic.name)
+                if not await link_exists(tap):
+                    await run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+                await run("ip", "link", "set", tap, "mtu", str(net.mtu), "master",
+                          net.bridge, "up")
+        except Exception:
+            await self.unplug(spec)  # no tap of a VM that does not start is left behind
+            raise
 
     async def unplug(self, spec: VmSpec) -> None:
         for nic in spec.nics:

@@ -1,0 +1,61 @@
+"""The agent's taps: a VM whose second tap cannot be made leaves no first one behind
+(`ip` stood in for: the lab tests make real ones)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from ferry.agent import networks as agent_networks
+from ferry.agent.networks import HostNetworks
+from ferry.domain.errors import FerryError
+from ferry.domain.networks import HostNetwork, tap_name
+from ferry.domain.specs import NicSpec
+from tests.unit.test_compat_placement import SPEC
+
+
+async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    spec = SPEC.model_copy(update={"nics": (
+        NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:01"),
+        NicSpec(name="nic1", network="vmnet", mac="52:54:00:00:00:02"))})
+    taps: set[str] = set()
+
+    async def run(*argv: str, check: bool = True) -> str:
+        if argv[:3] == ("ip", "tuntap", "add"):
+            taps.add(argv[4])
+        elif argv[:3] == ("ip", "link", "delete"):
+            taps.discard(argv[3])
+        elif argv[:3] == ("ip", "link", "set") and argv[3] == tap_name(spec.uuid, "nic1"):
+            raise FerryError("RTNETLINK answers: No buffer space available")
+        return ""
+
+    async def link_exists(name: str) -> bool:
+        return name in taps
+
+    monkeypatch.setattr(agent_networks, "run", run)
+    monkeypatch.setattr(agent_networks, "link_exists", link_exists)
+    nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
+    nets._have = {"vmnet": HostNetwork(name="vmnet", vni=100, peers=())}
+    with pytest.raises(FerryError, match="buffer space"):
+        await nets.plug(spec)
+    assert taps == set()
+    # and a plug that works leaves both
+    monkeypatch.setattr(agent_networks, "run", _ok(taps))
+    await nets.plug(spec)
+    assert taps == {tap_name(spec.uuid, "nic0"), tap_name(spec.uuid, "nic1")}
+
+
+def _ok(taps: set[str]) -> Callable[..., Awaitable[str]]:
+    async def run(*argv: str, check: bool = True) -> str:
+        if argv[:3] == ("ip", "tuntap", "add"):
+            taps.add(argv[4])
+        return ""
+    return run
+
+
+async def test_link_exists_asks_the_kernel() -> None:
+    assert await agent_networks.link_exists("lo")
+    assert not await agent_networks.link_exists("fyt-no-such")
