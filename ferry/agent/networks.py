@@ -24,6 +24,7 @@ from ferry.agent.models import NetworkResult
 from ferry.domain.errors import Conflict, FerryError, HostUnavailable, InvalidInput
 from ferry.domain.networks import (
     USER_NETWORK,
+    VXLAN_OVERHEAD,
     VXLAN_PORT,
     HostNetwork,
     bridge_name,
@@ -152,8 +153,26 @@ class HostNetworks:
     def _peers(self, *extra: HostNetwork) -> set[IPv4Address]:
         return {p for net in (*self._have.values(), *extra) for p in net.peers}
 
+    async def _check_underlay(self, net: HostNetwork) -> None:
+        """A segment's frames plus VXLAN's headers must fit the link they cross: larger,
+        they are dropped (silently, as far as the guests can tell)."""
+        out = await run("ip", "-j", "addr", "show", "to", f"{self.local}/32", check=False)
+        try:
+            links = json.loads(out) if out.strip() else []
+        except ValueError:
+            return
+        for link in links:
+            mtu = link.get("mtu")
+            if isinstance(mtu, int) and net.mtu + VXLAN_OVERHEAD > mtu:
+                raise InvalidInput(
+                    f"network {net.name}'s MTU {net.mtu} needs {net.mtu + VXLAN_OVERHEAD} "
+                    f"on the link under it, and {link.get('ifname')} ({self.local}) here "
+                    f"has {mtu}", f"create the network with --mtu {mtu - VXLAN_OVERHEAD} "
+                    "or less, or raise that link's MTU")
+
     async def _ensure(self, net: HostNetwork) -> None:
         br, vx = net.bridge, net.vxlan
+        await self._check_underlay(net)
         if not await link_exists(br):
             await run("ip", "link", "add", br, "type", "bridge", "stp_state", "0")
         details = await _link_details(vx)

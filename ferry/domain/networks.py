@@ -21,7 +21,10 @@ from ferry.domain.specs import Frozen, Name
 USER_NETWORK = "user"
 VNI_MIN, VNI_MAX = 1, 2**24 - 1
 FIRST_AUTO_VNI = 100
-# 1500 on the underlay minus VXLAN's 50 bytes (outer Ethernet, IPv4, UDP, VXLAN headers).
+# VXLAN's headers (outer Ethernet, IPv4, UDP, VXLAN): a network's MTU plus these must fit
+# the underlay's.
+VXLAN_OVERHEAD = 50
+# 1500 on the underlay minus VXLAN's overhead.
 DEFAULT_MTU = 1450
 VXLAN_PORT = 4789
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from ferry.agent import networks as agent_networks
 from ferry.agent.networks import HostNetworks
-from ferry.domain.errors import FerryError
+from ferry.domain.errors import FerryError, InvalidInput
 from ferry.domain.networks import HostNetwork, tap_name
 from ferry.domain.specs import NicSpec
 from tests.unit.test_compat_placement import SPEC
@@ -59,3 +60,17 @@ def _ok(taps: set[str]) -> Callable[..., Awaitable[str]]:
 async def test_link_exists_asks_the_kernel() -> None:
     assert await agent_networks.link_exists("lo")
     assert not await agent_networks.link_exists("fyt-no-such")
+
+
+async def test_a_network_too_large_for_the_link_under_it_is_refused(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    async def run(*argv: str, check: bool = True) -> str:
+        assert argv[:4] == ("ip", "-j", "addr", "show")
+        return json.dumps([{"ifname": "eth0", "mtu": 1500}])
+
+    monkeypatch.setattr(agent_networks, "run", run)
+    nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
+    await nets._check_underlay(HostNetwork(name="n", vni=7, mtu=1450, peers=()))
+    with pytest.raises(InvalidInput, match=r"needs 1550 .* eth0 .* has 1500") as err:
+        await nets._check_underlay(HostNetwork(name="n", vni=7, mtu=1500, peers=()))
+    assert "--mtu 1450" in err.value.fix
