@@ -174,10 +174,10 @@ def _client_learnt(lab: LabConfig) -> dict[str, str]:
 def test_a_rolled_back_source_announces_the_guest_again(client: Client, lab: LabConfig
                                                         ) -> None:
     """A migration that reverts after the stream ended (here the destination's QEMU dies
-    before `cont`) leaves the network knowing the guest's MAC wherever the destination's
-    announces pointed it: the source, run again, announces it itself. The guest has no
-    address and sends nothing, so only an announce puts it in the client's table (without
-    the source's announce the client had no entry for it at all)."""
+    before `cont`): the source, run again, announces the guest itself, so the network's
+    tables point at it at once. The guest has no address and sends nothing, so only an
+    announce puts its MAC in the client's table (without the source's announce the client
+    had no entry for it at all: the paused destination sent nothing either)."""
     name = "probe-revert-announce"
     spec = probe_spec(lab, name, 192, 64, 0, mac=next_mac())
     mac = spec["nics"][0]["mac"]
