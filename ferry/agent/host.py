@@ -470,8 +470,7 @@ class HostRuntime:
                 return  # a resumed control plane asking again: already under way
             raise Conflict(f"VM {name} is already migrating ({rec.migration_id})")
         rec.migration_id = migration_id
-        # Run again after a rollback, the source tells the network the guest is back:
-        # the destination may have announced it when the stream ended.
+        # Run again after a rollback, the source announces the guest (send_announce).
         rec.announce = announce_of(options, rec.spec)
         rec.monitor.migration_events.clear()
         await rec.monitor.set_migration_capabilities(stream_capabilities(options, True))

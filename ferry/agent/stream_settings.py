@@ -43,11 +43,11 @@ def announce_of(options: StreamOptions, spec: VmSpec) -> Announce | None:
 
 
 async def send_announce(monitor: Monitor, announce: Announce | None, name: str) -> None:
-    """The announce owed after the `cont` that made this copy the VM: a destination's
-    QEMU announced when the stream ended, again now that the guest runs (a virtio-net
-    guest then sends its own gratuitous ARP too); a source run again after a rollback
-    tells the network the guest is back (the destination may have announced it). Best
-    effort: the VM runs either way."""
+    """The announce owed after the `cont` that made this copy the VM: a destination
+    (QEMU's own end-of-stream announce waits for the paused VM to run; this one also
+    asks a virtio-net guest for its gratuitous ARP), or a source run again after a
+    rollback (a silent guest's MAC may have aged out of the network's tables during a
+    long migration). Best effort: the VM runs either way."""
     if announce is None:
         return
     try:
