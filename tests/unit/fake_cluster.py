@@ -351,6 +351,13 @@ class FakeCluster:
                 if name in a.vms and a.vms[name].state is AgentVmState.RUNNING]
 
 
+async def web1_on_host1(tmp_path: Path) -> FakeCluster:
+    """The usual start: hosts host1 and host2, VM web1 running on host1."""
+    c = await FakeCluster.open(tmp_path, {"host1": facts("host1"), "host2": facts("host2")})
+    await c.add_running_vm(spec("web1"), "host1")
+    return c
+
+
 async def until_phase(cluster: FakeCluster, migration_id: str, phase: Phase) -> None:
     """Let the migration run until the store shows it in `phase`."""
     for _ in range(10_000):

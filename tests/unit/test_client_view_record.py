@@ -12,13 +12,12 @@ import pytest
 from ferry.domain.errors import Conflict, NotFound
 from ferry.domain.migration import Phase, StreamOptions
 from ferry.domain.records import ClientView
-from tests.unit.fake_cluster import FakeCluster, facts, spec
+from tests.unit.fake_cluster import FakeCluster, web1_on_host1
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[FakeCluster]:
-    c = await FakeCluster.open(tmp_path, {"host1": facts("host1"), "host2": facts("host2")})
-    await c.add_running_vm(spec("web1"), "host1")
+    c = await web1_on_host1(tmp_path)
     yield c
     await c.close()
 

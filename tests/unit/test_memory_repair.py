@@ -12,15 +12,14 @@ import pytest
 from ferry.domain.errors import HostUnavailable
 from ferry.domain.memory_check import VerifyMemory
 from ferry.domain.migration import Phase, RollbackKind, StreamOptions
-from tests.unit.fake_cluster import FakeAgent, FakeCluster, facts, spec
+from tests.unit.fake_cluster import FakeAgent, FakeCluster, web1_on_host1
 
 STALE = {3, 700, 1000}  # pages in chunks 0 and 1
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[FakeCluster]:
-    c = await FakeCluster.open(tmp_path, {"host1": facts("host1"), "host2": facts("host2")})
-    await c.add_running_vm(spec("web1"), "host1")
+    c = await web1_on_host1(tmp_path)
     yield c
     await c.close()
 
