@@ -111,7 +111,8 @@ class HostRuntime:
         self._qemu = await probe_qemu(self.accel)
         await self._adopt()
         if self.leases is not None:
-            await self.leases.start(self.names())  # the adopted guests' leases
+            # Run directories left (unreadable specs) count as present: QEMU may live.
+            await self.leases.start(self.names(), [d.name for d in self.vms_dir.iterdir()])
 
     async def _adopt(self) -> None:
         for spec_file in sorted(self.vms_dir.glob("*/spec.json")):

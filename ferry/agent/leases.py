@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -212,9 +212,11 @@ class LeaseKeeper:
         self._busy -= 1
 
     # --- lifecycle ----------------------------------------------------------------------
-    async def start(self, adopted: list[str]) -> None:
+    async def start(self, adopted: list[str], present: Iterable[str] = ()) -> None:
         """Set up the directories, take back the leases of the adopted VMs whose guests
-        execute (those another host holds now go to Guests.lost), and start renewing.
+        execute (those another host holds now go to Guests.lost), release those in this
+        host's name whose VM has no QEMU here any more (`present`: the VMs this agent
+        still has a run directory for, adopted or not), and start renewing.
         Paused ones (e.g. a migration's destination) hold no lease until resumed. A
         datastore that does not answer now does not keep the agent down: adopting is
         retried every round, and the guests are paused if it has not worked after
@@ -222,6 +224,7 @@ class LeaseKeeper:
         try:
             await self._io(self.files.setup)
             await self._adopt(adopted)
+            await self._release_gone({*adopted, *present})
         except Exception as exc:
             log.error("HA datastore %s not usable at start: %s", self.datastore, exc)
             self._unadopted = list(adopted)
@@ -247,6 +250,18 @@ class LeaseKeeper:
             log.warning("VM %s runs here but host %s holds its lease: fencing it", vm,
                         self._owner(vm))
             await self.guests.lost(vm)
+
+    async def _release_gone(self, present: set[str]) -> None:
+        """A lease in this host's name whose VM has no QEMU here (the host went down with
+        it, or lost it while this agent was away) would keep every other host from
+        starting the VM until an operator steps in: nothing runs it here, so it is free."""
+        leases, _ = await self._io(self.files.read_all)
+        async with self._lock:
+            for vm, found in leases.items():
+                if (found.owner == self.host and not found.released and vm not in present
+                        and vm not in self.held):
+                    log.info("VM %s has no QEMU on %s: releasing its lease", vm, self.host)
+                    await self._io(self.files.write_lease, released(found))
 
     def _owner(self, vm: str) -> str:
         rec = self._records.get(vm)

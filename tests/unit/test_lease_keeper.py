@@ -178,3 +178,28 @@ async def test_the_view_reports_hosts_and_leases(tmp_path: Path) -> None:
         assert view.leases["vm1"].owner == "h1" and view.leases["vm1"].counter > 0
     finally:
         await k1.close()
+
+
+async def test_a_restarted_agent_frees_the_leases_of_vms_it_no_longer_runs(
+        tmp_path: Path) -> None:
+    """Host h1 went down with vm1 running (its lease never released). Its agent comes
+    back and finds no QEMU for vm1: the lease is freed, so vm1 starts elsewhere at once
+    (before: only after an operator waited out the expiry). vm2 still has a run directory
+    (a QEMU may live): its lease stays."""
+    old, _ = keeper(tmp_path, "h1")
+    await old.start([])
+    await old.acquire("vm1")
+    await old.acquire("vm2")
+    await old.close()  # the host dies: nothing released
+    back, _ = keeper(tmp_path, "h1")
+    other, _ = keeper(tmp_path, "h2")
+    await back.start([], present=["vm2"])
+    await other.start([])
+    try:
+        await other.acquire("vm1")  # no wait: free
+        assert other.held["vm1"].owner == "h2"
+        with pytest.raises(Conflict, match="holds the lease"):
+            await other.acquire("vm2")
+    finally:
+        await back.close()
+        await other.close()
