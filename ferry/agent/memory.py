@@ -122,7 +122,7 @@ class GuestMemory:
         rec = self._host.vm_record(name)
         if rec.monitor is None or rec.process.pid is None:
             return
-        task = asyncio.create_task(self._whole(name, rec.monitor, rec.process.pid))
+        task = asyncio.create_task(self._whole_if_paused(name, rec.monitor, rec.process.pid))
         task.add_done_callback(_quiet)
         self._early[name] = _Early(rec.monitor, rec.process.pid, rec.monitor.conts, task)
 
@@ -136,12 +136,15 @@ class GuestMemory:
             return None  # computed again below, and its error answered from there
         return packed if early.current(monitor, pid) else None
 
-    async def _whole(self, name: str, monitor: Monitor, pid: int) -> bytes:
-        """Digests of every chunk of the paused RAM (the lab's CORRUPT_RAM fault makes a
-        destination's copy stale first)."""
-        rec = self._host.vm_record(name)
+    async def _whole_if_paused(self, name: str, monitor: Monitor, pid: int) -> bytes:
         if await monitor.runstate() not in READABLE:
             raise Conflict(f"VM {name} on {self._host.config.name} is not paused")
+        return await self._whole(name, pid)
+
+    async def _whole(self, name: str, pid: int) -> bytes:
+        """Digests of every chunk of the RAM, paused as the caller checked (the lab's
+        CORRUPT_RAM fault makes a destination's copy stale first)."""
+        rec = self._host.vm_record(name)
         size = rec.spec.memory_mib << 20
         if rec.never_ran:
             pages = fault_pages(size)
@@ -171,7 +174,7 @@ class GuestMemory:
             assert monitor is not None  # _paused_pid asked it
             packed = await self._taken_early(name, monitor, pid)
             if packed is None:
-                packed = await self._whole(name, monitor, pid)
+                packed = await self._whole(name, pid)  # _paused_pid checked the state
         else:
             packed = await asyncio.to_thread(guest_ram.page_digests, pid, size, body.chunks)
         return RamDigests(digests=base64.b64encode(packed).decode())

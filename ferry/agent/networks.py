@@ -231,6 +231,7 @@ class HostNetworks:
     async def plug(self, spec: VmSpec) -> None:
         """A tap per bridged NIC, on its network's bridge, before QEMU opens it."""
         self.check(spec, "this host")
+        made: list[str] = []
         try:
             for nic in spec.nics:
                 if nic.network == USER_NETWORK:
@@ -239,10 +240,13 @@ class HostNetworks:
                 tap = tap_name(spec.uuid, nic.name)
                 if not await link_exists(tap):
                     await run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+                    made.append(tap)
                 await run("ip", "link", "set", tap, "mtu", str(net.mtu), "master",
                           net.bridge, "up")
         except Exception:
-            await self.unplug(spec)  # no tap of a VM that does not start is left behind
+            # A VM that does not start leaves none of the taps this call made.
+            for tap in made:
+                await run("ip", "link", "delete", tap, check=False)
             raise
 
     async def unplug(self, spec: VmSpec) -> None:

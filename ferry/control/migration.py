@@ -130,13 +130,15 @@ class Orchestrator:
         migrations_read = asyncio.ensure_future(self.store.migrations(unfinished_only=True))
         relocations_read = asyncio.ensure_future(self.store.relocations(unfinished_only=True))
         target_read = asyncio.ensure_future(self.store.host(target))
-        options_read = asyncio.ensure_future(self.options_for(None))
+        # The cluster's defaults only when no options were given.
+        options_read = asyncio.ensure_future(
+            self.options_for(None) if options is None else _as_given(options))
         reads = (vm_read, migrations_read, relocations_read, target_read, options_read)
         try:
             vm, migrations = await vm_read, await migrations_read
             relocations = await relocations_read
             await target_read
-            options = options or await options_read
+            options = await options_read
         finally:
             for read in reads:
                 if read.done() and not read.cancelled():
@@ -362,6 +364,10 @@ class Orchestrator:
             # Left in ROLLING_BACK with its kind: the next start of the control plane
             # finishes it.
             log.exception("rollback of migration %s failed", job.id)
+
+
+async def _as_given(options: StreamOptions) -> StreamOptions:
+    return options
 
 
 class _Plan(NamedTuple):

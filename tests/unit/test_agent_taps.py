@@ -43,6 +43,12 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
     with pytest.raises(FerryError, match="buffer space"):
         await nets.plug(spec)
     assert taps == set()
+    # A tap that was there before (not made by this call) is not this call's to delete.
+    taps.add(tap_name(spec.uuid, "nic0"))
+    with pytest.raises(FerryError, match="buffer space"):
+        await nets.plug(spec)
+    assert taps == {tap_name(spec.uuid, "nic0")}
+    taps.clear()
     # and a plug that works leaves both
     monkeypatch.setattr(agent_networks, "run", _ok(taps))
     await nets.plug(spec)
