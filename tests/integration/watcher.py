@@ -22,6 +22,14 @@ so it cannot make a switchover look like a double run. Nor does a paused QEMU th
 after a SIGSTOP (the fault matrix's freeze): SIGCONT wakes its vCPU thread for a moment
 (measured: ~17 µs of CPU on a paused QEMU 7.2 TCG, then nothing), so an interval that
 begins with the process seen stopped counts only if its vCPUs used more than THAW_NS.
+A paused vCPU thread is woken for other reasons too (an interrupt raised, work queued on
+it): measured 7-83 µs in one interval of a post-copy source paused for seconds, against
+milliseconds per 50 ms interval (up to ~40) for the probe guest executing in a QEMU that
+holds its RAM. So a QEMU that handed the guest over is said to execute it again only in
+an interval where its vCPUs used more than WAKE_NS. And a QEMU that exits is torn down
+by the kernel in its last thread, which may be a vCPU thread: measured 16-18 ms of CPU
+(state R) in a post-copy source's vCPU thread as it quit, freeing the guest's RAM; a
+reading taken while the process exits (PF_EXITING, zombie) ends no interval.
 
 The judgement (`double_runs`, pure) has to cope with sampling. A migration's switchover
 stops the source's vCPUs and, milliseconds later, starts the target's; with 50 ms
@@ -60,6 +68,8 @@ from ferry.lab import cluster
 PERIOD_S = 0.05
 VCPU_STARTUP_NS = 5_000_000  # ~12 times what a vCPU thread's start-up was seen to use
 THAW_NS = 1_000_000  # ~60 times what a paused QEMU's vCPU used on SIGCONT
+WAKE_NS = 1_000_000  # ~12 times the largest wake-up of a paused vCPU thread seen
+_PF_EXITING = 0x4  # the kernel's per-task flag, field 9 of /proc/<pid>/task/<tid>/stat
 _VCPU_THREAD = re.compile(r"^(?:CPU \d+|ALL CPUs)/(?:TCG|KVM|HVF|WHPX)$")
 _GUEST = re.compile(rb"(?:^|\x00)guest=([^,\x00]+)")
 _TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -82,6 +92,7 @@ class Reading:
     after: float  # and just after
     vcpu_ns: int  # CPU time used by its vCPU threads so far
     stopped: bool = False  # the process was stopped (SIGSTOP), state T
+    exiting: bool = False  # the process (or a vCPU thread) was exiting: no guest code ran
 
 
 @dataclass(frozen=True)
@@ -135,12 +146,17 @@ def runs(samples: Sequence[Sample]) -> list[Run]:
     for prev, cur in itertools.pairwise(samples):
         for qemu, now in cur.readings.items():
             then = prev.readings.get(qemu)
-            if then is None or now.vcpu_ns <= then.vcpu_ns:
+            if then is None or now.vcpu_ns <= then.vcpu_ns or now.exiting:
                 continue
             if then.stopped and now.vcpu_ns - then.vcpu_ns <= THAW_NS:
                 continue  # woken by SIGCONT, not executing the guest
             found.append(Run(qemu, then.before, now.after, now.vcpu_ns - then.vcpu_ns))
     return found
+
+
+def _executing(rs: Sequence[Run]) -> list[Run]:
+    """The runs that were the guest executing, not a paused vCPU thread woken."""
+    return [r for r in rs if r.used_ns > WAKE_NS]
 
 
 def _proven_before(first: Sequence[Run], second: Sequence[Run]) -> float | None:
@@ -164,17 +180,17 @@ def double_runs(samples: Sequence[Sample]) -> list[DoubleRun]:
     for p, q in itertools.combinations(sorted(by_qemu), 2):
         if p.vm != q.vm or p.host == q.host:
             continue
-        p_then_q = _proven_before(by_qemu[p], by_qemu[q])
-        q_then_p = _proven_before(by_qemu[q], by_qemu[p])
-        if p_then_q is None or q_then_p is None:
-            continue
         # whichever began first is the one that executed again after the other
         first, second = (p, q) if min(r.end for r in by_qemu[p]) <= \
             min(r.end for r in by_qemu[q]) else (q, p)
+        first_then_second = _proven_before(by_qemu[first], by_qemu[second])
+        second_then_first = _proven_before(by_qemu[second], _executing(by_qemu[first]))
+        if first_then_second is None or second_then_first is None:
+            continue
         began = min(r.end for r in by_qemu[second])
-        again = [r for r in by_qemu[first] if r.start >= began]
+        again = [r for r in _executing(by_qemu[first]) if r.start >= began]
         found.append(DoubleRun(
-            p.vm, first, second, max(p_then_q, q_then_p),
+            p.vm, first, second, max(first_then_second, second_then_first),
             again_ns=sum(r.used_ns for r in again), again_intervals=len(again),
             again_after_s=min((r.start for r in again), default=began) - began))
     return sorted(found, key=lambda d: d.proven_at)
@@ -183,10 +199,17 @@ def double_runs(samples: Sequence[Sample]) -> list[DoubleRun]:
 # ---- sampling (I/O) ------------------------------------------------------------------
 
 
-def vcpu_ns(pid: int) -> int | None:
+def _exiting(stat: str) -> bool:
+    """From a /proc/.../stat line: the task is exiting (or a zombie)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] in ("Z", "X", "x") or bool(int(fields[6]) & _PF_EXITING)
+
+
+def vcpu_ns(pid: int) -> tuple[int, bool] | None:
     """CPU time used so far by the vCPU threads of process `pid` beyond their start-up
-    (VCPU_STARTUP_NS each); None if it is gone or has no vCPU thread (yet)."""
-    total, seen = 0, False
+    (VCPU_STARTUP_NS each), and whether the process or one of them was exiting; None if
+    it is gone or has no vCPU thread (yet)."""
+    total, seen, exiting = 0, False, False
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -200,15 +223,25 @@ def vcpu_ns(pid: int) -> int | None:
             try:
                 with open(f"{base}/schedstat") as f:
                     used = int(f.read().split()[0])
+                with open(f"{base}/stat") as f:
+                    stat = f.read()
             except (OSError, ValueError, IndexError):
                 with open(f"{base}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    stat = f.read()
+                fields = stat.rsplit(")", 1)[1].split()
                 used = (int(fields[11]) + int(fields[12])) * _TICK_NS  # utime, stime
             total += max(0, used - VCPU_STARTUP_NS)
             seen = True
+            exiting = exiting or _exiting(stat)
         except (OSError, ValueError, IndexError):
             continue  # the thread ended between listing and reading
-    return total if seen else None
+    if not seen:
+        return None
+    try:
+        exiting = exiting or _exiting(Path(f"/proc/{pid}/stat").read_text())
+    except (OSError, ValueError, IndexError):
+        exiting = True  # gone meanwhile
+    return total, exiting
 
 
 def lab_qemus(lab_dir: Path, host_dirs: Mapping[str, Path]) -> list[Qemu]:
@@ -233,9 +266,10 @@ def take_sample(lab_dir: Path, host_dirs: Mapping[str, Path]) -> Sample:
     readings = {}
     for qemu in lab_qemus(lab_dir, host_dirs):
         before = time.monotonic()
-        ns = vcpu_ns(qemu.pid)
-        if ns is not None:
-            readings[qemu] = Reading(before, time.monotonic(), ns, stopped(qemu.pid))
+        read = vcpu_ns(qemu.pid)
+        if read is not None:
+            readings[qemu] = Reading(before, time.monotonic(), read[0], stopped(qemu.pid),
+                                     exiting=read[1])
     return Sample(readings)
 
 

@@ -155,3 +155,36 @@ def test_a_paused_qemu_woken_by_sigcont_is_not_a_run_but_a_thawed_guest_is() -> 
            Sample({old: Reading(0.2, 0.201, 30_000_000),  # thawed and executing
                    new: Reading(0.2, 0.201, 120_000_000)})]
     assert [d.hosts for d in double_runs(ran)] == [("host1", "host2")]
+
+
+def test_a_handed_over_qemu_woken_for_a_moment_is_not_a_run_but_executing_is() -> None:
+    # the post-copy source's vCPU thread is woken 8 s after the target began (an
+    # interrupt raised, work queued on it): 83 µs in one interval, as seen in CI
+    def with_late(used_ns: int) -> list[Sample]:
+        samples = simulate({SRC: [(0.0, 0.5)], DST: [(0.503, 9.0)]}, 9.0,
+                           {"host1": 0.001, "host2": 0.002})
+        for k in range(160, len(samples)):  # from 8 s on
+            r = samples[k].readings[SRC]
+            samples[k] = Sample({**samples[k].readings,
+                                 SRC: Reading(r.before, r.after, r.vcpu_ns + used_ns)})
+        return samples
+
+    assert double_runs(with_late(83_000)) == []
+    (hit,) = double_runs(with_late(1_500_000))
+    assert hit.first == SRC and hit.again_ns == 1_500_000 and hit.again_intervals == 1
+
+
+def test_a_qemu_torn_down_by_the_kernel_is_not_executing() -> None:
+    # its last thread, a vCPU thread, frees the guest's RAM as the process exits: ms
+    samples = simulate({SRC: [(0.0, 0.5)], DST: [(0.503, 2.0)]}, 2.0,
+                       {"host1": 0.001, "host2": 0.002})
+    r = samples[30].readings[SRC]
+    samples[30] = Sample({**samples[30].readings,
+                          SRC: Reading(r.before, r.after, r.vcpu_ns + 18_000_000,
+                                       exiting=True)})
+    samples[31:] = [Sample({q: x for q, x in s.readings.items() if q != SRC})
+                    for s in samples[31:]]
+    assert double_runs(samples) == []
+    samples[30] = Sample({**samples[30].readings,
+                          SRC: Reading(r.before, r.after, r.vcpu_ns + 18_000_000)})
+    assert len(double_runs(samples)) == 1
