@@ -42,15 +42,24 @@ class NetworkCommandFailed(HostUnavailable):
     """An iproute2 command failed on this host (HTTP 502, like other host failures)."""
 
 
-async def run(*argv: str, check: bool = True) -> str:
+async def run(*argv: str, check: bool = True, stdin: bytes | None = None) -> str:
     try:
-        done = await commands.run(*argv, timeout_s=COMMAND_TIMEOUT_S)
+        done = await commands.run(*argv, timeout_s=COMMAND_TIMEOUT_S, stdin=stdin)
     except TimeoutError:
         raise NetworkCommandFailed(f"`{' '.join(argv)}` did not finish in "
                                    f"{COMMAND_TIMEOUT_S:.0f} s") from None
     if check and done.returncode != 0:
         raise NetworkCommandFailed(f"`{' '.join(argv)}` failed: {done.err}")
     return done.out
+
+
+async def run_batch(commands_: list[str]) -> None:
+    """`ip` commands in one process (`ip -batch`), which stops at the first failing."""
+    try:
+        await run("ip", "-batch", "-", stdin="\n".join([*commands_, ""]).encode())
+    except NetworkCommandFailed as exc:
+        raise NetworkCommandFailed(f"`ip {'; ip '.join(commands_)}` failed: "
+                                   f"{exc.problem.split('failed: ', 1)[-1]}") from None
 
 
 async def link_exists(name: str) -> bool:
@@ -238,15 +247,18 @@ class HostNetworks:
                     continue
                 net = self._have[nic.network]
                 tap = tap_name(spec.uuid, nic.name)
+                # One `ip` process per NIC (on a migration's path): `ip -batch` stops
+                # at the first command that fails.
+                lines = [f"link set {tap} mtu {net.mtu} master {net.bridge} up"]
                 if not await link_exists(tap):
-                    await run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
-                    made.append(tap)
-                await run("ip", "link", "set", tap, "mtu", str(net.mtu), "master",
-                          net.bridge, "up")
+                    made.append(tap)  # before: a failed batch may have made it
+                    lines.insert(0, f"tuntap add dev {tap} mode tap")
+                await run_batch(lines)
         except Exception:
             # A VM that does not start leaves none of the taps this call made.
             for tap in made:
-                await run("ip", "link", "delete", tap, check=False)
+                if await link_exists(tap):
+                    await run("ip", "link", "delete", tap, check=False)
             raise
 
     async def unplug(self, spec: VmSpec) -> None:

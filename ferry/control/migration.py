@@ -41,7 +41,7 @@ from ferry.domain.migration import (
     StreamOptions,
     transition,
 )
-from ferry.domain.records import ClientView, MigrationRecord
+from ferry.domain.records import ClientView, HostRecord, MigrationRecord, VmRecord
 from ferry.domain.specs import DiskSpec
 from ferry.domain.streams import encrypt
 from ferry.store import Store
@@ -82,10 +82,13 @@ class Orchestrator:
         return (await self._check(vm_name, target, datastore, options)).refusals
 
     async def _check(self, vm_name: str, target: str, datastore: str | None,
-                     options: StreamOptions) -> _Plan:
-        vm = await self.store.vm(vm_name)
-        host = await self.store.host(target)  # NotFound names the known hosts
-        snaps = await self.inventory.snapshots(exclude_vm=vm_name)
+                     options: StreamOptions, *, vm: VmRecord | None = None,
+                     host: HostRecord | None = None) -> _Plan:
+        """`vm` and `host` (the target): as the caller just read them, if it did."""
+        vm = vm or await self.store.vm(vm_name)
+        host = host or await self.store.host(target)  # NotFound names the known hosts
+        snaps, source = await asyncio.gather(self.inventory.snapshots(exclude_vm=vm_name),
+                                             self.store.host(vm.host))
         snap = next(s for s in snaps if s.name == target)
         spec = vm.spec
         target_disks: tuple[DiskSpec, ...] = ()
@@ -95,7 +98,6 @@ class Orchestrator:
             target_disks, moved = storage.plan_disks(spec, datastore, sees)
             spec = storage.target_spec(spec, target_disks)
         refusals = check_migration(spec, vm.host, snap)
-        source = await self.store.host(vm.host)
         encrypted = encrypt(options.encryption,
                             bool(source.facts and source.facts.migration_tls),
                             bool(host.facts and host.facts.migration_tls))
@@ -109,7 +111,7 @@ class Orchestrator:
             refusals = await storage.check_free_paths(
                 self.agents.client(host), target, storage.copies(target_disks, moved))
         return _Plan(refusals=refusals, target_disks=target_disks, moved_disks=moved,
-                     encrypted=bool(encrypted))
+                     encrypted=bool(encrypted), hosts=(source, host))
 
     async def options_for(self, overrides: Mapping[str, object] | None) -> StreamOptions:
         """The cluster's defaults with a migration's overrides; InvalidInput if bad."""
@@ -137,7 +139,7 @@ class Orchestrator:
         try:
             vm, migrations = await vm_read, await migrations_read
             relocations = await relocations_read
-            await target_read
+            host = await target_read
             options = await options_read
         finally:
             for read in reads:
@@ -157,15 +159,16 @@ class Orchestrator:
             raise Conflict(f"VM {vm_name} is {vm.state}, only a running VM migrates live",
                            f"start it with `ferry vm start {vm_name}`")
         async with self._admit:
-            rec = await self._admit_one(vm_name, vm.host, target, options, datastore, cause)
-        self._spawn(rec.id)
+            rec, hosts = await self._admit_one(vm, host, options, datastore, cause)
+        self._spawn(rec.id, admitted=(rec, *hosts))
         return rec
 
-    async def _admit_one(self, vm_name: str, source: str, target: str,
-                         options: StreamOptions, datastore: str | None,
-                         cause: str | None = None) -> MigrationRecord:
+    async def _admit_one(self, vm: VmRecord, host: HostRecord, options: StreamOptions,
+                         datastore: str | None, cause: str | None = None
+                         ) -> tuple[MigrationRecord, tuple[HostRecord, HostRecord]]:
         """Persist the migration (from here on it reserves the target) and check it; a
         refused one ends FAILED at once and releases the reservation."""
+        vm_name, source, target = vm.name, vm.host, host.name
         now = time.time()
         # Stored already CHECKING (PENDING is only the time it was asked for): one write
         # fewer before the target is prepared.
@@ -177,7 +180,7 @@ class Orchestrator:
         await eventlog.migration_started(self.store, rec)
         await self.bus.changed(rec.id)
         try:
-            plan = await self._check(vm_name, target, datastore, options)
+            plan = await self._check(vm_name, target, datastore, options, vm=vm, host=host)
         except FerryError as exc:
             rec = await self._enter(rec, Phase.ROLLING_BACK, reason=exc.problem,
                                     rollback=RollbackKind.ABANDON)
@@ -192,8 +195,9 @@ class Orchestrator:
         changes: dict[str, object] = {"encrypted": plan.encrypted}
         if plan.moved_disks:
             changes |= {"target_disks": plan.target_disks, "moved_disks": plan.moved_disks}
-        return await self.store.change_migration(
+        rec = await self.store.change_migration(
             rec.id, lambda _: changes, VmChange(name=vm_name, state=VmState.MIGRATING))
+        return rec, plan.hosts
 
     async def cancel(self, migration_id: str) -> MigrationRecord:
         def request(cur: MigrationRecord) -> dict[str, object]:
@@ -295,8 +299,12 @@ class Orchestrator:
         return await self.store.migration(migration_id)
 
     # --- the runner -------------------------------------------------------------------
-    def _spawn(self, migration_id: str, resumed: bool = False) -> None:
-        self._jobs.start(migration_id, lambda: self._run(migration_id, resumed))
+    def _spawn(self, migration_id: str, resumed: bool = False,
+               admitted: tuple[MigrationRecord, HostRecord, HostRecord] | None = None
+               ) -> None:
+        """`admitted`: a new migration as just stored, with its source and target
+        hosts as read when it was checked (not read again)."""
+        self._jobs.start(migration_id, lambda: self._run(migration_id, resumed, admitted))
 
     async def _enter(self, rec: MigrationRecord, phase: Phase, **changes: object
                      ) -> MigrationRecord:
@@ -315,16 +323,23 @@ class Orchestrator:
         await self.bus.changed(rec.id)
         return rec
 
-    async def _job(self, rec: MigrationRecord) -> Job:
-        source, target = await asyncio.gather(self.store.host(rec.source),
-                                              self.store.host(rec.target))
+    async def _job(self, rec: MigrationRecord,
+                   hosts: tuple[HostRecord, HostRecord] | None = None) -> Job:
+        source, target = hosts or await asyncio.gather(self.store.host(rec.source),
+                                                       self.store.host(rec.target))
         return Job(id=rec.id, store=self.store, bus=self.bus,
                    source=self.agents.client(source), target=self.agents.client(target),
                    cancelled=self._jobs.cancel_flag(rec.id))
 
-    async def _run(self, migration_id: str, resumed: bool) -> None:
-        rec = await self.store.migration(migration_id)
-        job = await self._job(rec)
+    async def _run(self, migration_id: str, resumed: bool,
+                   admitted: tuple[MigrationRecord, HostRecord, HostRecord] | None = None
+                   ) -> None:
+        if admitted is None:
+            rec = await self.store.migration(migration_id)
+            job = await self._job(rec)
+        else:
+            rec, source, target = admitted
+            job = await self._job(rec, (source, target))
         # A new migration queues for its slot (cancellable); a resumed one is under way.
         queued = rec.phase is Phase.CHECKING and not resumed
         if not await self._slots.take(rec.source, rec.target, job.cancelled, wait=queued):
@@ -374,7 +389,8 @@ class _Plan(NamedTuple):
     refusals: list[Refusal]
     target_disks: tuple[DiskSpec, ...]
     moved_disks: tuple[DiskSpec, ...]
-    encrypted: bool = False
+    encrypted: bool
+    hosts: tuple[HostRecord, HostRecord]  # source, target as read for the check
 
 
 def merge_options(base: StreamOptions, overrides: Mapping[str, object] | None

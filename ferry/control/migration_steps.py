@@ -36,7 +36,7 @@ from ferry.domain.migration import (
     record_iteration,
     when_source_silent,
 )
-from ferry.domain.records import ActionRecord, MigrationRecord
+from ferry.domain.records import ActionRecord, MigrationRecord, VmRecord
 from ferry.store.store import VmChange
 
 POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
@@ -77,11 +77,12 @@ async def prepare_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
         # that already existed, which is not ours to delete).
         await job.update(created_images=())
         raise
-    rec = await job.update(dest_uri=ready.uri, nbd=ready.nbd)
     job.check_cancel()
     if rec.moved_disks:
+        rec = await job.update(dest_uri=ready.uri, nbd=ready.nbd)
         return await job.enter(rec, Phase.DISK_COPY)
-    return await _start_outgoing(job, rec)
+    # Recorded with PRECOPY: a restart before that undoes PREPARING_TARGET anyway.
+    return await _start_outgoing(job, rec, vm, ready.uri)
 
 
 async def disk_copy(job: Job, rec: MigrationRecord) -> MigrationRecord:
@@ -95,15 +96,18 @@ async def disk_copy(job: Job, rec: MigrationRecord) -> MigrationRecord:
     return await _start_outgoing(job, rec)
 
 
-async def _start_outgoing(job: Job, rec: MigrationRecord) -> MigrationRecord:
+async def _start_outgoing(job: Job, rec: MigrationRecord, vm: VmRecord | None = None,
+                          uri: str | None = None) -> MigrationRecord:
     """PRECOPY is entered only once the source accepted the stream: from then on its
-    QEMU's migration status is about this migration."""
-    assert rec.dest_uri is not None
-    vm = await job.store.vm(rec.vm)
+    QEMU's migration status is about this migration. `vm` as the caller just read it,
+    `uri` the destination's if not recorded yet."""
+    uri = uri or rec.dest_uri
+    assert uri is not None
+    vm = vm or await job.store.vm(rec.vm)
     downtime = initial_downtime_ms(rec.options, vm.spec.memory_mib)
-    await job.source.start_outgoing(rec.vm, rec.id, rec.dest_uri, rec.options, downtime,
+    await job.source.start_outgoing(rec.vm, rec.id, uri, rec.options, downtime,
                                     tls_peer=rec.target if rec.encrypted else None)
-    return await job.enter(rec, Phase.PRECOPY, downtime_limit_ms=downtime)
+    return await job.enter(rec, Phase.PRECOPY, downtime_limit_ms=downtime, dest_uri=uri)
 
 
 async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:

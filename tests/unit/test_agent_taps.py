@@ -23,15 +23,7 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
         NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:01"),
         NicSpec(name="nic1", network="vmnet", mac="52:54:00:00:00:02"))})
     taps: set[str] = set()
-
-    async def run(*argv: str, check: bool = True) -> str:
-        if argv[:3] == ("ip", "tuntap", "add"):
-            taps.add(argv[4])
-        elif argv[:3] == ("ip", "link", "delete"):
-            taps.discard(argv[3])
-        elif argv[:3] == ("ip", "link", "set") and argv[3] == tap_name(spec.uuid, "nic1"):
-            raise FerryError("RTNETLINK answers: No buffer space available")
-        return ""
+    run = _fake_ip(taps, fail_set=tap_name(spec.uuid, "nic1"))
 
     async def link_exists(name: str) -> bool:
         return name in taps
@@ -56,9 +48,28 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
 
 
 def _ok(taps: set[str]) -> Callable[..., Awaitable[str]]:
-    async def run(*argv: str, check: bool = True) -> str:
-        if argv[:3] == ("ip", "tuntap", "add"):
-            taps.add(argv[4])
+    return _fake_ip(taps, fail_set=None)
+
+
+def _fake_ip(taps: set[str], fail_set: str | None) -> Callable[..., Awaitable[str]]:
+    """`ip` (one command, or `-batch -` stopping at the first that fails) on `taps`;
+    `link set` of `fail_set` fails."""
+    def one(words: list[str]) -> None:
+        if words[:2] == ["tuntap", "add"]:
+            taps.add(words[3])
+        elif words[:2] == ["link", "delete"]:
+            taps.discard(words[2])
+        elif words[:2] == ["link", "set"] and words[2] == fail_set:
+            raise FerryError("RTNETLINK answers: No buffer space available")
+
+    async def run(*argv: str, check: bool = True, stdin: bytes | None = None) -> str:
+        assert argv[0] == "ip"
+        if argv[1:] == ("-batch", "-"):
+            assert stdin is not None
+            for line in stdin.decode().splitlines():
+                one(line.split())
+        else:
+            one(list(argv[1:]))
         return ""
     return run
 
