@@ -33,7 +33,7 @@ from ferry.agent.models import (
 )
 from ferry.agent.terms import HEADER, TermFence
 from ferry.domain.errors import FerryError, Forbidden
-from ferry.domain.migration import Progress, SourceStatus
+from ferry.domain.migration import Progress
 from ferry.domain.specs import HostFacts
 from ferry.domain.storage import ImageInfo, MirrorProgress
 from ferry.pki import Role
@@ -165,10 +165,8 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.get("/v1/vms/{name}/migration")
     async def progress(name: str, wait_s: float = Query(0.0, ge=0, le=10)) -> Progress:
-        progress = await host.progress(name, wait_s)
-        if progress.status is SourceStatus.COMPLETED:
-            memory.outgoing_completed(name)
-        return progress
+        return await host.progress(name, wait_s,
+                                   completed=lambda: memory.outgoing_completed(name))
 
     @app.post("/v1/vms/{name}/migration/tune")
     async def tune(name: str, body: Tune) -> Progress:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -526,8 +527,10 @@ class HostRuntime:
             self.faults.reach(FaultStage.POSTCOPY, name, rec.process.pid)
         return await rec.monitor.query_migrate()
 
-    async def progress(self, name: str, wait_s: float) -> Progress:
-        """query-migrate, after the next migration event or wait_s, whichever first."""
+    async def progress(self, name: str, wait_s: float,
+                       completed: Callable[[], None] | None = None) -> Progress:
+        """query-migrate, after the next migration event or wait_s, whichever first;
+        `completed` is called the moment QEMU says the stream completed."""
         rec = self._get(name)
         if rec.monitor is None or rec.process.state is not ProcessState.RUNNING:
             raise NotRunning(f"VM {name} has no running QEMU on {self.config.name}")
@@ -536,13 +539,10 @@ class HostRuntime:
                 await asyncio.wait_for(rec.monitor.migration_events.get(), wait_s)
             rec.monitor.migration_events.clear()
         progress = await rec.monitor.query_migrate()
-        for _ in range(500):
-            # QEMU says 'completed' a moment before it fills in total-time and downtime
-            # (the guest is paused on both hosts meanwhile: ask again soon).
-            if progress.status is not SourceStatus.COMPLETED or progress.elapsed_ms > 0:
-                break
-            await asyncio.sleep(0.002)
-            progress = await rec.monitor.query_migrate()
+        if progress.status is SourceStatus.COMPLETED:
+            if completed is not None:
+                completed()
+            progress = await rec.monitor.completed_stats(progress)
         if progress.status is SourceStatus.ACTIVE:
             self.faults.reach(FaultStage.PRECOPY_PASS, name, rec.process.pid,
                               progress.dirty_sync_count)

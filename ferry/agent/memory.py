@@ -83,7 +83,9 @@ class GuestMemory:
         if name in self._outgoing:
             self._outgoing.discard(name)
             with contextlib.suppress(FerryError):
-                self._start(name)
+                # QEMU stopped the guest before it said so (and runs it again only on
+                # a `cont`, which the digests' monitor counts): no need to ask it.
+                self._start(name, stopped=True)
 
     def expect_incoming(self, name: str, options: StreamOptions) -> None:
         """A destination listens: digest its RAM the moment the stream is received."""
@@ -108,7 +110,7 @@ class GuestMemory:
                 status = data.get("status") if isinstance(data, dict) else None
                 if status == "completed":
                     if rec.never_ran:
-                        self._start(name)
+                        self._start(name, stopped=False)
                     return
                 if status in ("failed", "cancelled", "postcopy-active"):
                     return
@@ -118,11 +120,16 @@ class GuestMemory:
             if self._watches.get(name) is asyncio.current_task():
                 del self._watches[name]
 
-    def _start(self, name: str) -> None:
+    def _start(self, name: str, stopped: bool) -> None:
+        """Digests of the RAM from now on; `stopped`: the guest is known to be paused,
+        else QEMU is asked first."""
         rec = self._host.vm_record(name)
         if rec.monitor is None or rec.process.pid is None:
             return
-        task = asyncio.create_task(self._whole_if_paused(name, rec.monitor, rec.process.pid))
+        pid = rec.process.pid
+        work = self._whole(name, pid) if stopped else \
+            self._whole_if_paused(name, rec.monitor, pid)
+        task = asyncio.create_task(work)
         task.add_done_callback(_quiet)
         self._early[name] = _Early(rec.monitor, rec.process.pid, rec.monitor.conts, task)
 

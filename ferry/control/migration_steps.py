@@ -499,8 +499,10 @@ async def _settle_dead_target(job: Job, rec: MigrationRecord, problem: str,
 async def finish(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The destination runs: tear the source down (and, without shared storage, end
     the mirrors and delete the copied disks' old images)."""
-    # Recorded first: a restart must never take a source stopped by us for one lost.
-    rec = await job.update(finishing=True)
+    # Recorded first: a restart in post-copy must never take a source stopped by us for
+    # one lost (RESUMING_TARGET's restart only runs the destination and stops the source).
+    if rec.phase is Phase.POSTCOPY:
+        rec = await job.update(finishing=True)
     if rec.moved_disks:
         problems = await storage.finish(rec, job.source, job.target)
         return await job.enter(rec, Phase.COMPLETED, reason="; ".join(problems) or None)

@@ -149,6 +149,17 @@ class Monitor:
     async def query_migrate(self) -> Progress:
         return progress_from_reply(await self.execute("query-migrate"))
 
+    async def completed_stats(self, progress: Progress, within_s: float = 1.0) -> Progress:
+        """A completed migration's stats once QEMU filled in total-time and downtime: it
+        says 'completed' a moment before (the guest is paused on both hosts meanwhile:
+        asked again every 2 ms, for at most `within_s`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while progress.elapsed_ms == 0 and loop.time() < deadline:
+            await asyncio.sleep(0.002)
+            progress = await self.query_migrate()
+        return progress
+
 
 def progress_from_reply(reply: Mapping[str, Any]) -> Progress:
     """query-migrate's loosely shaped reply as a typed Progress."""
