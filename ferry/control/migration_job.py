@@ -39,6 +39,17 @@ class Job:
     source: AgentClient
     target: AgentClient
     cancelled: asyncio.Event
+    # The record as this job last wrote it: its next write is tried against it without
+    # reading it first (the store's compare-and-set catches another writer meanwhile).
+    last: MigrationRecord | None = None
+
+    def _expected(self, rec: MigrationRecord | None = None) -> MigrationRecord | None:
+        known = [r for r in (rec, self.last) if r is not None]
+        return max(known, key=lambda r: r.version, default=None)
+
+    def _wrote(self, rec: MigrationRecord) -> MigrationRecord:
+        self.last = rec
+        return rec
 
     async def enter(self, rec: MigrationRecord, phase: Phase, *, vm: VmChange | None = None,
                     unless_cancelled: bool = False, **changes: object) -> MigrationRecord:
@@ -55,7 +66,8 @@ class Job:
             return {"phase": phase, "phase_times": cur.phase_times | {phase.value: now},
                     **changes}
 
-        rec = await self.store.change_migration(rec.id, change, vm)
+        rec = self._wrote(await self.store.change_migration(rec.id, change, vm,
+                                                            self._expected(rec)))
         log.info("migration %s of %s: %s", rec.id, rec.vm, phase)
         if phase.terminal:
             await eventlog.migration_ended(self.store, rec)
@@ -63,13 +75,15 @@ class Job:
         return rec
 
     async def update(self, **changes: object) -> MigrationRecord:
-        rec = await self.store.update_migration(self.id, **changes)
+        rec = self._wrote(await self.store.update_migration(
+            self.id, expected=self._expected(), **changes))
         await self.bus.changed(self.id)
         return rec
 
     async def change(self, change: Callable[[MigrationRecord], dict[str, object]],
                      vm: VmChange | None = None) -> MigrationRecord:
-        rec = await self.store.change_migration(self.id, change, vm)
+        rec = self._wrote(await self.store.change_migration(self.id, change, vm,
+                                                            self._expected()))
         await self.bus.changed(self.id)
         return rec
 

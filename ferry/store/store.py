@@ -243,16 +243,28 @@ class Store:
 
     async def _update_job(self, row_type: type[JobRow], model: type[Job], job_id: str,
                           change: Change[Job], kind: str,
-                          also: Callable[[AsyncSession], Awaitable[None]] | None = None
-                          ) -> Job:
+                          also: Callable[[AsyncSession], Awaitable[None]] | None = None,
+                          expected: Job | None = None) -> Job:
         """Apply `change` to the job as stored now, atomically: the write happens only if
         no other write came in between (compare-and-set on the version), else the change
-        is applied again to the newer record. `also` runs in the same transaction."""
+        is applied again to the newer record. `also` runs in the same transaction.
+        `expected`: the record as the store last returned it to the caller (a version
+        names one content), tried first without reading it again: the compare-and-set
+        tells whether it was still the stored one."""
+        current = expected if expected is not None and expected.id == job_id else None
         for _ in range(CAS_ATTEMPTS):
             token = self._token()
-            current = await self._read_job(row_type, model, job_id, kind)
+            if current is None:
+                current = await self._read_job(row_type, model, job_id, kind)
+                changes = change(current)
+            else:
+                try:
+                    changes = change(current)
+                except Exception:  # judged on a copy that may be old: judge the stored one
+                    current = None
+                    continue
             record = model.model_validate(
-                current.model_dump() | change(current) | {"version": current.version + 1})
+                current.model_dump() | changes | {"version": current.version + 1})
             async with self._session.begin() as s:
                 where = [row_type.id == job_id, row_type.version == current.version]
                 if token is not None:
@@ -268,6 +280,7 @@ class Store:
                     return record
                 if token is not None and (now := await current_token(s)) != token:
                     raise fenced(token, now)
+            current = None
         raise Conflict(f"{kind} {job_id} kept changing while being updated",
                        "retry the request")
 
@@ -300,22 +313,25 @@ class Store:
             ids: Sequence[str] = (await s.scalars(query)).all()
         return [await self.migration(i) for i in ids]
 
-    async def update_migration(self, migration_id: str, **changes: Any) -> MigrationRecord:
+    async def update_migration(self, migration_id: str, *,
+                               expected: MigrationRecord | None = None,
+                               **changes: Any) -> MigrationRecord:
         """Set fields on the migration as stored now (atomic, see change_migration)."""
         return await self._update_job(MigrationRow, MigrationRecord, migration_id,
-                                      lambda _: changes, "migration")
+                                      lambda _: changes, "migration", expected=expected)
 
     async def change_migration(self, migration_id: str, change: Change[MigrationRecord],
-                               vm: VmChange | None = None) -> MigrationRecord:
+                               vm: VmChange | None = None,
+                               expected: MigrationRecord | None = None) -> MigrationRecord:
         """Apply `change` to the migration as stored now; with `vm`, change the VM's row
         in the same transaction (the switch: the job's phase and the VM's location move
-        together or not at all)."""
+        together or not at all). `expected`: see _update_job."""
         also = None
         if vm is not None:
             async def also(s: AsyncSession) -> None:
                 _apply_vm_change(await s.get(VmRow, vm.name, with_for_update=True), vm)
         return await self._update_job(MigrationRow, MigrationRecord, migration_id, change,
-                                      "migration", also)
+                                      "migration", also, expected)
 
     async def add_iteration(self, migration_id: str, iteration: Iteration) -> None:
         async with self._session.begin() as s:

@@ -124,6 +124,38 @@ async def test_a_write_in_between_makes_the_change_apply_again_to_the_newer_reco
     assert rec.cancel_requested and not rec.postcopy_started and rec.version == 2
 
 
+async def test_a_write_against_the_expected_record_reads_only_if_it_was_not_current(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = await store.add_migration(pending())
+    read = store._read_job
+    reads: list[int] = []
+
+    async def counted(*args: Any) -> Any:
+        reads.append(1)
+        return await read(*args)
+    monkeypatch.setattr(store, "_read_job", counted)
+    rec = await store.update_migration("m1", expected=rec, reason="a")
+    assert (rec.version, rec.reason, len(reads)) == (1, "a", 0)  # no read needed
+    # another writer in between: the stale copy's write misses, the stored one is read
+    await store.update_migration("m1", cancel_requested=True)
+    reads.clear()
+
+    def start_postcopy(cur: MigrationRecord) -> dict[str, Any]:
+        return {} if cur.cancel_requested else {"postcopy_started": True}
+    rec = await store.change_migration("m1", start_postcopy, expected=rec)
+    assert rec.cancel_requested and not rec.postcopy_started and rec.version == 3
+    assert len(reads) == 1
+    # a change that refuses the stale copy is judged again on the stored record
+    stale = rec.model_copy(update={"phase": Phase.FAILED})
+
+    def leave_pending(cur: MigrationRecord) -> dict[str, Any]:
+        if cur.phase is not Phase.PENDING:
+            raise Conflict("not pending")
+        return {"phase": Phase.CHECKING}
+    rec = await store.change_migration("m1", leave_pending, expected=stale)
+    assert rec.phase is Phase.CHECKING and rec.version == 4
+
+
 async def test_a_phase_never_moves_back_from_a_stale_copy(tmp_path: Path, db_url: str
                                                           ) -> None:
     cluster = await FakeCluster.open(tmp_path, db_url=db_url)
