@@ -171,8 +171,10 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             raise RollBack(f"destination QEMU on {rec.target} is {dest.state}")
         if best_remaining is None or progress.remaining_bytes < best_remaining:
             best_remaining, best_at = progress.remaining_bytes, now
+        raised = [a.at_ms for a in rec.actions if a.kind == ActionKind.RAISE_DOWNTIME.value]
         state = ConvergenceState(
             elapsed_s=now - began, since_progress_s=now - best_at,
+            since_raise_s=now - began - max(raised) / 1000 if raised else None,
             memory_mib=vm.spec.memory_mib, iterations=tuple(iterations),
             progress=progress, postcopy=False,
             downtime_ms=rec.downtime_limit_ms or rec.options.initial_downtime_ms,

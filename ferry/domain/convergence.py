@@ -48,6 +48,11 @@ DIRTY_SHARE = 0.6  # a pass that leaves 60 % of what it sent dirty is losing
 NOVA_STEPS = 10
 NOVA_STEP_S_PER_GIB = 75.0
 STALLED = 0.9  # a dirty set that keeps 90 % of itself per pass is not shrinking
+# A raised limit is held this long (at most a tenth of the budget left) before the next
+# raise: the dirty set of short passes jitters, and QEMU switches at the first dip that
+# fits (Nova, sitting at its 50 ms first step, caught dips Ferry had raised past).
+RAISE_HOLD_S = 5.0
+RAISE_STEP = 2  # a raise at most doubles the limit
 
 
 class ActionKind(StrEnum):
@@ -78,6 +83,7 @@ class ConvergenceState(Frozen):
     downtime_ms: int  # the limit currently set
     throttle_pct: int  # the throttle ceiling currently set (0: none)
     postcopy: bool  # post-copy already started
+    since_raise_s: float | None = None  # since the policy last raised the limit
 
 
 def decide(state: ConvergenceState, options: StreamOptions) -> Action:
@@ -145,12 +151,19 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
         finish = projected_finish_s(state.iterations, p_dirty, rate, state.downtime_ms)
         if finish is not None and finish <= budget_left:
             return CONTINUE
+        if state.since_raise_s is not None and \
+                state.since_raise_s < min(RAISE_HOLD_S, max(0.0, budget_left) / 10):
+            return CONTINUE  # give the last raise its chance at a dip first
         # The dirty set of short passes jitters around a floor: a limit just above the
         # smallest recent set switches at the next dip, with the shortest pause; once
-        # the limit is there already, a step to what the latest set needs.
+        # the limit is there already, a step to what the latest set needs. At most a
+        # doubling while that stays below what the latest set needs (a lower limit may
+        # yet catch a dip; one at the set's size would leave QEMU no margin).
         recent = [it.remaining_bytes for it in state.iterations[1:][-4:]]
         snug = math.ceil(min(recent) / rate * 1000 * 1.1) + 5
         target = snug if snug > state.downtime_ms else math.ceil(needed_ms * 1.25) + 10
+        if RAISE_STEP * state.downtime_ms < needed_ms:
+            target = min(target, RAISE_STEP * state.downtime_ms)
         target = min(options.max_downtime_ms, target)
         late = ("the dirty set stopped shrinking" if finish is None
                 else f"pre-copy would need {finish:.0f} s, {budget_left:.0f} s left")

@@ -35,13 +35,14 @@ def its(*remaining_mib: int) -> tuple[Iteration, ...]:
 def state(remaining_mib: int = 100, dirty_mib_s: float = 10, link_mib_s: float = 25,
           iterations: tuple[Iteration, ...] = its(256, 120), elapsed: float = 10,
           since: float = 0, downtime: int = 300, throttle: int = 0, postcopy: bool = False,
-          memory: int = 256) -> ConvergenceState:
+          memory: int = 256, since_raise: float | None = None) -> ConvergenceState:
     progress = Progress(status=SourceStatus.ACTIVE, remaining_bytes=remaining_mib * MIB,
                         dirty_pages_rate=int(dirty_mib_s * MIB / 4096),
                         mbps=link_mib_s * MIB * 8 / 1e6)
     return ConvergenceState(elapsed_s=elapsed, since_progress_s=since, memory_mib=memory,
                             iterations=iterations, progress=progress, downtime_ms=downtime,
-                            throttle_pct=throttle, postcopy=postcopy)
+                            throttle_pct=throttle, postcopy=postcopy,
+                            since_raise_s=since_raise)
 
 
 FERRY = StreamOptions()
@@ -163,11 +164,32 @@ def test_ferry_keeps_the_low_limit_while_pre_copy_converges() -> None:
 
 
 def test_ferry_raises_the_limit_once_the_dirty_set_stops_shrinking() -> None:
-    stuck = state(dirty_mib_s=5, link_mib_s=25, iterations=its(256, 40, 10, 10),
-                  downtime=50)
-    action = decide(stuck, FERRY)
-    assert action.kind is ActionKind.RAISE_DOWNTIME and action.value is not None
-    assert 400 < action.value <= 500 and "stopped shrinking" in action.reason
+    # 10 MiB at 25 MiB/s needs 400 ms: a doubling at a time, each held a while
+    limit, at, raised = 50, 0.0, []
+    for _ in range(20):
+        stuck = state(dirty_mib_s=5, link_mib_s=25, iterations=its(256, 40, 10, 10),
+                      downtime=limit, since_raise=None if not raised else 1.0 * at)
+        action = decide(stuck, FERRY)
+        if action.kind is ActionKind.RAISE_DOWNTIME:
+            assert action.value is not None and "stopped shrinking" in action.reason
+            assert action.value <= 2 * limit or 2 * limit >= 400  # doubling, or the fit
+            limit, at = action.value, 0.0
+            raised.append(limit)
+        at += 1.0  # a second per pass
+    # the last step is not capped at the set's own 400 ms: QEMU needs a margin
+    assert raised[:2] == [100, 200] and 400 < raised[-1] <= 500, raised
+
+
+def test_a_raised_limit_is_held_a_while_before_the_next() -> None:
+    stuck = its(256, 40, 10, 10)
+    held = state(dirty_mib_s=5, iterations=stuck, downtime=100, since_raise=2.0)
+    assert decide(held, FERRY).kind is ActionKind.CONTINUE
+    after = state(dirty_mib_s=5, iterations=stuck, downtime=100, since_raise=6.0)
+    assert decide(after, FERRY).kind is ActionKind.RAISE_DOWNTIME
+    # with little of the budget left the hold is shorter (a tenth of what is left)
+    late = state(dirty_mib_s=5, iterations=stuck, downtime=100, since_raise=1.0,
+                 elapsed=completion_deadline_s(256, FERRY) - 5)
+    assert decide(late, FERRY).kind is ActionKind.RAISE_DOWNTIME
 
 
 def test_ferry_raises_the_limit_when_the_budget_is_too_short_for_more_passes() -> None:
@@ -325,12 +347,18 @@ def test_ferry_raises_a_fitting_limit_only_when_pre_copy_would_not_finish_in_tim
 def test_a_stalled_set_gets_a_limit_just_above_its_recent_floor() -> None:
     # Short passes leave 2 to 3 MiB dirty, jittering, at 25 MiB/s: 80-120 ms. A limit
     # snug above the floor (2 MiB: 80 ms) switches at the next dip with the shortest
-    # pause; a second raise (the limit already there) steps to what the latest needs.
+    # pause; a next raise (the limit already there) steps to what the latest needs.
+    # From 25 ms the first raise stops at 50 (a dip may fit there, as Nova's first step
+    # caught them), held a while, then snug above the floor.
     jitter = its(256, 100, 40, 3, 2, 3, 3, 3)
     first = decide(state(dirty_mib_s=12, iterations=jitter, downtime=25), FERRY)
-    assert first.kind is ActionKind.RAISE_DOWNTIME and first.value is not None
-    assert 80 < first.value <= 95, first
-    again = decide(state(dirty_mib_s=12, iterations=jitter, downtime=first.value), FERRY)
+    assert first.kind is ActionKind.RAISE_DOWNTIME and first.value == 50, first
+    snug = decide(state(dirty_mib_s=12, iterations=jitter, downtime=first.value,
+                        since_raise=10), FERRY)
+    assert snug.kind is ActionKind.RAISE_DOWNTIME and snug.value is not None
+    assert 80 < snug.value <= 95, snug
+    again = decide(state(dirty_mib_s=12, iterations=jitter, downtime=snug.value,
+                         since_raise=10), FERRY)
     assert again.kind is ActionKind.RAISE_DOWNTIME and again.value is not None
     assert 120 < again.value <= 160, again
 
