@@ -42,24 +42,26 @@ class NetworkCommandFailed(HostUnavailable):
     """An iproute2 command failed on this host (HTTP 502, like other host failures)."""
 
 
-async def run(*argv: str, check: bool = True, stdin: bytes | None = None) -> str:
+async def run(*argv: str, check: bool = True, stdin: bytes | None = None,
+              shown: str | None = None) -> str:
+    """`shown`: how errors name the command (default: argv)."""
+    shown = shown or " ".join(argv)
     try:
         done = await commands.run(*argv, timeout_s=COMMAND_TIMEOUT_S, stdin=stdin)
     except TimeoutError:
-        raise NetworkCommandFailed(f"`{' '.join(argv)}` did not finish in "
+        raise NetworkCommandFailed(f"`{shown}` did not finish in "
                                    f"{COMMAND_TIMEOUT_S:.0f} s") from None
     if check and done.returncode != 0:
-        raise NetworkCommandFailed(f"`{' '.join(argv)}` failed: {done.err}")
+        raise NetworkCommandFailed(f"`{shown}` failed: {done.err}")
     return done.out
 
 
 async def run_batch(commands_: list[str]) -> None:
-    """`ip` commands in one process (`ip -batch`), which stops at the first failing."""
-    try:
-        await run("ip", "-batch", "-", stdin="\n".join([*commands_, ""]).encode())
-    except NetworkCommandFailed as exc:
-        raise NetworkCommandFailed(f"`ip {'; ip '.join(commands_)}` failed: "
-                                   f"{exc.problem.split('failed: ', 1)[-1]}") from None
+    """`ip` commands in one process (`ip -batch`), which stops at the first failing.
+    One command per line: their words must hold no newline (callers build them from
+    hashes, numbers and bridge names of numbers, nothing a request body spells)."""
+    await run("ip", "-batch", "-", stdin="\n".join([*commands_, ""]).encode(),
+              shown="ip " + "; ip ".join(commands_))
 
 
 async def link_exists(name: str) -> bool:

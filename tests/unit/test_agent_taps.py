@@ -62,7 +62,8 @@ def _fake_ip(taps: set[str], fail_set: str | None) -> Callable[..., Awaitable[st
         elif words[:2] == ["link", "set"] and words[2] == fail_set:
             raise FerryError("RTNETLINK answers: No buffer space available")
 
-    async def run(*argv: str, check: bool = True, stdin: bytes | None = None) -> str:
+    async def run(*argv: str, check: bool = True, stdin: bytes | None = None,
+                  shown: str | None = None) -> str:
         assert argv[0] == "ip"
         if argv[1:] == ("-batch", "-"):
             assert stdin is not None
