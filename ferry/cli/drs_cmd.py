@@ -192,8 +192,10 @@ def register(host_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
             wait: Annotated[bool, typer.Option(
                 help="follow the evacuation until every VM has moved")] = True,
             url: UrlOpt = None, json_out: JsonOpt = False) -> None:
-        """Enter maintenance: evacuate the host's VMs by live migration (spread by DRS, in
-        parallel); refused with the reason when the other hosts lack room."""
+        """Enter maintenance: evacuate the host's VMs by live migration.
+
+        The VMs are spread by DRS, in parallel; refused with the reason when the other
+        hosts lack room."""
         client = connect(url)
         result = client.call("POST", f"/v1/hosts/{name}/maintenance", on=not off)
         if json_out:

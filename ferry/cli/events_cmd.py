@@ -52,9 +52,10 @@ def register(app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
                 "happen, until Ctrl-C (server-sent events, resumed if the connection "
                 "drops)")] = False,
             url: UrlOpt = None, json_out: JsonOpt = False) -> None:
-        """The event log: migrations started and ended, convergence levers, DRS moves,
-        relocations, HA restarts, every action taken through the API and every request
-        refused, each with when, what, why and which token caused it.
+        """The event log: what happened, when, why and which token caused it.
+
+        Migrations started and ended, convergence levers, DRS moves, relocations, HA
+        restarts, every action taken through the API and every request refused.
 
         Without --follow the newest come first; with --follow, oldest first as a log.
         """

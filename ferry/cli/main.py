@@ -122,8 +122,9 @@ def init(db: Annotated[str, typer.Option(help=DB_HELP)] =
          ] = None,
          token_file: Annotated[Path | None, typer.Option(
              help="also write the admin token to this file (0600)")] = None) -> None:
-    """Create a cluster: its CA, the control plane's certificate and a first admin token
-    (printed once; only its hash is stored)."""
+    """Create a cluster: its CA, the control plane's certificate and a first admin token.
+
+    The token is printed once; only its hash is stored."""
     from ferry.control.bootstrap import init_cluster
     token = init_cluster(db, ControlPki(pki), tuple(address or ()), token_file)
     if token is None:

@@ -162,8 +162,9 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
                  "a write during pre-copy)")] = None,
         url: UrlOpt = None, json_out: JsonOpt = False,
     ) -> None:
-        """Live-migrate a running VM to another host (vMotion). Options not given come
-        from the cluster's policy (`ferry policy show`)."""
+        """Live-migrate a running VM to another host (vMotion).
+
+        Options not given come from the cluster's policy (`ferry policy show`)."""
         client = connect(url)
         if check_only:
             result = client.call("POST", "/v1/migrations/check", {
@@ -214,9 +215,10 @@ def register(vm_app: typer.Typer, handle_errors: Callable[..., Any]) -> None:
     @handle_errors
     def migration_show(migration_id: str, url: UrlOpt = None, json_out: JsonOpt = False
                        ) -> None:
-        """One migration: stage timestamps, every pre-copy pass, the levers pulled, and
-        its downtime as QEMU measured it and, when the lab's echo client measured it, as
-        a client saw it (longest gap in echo replies, whether TCP survived)."""
+        """One migration: its stages, pre-copy passes, levers pulled and downtime.
+
+        Downtime as QEMU measured it and, when the lab's echo client measured it, as a
+        client saw it (longest gap in echo replies, whether TCP survived)."""
         rec = connect(url).call("GET", f"/v1/migrations/{migration_id}")
         if json_out:
             print_json(rec)

@@ -92,6 +92,7 @@ def register(handle_errors: Callable[..., Any]) -> None:
         url: UrlOpt = None, json_out: JsonOpt = False,
     ) -> None:
         """Schedule an action, e.g. `ferry schedule add "0 2 * * *" migrate web1 host2`.
+
         The cron is checked and the VM, host or datastore must exist now."""
         body = {"cron": cron, "action": parse_action(action), "tz": tz,
                 "missed": missed.value, "grace_s": grace}

@@ -64,8 +64,9 @@ def register(app: typer.Typer, host_app: typer.Typer,
     def join_token(host: Annotated[str, typer.Argument(help="name the host will have")],
                    ttl: Annotated[str, typer.Option(help="valid for, e.g. 1h")] = "1h",
                    url: UrlOpt = None) -> None:
-        """A one-time token with which a new host enrols (put it in its agent config as
-        join_token, with control_url and control_ca)."""
+        """A one-time token with which a new host enrols.
+
+        Put it in the host's agent config as join_token, with control_url and control_ca."""
         out = connect(url).call("POST", "/v1/join-tokens",
                                 {"host": host, "ttl_s": parse_duration_ms(ttl) // 1000})
         console.print(f"join token for {host}, valid {out['expires_in_s']} s, usable once:")
