@@ -49,8 +49,9 @@ Ferry's default "ferry" convergence policy starts with a lower downtime limit (a
 twentieth of its 500 ms maximum) than raw QEMU's 300 ms and raises it only when pre-copy would not
 otherwise finish in its budget; it may also throttle the guest; raw QEMU does none of
 that. `--ferry-policy qemu` makes Ferry run exactly the raw stream settings, so the
-difference is orchestration alone. Each Ferry run records the levers its policy pulled
-(JSON: ferry_levers, throttle_pct, downtime_limit_ms).
+difference is orchestration alone (with Ferry's memory check, on under TCG; add
+`--ferry-verify-memory off` to leave it out too). Each Ferry run records the levers its
+policy pulled (JSON: ferry_levers, throttle_pct, downtime_limit_ms).
 
 After every migration the destination must print a heartbeat with seq > seq_before + 1;
 its mem_errors + disk_errors count as integrity errors. A run fails when its migration
@@ -107,6 +108,7 @@ from common import (
 from ferry.cli.client import Client, lab_client
 from ferry.cli.demo import probe_spec
 from ferry.domain.errors import FerryError
+from ferry.domain.memory_check import VerifyMemory
 from ferry.domain.migration import Phase, PolicyKind, SourceStatus
 from ferry.domain.probe import Heartbeat, last_heartbeat
 from ferry.domain.specs import VmSpec
@@ -161,7 +163,8 @@ def ferry_run(client: Client, config: LabConfig, args: argparse.Namespace, run: 
         run.seq_before = before.seq
         # Raw QEMU streams in the clear; so does Ferry here unless asked otherwise
         # (bench/tls_cost.py measures what TLS costs).
-        options: dict[str, Any] = {"encryption": args.ferry_encryption}
+        options: dict[str, Any] = {"encryption": args.ferry_encryption,
+                                   "verify_memory": args.ferry_verify_memory}
         if args.ferry_policy:
             options["policy"] = args.ferry_policy
         request: dict[str, Any] = {"vm": vm, "target": run.target, "options": options}
@@ -474,6 +477,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ferry-encryption", choices=("disabled", "required"),
                    default="disabled", help="Ferry's stream encryption (default disabled, "
                    "as raw QEMU; bench/tls_cost.py measures TLS)")
+    p.add_argument("--ferry-verify-memory", choices=[v.value for v in VerifyMemory],
+                   default=VerifyMemory.AUTO.value,
+                   help="Ferry's memory check before the guest runs on the target "
+                   "(default auto: on under TCG; off measures what it costs)")
     args = p.parse_args(argv)
     check_guest_args(p, args)
     if args.runs < 1:
