@@ -45,10 +45,6 @@ from ferry.wire import error_from_response
 
 T = TypeVar("T")
 GET_ATTEMPTS = 3
-# An idle connection to an agent is kept this long (httpx: 5 s): a new one costs a TLS
-# handshake on both ends, 5-10 ms of a migration step on a loaded host. The agent keeps
-# it open longer (agent/main.py KEEPALIVE_S): never closed as a request is sent on it.
-KEEPALIVE_S = 30.0
 
 
 class AgentClient:
@@ -64,8 +60,7 @@ class AgentClient:
         self._http = httpx.AsyncClient(base_url=base_url,
                                        timeout=httpx.Timeout(timeout_s, connect=3.0),
                                        transport=transport, trust_env=False,
-                                       verify=verify, limits=httpx.Limits(
-                                           keepalive_expiry=KEEPALIVE_S))
+                                       verify=verify)
 
     async def aclose(self) -> None:
         await self._http.aclose()

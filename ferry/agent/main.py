@@ -24,9 +24,6 @@ from ferry.pki import HostTls
 from ferry.pki.serve import tls_config
 
 log = logging.getLogger("ferry.agent")
-# Longer than the control plane keeps an idle connection (ferry/agent/client.py
-# KEEPALIVE_S), so the agent never closes one just as a request is sent on it.
-KEEPALIVE_S = 60
 
 
 async def heartbeat_loop(host: HostRuntime, tls: HostTls) -> None:
@@ -83,8 +80,7 @@ async def serve(config: AgentConfig) -> None:
         start_watchdog(config)
     server = uvicorn.Server(tls_config(create_app(host), config.listen_host,
                                        config.listen_port, ca=tls.ca_cert, cert=tls.cert,
-                                       key=tls.key, require_client_cert=True,
-                                       keep_alive_s=KEEPALIVE_S))
+                                       key=tls.key, require_client_cert=True))
     beat = asyncio.create_task(heartbeat_loop(host, tls))
     isolation = asyncio.create_task(host.isolation.run())
     loop = asyncio.get_running_loop()
