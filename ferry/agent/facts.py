@@ -88,7 +88,8 @@ def takes_direct_io(directory: str) -> bool:
 
 
 def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
-               used_memory_mib: int, networks: dict[str, str]) -> HostFacts:
+               used_memory_mib: int, networks: dict[str, str],
+               network_mtu_max: int | None = None) -> HostFacts:
     total, free = meminfo_mib()
     capacity = config.memory_mib or total
     datastores = []
@@ -104,5 +105,5 @@ def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
         cpu_models=qemu.cpu_models, qemu_version=qemu.version,
         machine_types=qemu.machine_types, machine_aliases=qemu.machine_aliases,
         datastores=tuple(datastores), networks=tuple(networks),
-        network_digests=networks,
+        network_digests=networks, network_mtu_max=network_mtu_max,
         migration_tls=HostTls(config.tls_path).enrolled())

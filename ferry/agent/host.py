@@ -109,6 +109,7 @@ class HostRuntime:
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.networks.load()
         await self.networks.restore_filter()
+        await self.networks.probe_underlay()
         self._qemu = await probe_qemu(self.accel)
         await self._adopt()
         if self.leases is not None:
@@ -156,7 +157,8 @@ class HostRuntime:
         assert self._qemu is not None, "setup() not run"
         used = sum(r.spec.memory_mib for r in self._vms.values()
                    if r.process.state is ProcessState.RUNNING)
-        return host_facts(self.config, self.accel, self._qemu, used, self.networks.digests())
+        return host_facts(self.config, self.accel, self._qemu, used, self.networks.digests(),
+                          self.networks.max_mtu)
 
     # --- inspection ------------------------------------------------------------
     def record(self, name: str) -> VmRecord | None:

@@ -64,6 +64,19 @@ async def run_batch(commands_: list[str]) -> None:
               shown="ip " + "; ip ".join(commands_))
 
 
+def _no_ipv6(dev: str) -> None:
+    """No address of this host on a VM network: without it a bridge that is up gets an
+    IPv6 link-local one, through which every guest on the segment reaches the host's
+    services listening on `::`. (This process's /proc/sys/net is its namespace's.)"""
+    path = Path("/proc/sys/net/ipv6/conf") / dev / "disable_ipv6"
+    try:
+        path.write_text("1\n")
+    except FileNotFoundError:
+        return  # IPv6 is off in this kernel: nothing to take away
+    except OSError as exc:
+        raise NetworkCommandFailed(f"cannot turn IPv6 off on {dev}: {exc}") from exc
+
+
 async def link_exists(name: str) -> bool:
     """Whether this network namespace has a link `name` (asked of the kernel directly:
     no `ip` process on a migration's path)."""
@@ -89,6 +102,7 @@ class HostNetworks:
         self.state_file = state_file
         self._have: dict[str, HostNetwork] = {}
         self._lock = asyncio.Lock()
+        self.max_mtu: int | None = None  # probe_underlay: unknown until probed
 
     def load(self) -> None:
         try:
@@ -119,26 +133,42 @@ class HostNetworks:
         names = [n.name for n in wanted]
         if len(set(names)) != len(names) or len({n.vni for n in wanted}) != len(wanted):
             raise InvalidInput("networks must have unique names and VNIs")
+        by_name = {n.name: n for n in wanted}
         results = []
         async with self._lock:
+            # Stale networks go first: devices are named after the VNI, and a network
+            # created while this host was away may have been given a deleted one's VNI.
+            kept: dict[int, str] = {}  # VNI -> the stale network still holding it
+            for old in [n for n in self._have.values()
+                        if n.name not in by_name or by_name[n.name].vni != n.vni]:
+                try:
+                    await self._remove(old)
+                    del self._have[old.name]
+                    if old.name not in by_name:
+                        results.append(NetworkResult(name=old.name, ok=True))
+                except FerryError as exc:
+                    kept[old.vni] = old.name
+                    if old.name not in by_name:
+                        results.append(NetworkResult(name=old.name, ok=False,
+                                                     error=str(exc)))
+                    else:
+                        log.warning("network %s: %s", old.name, exc)
             for net in wanted:
                 try:
-                    old = self._have.get(net.name)
-                    if old is not None and old.vni != net.vni:
-                        await self._remove(old)
+                    if net.name in self._have and self._have[net.name].vni != net.vni:
+                        raise Conflict(f"network {net.name} still has VNI "
+                                       f"{self._have[net.name].vni} on this host, used by "
+                                       "VM NICs", "stop or move those VMs first")
+                    if net.vni in kept:
+                        raise Conflict(f"VNI {net.vni} is still used here by VM NICs of "
+                                       f"deleted network {kept[net.vni]}",
+                                       "stop or move those VMs first")
                     await self._ensure(net)
                     self._have[net.name] = net
                     results.append(NetworkResult(name=net.name, ok=True))
                 except FerryError as exc:
                     log.warning("network %s: %s", net.name, exc)
                     results.append(NetworkResult(name=net.name, ok=False, error=str(exc)))
-            for name in sorted(set(self._have) - set(names)):
-                try:
-                    await self._remove(self._have[name])
-                    del self._have[name]
-                    results.append(NetworkResult(name=name, ok=True))
-                except FerryError as exc:
-                    results.append(NetworkResult(name=name, ok=False, error=str(exc)))
             self._save()
             await self._narrow_filter()
         return results
@@ -161,18 +191,29 @@ class HostNetworks:
         except FerryError as exc:
             log.warning("VXLAN filter not updated: %s", exc)
 
-    def _peers(self, *extra: HostNetwork) -> set[IPv4Address]:
-        return {p for net in (*self._have.values(), *extra) for p in net.peers}
+    def _peers(self, *extra: HostNetwork) -> dict[int, tuple[IPv4Address, ...]]:
+        """VNI -> who may send its VXLAN here."""
+        return {net.vni: net.peers for net in (*self._have.values(), *extra)}
 
-    async def _check_underlay(self, net: HostNetwork) -> None:
-        """A segment's frames plus VXLAN's headers must fit the link they cross: larger,
-        they are dropped (silently, as far as the guests can tell)."""
+    async def _underlay(self) -> list[dict[str, object]]:
+        """The link(s) holding this host's VXLAN address, as `ip -j` shows them."""
         out = await run("ip", "-j", "addr", "show", "to", f"{self.local}/32", check=False)
         try:
             links = json.loads(out) if out.strip() else []
         except ValueError:
-            return
-        for link in links:
+            return []
+        return [link for link in links if isinstance(link, dict)]
+
+    async def probe_underlay(self) -> None:
+        """Learn the largest segment MTU this host carries (its facts report it, so the
+        control plane refuses a network too large for a host before recording it)."""
+        mtus = [m for link in await self._underlay() if isinstance(m := link.get("mtu"), int)]
+        self.max_mtu = min(mtus) - VXLAN_OVERHEAD if mtus else None
+
+    async def _check_underlay(self, net: HostNetwork) -> None:
+        """A segment's frames plus VXLAN's headers must fit the link they cross: larger,
+        they are dropped (silently, as far as the guests can tell)."""
+        for link in await self._underlay():
             mtu = link.get("mtu")
             if isinstance(mtu, int) and net.mtu + VXLAN_OVERHEAD > mtu:
                 raise InvalidInput(
@@ -199,6 +240,8 @@ class HostNetworks:
                       "local", self.local, "dstport", str(VXLAN_PORT), "learning")
         await run("ip", "link", "set", vx, "mtu", str(net.mtu), "master", br)
         await run("ip", "link", "set", br, "mtu", str(net.mtu))
+        for dev in (br, vx):
+            _no_ipv6(dev)
         await self._flood_list(vx, {str(p) for p in net.peers})
         # Before the device is up: from then on only the cluster's endpoints reach it.
         # A host that cannot filter does not provide the network (the error says why).

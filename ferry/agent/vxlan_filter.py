@@ -4,7 +4,8 @@ VXLAN has no authentication: anyone who can send UDP to port 4789 of a host coul
 frames on a VM network, and with MAC learning on (which lets a migrated guest's
 announcement re-point the other hosts) poison the forwarding table so that a guest's
 traffic goes to them. So the host drops every VXLAN datagram whose source is not a peer
-of one of its networks (the other hosts, and extra endpoints the network names).
+of the network its VNI names (the other hosts, and extra endpoints that network lists):
+an extra endpoint of one network (the lab's client) reaches that network only.
 
 The table is replaced atomically by one `nft -f` script each time the peers change, and
 removed when the host has no network left.
@@ -12,7 +13,7 @@ removed when the host has no network left.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
 from ferry import commands
@@ -21,16 +22,30 @@ from ferry.domain.networks import VXLAN_PORT
 
 TABLE = "ferry_vxlan"
 COMMAND_TIMEOUT_S = 15.0
+# The VNI: 24 bits after the UDP header (8 bytes) and the VXLAN flags word (4 bytes).
+VNI_FIELD = "@th,96,24"
 
 
 class FilterFailed(HostUnavailable):
     """nftables refused the rules, or is not installed (HTTP 502, a host failure)."""
 
 
-def ruleset(peers: Iterable[IPv4Address]) -> str:
-    """The nft script that (re)creates the table admitting only `peers` (pure)."""
-    addresses = sorted(set(peers), key=int)
-    elements = f"elements = {{ {', '.join(str(a) for a in addresses)} }}" if addresses else ""
+def _addresses(peers: Iterable[IPv4Address]) -> str:
+    return ", ".join(str(a) for a in sorted(set(peers), key=int))
+
+
+def ruleset(networks: Mapping[int, Iterable[IPv4Address]]) -> str:
+    """The nft script that (re)creates the table admitting, for each VNI, only that
+    network's peers (pure)."""
+    peers = {vni: _addresses(p) for vni, p in sorted(networks.items())}
+    anyone = _addresses(a for p in networks.values() for a in p)
+    elements = f"elements = {{ {anyone} }}" if anyone else ""
+    vni_rules = [
+        # A network without peers (a one-host cluster) takes VXLAN from nobody.
+        f"    meta nfproto ipv4 udp dport {VXLAN_PORT} {VNI_FIELD} {vni} "
+        + (f"ip saddr != {{ {who} }} " if who else "") + "counter drop"
+        for vni, who in peers.items()]
+    known = ", ".join(str(vni) for vni in peers)
     return "\n".join([
         # `add` then `delete` makes the delete succeed whether or not it existed; the
         # whole script is one transaction, so there is no moment without the rule.
@@ -41,6 +56,9 @@ def ruleset(peers: Iterable[IPv4Address]) -> str:
         "  chain input {",
         "    type filter hook input priority -10; policy accept;",
         f"    meta nfproto ipv4 udp dport {VXLAN_PORT} ip saddr != @peers counter drop",
+        *vni_rules,
+        *([f"    meta nfproto ipv4 udp dport {VXLAN_PORT} {VNI_FIELD} != {{ {known} }} "
+           "counter drop"] if known else []),
         f"    meta nfproto ipv6 udp dport {VXLAN_PORT} counter drop",
         "  }",
         "}",
@@ -64,9 +82,9 @@ async def apply(script: str) -> None:
         raise FilterFailed(f"nftables refused the VXLAN filter: {done.err}")
 
 
-async def admit_only(peers: Iterable[IPv4Address]) -> None:
-    """Allow VXLAN from `peers` and from nobody else."""
-    await apply(ruleset(peers))
+async def admit_only(networks: Mapping[int, Iterable[IPv4Address]]) -> None:
+    """Allow VXLAN for each VNI from that network's peers, and from nobody else."""
+    await apply(ruleset(networks))
 
 
 async def remove() -> None:

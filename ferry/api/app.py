@@ -12,7 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.agent.models import AgentHeartbeat
-from ferry.api.auth import enrolled_host, install_gates, requires, unauthenticated_response
+from ferry.api.auth import (
+    enrolled_host,
+    install_gates,
+    need,
+    requires,
+    token_actor,
+    unauthenticated_response,
+)
 from ferry.api.drs_routes import register_drs_routes
 from ferry.api.event_routes import register_event_routes
 from ferry.api.ha_routes import register_ha_routes
@@ -31,7 +38,7 @@ from ferry.api.trust_routes import register_trust_routes
 from ferry.api.web_routes import register_web_routes
 from ferry.control.migration import merge_options
 from ferry.control.service import ControlPlane
-from ferry.domain.auth import Privilege
+from ferry.domain.auth import Principal, Privilege
 from ferry.domain.errors import FerryError, InvalidInput, Unauthenticated
 from ferry.domain.ha import HaDirective
 from ferry.domain.migration import StreamOptions
@@ -191,11 +198,15 @@ def create_app(control: ControlPlane, allowed_hosts: tuple[str, ...] = DEFAULT_A
     async def cancel(migration_id: str) -> MigrationRecord:
         return await control.migrations.cancel(migration_id)
 
-    @app.put("/v1/migrations/{migration_id}/client-view",
-             dependencies=requires(store, Privilege.VM_MIGRATE))
-    async def client_view(migration_id: str, view: ClientView) -> MigrationRecord:
-        """Record what a client measured during a finished migration (the lab does)."""
-        return await control.migrations.record_client_view(migration_id, view)
+    migrator = Depends(need(store, Privilege.VM_MIGRATE))
+
+    @app.put("/v1/migrations/{migration_id}/client-view")
+    async def client_view(migration_id: str, view: ClientView,
+                          who: Principal = migrator) -> MigrationRecord:
+        """Record, once, what a client measured during a finished migration (the lab
+        does); it is shown as measured by the caller's token."""
+        return await control.migrations.record_client_view(
+            migration_id, view.model_copy(update={"measured_by": token_actor(who)}))
 
     @app.get("/v1/migrations/{migration_id}/events", dependencies=read)
     async def events(migration_id: str) -> StreamingResponse:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import httpx_sse
 
-from ferry.domain.errors import FerryError, HostUnavailable
+from ferry.domain.errors import FerryError, HostUnavailable, InvalidInput
 from ferry.lab.config import DEFAULT_LAB_DIR, LabConfig, load
 from ferry.pki.layout import client_context
 from ferry.wire import error_from_body, error_from_response
@@ -77,6 +77,20 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def api_path(path: str) -> str:
+    """`path` as given, if no name put into it (a VM's, a network's...) can make it
+    another request: httpx resolves `..` (`/v1/networks/../vms/web` is a VM), and `?`,
+    `#` and `%` would start a query, a fragment or an escape."""
+    segments = path.split("/")
+    bad = next((seg for seg in segments if seg in (".", "..")
+                or any(c in seg for c in "?#%\\") or not seg.isprintable()), None)
+    if bad is not None or "" in segments[1:]:
+        raise InvalidInput(f"{path!r} is not an API path: {bad or 'an empty name'!r} "
+                           "cannot be part of one",
+                           "names are letters, digits and '-' (see `--help`)")
+    return path
+
+
 class Client:
     """`others`: every replica's URL (one leads, the others stand by). A call that finds
     its replica down (the connection refused: nothing was sent) or standing by (503
@@ -102,6 +116,7 @@ class Client:
         return True
 
     def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+        path = api_path(path)
         query = {k: v for k, v in params.items() if v is not None}
         tried = 0
         while True:
@@ -132,6 +147,7 @@ class Client:
         """Follow the event log's stream (httpx-sse): (id, event) pairs, forever. A lost
         connection is resumed after the last id received (`Last-Event-ID`), so no event
         is missed or repeated; a refusal (bad token, bad parameter) is raised."""
+        path = api_path(path)
         query = {k: v for k, v in params.items() if v is not None}
         while True:
             headers = {"last-event-id": str(last_id)} if last_id is not None else {}
@@ -159,6 +175,7 @@ class Client:
 
     def events(self, path: str) -> Iterator[dict[str, Any]]:
         """Follow a server-sent event stream, yielding each event's JSON."""
+        path = api_path(path)
         try:
             with self._http.stream("GET", path, timeout=httpx.Timeout(60.0, read=None)) as resp:
                 if resp.status_code >= 400:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from ferry.cli.client import connect
 from ferry.cli.output import console, print_json, table
@@ -41,7 +42,8 @@ def register(handle_errors: Callable[..., Any]) -> None:
             return
         spec = view["spec"]
         console.print(f"network {spec['name']} created: VNI {spec['vni']}, MTU {spec['mtu']}"
-                      f"; hosts: {_hosts(view)}")
+                      # a host's state may be an error's text: not markup
+                      f"; hosts: {escape(_hosts(view))}")
 
     @app.command("list")
     @handle_errors

@@ -86,7 +86,14 @@ class Inventory:
 
     async def _check_networks(self, spec: VmSpec) -> None:
         known = {n.name for n in await self.store.networks.all()}
-        taken = {(nic.network, nic.mac): vm.spec.name for vm in await self.store.vms()
+        vms = await self.store.vms()
+        # A host names a VM's taps (and QEMU its SMBIOS identity) after the UUID: a
+        # second VM with it would take over the first one's NICs.
+        twin = next((vm.spec.name for vm in vms if vm.spec.uuid == spec.uuid), None)
+        if twin is not None:
+            raise Conflict(f"VM {twin} already has the UUID {spec.uuid}",
+                           "give the new VM another uuid (or leave it out for a random one)")
+        taken = {(nic.network, nic.mac): vm.spec.name for vm in vms
                  for nic in vm.spec.nics if nic.network != USER_NETWORK}
         for nic in spec.nics:
             if nic.network == USER_NETWORK:

@@ -41,8 +41,9 @@ from ferry.domain.migration import (
     StreamOptions,
     transition,
 )
+from ferry.domain.networks import USER_NETWORK, out_of_step
 from ferry.domain.records import ClientView, HostRecord, MigrationRecord, VmRecord
-from ferry.domain.specs import DiskSpec
+from ferry.domain.specs import DiskSpec, VmSpec
 from ferry.domain.streams import encrypt
 from ferry.store import Store
 from ferry.store.store import VmChange
@@ -73,6 +74,21 @@ class Orchestrator:
         # Failed migrations whose created images are still to be deleted on their target.
         self._images_left: set[str] = set()
 
+    async def _stale_networks(self, spec: VmSpec, target: HostRecord) -> list[Refusal]:
+        """A network the target has, but not as the cluster now wants it (a change it
+        missed): a VM there would land on another segment, or reach fewer hosts."""
+        names = {nic.network for nic in spec.nics if nic.network != USER_NETWORK}
+        if not names or target.facts is None:
+            return []
+        hosts, networks = await asyncio.gather(self.store.hosts(), self.store.networks.all())
+        addresses = [h.facts.address for h in hosts if h.facts is not None]
+        return [Refusal(reason=RefusalReason.NETWORK_MISSING,
+                        message=f"host {target.name} has network {name}, but not as the "
+                                "cluster now wants it (a change not applied there yet); "
+                                f"wait until `ferry network show {name}` says ready there, "
+                                "or pick another host")
+                for name in out_of_step(names, networks, target.facts, addresses)]
+
     # --- requests ----------------------------------------------------------------
     async def check(self, vm_name: str, target: str, datastore: str | None = None,
                     options: StreamOptions | None = None) -> list[Refusal]:
@@ -98,6 +114,7 @@ class Orchestrator:
             target_disks, moved = storage.plan_disks(spec, datastore, sees)
             spec = storage.target_spec(spec, target_disks)
         refusals = check_migration(spec, vm.host, snap)
+        refusals += await self._stale_networks(spec, host)
         encrypted = encrypt(options.encryption,
                             bool(source.facts and source.facts.migration_tls),
                             bool(host.facts and host.facts.migration_tls))
@@ -226,6 +243,10 @@ class Orchestrator:
             if not cur.phase.terminal:
                 raise Conflict(f"migration {migration_id} is still {cur.phase}",
                                "record what the client saw once it has ended")
+            if cur.client_view is not None:
+                raise Conflict(f"migration {migration_id} already has what a client saw "
+                               f"(recorded by {cur.client_view.measured_by})",
+                               "a measurement is recorded once; it cannot be replaced")
             return {"client_view": view.model_copy(update={"announce": cur.options.announce})}
 
         await self.store.change_migration(migration_id, record)

@@ -64,6 +64,17 @@ class Networks:
         if clash is not None:
             raise Conflict(f"VNI {spec.vni} is already used by network {clash.name}",
                            "give another --vni, or leave it out to get a free one")
+        # Frames larger than a host's link carries are dropped without a word: refused
+        # here, before any host is asked to provide the network.
+        small = [h.facts for h in await self.store.hosts() if h.facts is not None
+                 and h.facts.network_mtu_max is not None
+                 and h.facts.network_mtu_max < spec.mtu]
+        if small:
+            least = min(small, key=lambda f: f.network_mtu_max or 0)
+            raise InvalidInput(f"MTU {spec.mtu} is more than host {least.name}'s link "
+                               f"carries under VXLAN ({least.network_mtu_max})",
+                               f"give --mtu {least.network_mtu_max} or less, or raise "
+                               "the MTU of that host's link")
         await self.store.networks.add(spec)
         await self.push_all()
         return await self.view(spec.name)

@@ -15,7 +15,8 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from ferry.domain.specs import Frozen, Name
+from ferry.domain.errors import Conflict
+from ferry.domain.specs import Frozen, HostFacts, Name
 
 # A NIC on this "network" is QEMU user-mode networking: no bridge, reachable by nobody.
 USER_NETWORK = "user"
@@ -27,6 +28,9 @@ VXLAN_OVERHEAD = 50
 # 1500 on the underlay minus VXLAN's overhead.
 DEFAULT_MTU = 1450
 VXLAN_PORT = 4789
+# Endpoints outside the cluster one network may list (routers, the lab's client): each
+# is a copy of every broadcast, on every host.
+MAX_VTEPS = 64
 
 Vni = Annotated[int, Field(ge=VNI_MIN, le=VNI_MAX, strict=True)]
 Mtu = Annotated[int, Field(ge=576, le=9000, strict=True)]
@@ -47,7 +51,7 @@ class NetworkSpec(Frozen):
     mtu: Mtu = DEFAULT_MTU
     # Endpoints outside the cluster's hosts that take part in the segment (a router, the
     # lab's client machine): they receive its flooded frames like a host.
-    vteps: tuple[IPv4Address, ...] = ()
+    vteps: tuple[IPv4Address, ...] = Field(default=(), max_length=MAX_VTEPS)
 
     @field_validator("name")
     @classmethod
@@ -117,7 +121,8 @@ def next_vni(used: Iterable[int]) -> int:
     while vni in taken:
         vni += 1
     if vni > VNI_MAX:
-        raise ValueError("no VXLAN network identifier is free")
+        raise Conflict(f"no VXLAN network identifier from {FIRST_AUTO_VNI} up is free",
+                       "give one with --vni, or delete networks that are no longer used")
     return vni
 
 
@@ -135,6 +140,18 @@ def host_view(networks: Iterable[NetworkSpec], host_address: str,
         HostNetwork(name=n.name, vni=n.vni, mtu=n.mtu,
                     peers=tuple(dict.fromkeys(p for p in [*others, *n.vteps] if p != me)))
         for n in sorted(networks, key=lambda n: n.name))
+
+
+def out_of_step(names: Iterable[str], networks: Iterable[NetworkSpec], facts: HostFacts,
+                addresses: Iterable[str]) -> list[str]:
+    """Which of the networks `names` the host provides, but not as the cluster wants it
+    (another VNI, MTU or peers: a change it has not applied yet). `addresses`: every
+    host's, as host_view takes them."""
+    wanted = {n.name: n.digest()
+              for n in host_view([n for n in networks if n.name in set(names)],
+                                 facts.address, addresses)}
+    return sorted(name for name, digest in wanted.items()
+                  if name in facts.network_digests and facts.network_digests[name] != digest)
 
 
 class Announce(Frozen):

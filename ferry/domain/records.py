@@ -55,11 +55,12 @@ class ClientView(Frozen):
     gap_ms: float = Field(ge=0, le=86_400_000, strict=True)
     # None: the client kept no TCP connection
     tcp_survived: bool | None = Field(default=None, strict=True)
-    udp_lost: int = Field(default=0, ge=0, strict=True)
+    udp_lost: int = Field(default=0, ge=0, le=86_400_000, strict=True)  # 1 per ms, a day
     # Whether the destination announced the guest: the migration's own option (what a
     # client sends here is replaced by it).
     announce: bool = Field(default=True, strict=True)
-    measured_by: str = Field(default="lab echo client", max_length=64)
+    # Who recorded it: set by the control plane to the caller's token.
+    measured_by: str = Field(default="lab echo client", max_length=200)
 
 
 class MigrationRecord(Frozen):

@@ -81,6 +81,9 @@ class NicSpec(Frozen):
         mac = value.lower()
         if not MAC_RE.match(mac):
             raise ValueError(f"MAC address {value!r} is not of the form 52:54:00:12:34:56")
+        if mac == "00:00:00:00:00:00":
+            raise ValueError("MAC address 00:00:00:00:00:00 is not a NIC's address (QEMU "
+                             "would put its default in place); use 52:54:00:xx:xx:xx")
         if int(mac[:2], 16) & 1:
             raise ValueError(f"MAC address {value!r} is a multicast address; use 52:54:00:xx:xx:xx")
         return mac
@@ -198,6 +201,8 @@ class HostFacts(Frozen):
     # (ferry/domain/networks.py), by which the control plane sees what to push.
     networks: tuple[str, ...] = ()
     network_digests: dict[str, str] = Field(default_factory=dict)
+    # The largest VM network MTU the link under its VXLAN carries (None: not known).
+    network_mtu_max: int | None = None
     # The agent holds a cluster certificate QEMU can use for TLS migration streams.
     migration_tls: bool = False
 

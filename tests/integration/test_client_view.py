@@ -7,8 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from ferry.cli.client import Client
 from ferry.cli.demo import probe_spec, wait_heartbeat
+from ferry.domain.errors import Conflict
 from ferry.lab.config import LabConfig
 from ferry.lab.watch import watched_migration
 from tests.integration.helpers import assert_intact, next_mac, remove_vm
@@ -36,6 +39,11 @@ def test_tcp_connection_survives_and_the_client_gap_is_recorded(client: Client,
         view = rec["client_view"]
         assert view["tcp_survived"] is True and view["gap_ms"] == round(report.max_gap_ms, 1)
         assert view["announce"] is True
+        # who recorded it: the lab's admin token, whatever the body said
+        assert view["measured_by"].startswith("token "), view
+        with pytest.raises(Conflict, match="already has what a client saw"):
+            client.call("PUT", f"/v1/migrations/{rec['id']}/client-view",
+                        {"gap_ms": 0.0, "tcp_survived": True, "measured_by": "me"})
         shown = subprocess.run([sys.executable, "-m", "ferry.cli.main", "migration", "show",
                                 rec["id"], "--url", lab.control_url],
                                capture_output=True, text=True, timeout=60)

@@ -49,6 +49,12 @@ def test_a_network_is_provided_by_every_host_and_removed_from_every_host(
             vx = have["fyx4242"]["linkinfo"]["info_data"]
             assert vx["id"] == 4242 and vx["local"] == lab.host_ip(host.name)
             assert have["fyx4242"]["master"] == "fyb4242"
+            # no address of the host on the segment (not even IPv6 link-local): the
+            # guests on it cannot reach the host's own services
+            out = subprocess.run(["ip", "-n", lab.netns(host.name), "-j", "addr", "show",
+                                  "dev", "fyb4242"], capture_output=True, text=True,
+                                 check=True).stdout
+            assert json.loads(out)[0].get("addr_info") == [], out
         # The same VNI twice would be one segment: refused, nothing added.
         with pytest.raises(Conflict, match="VNI 4242"):
             client.call("POST", "/v1/networks", {"name": "other", "vni": 4242})
@@ -69,6 +75,9 @@ def test_a_network_is_provided_by_every_host_and_removed_from_every_host(
     ({"name": "n1", "vni": 0}, "vni"),
     ({"name": "n1", "vni": 16777216}, "vni"),
     ({"name": "n1", "mtu": 20}, "mtu"),
+    # the lab's links are 1500 bytes: 1450 is the most a segment over VXLAN can carry
+    ({"name": "n1", "mtu": 9000}, r"MTU 9000 is more than host host\d's link carries "
+                                  r"under VXLAN \(1450\)"),
     ({"name": "n1", "vteps": ["evil.example.com"]}, "vteps"),
     ({"name": "n1", "vteps": ["127.0.0.1"]}, "unicast"),
     ({"name": "n1", "vteps": ["224.0.0.5"]}, "unicast"),
@@ -91,6 +100,15 @@ def test_a_used_network_is_not_deleted_and_a_vm_on_no_network_is_refused(
         # The VM's NIC is a tap on vmnet's bridge on its host.
         spec = client.call("GET", "/v1/vms/probe-net1")["spec"]
         vni = networks(client)["vmnet"]["spec"]["vni"]
+        assert links(lab, "host1")[tap_name(spec["uuid"], "nic0")]["master"] == f"fyb{vni}"
+        # A VM with the same UUID would be given the same tap names: refused, and the
+        # first VM keeps its NIC.
+        twin = probe_spec(lab, "probe-twin", 192, 64, 0, mac=next_mac()) | {
+            "uuid": spec["uuid"]}
+        with pytest.raises(Conflict, match=f"probe-net1 already has the UUID {spec['uuid']}"):
+            client.call("POST", "/v1/vms", {"spec": twin, "host": "host1"})
+        with pytest.raises(NotFound):
+            client.call("GET", "/v1/vms/probe-twin")
         assert links(lab, "host1")[tap_name(spec["uuid"], "nic0")]["master"] == f"fyb{vni}"
         bad = probe_spec(lab, "probe-nonet", 192, 64, 0, mac=next_mac(), network="nonet")
         with pytest.raises(InvalidInput, match="no network 'nonet'"):
@@ -162,6 +180,30 @@ def test_vxlan_from_outside_the_cluster_is_dropped(client: Client, lab: LabConfi
              and any("drop" in x for x in e["rule"]["expr"])]
     packets = sum(x["counter"]["packets"] for r in drops for x in r["expr"] if "counter" in x)
     assert packets >= 1, rules
+
+
+def test_an_extra_endpoint_reaches_only_the_network_that_lists_it(
+        client: Client, lab: LabConfig) -> None:
+    """The lab client is an extra endpoint of the lab's network, not of others: VXLAN
+    from it with another network's VNI is dropped, where a host's (a peer of every
+    network) with the same VNI is learnt."""
+    view = client.call("POST", "/v1/networks", {"name": "sealed", "vni": 4343})
+    try:
+        assert set(view["hosts"].values()) == {"ready"}, view
+        peer, intruder = "02:00:5e:00:00:c3", "02:00:5e:00:00:d4"
+        _send_vxlan(lab, lab.netns("host2"), lab.host_ip("host2"), "host1", 4343, peer)
+        wait_until(lambda: _learnt(lab, "host1", 4343).get(peer) == lab.host_ip("host2"),
+                   10, "host1 learns host2's MAC on the second network")
+        _send_vxlan(lab, lab.client_ns, lab.client_ip, "host1", 4343, intruder)
+        time.sleep(1.0)
+        assert intruder not in _learnt(lab, "host1", 4343)
+        # ...while on its own network it still is heard
+        vni = networks(client)[NETWORK]["spec"]["vni"]
+        _send_vxlan(lab, lab.client_ns, lab.client_ip, "host1", vni, intruder)
+        wait_until(lambda: _learnt(lab, "host1", vni).get(intruder) == lab.client_ip, 10,
+                   "host1 learns the lab client's MAC on the lab network")
+    finally:
+        client.call("DELETE", "/v1/networks/sealed")
 
 
 def _client_learnt(lab: LabConfig) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 
 from ferry.agent import networks as agent_networks
 from ferry.agent.networks import HostNetworks
-from ferry.domain.errors import FerryError, InvalidInput
+from ferry.domain.errors import Conflict, FerryError, InvalidInput
 from ferry.domain.networks import HostNetwork, tap_name
 from ferry.domain.specs import NicSpec
 from tests.unit.test_compat_placement import SPEC
@@ -92,3 +92,44 @@ async def test_a_network_too_large_for_the_link_under_it_is_refused(
     with pytest.raises(InvalidInput, match=r"needs 1550 .* eth0 .* has 1500") as err:
         await nets._check_underlay(HostNetwork(name="n", vni=7, mtu=1500, peers=()))
     assert "--mtu 1450" in err.value.fix
+
+
+async def test_a_stale_network_goes_before_a_new_one_takes_its_vni(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A host that missed network A's delete learns of B, given A's freed VNI: A's
+    devices (named after the VNI) go first, then B's are made, not the other way
+    round (which would delete B's bridge and still report B ready)."""
+    calls: list[tuple[str, str]] = []
+    busy: set[str] = set()
+
+    async def remove(self: HostNetworks, net: HostNetwork) -> None:
+        if net.name in busy:
+            raise Conflict(f"network {net.name} is still used by 1 VM NIC(s) on this host")
+        calls.append(("remove", net.name))
+
+    async def ensure(self: HostNetworks, net: HostNetwork) -> None:
+        calls.append(("ensure", net.name))
+
+    async def narrow(self: HostNetworks) -> None:
+        return None
+
+    monkeypatch.setattr(HostNetworks, "_remove", remove)
+    monkeypatch.setattr(HostNetworks, "_ensure", ensure)
+    monkeypatch.setattr(HostNetworks, "_narrow_filter", narrow)
+    nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
+    nets._have = {"a": HostNetwork(name="a", vni=100, peers=())}
+    b = HostNetwork(name="b", vni=100, peers=())
+    results = await nets.apply((b,))
+    assert calls == [("remove", "a"), ("ensure", "b")]
+    assert {r.name: r.ok for r in results} == {"a": True, "b": True}
+    assert nets.names() == ("b",)
+    # A stale network still carrying a NIC keeps its VNI: the new one is refused there.
+    calls.clear()
+    busy.add("a")
+    nets._have = {"a": HostNetwork(name="a", vni=100, peers=())}
+    results = await nets.apply((b,))
+    assert calls == []
+    assert {r.name: r.ok for r in results} == {"a": False, "b": False}
+    assert "VNI 100 is still used here by VM NICs of deleted network a" in str(
+        [r.error for r in results if r.name == "b"])
+    assert nets.names() == ("a",)

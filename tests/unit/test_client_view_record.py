@@ -34,6 +34,10 @@ async def test_the_view_is_recorded_with_the_migrations_own_announce(
     assert view is not None and (view.gap_ms, view.tcp_survived, view.udp_lost,
                                  view.announce) == (80.5, True, 3, False)
     assert saved.iterations == done.iterations  # the whole record, passes included
+    # Recorded once: a second view (a stranger's made-up gap) changes nothing.
+    with pytest.raises(Conflict, match="already has what a client saw"):
+        await cluster.orchestrator.record_client_view(rec.id, ClientView(gap_ms=1.0))
+    assert (await cluster.store.migration(rec.id)).client_view == view
 
 
 async def test_no_view_for_a_running_or_unknown_migration(cluster: FakeCluster) -> None:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from ferry.agent.stream_settings import announce_of, incoming_parameters
 from ferry.domain.compat import RefusalReason, check_migration
+from ferry.domain.errors import Conflict
 from ferry.domain.migration import StreamOptions
 from ferry.domain.networks import (
     HostNetwork,
@@ -17,12 +18,13 @@ from ferry.domain.networks import (
     bridge_name,
     host_view,
     next_vni,
+    out_of_step,
     tap_name,
     vxlan_name,
 )
 from ferry.domain.records import ClientView
 from ferry.domain.specs import NicSpec, VmSpec
-from tests.unit.test_compat_placement import SPEC, host
+from tests.unit.test_compat_placement import SPEC, facts, host
 
 
 def test_interface_names_fit_linux_limits_and_are_stable() -> None:
@@ -44,6 +46,8 @@ def test_interface_names_fit_linux_limits_and_are_stable() -> None:
     ({"name": "net", "vni": 5, "vteps": ["127.0.0.1"]}, "not a unicast"),
     ({"name": "net", "vni": 5, "vteps": ["example.com"]}, "IPv4"),
     ({"name": "net", "vni": 5, "vteps": ["10.0.0.1", "10.0.0.1"]}, "listed twice"),
+    ({"name": "net", "vni": 5, "vteps": [f"10.0.1.{i}" for i in range(1, 66)]},
+     "at most 64 items"),
     # JSON true, "7" and 7.5 are not VNIs (lax pydantic would take true and "7").
     ({"name": "net", "vni": True}, "valid integer"),
     ({"name": "net", "vni": "7"}, "valid integer"),
@@ -60,6 +64,8 @@ def test_next_vni_is_the_lowest_free_from_100() -> None:
     assert next_vni([]) == 100
     assert next_vni([100, 101, 103]) == 102
     assert next_vni([1, 5]) == 100
+    with pytest.raises(Conflict, match="no VXLAN network identifier from 100 up is free"):
+        next_vni(range(100, 2**24))
 
 
 def test_each_host_floods_to_every_other_host_and_the_extra_endpoints() -> None:
@@ -124,3 +130,23 @@ def test_a_client_view_takes_only_numbers_and_booleans_as_such(body: dict[str, o
     with pytest.raises(ValidationError):
         ClientView.model_validate_json(json.dumps(body))
     assert ClientView.model_validate_json('{"gap_ms": 250}').gap_ms == 250.0
+
+
+def test_a_network_applied_as_it_no_longer_is_is_out_of_step() -> None:
+    """A host that missed a change (here: network vmnet deleted and made again with
+    another VNI while it was away) still reports vmnet; a VM sent there would land on
+    the old segment."""
+    old = NetworkSpec(name="vmnet", vni=100)
+    new = NetworkSpec(name="vmnet", vni=101)
+    other = NetworkSpec(name="back", vni=102)
+    addresses = ["10.0.0.1", "10.0.0.2"]
+    applied = {n.name: n.digest() for n in host_view([old, other], "10.0.0.2", addresses)}
+    f = facts("host2", address="10.0.0.2", networks=tuple(applied),
+              network_digests=applied)
+    assert out_of_step({"vmnet", "back"}, [new, other], f, addresses) == ["vmnet"]
+    assert out_of_step({"back"}, [new, other], f, addresses) == []
+    # in step again once the host applied the new one; one it lacks is not "out of step"
+    # (check_migration refuses it as missing)
+    now = {n.name: n.digest() for n in host_view([new, other], "10.0.0.2", addresses)}
+    f = f.model_copy(update={"network_digests": now})
+    assert out_of_step({"vmnet", "back", "nonet"}, [new, other], f, addresses) == []

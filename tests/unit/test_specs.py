@@ -24,6 +24,7 @@ def test_disk_path_inside_datastore_is_normalised() -> None:
 
 @pytest.mark.parametrize("mac,msg", [("52:54:00:12:34", "not of the form"),
                                      ("01:00:5e:00:00:01", "multicast"),
+                                     ("00:00:00:00:00:00", "not a NIC's address"),
                                      ("zz:54:00:12:34:56", "not of the form")])
 def test_bad_mac_is_refused_with_the_reason(mac: str, msg: str) -> None:
     with pytest.raises(ValidationError, match=msg):

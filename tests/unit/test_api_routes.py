@@ -1,4 +1,5 @@
-"""The /v1/schedules routes: errors as the API's error body, privileges per action."""
+"""API routes over ASGI, no lab: /v1/schedules (errors as the API's error body, privileges
+per action) and who may record a migration's client view."""
 
 from __future__ import annotations
 
@@ -136,3 +137,17 @@ def test_the_cli_sends_the_action_and_shows_views_and_history(
     assert history.exit_code == 0 and "missed while the control plane" in history.output
     bad = runner.invoke(app, ["schedule", "add", "0 2 * * *", "migrate", "web1"])
     assert bad.exit_code == 1 and "migrate VM HOST" in bad.output
+
+
+async def test_only_an_operator_records_a_client_view(
+        api: tuple[httpx.AsyncClient, dict[str, str]]) -> None:
+    """PUT .../client-view: a stranger and a viewer are refused before anything is
+    looked up; an operator reaches the migration (none here: 404)."""
+    client, tokens = api
+    body = {"gap_ms": 1.0, "tcp_survived": True}
+    path = "/v1/migrations/nosuch/client-view"
+    assert (await client.put(path, json=body)).status_code == 401
+    viewer = {"authorization": tokens["viewer"]}
+    assert (await client.put(path, json=body, headers=viewer)).status_code == 403
+    resp = await client.put(path, json=body, headers={"authorization": tokens["operator"]})
+    assert resp.status_code == 404, resp.text
