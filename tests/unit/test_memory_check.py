@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -98,3 +99,24 @@ def test_bad_requests_name_the_problem(ram: mmap.mmap) -> None:
         guest_ram.write_pages(pid, SIZE, [0], b"x" * 4095)
     with pytest.raises(Conflict, match="no memfd-backed guest RAM of 4096 bytes"):
         guest_ram.chunk_digests(pid, 4096)
+
+
+def test_digests_of_untouched_ram_allocate_none_of_it() -> None:
+    """RAM the guest never touched (or a destination's zero pages, which QEMU skips) is
+    a hole in the memfd: digesting it reads zeros and allocates nothing (a mapping
+    would allocate and zero every page it reads)."""
+    fd = os.memfd_create("memory-backend-memfd")
+    try:
+        os.ftruncate(fd, SIZE)
+        os.pwrite(fd, b"\x01" * PAGE_BYTES, 5 * PAGE_BYTES)  # one page touched
+        blocks = os.fstat(fd).st_blocks
+        digests = unpack(guest_ram.chunk_digests(os.getpid(), SIZE))
+        assert os.fstat(fd).st_blocks == blocks
+        zero = xxhash.xxh3_64_intdigest(bytes(CHUNK_BYTES))
+        assert digests[1:3] == [zero, zero] and digests[0] != zero
+        assert digests[3] == xxhash.xxh3_64_intdigest(bytes(SIZE - 3 * CHUNK_BYTES))
+        pages = unpack(guest_ram.page_digests(os.getpid(), SIZE, [0]))
+        assert pages[5] != pages[4] == xxhash.xxh3_64_intdigest(bytes(PAGE_BYTES))
+        assert os.fstat(fd).st_blocks == blocks
+    finally:
+        os.close(fd)
