@@ -121,12 +121,15 @@ class GuestMemory:
                 del self._watches[name]
 
     def _start(self, name: str, stopped: bool) -> None:
-        """Digests of the RAM from now on; `stopped`: the guest is known to be paused,
-        else QEMU is asked first."""
+        """Digests of the RAM from now on (unless already under way for this copy);
+        `stopped`: the guest is known to be paused, else QEMU is asked first."""
         rec = self._host.vm_record(name)
         if rec.monitor is None or rec.process.pid is None:
             return
         pid = rec.process.pid
+        early = self._early.get(name)
+        if early is not None and early.current(rec.monitor, pid):
+            return
         work = self._whole(name, pid) if stopped else \
             self._whole_if_paused(name, rec.monitor, pid)
         task = asyncio.create_task(work)
@@ -134,7 +137,10 @@ class GuestMemory:
         self._early[name] = _Early(rec.monitor, rec.process.pid, rec.monitor.conts, task)
 
     async def _taken_early(self, name: str, monitor: Monitor, pid: int) -> bytes | None:
-        early = self._early.pop(name, None)
+        # Kept, not popped: a watch that sees the stream complete only now finds the
+        # work under way instead of doing it twice. A write, a `cont` or another QEMU
+        # makes it stale (current()).
+        early = self._early.get(name)
         if early is None or not early.current(monitor, pid):
             return None
         try:
@@ -181,7 +187,12 @@ class GuestMemory:
             assert monitor is not None  # _paused_pid asked it
             packed = await self._taken_early(name, monitor, pid)
             if packed is None:
-                packed = await self._whole(name, pid)  # _paused_pid checked the state
+                # _paused_pid found it paused: start the digests as a watch would (so
+                # one that sees the stream complete later does not start them again)
+                self._start(name, stopped=True)
+                packed = await self._taken_early(name, monitor, pid)
+            if packed is None:
+                packed = await self._whole(name, pid)
         else:
             packed = await asyncio.to_thread(guest_ram.page_digests, pid, size, body.chunks)
         return RamDigests(digests=base64.b64encode(packed).decode())

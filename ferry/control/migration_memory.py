@@ -35,12 +35,35 @@ async def is_wanted(job: Job, rec: MigrationRecord) -> bool:
     return wanted(rec.options.verify_memory, accels)
 
 
-async def verify_and_repair(job: Job, rec: MigrationRecord) -> MemoryCheck:
-    """What was found (and repaired); for a migration where is_wanted."""
-    began = time.monotonic()
-    try:
+def whole_digests(job: Job, rec: MigrationRecord) -> asyncio.Task[tuple[bytes, bytes]]:
+    """Both copies' chunk digests, asked for at once (read-only: a request that comes
+    before the destination holds the whole stream is refused there, and asked again by
+    verify_and_repair)."""
+    async def both() -> tuple[bytes, bytes]:
         src, dst = await asyncio.gather(job.source.ram_digests(rec.vm),
                                         job.target.ram_digests(rec.vm))
+        return src, dst
+    task = asyncio.create_task(both())
+    # One dropped unawaited (the destination turned out not to be checkable) keeps its
+    # error to itself.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+async def verify_and_repair(job: Job, rec: MigrationRecord,
+                            asked: asyncio.Task[tuple[bytes, bytes]] | None = None,
+                            began: float | None = None) -> MemoryCheck:
+    """What was found (and repaired); for a migration where is_wanted, once the paused
+    destination was confirmed. `asked`: whole_digests started before that (at
+    `began`)."""
+    began = began or time.monotonic()
+    try:
+        try:
+            src, dst = await (asked or whole_digests(job, rec))
+        except FerryError:
+            if asked is None:
+                raise
+            src, dst = await whole_digests(job, rec)  # asked too early: again, now
         chunks = differing(unpack(src), unpack(dst))
     except (FerryError, ValueError) as exc:
         reason = exc.problem if isinstance(exc, FerryError) else str(exc)

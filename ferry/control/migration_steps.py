@@ -395,12 +395,23 @@ async def switchover(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The source has sent everything: confirm the paused destination holds it, then
     record the VM there (RESUMING_TARGET, in the same transaction). On TCG the paused
     copy's RAM is compared with the source's first, and repaired (migration_memory)."""
-    # The guest is paused on both hosts from here on: the reads go side by side.
-    dest, wanted, vm = await asyncio.gather(_await_paused_target(job, rec),
-                                            memory.is_wanted(job, rec), job.store.vm(rec.vm))
+    # The guest is paused on both hosts from here on: the reads go side by side, the
+    # RAM digests (the longest) with the confirmation of the destination.
+    began = time.monotonic()
+    asked = memory.whole_digests(job, rec) if await memory.is_wanted(job, rec) else None
+    try:
+        dest, vm = await asyncio.gather(_await_paused_target(job, rec),
+                                        job.store.vm(rec.vm))
+    except BaseException:
+        if asked is not None:
+            asked.cancel()
+        raise
     check = None
-    if wanted and dest.state is AgentVmState.PAUSED and dest.never_ran:
-        check = await memory.verify_and_repair(job, rec)
+    if asked is not None:
+        if dest.state is AgentVmState.PAUSED and dest.never_ran:
+            check = await memory.verify_and_repair(job, rec, asked, began)
+        else:
+            asked.cancel()
     return await job.enter(rec, Phase.RESUMING_TARGET, switched=True, vm=VmChange(
         name=rec.vm, host=rec.target, state=VmState.RUNNING,
         spec=storage.target_spec(vm.spec, rec.target_disks)),

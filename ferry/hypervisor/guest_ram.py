@@ -9,6 +9,7 @@ I/O: callers run these in a thread.
 from __future__ import annotations
 
 import array
+import errno
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -71,14 +72,30 @@ def _packed(values: Iterator[int]) -> bytes:
     return array.array("Q", values).tobytes()
 
 
+def _has_data(fd: int, start: int, end: int) -> bool:
+    """Whether [start, end) of the memfd holds any page at all (SEEK_DATA: shmem
+    reports each page it has; a hole reads as zeros)."""
+    try:
+        return os.lseek(fd, start, os.SEEK_DATA) < end
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data from `start` to the end of the file
+            return False
+        raise
+
+
 def chunk_digests(pid: int, size: int) -> bytes:
     """One xxh3-64 per CHUNK_BYTES of RAM, packed little-endian u64 (the last chunk may
-    be shorter)."""
+    be shorter). A chunk that is a hole is known to be zeros: not read."""
     buf = memoryview(bytearray(CHUNK_BYTES))
+    zeros = {n: xxhash.xxh3_64_intdigest(bytes(n))
+             for n in {CHUNK_BYTES, size % CHUNK_BYTES or CHUNK_BYTES}}
     with opened(pid, size) as fd:
-        return _packed(xxhash.xxh3_64_intdigest(
-            _read_into(fd, buf[:min(CHUNK_BYTES, size - at)], at))
-            for at in range(0, size, CHUNK_BYTES))
+        def digests() -> Iterator[int]:
+            for at in range(0, size, CHUNK_BYTES):
+                n = min(CHUNK_BYTES, size - at)
+                yield (xxhash.xxh3_64_intdigest(_read_into(fd, buf[:n], at))
+                       if _has_data(fd, at, at + n) else zeros[n])
+        return _packed(digests())
 
 
 def page_digests(pid: int, size: int, chunks: Sequence[int]) -> bytes:

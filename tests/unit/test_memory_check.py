@@ -118,5 +118,10 @@ def test_digests_of_untouched_ram_allocate_none_of_it() -> None:
         pages = unpack(guest_ram.page_digests(os.getpid(), SIZE, [0]))
         assert pages[5] != pages[4] == xxhash.xxh3_64_intdigest(bytes(PAGE_BYTES))
         assert os.fstat(fd).st_blocks == blocks
+        # zeros written (the source's copy of a page the destination skipped) digest as
+        # the hole does
+        os.pwrite(fd, bytes(PAGE_BYTES), CHUNK_BYTES + 7 * PAGE_BYTES)
+        assert os.fstat(fd).st_blocks > blocks
+        assert unpack(guest_ram.chunk_digests(os.getpid(), SIZE)) == digests
     finally:
         os.close(fd)

@@ -71,9 +71,18 @@ async def test_off_means_not_checked_and_an_unanswerable_check_is_skipped(
     done = await cluster.orchestrator.wait(rec.id, 30)
     assert done.phase is Phase.COMPLETED and done.memory_check is None
     assert "ram_digests" not in cluster.agents["host2"].calls
+    # The digests are asked for before the destination is confirmed paused: one
+    # refusal is asked again (the check runs); a second means it cannot be answered.
     cluster.agents["host1"].faults["ram_digests"].append(
         HostUnavailable("agent of host1 is unreachable"))
     rec = await cluster.orchestrator.start("web1", "host1")
+    done = await cluster.orchestrator.wait(rec.id, 30)
+    assert done.phase is Phase.COMPLETED
+    assert done.memory_check is not None and done.memory_check.skipped is None
+    assert done.memory_check.chunks > 0
+    cluster.agents["host2"].faults["ram_digests"].extend(
+        [HostUnavailable("agent of host2 is unreachable")] * 2)
+    rec = await cluster.orchestrator.start("web1", "host2")
     done = await cluster.orchestrator.wait(rec.id, 30)
     assert done.phase is Phase.COMPLETED
     assert done.memory_check is not None
