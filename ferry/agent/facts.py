@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.agent.config import AgentConfig
+from ferry.agent.networks import HostNetworks
 from ferry.domain.specs import DatastoreInfo, HostFacts
 from ferry.hypervisor.argv import QEMU_BINARY, RunPaths
 from ferry.hypervisor.process import QemuProcess
@@ -88,10 +89,10 @@ def takes_direct_io(directory: str) -> bool:
 
 
 def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
-               used_memory_mib: int, networks: dict[str, str],
-               network_mtu_max: int | None = None) -> HostFacts:
+               used_memory_mib: int, networks: HostNetworks) -> HostFacts:
     total, free = meminfo_mib()
     capacity = config.memory_mib or total
+    digests = networks.digests()
     datastores = []
     for ds in config.datastores:
         usage = shutil.disk_usage(ds.path)
@@ -104,6 +105,6 @@ def host_facts(config: AgentConfig, accel: str, qemu: QemuCapabilities,
         memory_free_mib=max(0, min(free, capacity - used_memory_mib)),
         cpu_models=qemu.cpu_models, qemu_version=qemu.version,
         machine_types=qemu.machine_types, machine_aliases=qemu.machine_aliases,
-        datastores=tuple(datastores), networks=tuple(networks),
-        network_digests=networks, network_mtu_max=network_mtu_max,
+        datastores=tuple(datastores), networks=tuple(digests), network_digests=digests,
+        network_segments=networks.segments(), network_mtu_max=networks.max_mtu,
         migration_tls=HostTls(config.tls_path).enrolled())

@@ -157,8 +157,7 @@ class HostRuntime:
         assert self._qemu is not None, "setup() not run"
         used = sum(r.spec.memory_mib for r in self._vms.values()
                    if r.process.state is ProcessState.RUNNING)
-        return host_facts(self.config, self.accel, self._qemu, used, self.networks.digests(),
-                          self.networks.max_mtu)
+        return host_facts(self.config, self.accel, self._qemu, used, self.networks)
 
     # --- inspection ------------------------------------------------------------
     def record(self, name: str) -> VmRecord | None:

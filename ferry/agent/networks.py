@@ -77,14 +77,18 @@ def _no_ipv6(dev: str) -> None:
         raise NetworkCommandFailed(f"cannot turn IPv6 off on {dev}: {exc}") from exc
 
 
-async def link_exists(name: str) -> bool:
-    """Whether this network namespace has a link `name` (asked of the kernel directly:
-    no `ip` process on a migration's path)."""
+def _exists(name: str) -> bool:
     try:
         socket.if_nametoindex(name)
     except OSError:
         return False
     return True
+
+
+async def link_exists(name: str) -> bool:
+    """Whether this network namespace has a link `name` (asked of the kernel directly:
+    no `ip` process on a migration's path)."""
+    return _exists(name)
 
 
 async def _link_details(name: str) -> dict[str, object] | None:
@@ -123,8 +127,18 @@ class HostNetworks:
     def mtus(self) -> dict[str, int]:
         return {name: net.mtu for name, net in self._have.items()}
 
+    def _present(self) -> list[HostNetwork]:
+        """The networks applied whose bridge and VXLAN device still exist. One deleted
+        under the agent (by hand, by another tool) is reported missing, so the control
+        plane pushes it again (and meanwhile sends no VM here)."""
+        return [net for _, net in sorted(self._have.items())
+                if _exists(net.bridge) and _exists(net.vxlan)]
+
     def digests(self) -> dict[str, str]:
-        return {name: net.digest() for name, net in sorted(self._have.items())}
+        return {net.name: net.digest() for net in self._present()}
+
+    def segments(self) -> dict[str, tuple[int, int]]:
+        return {net.name: (net.vni, net.mtu) for net in self._present()}
 
     # --- the control plane's desired state -----------------------------------------
     async def apply(self, wanted: tuple[HostNetwork, ...]) -> list[NetworkResult]:

@@ -75,19 +75,18 @@ class Orchestrator:
         self._images_left: set[str] = set()
 
     async def _stale_networks(self, spec: VmSpec, target: HostRecord) -> list[Refusal]:
-        """A network the target has, but not as the cluster now wants it (a change it
-        missed): a VM there would land on another segment, or reach fewer hosts."""
+        """A network the target has, but as another segment (a re-create it missed):
+        a VM there would not reach its peers."""
         names = {nic.network for nic in spec.nics if nic.network != USER_NETWORK}
-        if not names or target.facts is None:
+        if not names or target.facts is None or not target.facts.network_segments:
             return []
-        hosts, networks = await asyncio.gather(self.store.hosts(), self.store.networks.all())
-        addresses = [h.facts.address for h in hosts if h.facts is not None]
         return [Refusal(reason=RefusalReason.NETWORK_MISSING,
-                        message=f"host {target.name} has network {name}, but not as the "
-                                "cluster now wants it (a change not applied there yet); "
-                                f"wait until `ferry network show {name}` says ready there, "
-                                "or pick another host")
-                for name in out_of_step(names, networks, target.facts, addresses)]
+                        message=f"host {target.name} has network {name} as another "
+                                "segment (VNI or MTU) than the cluster's: a change not "
+                                f"applied there yet; wait until `ferry network show {name}` "
+                                "says ready there, or pick another host")
+                for name in out_of_step(names, await self.store.networks.all(),
+                                        target.facts)]
 
     # --- requests ----------------------------------------------------------------
     async def check(self, vm_name: str, target: str, datastore: str | None = None,

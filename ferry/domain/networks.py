@@ -142,16 +142,16 @@ def host_view(networks: Iterable[NetworkSpec], host_address: str,
         for n in sorted(networks, key=lambda n: n.name))
 
 
-def out_of_step(names: Iterable[str], networks: Iterable[NetworkSpec], facts: HostFacts,
-                addresses: Iterable[str]) -> list[str]:
-    """Which of the networks `names` the host provides, but not as the cluster wants it
-    (another VNI, MTU or peers: a change it has not applied yet). `addresses`: every
-    host's, as host_view takes them."""
-    wanted = {n.name: n.digest()
-              for n in host_view([n for n in networks if n.name in set(names)],
-                                 facts.address, addresses)}
-    return sorted(name for name, digest in wanted.items()
-                  if name in facts.network_digests and facts.network_digests[name] != digest)
+def out_of_step(names: Iterable[str], networks: Iterable[NetworkSpec], facts: HostFacts
+                ) -> list[str]:
+    """Which of the networks `names` the host provides as another segment than the
+    cluster's (another VNI or MTU: a delete and re-create it missed). Peer lists are
+    not compared: one a host has yet to lengthen (a host just joined) is the same
+    segment, and heals at the next heartbeat."""
+    wanted = {n.name: (n.vni, n.mtu) for n in networks if n.name in set(names)}
+    return sorted(name for name, segment in wanted.items()
+                  if name in facts.network_segments
+                  and tuple(facts.network_segments[name]) != segment)
 
 
 class Announce(Frozen):

@@ -201,6 +201,8 @@ class HostFacts(Frozen):
     # (ferry/domain/networks.py), by which the control plane sees what to push.
     networks: tuple[str, ...] = ()
     network_digests: dict[str, str] = Field(default_factory=dict)
+    # Each of those networks' segment as applied: (VNI, MTU).
+    network_segments: dict[str, tuple[int, int]] = Field(default_factory=dict)
     # The largest VM network MTU the link under its VXLAN carries (None: not known).
     network_mtu_max: int | None = None
     # The agent holds a cluster certificate QEMU can use for TLS migration streams.

@@ -206,6 +206,23 @@ def test_an_extra_endpoint_reaches_only_the_network_that_lists_it(
         client.call("DELETE", "/v1/networks/sealed")
 
 
+def test_a_bridge_deleted_under_the_agent_comes_back(client: Client, lab: LabConfig
+                                                     ) -> None:
+    """Someone deletes a network's bridge on a host by hand: the host's facts stop
+    reporting the network, the control plane pushes it again, the agent makes it anew
+    (the VXLAN device, deleted with its bridge's port list, back as its port)."""
+    client.call("POST", "/v1/networks", {"name": "healnet", "vni": 4444})
+    try:
+        subprocess.run(["ip", "-n", lab.netns("host2"), "link", "delete", "fyb4444"],
+                       check=True)
+        wait_until(lambda: "fyb4444" in links(lab, "host2")
+                   and links(lab, "host2").get("fyx4444", {}).get("master") == "fyb4444"
+                   and networks(client)["healnet"]["hosts"]["host2"] == "ready", 20,
+                   "host2 provides healnet again")
+    finally:
+        client.call("DELETE", "/v1/networks/healnet")
+
+
 def _client_learnt(lab: LabConfig) -> dict[str, str]:
     """MAC -> VTEP the lab client's VXLAN device learnt (lab/net.py join_client)."""
     out = subprocess.run(["bridge", "-n", lab.client_ns, "-j", "fdb", "show", "dev", "vx0"],

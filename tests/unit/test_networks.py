@@ -132,21 +132,20 @@ def test_a_client_view_takes_only_numbers_and_booleans_as_such(body: dict[str, o
     assert ClientView.model_validate_json('{"gap_ms": 250}').gap_ms == 250.0
 
 
-def test_a_network_applied_as_it_no_longer_is_is_out_of_step() -> None:
+def test_a_network_applied_as_another_segment_is_out_of_step() -> None:
     """A host that missed a change (here: network vmnet deleted and made again with
     another VNI while it was away) still reports vmnet; a VM sent there would land on
-    the old segment."""
-    old = NetworkSpec(name="vmnet", vni=100)
+    the old segment. A peer list it has yet to lengthen is the same segment."""
     new = NetworkSpec(name="vmnet", vni=101)
     other = NetworkSpec(name="back", vni=102)
-    addresses = ["10.0.0.1", "10.0.0.2"]
-    applied = {n.name: n.digest() for n in host_view([old, other], "10.0.0.2", addresses)}
-    f = facts("host2", address="10.0.0.2", networks=tuple(applied),
-              network_digests=applied)
-    assert out_of_step({"vmnet", "back"}, [new, other], f, addresses) == ["vmnet"]
-    assert out_of_step({"back"}, [new, other], f, addresses) == []
-    # in step again once the host applied the new one; one it lacks is not "out of step"
-    # (check_migration refuses it as missing)
-    now = {n.name: n.digest() for n in host_view([new, other], "10.0.0.2", addresses)}
-    f = f.model_copy(update={"network_digests": now})
-    assert out_of_step({"vmnet", "back", "nonet"}, [new, other], f, addresses) == []
+    f = facts("host2", address="10.0.0.2", networks=("vmnet", "back"),
+              network_segments={"vmnet": (100, 1450), "back": (102, 1450)})
+    assert out_of_step({"vmnet", "back"}, [new, other], f) == ["vmnet"]
+    assert out_of_step({"back"}, [new, other], f) == []
+    smaller = NetworkSpec(name="back", vni=102, mtu=1400)
+    assert out_of_step({"back"}, [smaller], f) == ["back"]
+    # in step once applied; one it lacks is not "out of step" (check_migration refuses
+    # it as missing), nor is anything on a host that reports no segments (older agent)
+    f = f.model_copy(update={"network_segments": {"vmnet": (101, 1450), "back": (102, 1450)}})
+    assert out_of_step({"vmnet", "back", "nonet"}, [new, other], f) == []
+    assert out_of_step({"vmnet"}, [new], f.model_copy(update={"network_segments": {}})) == []
