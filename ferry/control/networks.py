@@ -21,9 +21,12 @@ from ferry.domain.networks import HostNetwork, NetworkSpec, host_view, next_vni
 from ferry.domain.records import HostRecord
 from ferry.domain.specs import Frozen, HostFacts
 from ferry.store import Store
+from ferry.store.networks import VniTaken
 from ferry.wire import describe_validation
 
 log = logging.getLogger("ferry.control.networks")
+# Creates racing for the lowest free VNI: each loser picks again, this many times at most.
+AUTO_VNI_ATTEMPTS = 5
 PUSH_TIMEOUT_S = 30.0
 
 
@@ -49,6 +52,22 @@ class Networks:
     # --- requests ------------------------------------------------------------------
     async def create(self, name: str, vni: int | None, mtu: int | None,
                      vteps: tuple[str, ...]) -> NetworkView:
+        for attempt in range(AUTO_VNI_ATTEMPTS):
+            spec = await self._new_spec(name, vni, mtu, vteps)
+            try:
+                await self.store.networks.add(spec)
+                break
+            except VniTaken:
+                # Another create took the same free VNI first: one left out is picked
+                # again; one the user gave is theirs to change.
+                if vni is not None or attempt == AUTO_VNI_ATTEMPTS - 1:
+                    raise
+        await self.push_all()
+        return await self.view(spec.name)
+
+    async def _new_spec(self, name: str, vni: int | None, mtu: int | None,
+                        vteps: tuple[str, ...]) -> NetworkSpec:
+        """The network to store, checked against the others and the hosts' links."""
         existing = await self.store.networks.all()
         fields: dict[str, object] = {"name": name, "vteps": vteps,
                                      "vni": vni if vni is not None
@@ -75,9 +94,7 @@ class Networks:
                                f"carries under VXLAN ({least.network_mtu_max})",
                                f"give --mtu {least.network_mtu_max} or less, or raise "
                                "the MTU of that host's link")
-        await self.store.networks.add(spec)
-        await self.push_all()
-        return await self.view(spec.name)
+        return spec
 
     async def delete(self, name: str) -> None:
         await self.store.networks.get(name)  # 404 before anything else

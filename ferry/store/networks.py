@@ -11,6 +11,10 @@ from ferry.domain.networks import NetworkSpec
 from ferry.store.tables import NetworkRow
 
 
+class VniTaken(Conflict):
+    """Another network got the VNI between the check and the insert."""
+
+
 class NetworkStore:
     def __init__(self, session: async_sessionmaker[AsyncSession]) -> None:
         self._session = session
@@ -24,7 +28,7 @@ class NetworkStore:
                 s.add(NetworkRow(name=spec.name, vni=spec.vni,
                                  spec_json=spec.model_dump_json()))
         except IntegrityError:  # the VNI, raced by another create
-            raise Conflict(f"VNI {spec.vni} is already used by another network",
+            raise VniTaken(f"VNI {spec.vni} is already used by another network",
                            "give another --vni, or leave it out to get a free one") from None
         return spec
 
