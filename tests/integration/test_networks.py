@@ -210,7 +210,7 @@ def test_a_bridge_deleted_under_the_agent_comes_back(client: Client, lab: LabCon
                                                      ) -> None:
     """Someone deletes a network's bridge on a host by hand: the host's facts stop
     reporting the network, the control plane pushes it again, the agent makes it anew
-    (the VXLAN device, deleted with its bridge's port list, back as its port)."""
+    (the VXLAN device, left without its bridge, back as its port)."""
     client.call("POST", "/v1/networks", {"name": "healnet", "vni": 4444})
     try:
         subprocess.run(["ip", "-n", lab.netns("host2"), "link", "delete", "fyb4444"],
