@@ -142,19 +142,19 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     @app.post("/v1/vms/{name}/incoming/finish-storage", status_code=204)
     async def finish_incoming_storage(name: str, body: DiskMirrors) -> None:
-        await host.finish_incoming_storage(name, body.disks)
+        await moves.finish_incoming_storage(name, body.disks)
 
     @app.post("/v1/vms/{name}/disk-mirrors")
     async def start_disk_mirrors(name: str, body: DiskMirrors) -> list[MirrorProgress]:
-        return await host.start_disk_mirrors(name, body)
+        return await moves.start_disk_mirrors(name, body)
 
     @app.post("/v1/vms/{name}/disk-mirrors/progress")
     async def disk_mirrors(name: str, body: DiskMirrors) -> list[MirrorProgress]:
-        return await host.disk_mirrors(name, body)
+        return await moves.disk_mirrors(name, body)
 
     @app.post("/v1/vms/{name}/disk-mirrors/stop", status_code=204)
     async def stop_disk_mirrors(name: str, body: DiskMirrors) -> None:
-        await host.stop_disk_mirrors(name, body)
+        await moves.stop_disk_mirrors(name, body)
 
     @app.post("/v1/vms/{name}/migrate", status_code=202)
     async def start_outgoing(name: str, body: StartOutgoing) -> dict[str, str]:

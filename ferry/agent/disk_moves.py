@@ -1,17 +1,27 @@
-"""An agent's images and local disk moves (Storage vMotion on one host): image facts and
-deletion, and the mirror of a running VM's disk to another datastore, its pivot and its
-cancel. Built on the HostRuntime's VMs; the agent's routes call it."""
+"""An agent's images and disk moves: image facts and deletion; the mirror of a running
+VM's disk to another datastore on this host (Storage vMotion), its pivot and its cancel;
+and the NBD mirrors of a migration without shared storage (this host the source, the
+destination's NBD export the target). Built on the HostRuntime's VMs; the agent's
+routes call it."""
 
 from __future__ import annotations
 
-from ferry.agent.disks import check_disk_target
+from ferry.agent import stream_tls
+from ferry.agent.disks import (
+    check_disk_target,
+    nbd_mirrors,
+    start_nbd_mirrors,
+    stop_nbd_mirrors,
+    unexport_disks,
+)
 from ferry.agent.faults import FaultStage
 from ferry.agent.host import HostRuntime, running_monitor
-from ferry.agent.models import VmInfo
+from ferry.agent.models import DiskMirrors, VmInfo
 from ferry.agent.vmfiles import write_spec
 from ferry.domain.errors import Conflict
 from ferry.domain.specs import DiskSpec
 from ferry.domain.storage import ImageInfo, MirrorProgress
+from ferry.domain.streams import nbd_endpoint
 from ferry.hypervisor import blockjobs
 from ferry.hypervisor.process import ProcessState
 
@@ -82,3 +92,25 @@ class DiskMoves:
         self._refuse_if_in_use(target)
         await self._host.disks.cancel_mirror(monitor, job_id, target)
 
+    # --- a migration without shared storage ----------------------------------------
+    async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
+        rec = self._host.vm_record(name)
+        await unexport_disks(running_monitor(rec, self._host.config.name), disks)
+
+    async def start_disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
+        nbd_endpoint(req.nbd)  # an address:port, nothing else
+        rec = self._host.vm_record(name)
+        self._host.faults.reach(FaultStage.DISK_MIRRORS, name, rec.process.pid)
+        monitor = running_monitor(rec, self._host.config.name)
+        tls = (await stream_tls.connect_to(monitor, self._host.qemu_tls_dir(), req.tls_peer)
+               if req.tls_peer else {})
+        await start_nbd_mirrors(monitor, req.migration_id, req.nbd, req.disks, tls)
+        return await nbd_mirrors(monitor, req.migration_id, req.disks)
+
+    async def disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
+        monitor = running_monitor(self._host.vm_record(name), self._host.config.name)
+        return await nbd_mirrors(monitor, req.migration_id, req.disks)
+
+    async def stop_disk_mirrors(self, name: str, req: DiskMirrors) -> None:
+        monitor = running_monitor(self._host.vm_record(name), self._host.config.name)
+        await stop_nbd_mirrors(monitor, req.migration_id, req.disks)

@@ -19,14 +19,7 @@ from pydantic import ValidationError
 
 from ferry.agent import stream_tls
 from ferry.agent.config import AgentConfig
-from ferry.agent.disks import (
-    DiskOps,
-    export_disks,
-    nbd_mirrors,
-    start_nbd_mirrors,
-    stop_nbd_mirrors,
-    unexport_disks,
-)
+from ferry.agent.disks import DiskOps, export_disks
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
 from ferry.agent.faults import Faults, FaultStage
 from ferry.agent.fencing import Isolation, RuntimeGuests, watch_state
@@ -34,7 +27,6 @@ from ferry.agent.leases import keeper_for
 from ferry.agent.models import (
     RUNSTATES,
     AgentVmState,
-    DiskMirrors,
     IncomingReady,
     NewDisk,
     Tune,
@@ -56,8 +48,7 @@ from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.networks import Announce
 from ferry.domain.probe import last_heartbeat
 from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
-from ferry.domain.storage import MirrorProgress
-from ferry.domain.streams import migration_endpoint, nbd_endpoint
+from ferry.domain.streams import migration_endpoint
 from ferry.hypervisor.argv import RunPaths, boot_file, build_argv, disk_path
 from ferry.hypervisor.errors import CommandFailed, HypervisorError, MonitorError, NotRunning
 from ferry.hypervisor.images import create_image
@@ -144,7 +135,7 @@ class HostRuntime:
             if rec.monitor is not None:
                 await rec.monitor.close()
 
-    def _qemu_tls_dir(self) -> Path:
+    def qemu_tls_dir(self) -> Path:
         tls = HostTls(self.config.tls_path)
         if not tls.enrolled():
             raise Conflict(f"host {self.config.name} has no cluster certificate for "
@@ -308,11 +299,9 @@ class HostRuntime:
                     await rec.process.wait(grace_s)
                 if rec.process.state is ProcessState.RUNNING:
                     await rec.monitor.quit()
-                    # QEMU is ending and sends nothing more: its taps go while it exits
-                    # (each delete waits ~16 ms on the kernel; the exit takes 50-70).
+                    # QEMU ends and sends nothing more: its taps go while it exits (a
+                    # delete waits ~16 ms in the kernel, the exit 50-70); _forget awaits.
                     unplugged = asyncio.create_task(self.networks.unplug(rec.spec))
-                    # (awaited by _forget; a stop that fails before it leaves the error
-                    # to the next stop's unplug)
                     unplugged.add_done_callback(lambda t: t.cancelled() or t.exception())
                     await rec.process.wait(3.0)
             await rec.process.kill()
@@ -376,7 +365,7 @@ class HostRuntime:
         try:
             # Both ends must agree on these before the stream starts.
             await rec.monitor.set_migration_capabilities(stream_capabilities(options, False))
-            tls = (await stream_tls.accept_from(rec.monitor, self._qemu_tls_dir(), tls_peer)
+            tls = (await stream_tls.accept_from(rec.monitor, self.qemu_tls_dir(), tls_peer)
                    if tls_peer else {})
             await rec.monitor.set_migration_parameters(
                 stream_parameters(options) | incoming_parameters(options) | tls)
@@ -449,26 +438,6 @@ class HostRuntime:
         rec.recover_uri = uri
         return IncomingReady(uri=uri)
 
-    async def finish_incoming_storage(self, name: str, disks: tuple[str, ...]) -> None:
-        await unexport_disks(running_monitor(self._get(name), self.config.name), disks)
-
-    async def start_disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
-        nbd_endpoint(req.nbd)  # an address:port, nothing else
-        self.faults.reach(FaultStage.DISK_MIRRORS, name, self._get(name).process.pid)
-        monitor = running_monitor(self._get(name), self.config.name)
-        tls = (await stream_tls.connect_to(monitor, self._qemu_tls_dir(), req.tls_peer)
-               if req.tls_peer else {})
-        await start_nbd_mirrors(monitor, req.migration_id, req.nbd, req.disks, tls)
-        return await nbd_mirrors(monitor, req.migration_id, req.disks)
-
-    async def disk_mirrors(self, name: str, req: DiskMirrors) -> list[MirrorProgress]:
-        monitor = running_monitor(self._get(name), self.config.name)
-        return await nbd_mirrors(monitor, req.migration_id, req.disks)
-
-    async def stop_disk_mirrors(self, name: str, req: DiskMirrors) -> None:
-        monitor = running_monitor(self._get(name), self.config.name)
-        await stop_nbd_mirrors(monitor, req.migration_id, req.disks)
-
     # --- migration: source side ------------------------------------------------
     async def start_outgoing(self, name: str, migration_id: str, uri: str,
                              options: StreamOptions, downtime_ms: int,
@@ -488,7 +457,7 @@ class HostRuntime:
         rec.monitor.migration_events.clear()
         await rec.monitor.set_migration_capabilities(stream_capabilities(options, True))
         params = stream_parameters(options)
-        params.update(await stream_tls.connect_to(rec.monitor, self._qemu_tls_dir(), tls_peer)
+        params.update(await stream_tls.connect_to(rec.monitor, self.qemu_tls_dir(), tls_peer)
                       if tls_peer else stream_tls.CLEARTEXT)
         params["downtime-limit"] = downtime_ms
         # "unlimited" unless capped: QEMU's own 128 MiB/s default is not ours.

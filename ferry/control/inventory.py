@@ -66,8 +66,11 @@ class Inventory:
         except NotFound:
             pass
         async with self.network_users:
-            # Also one MAC per network: two creates do not both find it free.
-            await self._check_networks(spec)
+            # Also one MAC per network and one UUID per VM: two creates do not both
+            # find one free.
+            vms = await self.store.vms()
+            _check_uuid(spec, vms)
+            await self._check_networks(spec, vms)
             chosen = place(spec, await self.snapshots(), host)
             record = await self.store.host(chosen)
             assert record.facts is not None  # place() only picks hosts with facts
@@ -84,15 +87,8 @@ class Inventory:
                 raise
         return vm
 
-    async def _check_networks(self, spec: VmSpec) -> None:
+    async def _check_networks(self, spec: VmSpec, vms: list[VmRecord]) -> None:
         known = {n.name for n in await self.store.networks.all()}
-        vms = await self.store.vms()
-        # A host names a VM's taps (and QEMU its SMBIOS identity) after the UUID: a
-        # second VM with it would take over the first one's NICs.
-        twin = next((vm.spec.name for vm in vms if vm.spec.uuid == spec.uuid), None)
-        if twin is not None:
-            raise Conflict(f"VM {twin} already has the UUID {spec.uuid}",
-                           "give the new VM another uuid (or leave it out for a random one)")
         taken = {(nic.network, nic.mac): vm.spec.name for vm in vms
                  for nic in vm.spec.nics if nic.network != USER_NETWORK}
         for nic in spec.nics:
@@ -174,3 +170,12 @@ class Inventory:
         vm = await self.store.vm(name)
         host = await self.connected_host(vm.host)
         return await self.agents.client(host).serial(name, lines)
+
+
+def _check_uuid(spec: VmSpec, vms: list[VmRecord]) -> None:
+    """A host names a VM's taps (and QEMU its SMBIOS identity) after the UUID: a second
+    VM with it would take over the first one's NICs."""
+    twin = next((vm.spec.name for vm in vms if vm.spec.uuid == spec.uuid), None)
+    if twin is not None:
+        raise Conflict(f"VM {twin} already has the UUID {spec.uuid}",
+                       "give the new VM another uuid (or leave it out for a random one)")

@@ -138,17 +138,16 @@ def write_pages(pid: int, size: int, pages: Sequence[int], data: bytes) -> None:
 def _write_page(fd: int, page: int, data: bytes) -> None:
     done = 0
     while done < PAGE_BYTES:
-        done += os.pwrite(fd, data[done:], page * PAGE_BYTES + done)
+        n = os.pwrite(fd, data[done:], page * PAGE_BYTES + done)
+        if n == 0:  # not for a memfd within its size; never loop on it
+            raise Conflict(f"page {page} of the guest RAM could not be written whole")
+        done += n
 
 
 def flip_pages(pid: int, size: int, pages: Sequence[int]) -> None:
     """Invert every byte of the pages (the lab's fault: a stale copy of a page)."""
     _check_indexes(pages, size // PAGE_BYTES, "page")
-    old = read_pages(pid, size, pages)
-    with opened(pid, size, writable=True) as fd:
-        for i, page in enumerate(pages):
-            _write_page(fd, page, bytes(b ^ 0xFF for b in old[i * PAGE_BYTES:
-                                                               (i + 1) * PAGE_BYTES]))
+    write_pages(pid, size, pages, bytes(b ^ 0xFF for b in read_pages(pid, size, pages)))
 
 
 def _check_indexes(indexes: Sequence[int], count: int, what: str) -> None:
