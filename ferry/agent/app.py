@@ -49,6 +49,7 @@ def create_app(host: HostRuntime) -> FastAPI:
 
     app = FastAPI(title=f"ferry-agent {host.config.name}", lifespan=lifespan)
     terms = TermFence(host.config.run_dir / "control-term")
+    memory = GuestMemory(host)
 
     @app.exception_handler(FerryError)
     async def _ferry_error(_: Request, exc: FerryError) -> JSONResponse:
@@ -96,13 +97,16 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/vms/{name}/stop")
     async def stop_vm(name: str, force: bool = False,
                       grace_s: float = Query(30.0, ge=0, le=600)) -> VmInfo:
-        return await host.stop(name, force=force, grace_s=grace_s)
+        try:
+            return await host.stop(name, force=force, grace_s=grace_s)
+        finally:
+            memory.release(name)  # a migration's source: its held RAM is done with
 
     @app.post("/v1/vms/{name}/resume")
     async def resume_vm(name: str) -> VmInfo:
+        memory.release(name)  # a rolled-back source runs again: what was held goes stale
         return await host.resume(name)
 
-    memory = GuestMemory(host)
     moves = DiskMoves(host)
 
     @app.post("/v1/vms/{name}/ram/digests")
@@ -208,6 +212,7 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/vms/{name}/migration/revert")
     async def revert(name: str) -> VmInfo:
         """Post-copy whose destination never ran: end it and run the source again."""
+        memory.release(name)
         return await host.revert_outgoing(name)
 
     if host.config.fault_hooks:  # lab only

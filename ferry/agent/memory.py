@@ -10,6 +10,10 @@ final (the source when its stream completed, the destination when it received th
 stream), and the control plane's request takes what was computed. A result is handed out
 only while nothing can have changed the RAM since: same QEMU, no `cont` sent through its
 monitor, no page written.
+
+A source's RAM is held open from its stream's completion until the migration ends (or
+HOLD_S): a source QEMU that dies after sending everything takes its memfd with it
+otherwise, and the destination, which may have lost a write on TCG, would run unchecked.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ferry.agent.faults import FaultStage
 from ferry.agent.host import HostRuntime, VmRecord
@@ -35,19 +41,47 @@ log = logging.getLogger("ferry.agent")
 
 READABLE = ("paused", "postmigrate")
 EVENT_WAIT_S = 1.0  # how often a destination's watch looks whether its QEMU still runs
+# A held source RAM goes at the latest after this (a migration's end lets it go first):
+# a control plane that never comes back must not pin a dead guest's memory for ever.
+HOLD_S = 600.0
 
 
 @dataclass(frozen=True)
-class _Early:
-    """Whole-RAM digests started as soon as the copy was final."""
+class _Copy:
+    """One QEMU's RAM as it was when read or held: stale once the monitor sent `cont`."""
 
     monitor: Monitor
     pid: int
     conts: int
-    task: asyncio.Task[bytes]
 
     def current(self, monitor: Monitor | None, pid: int | None) -> bool:
         return monitor is self.monitor and pid == self.pid and monitor.conts == self.conts
+
+
+@dataclass(frozen=True)
+class _Early(_Copy):
+    """Whole-RAM digests started as soon as the copy was final."""
+
+    task: asyncio.Task[bytes]
+
+
+@dataclass(frozen=True)
+class _Held(_Copy):
+    """A source's RAM held open from its stream's completion (its guest paused, and
+    QEMU changes it again only after a `cont`)."""
+
+    fd: int
+    expiry: asyncio.TimerHandle
+
+
+@dataclass(frozen=True)
+class _Readable:
+    """Where a paused copy is read (or written) now."""
+
+    ram: Path
+    size: int
+    pid: int
+    monitor: Monitor
 
 
 def fault_pages(size: int) -> tuple[int, ...]:
@@ -62,6 +96,7 @@ class GuestMemory:
     def __init__(self, host: HostRuntime) -> None:
         self._host = host
         self._early: dict[str, _Early] = {}
+        self._held: dict[str, _Held] = {}
         self._outgoing: set[str] = set()  # sources to digest once their stream completed
         self._watches: dict[str, asyncio.Task[None]] = {}
 
@@ -73,6 +108,7 @@ class GuestMemory:
     def expect_outgoing(self, name: str, options: StreamOptions) -> None:
         """A source's stream starts: digest its RAM when the stream completed."""
         self._early.pop(name, None)
+        self.release(name)
         if self._wanted(options):
             self._outgoing.add(name)
         else:
@@ -82,10 +118,32 @@ class GuestMemory:
         """The source's stream completed (its guest stays paused from here on)."""
         if name in self._outgoing:
             self._outgoing.discard(name)
+            self._hold(name)
             with contextlib.suppress(FerryError):
                 # QEMU stopped the guest before it said so (and runs it again only on
                 # a `cont`, which the digests' monitor counts): no need to ask it.
                 self._start(name, stopped=True)
+
+    def _hold(self, name: str) -> None:
+        """Keep the source's RAM open (now, before anything can kill its QEMU)."""
+        self.release(name)
+        rec = self._host.vm_record(name)
+        if rec.monitor is None or rec.process.pid is None:
+            return
+        try:
+            fd = guest_ram.hold(rec.process.pid, rec.spec.memory_mib << 20)
+        except FerryError as exc:
+            log.warning("VM %s: its RAM is not held past its QEMU: %s", name, exc.problem)
+            return
+        expiry = asyncio.get_running_loop().call_later(HOLD_S, self.release, name)
+        self._held[name] = _Held(rec.monitor, rec.process.pid, rec.monitor.conts, fd, expiry)
+
+    def release(self, name: str) -> None:
+        """Let a held RAM go: the migration ended, the VM stopped or runs again."""
+        held = self._held.pop(name, None)
+        if held is not None:
+            held.expiry.cancel()
+            os.close(held.fd)
 
     def expect_incoming(self, name: str, options: StreamOptions) -> None:
         """A destination listens: digest its RAM the moment the stream is received."""
@@ -134,7 +192,7 @@ class GuestMemory:
             self._whole_if_paused(name, rec.monitor, pid)
         task = asyncio.create_task(work)
         task.add_done_callback(_quiet)
-        self._early[name] = _Early(rec.monitor, rec.process.pid, rec.monitor.conts, task)
+        self._early[name] = _Early(rec.monitor, pid, rec.monitor.conts, task)
 
     async def _taken_early(self, name: str, monitor: Monitor, pid: int) -> bytes | None:
         # Kept, not popped: a watch that sees the stream complete only now finds the
@@ -154,21 +212,36 @@ class GuestMemory:
             raise Conflict(f"VM {name} on {self._host.config.name} is not paused")
         return await self._whole(name, pid)
 
+    def _path(self, name: str, pid: int, size: int) -> Path:
+        """Where QEMU `pid`'s RAM is read: the held descriptor while it is current."""
+        held = self._held.get(name)
+        rec = self._host.vm_record(name)
+        if held is not None and held.current(rec.monitor, pid):
+            return guest_ram.held(held.fd)
+        return guest_ram.ram_file(pid, size)
+
     async def _whole(self, name: str, pid: int) -> bytes:
         """Digests of every chunk of the RAM, paused as the caller checked (the lab's
         CORRUPT_RAM fault makes a destination's copy stale first)."""
         rec = self._host.vm_record(name)
         size = rec.spec.memory_mib << 20
+        ram = self._path(name, pid, size)
         if rec.never_ran:
             pages = fault_pages(size)
             self._host.faults.reach(FaultStage.RAM_DIGESTS, name, pid, corrupt=lambda: (
-                guest_ram.flip_pages(pid, size, pages)))
-        return await asyncio.to_thread(guest_ram.chunk_digests, pid, size)
+                guest_ram.flip_pages(ram, size, pages)))
+        return await asyncio.to_thread(guest_ram.chunk_digests, ram, size)
 
-    async def _paused_pid(self, name: str, write: bool) -> tuple[int, int]:
+    async def _readable(self, name: str, write: bool) -> _Readable:
+        """The paused copy to read (or, `write`, to repair), or why there is none."""
         rec = self._host.vm_record(name)
         monitor, pid = rec.monitor, rec.process.pid
-        if monitor is None or pid is None:
+        size = rec.spec.memory_mib << 20
+        if monitor is None or pid is None or rec.process.state is not ProcessState.RUNNING:
+            held = self._held.get(name)
+            if not write and held is not None and held.current(monitor, pid):
+                # Died after its stream completed: what it held is the guest it sent.
+                return _Readable(guest_ram.held(held.fd), size, held.pid, held.monitor)
             raise NotRunning(f"VM {name} has no running QEMU on {self._host.config.name}")
         state = await monitor.runstate()
         if state not in READABLE:
@@ -178,39 +251,39 @@ class GuestMemory:
             raise Conflict(f"VM {name} on {self._host.config.name} is not a paused "
                            "migration destination that never ran",
                            "only such a copy's memory may be repaired")
-        return pid, rec.spec.memory_mib << 20
+        ram = guest_ram.ram_file(pid, size) if write else self._path(name, pid, size)
+        return _Readable(ram, size, pid, monitor)
 
     async def digests(self, name: str, body: RamDigestRequest) -> RamDigests:
-        pid, size = await self._paused_pid(name, write=False)
+        copy = await self._readable(name, write=False)
         if body.chunks is None:
-            monitor = self._host.vm_record(name).monitor
-            assert monitor is not None  # _paused_pid asked it
-            packed = await self._taken_early(name, monitor, pid)
+            packed = await self._taken_early(name, copy.monitor, copy.pid)
             if packed is None:
-                # _paused_pid found it paused: start the digests as a watch would (so
+                # _readable found it paused: start the digests as a watch would (so
                 # one that sees the stream complete later does not start them again)
                 self._start(name, stopped=True)
-                packed = await self._taken_early(name, monitor, pid)
+                packed = await self._taken_early(name, copy.monitor, copy.pid)
             if packed is None:
-                packed = await self._whole(name, pid)
+                packed = await self._whole(name, copy.pid)
         else:
-            packed = await asyncio.to_thread(guest_ram.page_digests, pid, size, body.chunks)
+            packed = await asyncio.to_thread(guest_ram.page_digests, copy.ram, copy.size,
+                                             body.chunks)
         return RamDigests(digests=base64.b64encode(packed).decode())
 
     async def read(self, name: str, body: RamPagesRequest) -> RamPages:
-        pid, size = await self._paused_pid(name, write=False)
-        data = await asyncio.to_thread(guest_ram.read_pages, pid, size, body.pages)
+        copy = await self._readable(name, write=False)
+        data = await asyncio.to_thread(guest_ram.read_pages, copy.ram, copy.size, body.pages)
         return RamPages(pages=body.pages, data=base64.b64encode(data).decode())
 
     async def write(self, name: str, body: RamPages) -> None:
-        pid, size = await self._paused_pid(name, write=True)
+        copy = await self._readable(name, write=True)
         self._early.pop(name, None)  # what it held is about to change
         try:
             data = base64.b64decode(body.data, validate=True)
         except ValueError as exc:
             raise InvalidInput(f"the page data is not base64: {exc}",
                                "send the pages as standard base64") from exc
-        await asyncio.to_thread(guest_ram.write_pages, pid, size, body.pages, data)
+        await asyncio.to_thread(guest_ram.write_pages, copy.ram, copy.size, body.pages, data)
 
 
 def _quiet(task: asyncio.Task[bytes]) -> None:

@@ -1,5 +1,9 @@
 """A paused QEMU's guest RAM, seen through the memfd that backs it (argv: RAM_BACKEND).
 
+Each function takes the path to open: `ram_file(pid, size)` (the QEMU's own descriptor
+under /proc), or `held(fd)` for a descriptor the caller keeps open, which outlives the
+QEMU (agent/memory.py holds a source's RAM so from its stream's completion).
+
 The agent compares and repairs a migration's copy of the guest before the destination
 runs (ferry/control/migration_memory.py says why: QEMU's TCG can lose a guest write
 during pre-copy, so the copy may differ from the source in a few pages). Blocking file
@@ -41,8 +45,22 @@ def ram_file(pid: int, size: int) -> Path:
                    "only VMs started by this version of the agent can be verified")
 
 
+def held(fd: int) -> Path:
+    """The path through which this process opens its own descriptor `fd` again."""
+    return Path(f"/proc/self/fd/{fd}")
+
+
+def hold(pid: int, size: int) -> int:
+    """A read-only descriptor of QEMU `pid`'s guest RAM, for the caller to close: the
+    memfd lives on while it is open, whatever becomes of the QEMU."""
+    try:
+        return os.open(ram_file(pid, size), os.O_RDONLY)
+    except OSError as exc:
+        raise Conflict(f"cannot open QEMU {pid}'s guest RAM: {exc}") from exc
+
+
 @contextmanager
-def opened(pid: int, size: int, writable: bool = False) -> Iterator[int]:
+def opened(ram: Path, writable: bool = False) -> Iterator[int]:
     """A file descriptor of the guest RAM: what QEMU's guest sees, byte for byte.
 
     Read and written with pread/pwrite, not mapped: a mapping must first be populated
@@ -50,7 +68,10 @@ def opened(pid: int, size: int, writable: bool = False) -> Iterator[int]:
     hole (RAM the guest never touched, or a destination's zero page that QEMU skipped)
     it touches is allocated and zeroed (a half-empty 256 MiB copy: 112 ms, and all of
     it allocated). A read of a hole allocates nothing and reads zeros."""
-    fd = os.open(ram_file(pid, size), os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        fd = os.open(ram, os.O_RDWR if writable else os.O_RDONLY)
+    except OSError as exc:
+        raise Conflict(f"cannot open the guest RAM at {ram}: {exc}") from exc
     try:
         yield fd
     finally:
@@ -83,13 +104,13 @@ def _has_data(fd: int, start: int, end: int) -> bool:
         raise
 
 
-def chunk_digests(pid: int, size: int) -> bytes:
+def chunk_digests(ram: Path, size: int) -> bytes:
     """One xxh3-64 per CHUNK_BYTES of RAM, packed little-endian u64 (the last chunk may
     be shorter). A chunk that is a hole is known to be zeros: not read."""
     buf = memoryview(bytearray(CHUNK_BYTES))
     zeros = {n: xxhash.xxh3_64_intdigest(bytes(n))
              for n in {CHUNK_BYTES, size % CHUNK_BYTES or CHUNK_BYTES}}
-    with opened(pid, size) as fd:
+    with opened(ram) as fd:
         def digests() -> Iterator[int]:
             for at in range(0, size, CHUNK_BYTES):
                 n = min(CHUNK_BYTES, size - at)
@@ -98,11 +119,11 @@ def chunk_digests(pid: int, size: int) -> bytes:
         return _packed(digests())
 
 
-def page_digests(pid: int, size: int, chunks: Sequence[int]) -> bytes:
+def page_digests(ram: Path, size: int, chunks: Sequence[int]) -> bytes:
     """The pages' xxh3-64 of each of `chunks`, chunk after chunk, packed."""
     _check_indexes(chunks, (size + CHUNK_BYTES - 1) // CHUNK_BYTES, "chunk")
     buf = memoryview(bytearray(CHUNK_BYTES))
-    with opened(pid, size) as fd:
+    with opened(ram) as fd:
         def digests() -> Iterator[int]:
             for chunk in chunks:
                 start = chunk * CHUNK_BYTES
@@ -112,25 +133,25 @@ def page_digests(pid: int, size: int, chunks: Sequence[int]) -> bytes:
         return _packed(digests())
 
 
-def read_pages(pid: int, size: int, pages: Sequence[int]) -> bytes:
+def read_pages(ram: Path, size: int, pages: Sequence[int]) -> bytes:
     """The pages' contents, concatenated."""
     _check_indexes(pages, size // PAGE_BYTES, "page")
     out = memoryview(bytearray(len(pages) * PAGE_BYTES))
-    with opened(pid, size) as fd:
+    with opened(ram) as fd:
         for i, page in enumerate(pages):
             slot = out[i * PAGE_BYTES:(i + 1) * PAGE_BYTES]
             if len(_read_into(fd, slot, page * PAGE_BYTES)) != PAGE_BYTES:
-                raise Conflict(f"page {page} of QEMU {pid}'s RAM could not be read whole")
+                raise Conflict(f"page {page} of the guest RAM could not be read whole")
     return out.tobytes()
 
 
-def write_pages(pid: int, size: int, pages: Sequence[int], data: bytes) -> None:
+def write_pages(ram: Path, size: int, pages: Sequence[int], data: bytes) -> None:
     """Overwrite the pages with `data` (len(pages) pages, in that order)."""
     _check_indexes(pages, size // PAGE_BYTES, "page")
     if len(data) != len(pages) * PAGE_BYTES:
         raise InvalidInput(f"{len(data)} bytes for {len(pages)} pages",
                            f"send exactly {PAGE_BYTES} bytes per page")
-    with opened(pid, size, writable=True) as fd:
+    with opened(ram, writable=True) as fd:
         for i, page in enumerate(pages):
             _write_page(fd, page, data[i * PAGE_BYTES:(i + 1) * PAGE_BYTES])
 
@@ -144,10 +165,10 @@ def _write_page(fd: int, page: int, data: bytes) -> None:
         done += n
 
 
-def flip_pages(pid: int, size: int, pages: Sequence[int]) -> None:
+def flip_pages(ram: Path, size: int, pages: Sequence[int]) -> None:
     """Invert every byte of the pages (the lab's fault: a stale copy of a page)."""
     _check_indexes(pages, size // PAGE_BYTES, "page")
-    write_pages(pid, size, pages, bytes(b ^ 0xFF for b in read_pages(pid, size, pages)))
+    write_pages(ram, size, pages, bytes(b ^ 0xFF for b in read_pages(ram, size, pages)))
 
 
 def _check_indexes(indexes: Sequence[int], count: int, what: str) -> None:
@@ -157,5 +178,5 @@ def _check_indexes(indexes: Sequence[int], count: int, what: str) -> None:
                            f"{what}s)", f"ask for {what}s 0..{count - 1}")
 
 
-__all__ = ["PAGES_PER_CHUNK", "chunk_digests", "flip_pages", "page_digests", "ram_file",
-           "read_pages", "write_pages"]
+__all__ = ["PAGES_PER_CHUNK", "chunk_digests", "flip_pages", "held", "hold", "page_digests",
+           "ram_file", "read_pages", "write_pages"]

@@ -74,31 +74,32 @@ def ram() -> Iterator[mmap.mmap]:
 
 
 def test_compare_and_repair_through_the_memfd(ram: mmap.mmap) -> None:
-    pid = os.getpid()
-    before = unpack(guest_ram.chunk_digests(pid, SIZE))
+    ram_of = guest_ram.ram_file(os.getpid(), SIZE)
+    before = unpack(guest_ram.chunk_digests(ram_of, SIZE))
     assert len(before) == 4  # three whole chunks and the short one
-    saved = guest_ram.read_pages(pid, SIZE, [700, 1536 + 2])
-    guest_ram.flip_pages(pid, SIZE, [700, 1536 + 2])  # chunk 1 and the last chunk
-    after = unpack(guest_ram.chunk_digests(pid, SIZE))
+    saved = guest_ram.read_pages(ram_of, SIZE, [700, 1536 + 2])
+    guest_ram.flip_pages(ram_of, SIZE, [700, 1536 + 2])  # chunk 1 and the last chunk
+    after = unpack(guest_ram.chunk_digests(ram_of, SIZE))
     chunks = differing(before, after)
     assert chunks == [1, 3]
-    page_before = unpack(guest_ram.page_digests(pid, SIZE, [1, 3]))
+    page_before = unpack(guest_ram.page_digests(ram_of, SIZE, [1, 3]))
     assert len(page_before) == PAGES_PER_CHUNK + 5
-    guest_ram.write_pages(pid, SIZE, [700, 1538], saved)
-    assert unpack(guest_ram.chunk_digests(pid, SIZE)) == before
+    guest_ram.write_pages(ram_of, SIZE, [700, 1538], saved)
+    assert unpack(guest_ram.chunk_digests(ram_of, SIZE)) == before
     assert ram[700 * PAGE_BYTES:701 * PAGE_BYTES] == bytes(range(256)) * 16
 
 
 def test_bad_requests_name_the_problem(ram: mmap.mmap) -> None:
     pid = os.getpid()
+    ram_of = guest_ram.ram_file(pid, SIZE)
     with pytest.raises(InvalidInput, match="page 1541 is out of range"):
-        guest_ram.read_pages(pid, SIZE, [1541])
+        guest_ram.read_pages(ram_of, SIZE, [1541])
     with pytest.raises(InvalidInput, match="chunk 4 is out of range"):
-        guest_ram.page_digests(pid, SIZE, [4])
+        guest_ram.page_digests(ram_of, SIZE, [4])
     with pytest.raises(InvalidInput, match="4095 bytes for 1 pages"):
-        guest_ram.write_pages(pid, SIZE, [0], b"x" * 4095)
+        guest_ram.write_pages(ram_of, SIZE, [0], b"x" * 4095)
     with pytest.raises(Conflict, match="no memfd-backed guest RAM of 4096 bytes"):
-        guest_ram.chunk_digests(pid, 4096)
+        guest_ram.ram_file(pid, 4096)
 
 
 def test_digests_of_untouched_ram_allocate_none_of_it() -> None:
@@ -110,18 +111,36 @@ def test_digests_of_untouched_ram_allocate_none_of_it() -> None:
         os.ftruncate(fd, SIZE)
         os.pwrite(fd, b"\x01" * PAGE_BYTES, 5 * PAGE_BYTES)  # one page touched
         blocks = os.fstat(fd).st_blocks
-        digests = unpack(guest_ram.chunk_digests(os.getpid(), SIZE))
+        ram_of = guest_ram.ram_file(os.getpid(), SIZE)
+        digests = unpack(guest_ram.chunk_digests(ram_of, SIZE))
         assert os.fstat(fd).st_blocks == blocks
         zero = xxhash.xxh3_64_intdigest(bytes(CHUNK_BYTES))
         assert digests[1:3] == [zero, zero] and digests[0] != zero
         assert digests[3] == xxhash.xxh3_64_intdigest(bytes(SIZE - 3 * CHUNK_BYTES))
-        pages = unpack(guest_ram.page_digests(os.getpid(), SIZE, [0]))
+        pages = unpack(guest_ram.page_digests(ram_of, SIZE, [0]))
         assert pages[5] != pages[4] == xxhash.xxh3_64_intdigest(bytes(PAGE_BYTES))
         assert os.fstat(fd).st_blocks == blocks
         # zeros written (the source's copy of a page the destination skipped) digest as
         # the hole does
         os.pwrite(fd, bytes(PAGE_BYTES), CHUNK_BYTES + 7 * PAGE_BYTES)
         assert os.fstat(fd).st_blocks > blocks
-        assert unpack(guest_ram.chunk_digests(os.getpid(), SIZE)) == digests
+        assert unpack(guest_ram.chunk_digests(ram_of, SIZE)) == digests
     finally:
         os.close(fd)
+
+
+def test_held_ram_outlives_its_owner() -> None:
+    """A source QEMU that dies after its stream completed closes its memfd; the agent's
+    held descriptor keeps the guest it sent readable for the check and the repair."""
+    fd = os.memfd_create("memory-backend-memfd")
+    os.ftruncate(fd, SIZE)
+    os.pwrite(fd, b"\x5a" * PAGE_BYTES, 9 * PAGE_BYTES)
+    before = guest_ram.chunk_digests(guest_ram.ram_file(os.getpid(), SIZE), SIZE)
+    kept = guest_ram.hold(os.getpid(), SIZE)
+    try:
+        os.close(fd)  # the owner let go of it
+        ram_of = guest_ram.held(kept)
+        assert guest_ram.chunk_digests(ram_of, SIZE) == before
+        assert guest_ram.read_pages(ram_of, SIZE, [9]) == b"\x5a" * PAGE_BYTES
+    finally:
+        os.close(kept)
