@@ -126,6 +126,7 @@ class HostRuntime:
             proc, monitor = adopted
             self._vms[spec.name] = VmRecord(spec=spec, paths=paths, process=proc,
                                             monitor=monitor)
+        await self.networks.guard_adopted(rec.spec for rec in self._vms.values())
 
     async def shutdown(self) -> None:
         """Close monitors; the guests keep running (an agent restart is no outage)."""

@@ -13,13 +13,14 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
 from ferry import commands
-from ferry.agent import vxlan_filter
+from ferry.agent import nic_filter, vxlan_filter
 from ferry.agent.models import NetworkResult
 from ferry.domain.errors import Conflict, FerryError, HostUnavailable, InvalidInput
 from ferry.domain.networks import (
@@ -107,6 +108,8 @@ class HostNetworks:
         self._have: dict[str, HostNetwork] = {}
         self._lock = asyncio.Lock()
         self.max_mtu: int | None = None  # probe_underlay: unknown until probed
+        self._macs: dict[str, str] = {}  # tap -> the only source MAC its guest may use
+        self._nic_lock = asyncio.Lock()
 
     def load(self) -> None:
         try:
@@ -296,10 +299,43 @@ class HostNetworks:
         net = self._have.get(nic.network)
         return bridge_name(net.vni) if net is not None else None
 
+    @staticmethod
+    def _taps(spec: VmSpec) -> dict[str, str]:
+        """The VM's taps and each one's MAC."""
+        return {tap_name(spec.uuid, nic.name): nic.mac
+                for nic in spec.nics if nic.network != USER_NETWORK}
+
+    async def _filter_nics(self, add: Mapping[str, str] | None = None,
+                           drop: Iterable[str] = ()) -> None:
+        """Rewrite the NIC filter (agent/nic_filter.py) with `add`, without `drop`; a
+        failure changes neither the rules nor what this object holds."""
+        async with self._nic_lock:
+            gone = set(drop)
+            macs = {tap: mac for tap, mac in {**self._macs, **(add or {})}.items()
+                    if tap not in gone}
+            if macs != self._macs:
+                await nic_filter.admit_only(macs)
+                self._macs = macs
+
+    async def guard_adopted(self, specs: Iterable[VmSpec]) -> None:
+        """At agent start: the NIC filter for the VMs adopted (and no other). None
+        adopted: left as it is (what it names is gone; the next plug rewrites it)."""
+        macs = {tap: mac for spec in specs for tap, mac in self._taps(spec).items()}
+        if not macs:
+            return
+        async with self._nic_lock:
+            try:
+                await nic_filter.admit_only(macs)
+                self._macs = macs
+            except FerryError as exc:
+                log.warning("NIC filter not restored: %s", exc)
+
     async def plug(self, spec: VmSpec) -> None:
-        """A tap per bridged NIC, on its network's bridge, before QEMU opens it."""
+        """A tap per bridged NIC, on its network's bridge, before QEMU opens it; the
+        guest may send on it with its NIC's MAC only (filtered before the tap exists)."""
         self.check(spec, "this host")
         made: list[str] = []
+        await self._filter_nics(add=self._taps(spec))
         try:
             for nic in spec.nics:
                 if nic.network == USER_NETWORK:
@@ -318,9 +354,19 @@ class HostNetworks:
             for tap in made:
                 if await link_exists(tap):
                     await run("ip", "link", "delete", tap, check=False)
+            await self._unfilter(made)
             raise
 
     async def unplug(self, spec: VmSpec) -> None:
-        for nic in spec.nics:
-            if nic.network != USER_NETWORK:
-                await run("ip", "link", "delete", tap_name(spec.uuid, nic.name), check=False)
+        taps = list(self._taps(spec))
+        for tap in taps:
+            await run("ip", "link", "delete", tap, check=False)
+        await self._unfilter(taps)
+
+    async def _unfilter(self, taps: list[str]) -> None:
+        """Best effort: a tap gone with its entry left is filtered to no effect."""
+        if any(tap in self._macs for tap in taps):
+            try:
+                await self._filter_nics(drop=taps)
+            except FerryError as exc:
+                log.warning("NIC filter not updated: %s", exc)

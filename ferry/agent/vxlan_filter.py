@@ -16,18 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
-from ferry import commands
-from ferry.domain.errors import HostUnavailable
+from ferry.agent import nft
 from ferry.domain.networks import VXLAN_PORT
 
 TABLE = "ferry_vxlan"
-COMMAND_TIMEOUT_S = 15.0
+PURPOSE = "limit VXLAN to the cluster's hosts"
 # The VNI: 24 bits after the UDP header (8 bytes) and the VXLAN flags word (4 bytes).
 VNI_FIELD = "@th,96,24"
-
-
-class FilterFailed(HostUnavailable):
-    """nftables refused the rules, or is not installed (HTTP 502, a host failure)."""
 
 
 def _addresses(peers: Iterable[IPv4Address]) -> str:
@@ -47,10 +42,7 @@ def ruleset(networks: Mapping[int, Iterable[IPv4Address]]) -> str:
         for vni, who in peers.items()]
     known = ", ".join(str(vni) for vni in peers)
     return "\n".join([
-        # `add` then `delete` makes the delete succeed whether or not it existed; the
-        # whole script is one transaction, so there is no moment without the rule.
-        f"add table inet {TABLE}",
-        f"delete table inet {TABLE}",
+        *nft.replacing("inet", TABLE),
         f"table inet {TABLE} {{",
         f"  set peers {{ type ipv4_addr; {elements} }}",
         "  chain input {",
@@ -66,26 +58,13 @@ def ruleset(networks: Mapping[int, Iterable[IPv4Address]]) -> str:
 
 
 def removal() -> str:
-    return f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
-
-
-async def apply(script: str) -> None:
-    try:
-        done = await commands.run("nft", "-f", "-", timeout_s=COMMAND_TIMEOUT_S,
-                                  stdin=script.encode())
-    except FileNotFoundError:
-        raise FilterFailed("nftables (`nft`) is not installed: VXLAN cannot be limited to "
-                           "the cluster's hosts", "apt-get install nftables") from None
-    except TimeoutError:
-        raise FilterFailed(f"`nft -f -` did not finish in {COMMAND_TIMEOUT_S:.0f} s") from None
-    if done.returncode != 0:
-        raise FilterFailed(f"nftables refused the VXLAN filter: {done.err}")
+    return nft.removal("inet", TABLE)
 
 
 async def admit_only(networks: Mapping[int, Iterable[IPv4Address]]) -> None:
     """Allow VXLAN for each VNI from that network's peers, and from nobody else."""
-    await apply(ruleset(networks))
+    await nft.apply(ruleset(networks), PURPOSE)
 
 
 async def remove() -> None:
-    await apply(removal())
+    await nft.apply(removal(), PURPOSE)

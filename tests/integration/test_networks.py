@@ -34,6 +34,21 @@ def links(lab: LabConfig, host: str) -> dict[str, dict[str, Any]]:
     return {link["ifname"]: link for link in json.loads(out)}
 
 
+def nic_sources(lab: LabConfig, host: str) -> dict[str, str]:
+    """Tap -> the one source MAC the host's NIC filter admits from it."""
+    done = subprocess.run(["ip", "netns", "exec", lab.netns(host), "nft", "-j", "list",
+                           "set", "bridge", "ferry_nics", "sources"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return {}  # no table: no tap is filtered
+    out: dict[str, str] = {}
+    for item in json.loads(done.stdout)["nftables"]:
+        for elem in item.get("set", {}).get("elem", []):
+            tap, mac = elem["concat"]
+            out[tap] = mac
+    return out
+
+
 def networks(client: Client) -> dict[str, dict[str, Any]]:
     return {n["spec"]["name"]: n for n in client.call("GET", "/v1/networks")}
 
@@ -100,7 +115,11 @@ def test_a_used_network_is_not_deleted_and_a_vm_on_no_network_is_refused(
         # The VM's NIC is a tap on vmnet's bridge on its host.
         spec = client.call("GET", "/v1/vms/probe-net1")["spec"]
         vni = networks(client)["vmnet"]["spec"]["vni"]
-        assert links(lab, "host1")[tap_name(spec["uuid"], "nic0")]["master"] == f"fyb{vni}"
+        tap = tap_name(spec["uuid"], "nic0")
+        assert links(lab, "host1")[tap]["master"] == f"fyb{vni}"
+        # and its guest may send on it with its NIC's MAC only (agent/nic_filter.py;
+        # tests/integration/test_nic_filter.py sends forged frames through one)
+        assert nic_sources(lab, "host1").get(tap) == spec["nics"][0]["mac"]
         # A VM with the same UUID would be given the same tap names: refused, and the
         # first VM keeps its NIC.
         twin = probe_spec(lab, "probe-twin", 192, 64, 0, mac=next_mac()) | {
@@ -119,6 +138,7 @@ def test_a_used_network_is_not_deleted_and_a_vm_on_no_network_is_refused(
         remove_vm(client, "probe-net1")
     wait_until(lambda: not any(n.startswith("fyt") for n in links(lab, "host1")), 15,
                "the VM's tap removed with it")
+    assert tap not in nic_sources(lab, "host1")
 
 
 def test_user_mode_nic_needs_no_network(client: Client, lab: LabConfig) -> None:

@@ -24,17 +24,26 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
         NicSpec(name="nic1", network="vmnet", mac="52:54:00:00:00:02"))})
     taps: set[str] = set()
     run = _fake_ip(taps, fail_set=tap_name(spec.uuid, "nic1"))
+    filtered: list[dict[str, str]] = []  # each NIC filter written (nic_filter.py)
 
     async def link_exists(name: str) -> bool:
         return name in taps
 
+    async def admit_only(macs: dict[str, str]) -> None:
+        filtered.append(dict(macs))
+
     monkeypatch.setattr(agent_networks, "run", run)
     monkeypatch.setattr(agent_networks, "link_exists", link_exists)
+    monkeypatch.setattr(agent_networks.nic_filter, "admit_only", admit_only)
     nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
     nets._have = {"vmnet": HostNetwork(name="vmnet", vni=100, peers=())}
     with pytest.raises(FerryError, match="buffer space"):
         await nets.plug(spec)
     assert taps == set()
+    # filtered before any tap existed, and the filter let go of what the call made
+    both = {tap_name(spec.uuid, "nic0"): "52:54:00:00:00:01",
+            tap_name(spec.uuid, "nic1"): "52:54:00:00:00:02"}
+    assert filtered == [both, {}]
     # A tap that was there before (not made by this call) is not this call's to delete.
     taps.add(tap_name(spec.uuid, "nic0"))
     with pytest.raises(FerryError, match="buffer space"):
@@ -45,6 +54,9 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
     monkeypatch.setattr(agent_networks, "run", _ok(taps))
     await nets.plug(spec)
     assert taps == {tap_name(spec.uuid, "nic0"), tap_name(spec.uuid, "nic1")}
+    assert filtered[-1] == both
+    await nets.unplug(spec)
+    assert taps == set() and filtered[-1] == {}
 
 
 def _ok(taps: set[str]) -> Callable[..., Awaitable[str]]:
