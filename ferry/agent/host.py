@@ -253,13 +253,27 @@ class HostRuntime:
                               network_mtus=self.networks.mtus())
             if old is None or old.process.state is not ProcessState.RUNNING:
                 paths.qemu_log.unlink(missing_ok=True)
-            await self.networks.plug(spec)
+            # The NIC filter (an nft run, ~15 ms) alongside the taps, and for a migration's
+            # destination alongside its QEMU's launch too: its guest runs only on `cont`.
+            filtered = asyncio.create_task(self.networks.filter_nics(spec))
+            filtered.add_done_callback(lambda t: t.cancelled() or t.exception())
+            try:
+                await self.networks.plug(spec)
+                if not incoming:
+                    await filtered  # QEMU runs the guest at once
+            except Exception:
+                filtered.cancel()
+                await self.networks.unplug(spec)
+                raise
             proc = QemuProcess(spec.name, argv, paths)
             rec = VmRecord(spec=spec, paths=paths, process=proc, monitor=None)
             self._vms[spec.name] = rec
         try:
             rec.monitor = await proc.start()
+            await filtered
         except Exception:
+            filtered.cancel()
+            await proc.kill()
             await self._forget(spec.name)
             raise
         return rec

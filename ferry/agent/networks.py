@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -109,6 +109,7 @@ class HostNetworks:
         self._lock = asyncio.Lock()
         self.max_mtu: int | None = None  # probe_underlay: unknown until probed
         self._macs: dict[str, str] = {}  # tap -> the only source MAC its guest may use
+        self._live: set[str] = set()  # taps of VMs plugged here (kept at the next rewrite)
         self._nic_lock = asyncio.Lock()
 
     def load(self) -> None:
@@ -305,21 +306,24 @@ class HostNetworks:
         return {tap_name(spec.uuid, nic.name): nic.mac
                 for nic in spec.nics if nic.network != USER_NETWORK}
 
-    async def _filter_nics(self, add: Mapping[str, str] | None = None,
-                           drop: Iterable[str] = ()) -> None:
-        """Rewrite the NIC filter (agent/nic_filter.py) with `add`, without `drop`; a
-        failure changes neither the rules nor what this object holds."""
+    async def filter_nics(self, spec: VmSpec) -> None:
+        """Let the VM's guest send on its taps with its NICs' MACs only (the whole NIC
+        filter rewritten: agent/nic_filter.py). Before its guest runs; a tap need not
+        exist yet. Raises if the rules cannot be set (the VM must not start then)."""
+        want = self._taps(spec)
         async with self._nic_lock:
-            gone = set(drop)
-            macs = {tap: mac for tap, mac in {**self._macs, **(add or {})}.items()
-                    if tap not in gone}
-            if macs != self._macs:
+            # Rules already naming these taps with these MACs (the VM was here before:
+            # unplug leaves them) need no nft run; a rewrite drops gone VMs' taps.
+            if any(self._macs.get(tap) != mac for tap, mac in want.items()):
+                macs = {tap: mac for tap, mac in self._macs.items() if tap in self._live}
+                macs.update(want)
                 await nic_filter.admit_only(macs)
                 self._macs = macs
+            self._live.update(want)
 
     async def guard_adopted(self, specs: Iterable[VmSpec]) -> None:
         """At agent start: the NIC filter for the VMs adopted (and no other). None
-        adopted: left as it is (what it names is gone; the next plug rewrites it)."""
+        adopted: left as it is (what it names is gone; the next VM rewrites it)."""
         macs = {tap: mac for spec in specs for tap, mac in self._taps(spec).items()}
         if not macs:
             return
@@ -327,15 +331,15 @@ class HostNetworks:
             try:
                 await nic_filter.admit_only(macs)
                 self._macs = macs
+                self._live = set(macs)
             except FerryError as exc:
                 log.warning("NIC filter not restored: %s", exc)
 
     async def plug(self, spec: VmSpec) -> None:
-        """A tap per bridged NIC, on its network's bridge, before QEMU opens it; the
-        guest may send on it with its NIC's MAC only (filtered before the tap exists)."""
+        """A tap per bridged NIC, on its network's bridge, before QEMU opens it (the
+        caller filters them: filter_nics)."""
         self.check(spec, "this host")
         made: list[str] = []
-        await self._filter_nics(add=self._taps(spec))
         try:
             for nic in spec.nics:
                 if nic.network == USER_NETWORK:
@@ -354,19 +358,13 @@ class HostNetworks:
             for tap in made:
                 if await link_exists(tap):
                     await run("ip", "link", "delete", tap, check=False)
-            await self._unfilter(made)
             raise
 
     async def unplug(self, spec: VmSpec) -> None:
-        taps = list(self._taps(spec))
+        """Delete the VM's taps. Their filter entries stay in the kernel until the next
+        rewrite (no nft run on a migration's path): an entry for a tap that is gone
+        filters nothing, and its name returns only with the same VM's NIC."""
+        taps = self._taps(spec)
         for tap in taps:
             await run("ip", "link", "delete", tap, check=False)
-        await self._unfilter(taps)
-
-    async def _unfilter(self, taps: list[str]) -> None:
-        """Best effort: a tap gone with its entry left is filtered to no effect."""
-        if any(tap in self._macs for tap in taps):
-            try:
-                await self._filter_nics(drop=taps)
-            except FerryError as exc:
-                log.warning("NIC filter not updated: %s", exc)
+        self._live.difference_update(taps)

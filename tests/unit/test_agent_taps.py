@@ -40,10 +40,6 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
     with pytest.raises(FerryError, match="buffer space"):
         await nets.plug(spec)
     assert taps == set()
-    # filtered before any tap existed, and the filter let go of what the call made
-    both = {tap_name(spec.uuid, "nic0"): "52:54:00:00:00:01",
-            tap_name(spec.uuid, "nic1"): "52:54:00:00:00:02"}
-    assert filtered == [both, {}]
     # A tap that was there before (not made by this call) is not this call's to delete.
     taps.add(tap_name(spec.uuid, "nic0"))
     with pytest.raises(FerryError, match="buffer space"):
@@ -54,9 +50,62 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
     monkeypatch.setattr(agent_networks, "run", _ok(taps))
     await nets.plug(spec)
     assert taps == {tap_name(spec.uuid, "nic0"), tap_name(spec.uuid, "nic1")}
-    assert filtered[-1] == both
-    await nets.unplug(spec)
-    assert taps == set() and filtered[-1] == {}
+    assert filtered == []  # the taps are the caller's to filter (filter_nics)
+
+
+async def test_the_nic_filter_names_the_taps_of_the_vms_here(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each VM's taps with its NICs' MACs; a VM gone is left out at the next rewrite
+    (its unplug runs no nft, on a migration's path)."""
+    filtered: list[dict[str, str]] = []
+
+    async def admit_only(macs: dict[str, str]) -> None:
+        filtered.append(dict(macs))
+
+    async def run(*argv: str, check: bool = True) -> str:
+        return ""
+
+    monkeypatch.setattr(agent_networks.nic_filter, "admit_only", admit_only)
+    monkeypatch.setattr(agent_networks, "run", run)
+    nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
+    one = SPEC.model_copy(update={"nics": (
+        NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:01"),
+        NicSpec(name="nic1", network="user", mac="52:54:00:00:00:09"))})
+    two = SPEC.model_copy(update={
+        "name": "two", "uuid": "22222222-2222-4222-8222-222222222222", "nics": (
+        NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:02"),)})
+    tap1, tap2 = tap_name(one.uuid, "nic0"), tap_name(two.uuid, "nic0")
+    await nets.filter_nics(one)
+    await nets.filter_nics(two)
+    assert filtered == [{tap1: "52:54:00:00:00:01"},
+                        {tap1: "52:54:00:00:00:01", tap2: "52:54:00:00:00:02"}]
+    await nets.filter_nics(two)  # nothing new: no nft run
+    await nets.unplug(one)
+    assert len(filtered) == 2
+    await nets.filter_nics(one)  # back (a migration back): its rules are still there
+    assert len(filtered) == 2
+    await nets.unplug(one)
+    await nets.unplug(two)
+    three = two.model_copy(update={"name": "three",
+                                   "uuid": "33333333-3333-4333-8333-333333333333"})
+    tap3 = tap_name(three.uuid, "nic0")
+    await nets.filter_nics(three)  # a rewrite: the taps gone are left out
+    assert filtered[-1] == {tap3: "52:54:00:00:00:02"}
+    # the same VM given another MAC is a rewrite too
+    await nets.filter_nics(one.model_copy(update={"nics": (
+        NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:0a"),)}))
+    assert filtered[-1] == {tap3: "52:54:00:00:00:02", tap1: "52:54:00:00:00:0a"}
+    await nets.unplug(one)
+    # a refused rewrite changes nothing: the next one still names what it must
+    async def refuse(macs: dict[str, str]) -> None:
+        raise FerryError("nftables refused the rules")
+
+    monkeypatch.setattr(agent_networks.nic_filter, "admit_only", refuse)
+    with pytest.raises(FerryError, match="refused"):
+        await nets.filter_nics(one)
+    monkeypatch.setattr(agent_networks.nic_filter, "admit_only", admit_only)
+    await nets.filter_nics(one)
+    assert filtered[-1] == {tap3: "52:54:00:00:00:02", tap1: "52:54:00:00:00:01"}
 
 
 def _ok(taps: set[str]) -> Callable[..., Awaitable[str]]:
