@@ -130,7 +130,8 @@ def create_app(host: HostRuntime) -> FastAPI:
     @app.post("/v1/incoming")
     async def prepare_incoming(body: PrepareIncoming) -> IncomingReady:
         ready = await host.prepare_incoming(body.migration_id, body.spec, body.options,
-                                            body.new_disks, body.tls_peer)
+                                            body.new_disks, body.tls_peer,
+                                            body.source_address)
         memory.expect_incoming(body.spec.name, body.options)
         return ready
 

@@ -135,11 +135,14 @@ class AgentClient:
 
     async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
                                new_disks: tuple[NewDisk, ...] = (),
-                               tls_peer: str | None = None) -> IncomingReady:
+                               tls_peer: str | None = None,
+                               source_address: str | None = None) -> IncomingReady:
         return await self._call("POST", "/v1/incoming", IncomingReady,
-                                PrepareIncoming(migration_id=migration_id, spec=spec,
-                                                options=options, new_disks=new_disks,
-                                                tls_peer=tls_peer),
+                                PrepareIncoming.model_validate({
+                                    "migration_id": migration_id, "spec": spec,
+                                    "options": options, "new_disks": new_disks,
+                                    "tls_peer": tls_peer,
+                                    "source_address": source_address}),
                                 timeout_s=600.0)
 
     async def recover_incoming(self, name: str) -> IncomingReady:

@@ -33,6 +33,7 @@ from ferry.agent.models import (
     VmInfo,
 )
 from ferry.agent.networks import HostNetworks
+from ferry.agent.stream_filter import Address, StreamGuard, free_port
 from ferry.agent.stream_settings import (
     announce_of,
     check_postcopy_possible,
@@ -43,7 +44,7 @@ from ferry.agent.stream_settings import (
 )
 from ferry.agent.vmfiles import check_kernel_image, cpu_time_s, tail_lines, write_spec
 from ferry.agent.watchdog import write_state
-from ferry.domain.errors import Conflict, InvalidInput, NotFound
+from ferry.domain.errors import Conflict, FerryError, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.networks import Announce
 from ferry.domain.probe import last_heartbeat
@@ -71,6 +72,7 @@ class VmRecord:
     recover_uri: str | None = None  # where a paused post-copy's destination listens
     announce: Announce | None = None  # sent after the `cont` that makes this copy the VM
     never_ran: bool = False  # started paused (-S), never sent `cont` (see VmInfo)
+    stream_source: Address | None = None  # a cleartext incoming stream's only peer
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -88,6 +90,7 @@ class HostRuntime:
         # HA (agent/leases.py, agent/fencing.py): None without an HA datastore.
         self.leases = keeper_for(config, RuntimeGuests(self))
         self.isolation = Isolation(self)
+        self.streams = StreamGuard()  # cleartext incoming streams: the source host only
         if self.leases is not None:
             keeper, run_dir = self.leases, config.run_dir
             keeper.on_round = lambda: write_state(run_dir, watch_state(keeper, self.isolation))
@@ -332,12 +335,19 @@ class HostRuntime:
     async def _forget(self, name: str, unplugged: asyncio.Task[None] | None = None) -> None:
         """Drop the VM's record, taps (unless `unplugged` is removing them) and files."""
         rec = self._vms.pop(name, None)
+        await self._release_streams(name)
         if rec is not None:
             rec.process.close()
             await (unplugged or self.networks.unplug(rec.spec))
             shutil.rmtree(rec.paths.directory, ignore_errors=True)
         elif unplugged is not None:
             await unplugged
+
+    async def _release_streams(self, name: str) -> None:
+        try:
+            await self.streams.release(name)
+        except FerryError as exc:  # left in place: it admits the source host only
+            log.warning("VM %s: stream filter not updated: %s", name, exc.problem)
 
     async def resume(self, name: str) -> VmInfo:
         rec = self._get(name)
@@ -354,6 +364,7 @@ class HostRuntime:
             await self.leases.take_over(name)
         rec.never_ran = False  # from the moment `cont` may reach QEMU
         await monitor.cont()
+        await self._release_streams(name)
         self.faults.reach(FaultStage.RESUMED, name, rec.process.pid)
         await send_announce(monitor, rec.announce, name)
         rec.announce = None
@@ -362,9 +373,11 @@ class HostRuntime:
     # --- migration: destination side -----------------------------------------
     async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
                                new_disks: tuple[NewDisk, ...] = (),
-                               tls_peer: str | None = None) -> IncomingReady:
+                               tls_peer: str | None = None,
+                               source: Address | None = None) -> IncomingReady:
         """Start QEMU with -incoming defer and listen; return where to send memory (and,
-        without shared storage, the NBD server exporting the freshly created disks)."""
+        without shared storage, the NBD server exporting the freshly created disks).
+        `source`: a cleartext stream's source host, the only address let connect."""
         created = await self._create_disks(new_disks)
         try:
             rec = await self._launch(spec, incoming=True)
@@ -389,10 +402,13 @@ class HostRuntime:
             if new_disks:
                 assert rec.process.pid is not None
                 before = await asyncio.to_thread(listening_ports, rec.process.pid)
-                await export_disks(rec.monitor, address, 0,
+                port = await self._guarded_port(spec.name, address, source)
+                await export_disks(rec.monitor, address, port,
                                    tuple(d.disk.name for d in new_disks), tls)
-                nbd = f"{address}:{await self._new_listener(rec.process.pid, before)}"
-            uri = await rec.monitor.listen_incoming(address)
+                nbd = f"{address}:{port or await self._new_listener(rec.process.pid, before)}"
+            rec.stream_source = source
+            uri = await rec.monitor.listen_incoming(
+                address, await self._guarded_port(spec.name, address, source))
         except Exception:
             await self.stop(spec.name, force=True)
             for disk in created:
@@ -400,6 +416,16 @@ class HostRuntime:
             raise
         self.faults.reach(FaultStage.PREPARE_INCOMING, spec.name, rec.process.pid)
         return IncomingReady(uri=uri, nbd=nbd)
+
+    async def _guarded_port(self, name: str, address: str, source: Address | None) -> int:
+        """0 (the kernel picks) for an encrypted stream, whose QEMU checks its peer;
+        for a cleartext one a port admitting only `source`, filtered before QEMU
+        listens on it (agent/stream_filter.py)."""
+        if source is None:
+            return 0
+        port = free_port(address)
+        await self.streams.admit(name, port, source)
+        return port
 
     async def _new_listener(self, pid: int, before: set[int]) -> int:
         new = await asyncio.to_thread(listening_ports, pid)
@@ -448,8 +474,9 @@ class HostRuntime:
         address = self.config.migration_address or self.config.listen_host
         assert rec.process.pid is not None
         before = await asyncio.to_thread(listening_ports, rec.process.pid)
-        await monitor.migrate_recover(f"tcp:{address}:0")  # the kernel picks the port
-        uri = f"tcp:{address}:{await self._new_listener(rec.process.pid, before)}"
+        port = await self._guarded_port(name, address, rec.stream_source)
+        await monitor.migrate_recover(f"tcp:{address}:{port}")  # 0: the kernel picks
+        uri = f"tcp:{address}:{port or await self._new_listener(rec.process.pid, before)}"
         rec.recover_uri = uri
         return IncomingReady(uri=uri)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from ipaddress import IPv4Address, IPv6Address
 
 from pydantic import Field
 
@@ -88,6 +89,8 @@ class PrepareIncoming(Frozen):
     new_disks: tuple[NewDisk, ...] = ()
     # Encrypted streams: the only host allowed to connect (None: cleartext).
     tls_peer: Name | None = None
+    # Cleartext streams: the only address let connect (its listeners filtered).
+    source_address: IPv4Address | IPv6Address | None = None
 
 
 class IncomingReady(Frozen):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from ipaddress import ip_address
 
 from ferry.agent.models import AgentVmState, Tune, VmInfo
 from ferry.control import eventlog
@@ -69,7 +70,8 @@ async def prepare_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
     try:
         ready = await job.target.prepare_incoming(
             rec.id, storage.target_spec(vm.spec, rec.target_disks), rec.options, disks,
-            tls_peer=rec.source if rec.encrypted else None)
+            tls_peer=rec.source if rec.encrypted else None,
+            source_address=None if rec.encrypted else await _stream_source(job, rec))
     except HostUnavailable:
         raise  # unknown whether the agent created them: they stay recorded
     except FerryError:
@@ -83,6 +85,19 @@ async def prepare_target(job: Job, rec: MigrationRecord) -> MigrationRecord:
         return await job.enter(rec, Phase.DISK_COPY)
     # Recorded with PRECOPY: a restart before that undoes PREPARING_TARGET anyway.
     return await _start_outgoing(job, rec, vm, ready.uri)
+
+
+async def _stream_source(job: Job, rec: MigrationRecord) -> str | None:
+    """A cleartext stream's source address: the destination admits only it (an
+    encrypted stream's QEMU checks the source's certificate instead)."""
+    host = await job.store.host(rec.source)
+    address = host.facts.address if host.facts else None
+    try:
+        return str(ip_address(address)) if address else None
+    except ValueError:
+        log.warning("migration %s: source %s's address %r is not an IP address: its "
+                    "cleartext stream's listeners admit anyone", rec.id, rec.source, address)
+        return None
 
 
 async def disk_copy(job: Job, rec: MigrationRecord) -> MigrationRecord:

@@ -131,11 +131,11 @@ class Monitor:
     async def migrate_incoming(self, uri: str) -> None:
         await self.execute("migrate-incoming", {"uri": uri})
 
-    async def listen_incoming(self, address: str) -> str:
-        """Listen for the incoming stream on `address`, on a port the kernel picks
-        (port 0), and return the `tcp:` URI with the port QEMU reports (query-migrate's
+    async def listen_incoming(self, address: str, port: int = 0) -> str:
+        """Listen for the incoming stream on `address`, on `port` (0: one the kernel
+        picks), and return the `tcp:` URI with the port QEMU reports (query-migrate's
         socket-address)."""
-        await self.migrate_incoming(f"tcp:{address}:0")
+        await self.migrate_incoming(f"tcp:{address}:{port}")
         reply = await self.execute("query-migrate")
         for sock in reply.get("socket-address", []):
             if sock.get("type") == "inet" and str(sock.get("port", "0")) != "0":

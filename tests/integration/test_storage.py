@@ -222,6 +222,16 @@ def test_migration_without_shared_storage(client: Client, lab: LabConfig) -> Non
         assert qemu_hosts(lab, "sv5") == ["host2"]
         assert not old.exists()
         assert_disk_intact(client, lab, "sv5", "host2", before)
+        # back in cleartext: the NBD server and the stream listen on ports that admit
+        # the source host only (agent/stream_filter.py), and both still work
+        rec = client.call("POST", "/v1/migrations", {
+            "vm": "sv5", "target": "host1", "datastore": "local-host1",
+            "options": {"encryption": "disabled"}})
+        rec = follow(client, rec["id"])
+        assert rec["phase"] == "completed", rec["reason"]
+        assert rec["encrypted"] is False
+        assert qemu_hosts(lab, "sv5") == ["host1"]
+        assert_disk_intact(client, lab, "sv5", "host1", before)
     finally:
         remove_vm(client, "sv5")
 

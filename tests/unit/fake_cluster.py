@@ -120,7 +120,8 @@ class FakeAgent:
 
     async def prepare_incoming(self, migration_id: str, spec: VmSpec, options: StreamOptions,
                                new_disks: tuple[NewDisk, ...] = (),
-                               tls_peer: str | None = None) -> IncomingReady:
+                               tls_peer: str | None = None,
+                               source_address: str | None = None) -> IncomingReady:
         await self._enter("prepare_incoming")
         for new in new_disks:
             key = (new.disk.datastore, new.disk.path)

@@ -1,0 +1,82 @@
+"""A cleartext migration's listeners take connections from its source host only (one
+nftables table per host).
+
+An encrypted stream's QEMU checks the peer's certificate itself (stream_tls.py). A
+cleartext one (`--encryption disabled`) listens for whoever connects first: a stranger on
+the migration network who found the port could feed the paused destination a VM state
+of their own making, or write into the disks its NBD server exports. So the agent picks
+each such listener's port itself, admits the source host's address on it before QEMU
+listens (no moment when anyone else can connect), and lets the rule go when the VM
+leaves the incoming state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv6Address
+
+from ferry.agent import nft
+
+TABLE = "ferry_streams"
+PURPOSE = "admit only the source host to a cleartext migration"
+Address = IPv4Address | IPv6Address
+
+
+def ruleset(ports: Mapping[int, Address]) -> str:
+    """The nft script that (re)creates the table: each port only from its address (pure)."""
+    if not ports:
+        return nft.removal("inet", TABLE)
+    rules = []
+    for port, source in sorted(ports.items()):
+        family, other = ("ip", "ipv6") if source.version == 4 else ("ip6", "ipv4")
+        rules += [f"    meta nfproto {other} tcp dport {port} counter drop",
+                  f"    tcp dport {port} {family} saddr != {source} counter drop"]
+    return "\n".join([
+        *nft.replacing("inet", TABLE),
+        f"table inet {TABLE} {{",
+        "  chain input {",
+        "    type filter hook input priority -10; policy accept;",
+        *rules,
+        "  }",
+        "}",
+        ""])
+
+
+def free_port(address: str) -> int:
+    """A port nothing listens on at `address` now (the kernel's pick, let go at once:
+    the caller filters it, then has QEMU listen on it; taken meanwhile, the listen
+    fails and so does the prepare, which changes nothing)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+class StreamGuard:
+    """The host's table: which listener port admits which source, per VM."""
+
+    def __init__(self) -> None:
+        self._ports: dict[str, dict[int, Address]] = {}
+        self._lock = asyncio.Lock()
+
+    async def admit(self, vm: str, port: int, source: Address) -> None:
+        async with self._lock:
+            ports = {**self._ports.get(vm, {}), port: source}
+            await nft.apply(ruleset(self._flat(vm, ports)), PURPOSE)
+            self._ports[vm] = ports
+
+    async def release(self, vm: str) -> None:
+        """The VM's listeners are done (it runs, or is gone): their rules go."""
+        async with self._lock:
+            if vm in self._ports:
+                await nft.apply(ruleset(self._flat(vm, {})), PURPOSE)
+                del self._ports[vm]
+
+    def _flat(self, vm: str, ports: Mapping[int, Address]) -> dict[int, Address]:
+        out = {p: a for name, held in self._ports.items() if name != vm
+               for p, a in held.items()}
+        out.update(ports)
+        return out
+

@@ -1,0 +1,56 @@
+"""The nftables script that admits only a cleartext migration's source to its
+listeners (agent/stream_filter.py); tests/integration/test_stream_filter.py runs it
+through the kernel and in a lab migration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import pytest
+
+from ferry.agent.stream_filter import TABLE, Address, StreamGuard, free_port, ruleset
+
+
+def test_each_port_admits_its_source_only() -> None:
+    script = ruleset({40001: IPv4Address("198.18.5.11"), 40002: IPv6Address("fd00::2")})
+    assert "tcp dport 40001 ip saddr != 198.18.5.11 counter drop" in script
+    assert "meta nfproto ipv6 tcp dport 40001 counter drop" in script
+    assert "tcp dport 40002 ip6 saddr != fd00::2 counter drop" in script
+    assert "meta nfproto ipv4 tcp dport 40002 counter drop" in script
+    assert script.startswith(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
+    assert ruleset({}) == f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+
+
+@pytest.mark.parametrize("ports", [{}, {40001: "10.0.0.1"},
+                                   {40001: "10.0.0.1", 40002: "fd00::2"}])
+def test_nft_accepts_the_script(ports: dict[int, str]) -> None:
+    if shutil.which("nft") is None:
+        pytest.fail("nft is missing: `make deps` installs nftables")
+    argv = ["nft", "-c", "-f", "-"]
+    if os.geteuid() != 0:
+        argv = ["unshare", "--net", "--map-root-user", *argv]
+    script = ruleset({p: ip_address(a) for p, a in ports.items()})
+    done = subprocess.run(argv, input=script, text=True, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+async def test_a_vms_rules_go_with_it_and_no_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[str] = []
+
+    async def apply(script: str, purpose: str) -> None:
+        written.append(script)
+
+    monkeypatch.setattr("ferry.agent.stream_filter.nft.apply", apply)
+    guard = StreamGuard()
+    a: Address = IPv4Address("10.0.0.1")
+    await guard.admit("web", 40001, a)
+    await guard.admit("web", 40002, a)  # its NBD server
+    await guard.admit("db", 40003, IPv4Address("10.0.0.2"))
+    await guard.release("web")
+    assert written[-1] == ruleset({40003: IPv4Address("10.0.0.2")})
+    await guard.release("web")  # nothing held: nothing written
+    assert len(written) == 4
+    assert 1024 <= free_port("127.0.0.1") <= 65535
