@@ -33,7 +33,7 @@ from ferry.agent.models import (
     VmInfo,
 )
 from ferry.agent.networks import HostNetworks
-from ferry.agent.stream_filter import Address, StreamGuard, free_port
+from ferry.agent.stream_filter import Address, StreamGuard
 from ferry.agent.stream_settings import (
     announce_of,
     check_postcopy_possible,
@@ -51,11 +51,10 @@ from ferry.domain.probe import last_heartbeat
 from ferry.domain.specs import DiskSpec, HostFacts, VmSpec
 from ferry.domain.streams import migration_endpoint
 from ferry.hypervisor.argv import RunPaths, boot_file, build_argv, disk_path
-from ferry.hypervisor.errors import CommandFailed, HypervisorError, MonitorError, NotRunning
+from ferry.hypervisor.errors import CommandFailed, MonitorError, NotRunning
 from ferry.hypervisor.images import create_image
 from ferry.hypervisor.monitor import Monitor
 from ferry.hypervisor.process import ProcessState, QemuProcess
-from ferry.hypervisor.sockets import listening_ports
 from ferry.pki import HostTls
 
 REVERT_TIMEOUT_S = 10.0  # a post-copy cancel ends within milliseconds
@@ -103,6 +102,10 @@ class HostRuntime:
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.networks.load()
         await self.networks.restore_filter()
+        try:
+            await self.streams.reset()
+        except FerryError as exc:
+            log.warning("stream filter not reset: %s", exc.problem)
         await self.networks.probe_underlay()
         self._qemu = await probe_qemu(self.accel)
         await self._adopt()
@@ -400,12 +403,10 @@ class HostRuntime:
             # Both listeners on port 0: the kernel picks free ports, read back from
             # QEMU (the stream) and from /proc (NBD, which QEMU does not report).
             if new_disks:
-                assert rec.process.pid is not None
-                before = await asyncio.to_thread(listening_ports, rec.process.pid)
                 port = await self._guarded_port(spec.name, address, source)
                 await export_disks(rec.monitor, address, port,
                                    tuple(d.disk.name for d in new_disks), tls)
-                nbd = f"{address}:{port or await self._new_listener(rec.process.pid, before)}"
+                nbd = f"{address}:{port}"
             rec.stream_source = source
             uri = await rec.monitor.listen_incoming(
                 address, await self._guarded_port(spec.name, address, source))
@@ -418,21 +419,13 @@ class HostRuntime:
         return IncomingReady(uri=uri, nbd=nbd)
 
     async def _guarded_port(self, name: str, address: str, source: Address | None) -> int:
-        """0 (the kernel picks) for an encrypted stream, whose QEMU checks its peer;
-        for a cleartext one a port admitting only `source`, filtered before QEMU
-        listens on it (agent/stream_filter.py)."""
-        if source is None:
-            return 0
-        port = free_port(address)
-        await self.streams.admit(name, port, source)
+        """A port for one of the VM's listeners; for a cleartext stream (`source`) one
+        admitting only `source`, filtered before QEMU listens on it (an encrypted
+        stream's QEMU checks its peer's certificate itself)."""
+        port = self.streams.pick(address)
+        if source is not None:
+            await self.streams.admit(name, port, source)
         return port
-
-    async def _new_listener(self, pid: int, before: set[int]) -> int:
-        new = await asyncio.to_thread(listening_ports, pid)
-        if len(new - before) != 1:
-            raise HypervisorError(f"cannot tell the port QEMU {pid} listens on "
-                                  f"(listening before {sorted(before)}, now {sorted(new)})")
-        return (new - before).pop()
 
     async def _create_disks(self, new_disks: tuple[NewDisk, ...]) -> list[DiskSpec]:
         created: list[DiskSpec] = []
@@ -472,11 +465,9 @@ class HostRuntime:
             raise Conflict(f"the incoming migration of {name} on {self.config.name} is "
                            f"{status}, not paused", "recover only a paused post-copy")
         address = self.config.migration_address or self.config.listen_host
-        assert rec.process.pid is not None
-        before = await asyncio.to_thread(listening_ports, rec.process.pid)
         port = await self._guarded_port(name, address, rec.stream_source)
-        await monitor.migrate_recover(f"tcp:{address}:{port}")  # 0: the kernel picks
-        uri = f"tcp:{address}:{port or await self._new_listener(rec.process.pid, before)}"
+        await monitor.migrate_recover(f"tcp:{address}:{port}")
+        uri = f"tcp:{address}:{port}"
         rec.recover_uri = uri
         return IncomingReady(uri=uri)
 

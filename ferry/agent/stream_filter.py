@@ -7,7 +7,8 @@ the migration network who found the port could feed the paused destination a VM 
 of their own making, or write into the disks its NBD server exports. So the agent picks
 each such listener's port itself, admits the source host's address on it before QEMU
 listens (no moment when anyone else can connect), and lets the rule go when the VM
-leaves the incoming state.
+runs or goes. Encrypted streams' listeners get ports picked the same way (but no rule),
+so that none lands on a port a rule still holds.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv6Address
 
 from ferry.agent import nft
+from ferry.domain.errors import Conflict
 
 TABLE = "ferry_streams"
 PURPOSE = "admit only the source host to a cleartext migration"
 Address = IPv4Address | IPv6Address
+PICK_ATTEMPTS = 20
 
 
 def ruleset(ports: Mapping[int, Address]) -> str:
@@ -60,6 +63,27 @@ class StreamGuard:
     def __init__(self) -> None:
         self._ports: dict[str, dict[int, Address]] = {}
         self._lock = asyncio.Lock()
+
+    async def reset(self) -> None:
+        """At agent start: rules from before go (whose they were is not known; kept,
+        they would turn away another stream given one of their ports). An incoming VM
+        adopted between its prepare and its source's connection is unfiltered for that
+        moment."""
+        async with self._lock:
+            await nft.apply(ruleset({}), PURPOSE)
+            self._ports.clear()
+
+    def pick(self, address: str) -> int:
+        """A free port at `address` that none of the rules holds: a listener that
+        accepted its stream has closed, but its port keeps its rule until the VM runs,
+        and another stream landing on it would be turned away."""
+        held = {port for ports in self._ports.values() for port in ports}
+        for _ in range(PICK_ATTEMPTS):
+            port = free_port(address)
+            if port not in held:
+                return port
+        raise Conflict(f"no free port at {address} outside the {len(held)} held by "
+                       "migration streams", "try again when a migration has ended")
 
     async def admit(self, vm: str, port: int, source: Address) -> None:
         async with self._lock:

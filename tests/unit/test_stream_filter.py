@@ -54,3 +54,10 @@ async def test_a_vms_rules_go_with_it_and_no_other(monkeypatch: pytest.MonkeyPat
     await guard.release("web")  # nothing held: nothing written
     assert len(written) == 4
     assert 1024 <= free_port("127.0.0.1") <= 65535
+    # a port a rule holds (its listener closed, its VM not running yet) is not handed
+    # to another stream
+    offered = iter([40003, 40003, 40004])
+    monkeypatch.setattr("ferry.agent.stream_filter.free_port", lambda _: next(offered))
+    assert guard.pick("127.0.0.1") == 40004
+    await guard.reset()
+    assert written[-1] == ruleset({})
