@@ -143,7 +143,9 @@ class GuestMemory:
         held = self._held.pop(name, None)
         if held is not None:
             held.expiry.cancel()
-            os.close(held.fd)
+            # The last reference to a dead QEMU's RAM: the kernel frees every page in
+            # this close (tens of ms for GiBs), in a thread and not waited for.
+            asyncio.get_running_loop().run_in_executor(None, os.close, held.fd)
 
     def expect_incoming(self, name: str, options: StreamOptions) -> None:
         """A destination listens: digest its RAM the moment the stream is received."""
