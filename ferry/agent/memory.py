@@ -44,6 +44,7 @@ EVENT_WAIT_S = 1.0  # how often a destination's watch looks whether its QEMU sti
 # A held source RAM goes at the latest after this (a migration's end lets it go first):
 # a control plane that never comes back must not pin a dead guest's memory for ever.
 HOLD_S = 600.0
+FREE_AFTER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,10 @@ class GuestMemory:
         if held is not None:
             held.expiry.cancel()
             # The last reference to a dead QEMU's RAM: the kernel frees every page in
-            # this close (tens of ms for GiBs), in a thread and not waited for.
-            asyncio.get_running_loop().run_in_executor(None, os.close, held.fd)
+            # this close (tens of ms of CPU per GiB), in a thread, a moment after the
+            # migration (not while the guest starts on its destination).
+            loop = asyncio.get_running_loop()
+            loop.call_later(FREE_AFTER_S, loop.run_in_executor, None, os.close, held.fd)
 
     def expect_incoming(self, name: str, options: StreamOptions) -> None:
         """A destination listens: digest its RAM the moment the stream is received."""
