@@ -400,8 +400,7 @@ class HostRuntime:
                    if tls_peer else {})
             await rec.monitor.set_migration_parameters(
                 stream_parameters(options) | incoming_parameters(options) | tls)
-            # Both listeners on port 0: the kernel picks free ports, read back from
-            # QEMU (the stream) and from /proc (NBD, which QEMU does not report).
+            # The listeners' ports are picked here (_guarded_port), not by the kernel.
             if new_disks:
                 port = await self._guarded_port(spec.name, address, source)
                 await export_disks(rec.monitor, address, port,
