@@ -45,6 +45,7 @@ from ferry.wire import error_from_response
 
 T = TypeVar("T")
 GET_ATTEMPTS = 3
+KEEP_ALIVE_S = 120.0  # agent/main.py: AGENT_KEEP_ALIVE_S is longer
 
 
 class AgentClient:
@@ -57,8 +58,12 @@ class AgentClient:
         # from term() means "not leading", sent as 0; no `term` at all sends nothing.
         self._term = term
         # A short connect timeout: an unreachable host must not stall a migration step.
+        # Connections kept between calls (the agent keeps them a little longer, so it
+        # is the client that closes an idle one, never one it is about to reuse): a
+        # migration's first calls to its hosts need no TLS handshake (5-10 ms each).
         self._http = httpx.AsyncClient(base_url=base_url,
                                        timeout=httpx.Timeout(timeout_s, connect=3.0),
+                                       limits=httpx.Limits(keepalive_expiry=KEEP_ALIVE_S),
                                        transport=transport, trust_env=False,
                                        verify=verify)
 

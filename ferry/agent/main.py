@@ -15,6 +15,7 @@ import httpx
 import uvicorn
 
 from ferry.agent.app import create_app
+from ferry.agent.client import KEEP_ALIVE_S
 from ferry.agent.config import AgentConfig
 from ferry.agent.enrol import ensure_enrolled
 from ferry.agent.host import HostRuntime
@@ -24,6 +25,9 @@ from ferry.pki import HostTls
 from ferry.pki.serve import tls_config
 
 log = logging.getLogger("ferry.agent")
+# The control plane's idle connections are kept this long (its client lets go of them
+# after KEEP_ALIVE_S, sooner: see agent/client.py).
+AGENT_KEEP_ALIVE_S = int(KEEP_ALIVE_S) + 30
 
 
 async def heartbeat_loop(host: HostRuntime, tls: HostTls) -> None:
@@ -80,7 +84,8 @@ async def serve(config: AgentConfig) -> None:
         start_watchdog(config)
     server = uvicorn.Server(tls_config(create_app(host), config.listen_host,
                                        config.listen_port, ca=tls.ca_cert, cert=tls.cert,
-                                       key=tls.key, require_client_cert=True))
+                                       key=tls.key, require_client_cert=True,
+                                       keep_alive_s=AGENT_KEEP_ALIVE_S))
     beat = asyncio.create_task(heartbeat_loop(host, tls))
     isolation = asyncio.create_task(host.isolation.run())
     loop = asyncio.get_running_loop()

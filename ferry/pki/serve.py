@@ -44,11 +44,13 @@ def peer_identity(request: Request) -> Identity | None:
 
 
 def tls_config(app: Any, host: str, port: int, *, ca: Path, cert: Path, key: Path,
-               require_client_cert: bool) -> uvicorn.Config:
+               require_client_cert: bool, keep_alive_s: int = 5) -> uvicorn.Config:
     """A uvicorn config serving `app` over TLS 1.2+ with client certificates checked
-    against `ca` (required, or optional where bearer tokens are the other way in)."""
+    against `ca` (required, or optional where bearer tokens are the other way in); an
+    idle connection is closed after `keep_alive_s`."""
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", http=PeerCertProtocol,
         ssl_certfile=str(cert), ssl_keyfile=str(key), ssl_ca_certs=str(ca),
-        ssl_cert_reqs=ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL)
+        ssl_cert_reqs=ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL,
+        timeout_keep_alive=keep_alive_s)
     return config
