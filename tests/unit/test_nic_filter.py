@@ -4,14 +4,11 @@ real bridge; here: the script names exactly the taps and MACs, and nft accepts i
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-
 import pytest
 
 from ferry.agent.nic_filter import TABLE, ruleset
 from ferry.domain.errors import InvalidInput
+from tests.unit.nft_check import assert_nft_accepts
 
 
 def test_each_tap_is_admitted_with_its_own_mac_only() -> None:
@@ -37,13 +34,4 @@ def test_what_could_change_the_script_is_refused(tap: str, mac: str) -> None:
                                   {"fytaaa": "52:54:00:00:00:01",
                                    "fyt0123456789ab": "52:54:00:ff:ee:dd"}])
 def test_nft_accepts_the_script(macs: dict[str, str]) -> None:
-    if shutil.which("nft") is None:
-        pytest.fail("nft is missing: `make deps` installs nftables")
-    # -c: parsed and checked by the kernel, nothing applied; without root (make
-    # test-fast) in a network namespace of a user namespace of its own
-    argv = ["nft", "-c", "-f", "-"]
-    if os.geteuid() != 0:
-        argv = ["unshare", "--net", "--map-root-user", *argv]
-    done = subprocess.run(argv, input=ruleset(macs), text=True, capture_output=True,
-                          timeout=30)
-    assert done.returncode == 0, done.stderr
+    assert_nft_accepts(ruleset(macs))

@@ -4,14 +4,12 @@ and a peer's learnt; here: the script names exactly the peers and nft accepts it
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from ipaddress import IPv4Address
 
 import pytest
 
 from ferry.agent.vxlan_filter import TABLE, removal, ruleset
+from tests.unit.nft_check import assert_nft_accepts
 
 
 def test_the_script_admits_each_networks_peers_for_its_vni_only() -> None:
@@ -36,14 +34,5 @@ def test_the_script_admits_each_networks_peers_for_its_vni_only() -> None:
     {}, {100: []}, {100: [IPv4Address("10.9.8.7")]},
     {100: [IPv4Address("10.9.8.7")], 16777215: [IPv4Address("10.9.8.6")]}])
 def test_nft_accepts_the_script(networks: dict[int, list[IPv4Address]]) -> None:
-    if shutil.which("nft") is None:
-        pytest.fail("nft is missing: `make deps` installs nftables")
-    # -c: parsed and checked by the kernel, nothing applied; without root (make
-    # test-fast) in a network namespace of a user namespace of its own
-    argv = ["nft", "-c", "-f", "-"]
-    if os.geteuid() != 0:
-        argv = ["unshare", "--net", "--map-root-user", *argv]
     for script in (ruleset(networks), removal()):
-        done = subprocess.run(argv, input=script, text=True, capture_output=True,
-                              timeout=30)
-        assert done.returncode == 0, done.stderr
+        assert_nft_accepts(script)
