@@ -4,6 +4,8 @@ VXLAN, refused when wrong, kept while used, removed from every host when deleted
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.networks import VXLAN_PORT, tap_name, vxlan_name
 from ferry.lab.config import NETWORK, LabConfig
 from tests.integration.helpers import (
+    agent_pid,
     arm_fault,
     assert_intact,
     boot_probe,
@@ -24,6 +27,7 @@ from tests.integration.helpers import (
     follow,
     next_mac,
     remove_vm,
+    restart_dead_agent,
     wait_until,
 )
 
@@ -273,4 +277,30 @@ def test_a_rolled_back_source_announces_the_guest_again(client: Client, lab: Lab
         assert_intact(client, name, "host1", lab, before)
     finally:
         disarm_faults(lab, "host2")
+        remove_vm(client, name)
+
+
+def test_a_restarted_agent_filters_the_nics_of_the_vms_it_adopts(client: Client,
+                                                                 lab: LabConfig) -> None:
+    """The NIC filter (agent/nic_filter.py) is rebuilt from the VMs an agent adopts when
+    it starts again: here the table is deleted while the agent is dead, and comes back
+    naming the running VM's tap with its MAC; the guest is still reachable."""
+    name = "probe-nicf-adopt"
+    boot_probe(client, lab, name, "host3")
+    try:
+        before = wait_heartbeat(client, name, timeout_s=120)
+        spec = client.call("GET", f"/v1/vms/{name}")["spec"]
+        tap, mac = tap_name(spec["uuid"], "nic0"), spec["nics"][0]["mac"]
+        assert nic_sources(lab, "host3").get(tap) == mac
+        pid = agent_pid(lab, "host3")
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: agent_pid(lab, "host3") is None, 30, "host3's agent gone")
+        subprocess.run(["ip", "netns", "exec", lab.netns("host3"), "nft", "delete", "table",
+                        "bridge", "ferry_nics"], check=True, timeout=30)
+        assert tap not in nic_sources(lab, "host3")
+        restart_dead_agent(client, lab, "host3")
+        assert nic_sources(lab, "host3").get(tap) == mac
+        assert_intact(client, name, "host3", lab, before)
+    finally:
         remove_vm(client, name)
