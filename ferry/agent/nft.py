@@ -1,8 +1,8 @@
 """Running one nftables script as one transaction: the agent's filters
-(vxlan_filter.py, nic_filter.py) each replace their own table this way.
+(vxlan_filter.py, nic_filter.py, stream_filter.py) each replace their own table this way.
 
 Through libnftables in this process (what `nft -f` runs, without its fork and exec and
-its context's teardown: ~0.2 ms instead of 10-40 on a busy host, on a migration's
+its context's teardown: ~0.3 ms instead of 10-40 on a busy host, on a migration's
 path), in a thread; through the `nft` program where the library cannot be loaded.
 """
 
@@ -25,7 +25,7 @@ class FilterFailed(HostUnavailable):
 
 class _Library:
     """libnftables' C API, one context for the process (freeing a context costs 7-20 ms
-    here, running a script in a kept one ~0.2 ms); a context is not thread-safe, so
+    here, running a script in a kept one ~0.3 ms); a context is not thread-safe, so
     one script at a time."""
 
     def __init__(self) -> None:

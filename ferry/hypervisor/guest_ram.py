@@ -2,7 +2,7 @@
 
 Each function takes the path to open: `ram_file(pid, size)` (the QEMU's own descriptor
 under /proc), or `held(fd)` for a descriptor the caller keeps open, which outlives the
-QEMU (agent/memory.py holds a source's RAM so from its stream's completion).
+QEMU (agent/memory.py holds a source's RAM from its stream's completion on).
 
 The agent compares and repairs a migration's copy of the guest before the destination
 runs (ferry/control/migration_memory.py says why: QEMU's TCG can lose a guest write
