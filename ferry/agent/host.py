@@ -44,7 +44,7 @@ from ferry.agent.stream_settings import (
 )
 from ferry.agent.vmfiles import check_kernel_image, cpu_time_s, tail_lines, write_spec
 from ferry.agent.watchdog import write_state
-from ferry.domain.errors import Conflict, FerryError, InvalidInput, NotFound
+from ferry.domain.errors import Conflict, InvalidInput, NotFound
 from ferry.domain.migration import Progress, SourceStatus, StreamOptions
 from ferry.domain.networks import Announce
 from ferry.domain.probe import last_heartbeat
@@ -102,10 +102,7 @@ class HostRuntime:
         self.vms_dir.mkdir(parents=True, exist_ok=True)
         self.networks.load()
         await self.networks.restore_filter()
-        try:
-            await self.streams.reset()
-        except FerryError as exc:
-            log.warning("stream filter not reset: %s", exc.problem)
+        await self.streams.reset()
         await self.networks.probe_underlay()
         self._qemu = await probe_qemu(self.accel)
         await self._adopt()
@@ -259,19 +256,9 @@ class HostRuntime:
                               network_mtus=self.networks.mtus())
             if old is None or old.process.state is not ProcessState.RUNNING:
                 paths.qemu_log.unlink(missing_ok=True)
-            # The NIC filter alongside the taps, and for a migration's destination
-            # alongside its QEMU's launch too (its guest runs only on `cont`): well under
-            # a millisecond through libnftables, 10-40 ms where `nft` must be run.
-            filtered = asyncio.create_task(self.networks.filter_nics(spec))
-            filtered.add_done_callback(lambda t: t.cancelled() or t.exception())
-            try:
-                await self.networks.plug(spec)
-                if not incoming:
-                    await filtered  # QEMU runs the guest at once
-            except Exception:
-                filtered.cancel()
-                await self.networks.unplug(spec)
-                raise
+            # A migration's destination runs its guest only on `cont`: its NIC filter
+            # may finish alongside its QEMU's launch.
+            filtered = await self.networks.attach(spec, guest_waits=incoming)
             proc = QemuProcess(spec.name, argv, paths)
             rec = VmRecord(spec=spec, paths=paths, process=proc, monitor=None)
             self._vms[spec.name] = rec
@@ -339,19 +326,13 @@ class HostRuntime:
     async def _forget(self, name: str, unplugged: asyncio.Task[None] | None = None) -> None:
         """Drop the VM's record, taps (unless `unplugged` is removing them) and files."""
         rec = self._vms.pop(name, None)
-        await self._release_streams(name)
+        await self.streams.release_quietly(name)
         if rec is not None:
             rec.process.close()
             await (unplugged or self.networks.unplug(rec.spec))
             shutil.rmtree(rec.paths.directory, ignore_errors=True)
         elif unplugged is not None:
             await unplugged
-
-    async def _release_streams(self, name: str) -> None:
-        try:
-            await self.streams.release(name)
-        except FerryError as exc:  # left in place: it admits the source host only
-            log.warning("VM %s: stream filter not updated: %s", name, exc.problem)
 
     async def resume(self, name: str) -> VmInfo:
         rec = self._get(name)
@@ -368,7 +349,7 @@ class HostRuntime:
             await self.leases.take_over(name)
         rec.never_ran = False  # from the moment `cont` may reach QEMU
         await monitor.cont()
-        await self._release_streams(name)
+        await self.streams.release_quietly(name)
         self.faults.reach(FaultStage.RESUMED, name, rec.process.pid)
         await send_announce(monitor, rec.announce, name)
         rec.announce = None
@@ -401,15 +382,15 @@ class HostRuntime:
                    if tls_peer else {})
             await rec.monitor.set_migration_parameters(
                 stream_parameters(options) | incoming_parameters(options) | tls)
-            # The listeners' ports are picked here (_guarded_port), not by the kernel.
+            # The listeners' ports are picked by the agent (StreamGuard.port_for).
             if new_disks:
-                port = await self._guarded_port(spec.name, address, source)
+                port = await self.streams.port_for(spec.name, address, source)
                 await export_disks(rec.monitor, address, port,
                                    tuple(d.disk.name for d in new_disks), tls)
                 nbd = f"{address}:{port}"
             rec.stream_source = source
             uri = await rec.monitor.listen_incoming(
-                address, await self._guarded_port(spec.name, address, source))
+                address, await self.streams.port_for(spec.name, address, source))
         except Exception:
             await self.stop(spec.name, force=True)
             for disk in created:
@@ -417,15 +398,6 @@ class HostRuntime:
             raise
         self.faults.reach(FaultStage.PREPARE_INCOMING, spec.name, rec.process.pid)
         return IncomingReady(uri=uri, nbd=nbd)
-
-    async def _guarded_port(self, name: str, address: str, source: Address | None) -> int:
-        """A port for one of the VM's listeners; for a cleartext stream (`source`) one
-        admitting only `source`, filtered before QEMU listens on it (an encrypted
-        stream's QEMU checks its peer's certificate itself)."""
-        port = self.streams.pick(address)
-        if source is not None:
-            await self.streams.admit(name, port, source)
-        return port
 
     async def _create_disks(self, new_disks: tuple[NewDisk, ...]) -> list[DiskSpec]:
         created: list[DiskSpec] = []
@@ -465,7 +437,7 @@ class HostRuntime:
             raise Conflict(f"the incoming migration of {name} on {self.config.name} is "
                            f"{status}, not paused", "recover only a paused post-copy")
         address = self.config.migration_address or self.config.listen_host
-        port = await self._guarded_port(name, address, rec.stream_source)
+        port = await self.streams.port_for(name, address, rec.stream_source)
         await monitor.migrate_recover(f"tcp:{address}:{port}")
         uri = f"tcp:{address}:{port}"
         rec.recover_uri = uri

@@ -335,9 +335,28 @@ class HostNetworks:
             except FerryError as exc:
                 log.warning("NIC filter not restored: %s", exc)
 
-    async def plug(self, spec: VmSpec) -> None:
+    async def attach(self, spec: VmSpec, guest_waits: bool) -> asyncio.Task[None]:
+        """The VM's taps (plug) and their filter (filter_nics), side by side. Unless
+        `guest_waits` (a migration's destination, whose guest runs only on a later
+        `cont`), the filter is in place on return; otherwise the caller awaits the
+        returned task before the guest can run. A failure leaves no tap this call made
+        (a tap that was there before is not its to delete)."""
+        filtered = asyncio.create_task(self.filter_nics(spec))
+        filtered.add_done_callback(lambda t: t.cancelled() or t.exception())
+        made: list[str] = []
+        try:
+            made = await self.plug(spec)
+            if not guest_waits:
+                await filtered
+        except Exception:
+            filtered.cancel()
+            await self._delete(made)
+            raise
+        return filtered
+
+    async def plug(self, spec: VmSpec) -> list[str]:
         """A tap per bridged NIC, on its network's bridge, before QEMU opens it (the
-        caller filters them: filter_nics)."""
+        caller filters them: filter_nics); returns the taps it made."""
         self.check(spec, "this host")
         made: list[str] = []
         try:
@@ -355,10 +374,14 @@ class HostNetworks:
                 await run_batch(lines)
         except Exception:
             # A VM that does not start leaves none of the taps this call made.
-            for tap in made:
-                if await link_exists(tap):
-                    await run("ip", "link", "delete", tap, check=False)
+            await self._delete(made)
             raise
+        return made
+
+    async def _delete(self, taps: list[str]) -> None:
+        for tap in taps:
+            if await link_exists(tap):
+                await run("ip", "link", "delete", tap, check=False)
 
     async def unplug(self, spec: VmSpec) -> None:
         """Delete the VM's taps. Their filter entries stay in the kernel until the next

@@ -14,17 +14,19 @@ so that none lands on a port a rule still holds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv6Address
 
 from ferry.agent import nft
-from ferry.domain.errors import Conflict
+from ferry.domain.errors import Conflict, FerryError
 
 TABLE = "ferry_streams"
 PURPOSE = "admit only the source host to a cleartext migration"
 Address = IPv4Address | IPv6Address
 PICK_ATTEMPTS = 20
+log = logging.getLogger("ferry.agent")
 
 
 def ruleset(ports: Mapping[int, Address]) -> str:
@@ -68,10 +70,22 @@ class StreamGuard:
         """At agent start: rules from before go (whose they were is not known; kept,
         they would turn away another stream given one of their ports). An incoming VM
         adopted between its prepare and its source's connection is unfiltered for that
-        moment."""
+        moment. A failure is logged: the agent starts all the same."""
         async with self._lock:
-            await nft.apply(ruleset({}), PURPOSE)
+            try:
+                await nft.apply(ruleset({}), PURPOSE)
+            except FerryError as exc:
+                log.warning("stream filter not reset: %s", exc.problem)
             self._ports.clear()
+
+    async def port_for(self, vm: str, address: str, source: Address | None) -> int:
+        """A port for one of the VM's listeners; for a cleartext stream (`source`) one
+        admitting only `source`, filtered before QEMU listens on it (an encrypted
+        stream's QEMU checks its peer's certificate itself)."""
+        port = self.pick(address)
+        if source is not None:
+            await self.admit(vm, port, source)
+        return port
 
     def pick(self, address: str) -> int:
         """A free port at `address` that none of the rules holds: a listener that
@@ -97,6 +111,13 @@ class StreamGuard:
             if vm in self._ports:
                 await nft.apply(ruleset(self._flat(vm, {})), PURPOSE)
                 del self._ports[vm]
+
+    async def release_quietly(self, vm: str) -> None:
+        """release, a failure logged (the rule left admits the source host only)."""
+        try:
+            await self.release(vm)
+        except FerryError as exc:
+            log.warning("VM %s: stream filter not updated: %s", vm, exc.problem)
 
     def _flat(self, vm: str, ports: Mapping[int, Address]) -> dict[int, Address]:
         out = {p: a for name, held in self._ports.items() if name != vm

@@ -194,3 +194,32 @@ async def test_a_stale_network_goes_before_a_new_one_takes_its_vni(
     assert "VNI 100 is still used here by VM NICs of deleted network a" in str(
         [r.error for r in results if r.name == "b"])
     assert nets.names() == ("a",)
+
+
+async def test_a_refused_nic_filter_leaves_no_tap_the_attach_made(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A VM whose NIC filter cannot be set does not start, and its taps made for it go;
+    one that was there before stays (not this call's to delete)."""
+    spec = SPEC.model_copy(update={"nics": (
+        NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:01"),
+        NicSpec(name="nic1", network="vmnet", mac="52:54:00:00:00:02"))})
+    taps = {tap_name(spec.uuid, "nic0")}
+
+    async def link_exists(name: str) -> bool:
+        return name in taps
+
+    async def refuse(macs: dict[str, str]) -> None:
+        raise FerryError("nftables refused the rules")
+
+    monkeypatch.setattr(agent_networks, "run", _ok(taps))
+    monkeypatch.setattr(agent_networks, "link_exists", link_exists)
+    monkeypatch.setattr(agent_networks.nic_filter, "admit_only", refuse)
+    nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
+    nets._have = {"vmnet": HostNetwork(name="vmnet", vni=100, peers=())}
+    with pytest.raises(FerryError, match="refused"):
+        await nets.attach(spec, guest_waits=False)
+    assert taps == {tap_name(spec.uuid, "nic0")}
+    # a destination's attach returns at once; the failure comes with the filter's task
+    filtered = await nets.attach(spec, guest_waits=True)
+    with pytest.raises(FerryError, match="refused"):
+        await filtered
