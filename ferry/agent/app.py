@@ -91,8 +91,8 @@ def create_app(host: HostRuntime) -> FastAPI:
                                  lease_take_over=body.lease_take_over)
 
     @app.get("/v1/vms/{name}")
-    async def show_vm(name: str) -> VmInfo:
-        return await host.info(name)
+    async def show_vm(name: str, loaded_wait_s: float = Query(0.0, ge=0, le=10)) -> VmInfo:
+        return await host.info(name, loaded_wait_s)
 
     @app.post("/v1/vms/{name}/stop")
     async def stop_vm(name: str, force: bool = False,

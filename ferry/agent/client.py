@@ -116,8 +116,12 @@ class AgentClient:
     async def list_vms(self) -> list[VmInfo]:
         return await self._call("GET", "/v1/vms", TypeAdapter(list[VmInfo]))
 
-    async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
-        return await self._call("GET", f"/v1/vms/{name}", VmInfo, timeout_s=timeout_s)
+    async def vm(self, name: str, timeout_s: float | None = None,
+                 loaded_wait_s: float = 0.0) -> VmInfo:
+        """`loaded_wait_s`: answer once a destination stopped loading its stream (or
+        after this long); the call's own timeout must be longer."""
+        return await self._call("GET", f"/v1/vms/{name}", VmInfo, timeout_s=timeout_s,
+                                loaded_wait_s=loaded_wait_s)
 
     async def create_vm(self, spec: VmSpec, paused: bool = False,
                         lease_wait_s: float = 0.0, lease_take_over: bool = False

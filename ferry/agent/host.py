@@ -174,21 +174,24 @@ class HostRuntime:
             raise NotFound(f"no VM {name!r} runs on host {self.config.name}")
         return rec
 
-    async def _state(self, rec: VmRecord) -> AgentVmState:
+    async def _state(self, rec: VmRecord, loaded_wait_s: float = 0.0) -> AgentVmState:
         if rec.process.state is not ProcessState.RUNNING:
             return AgentVmState.EXITED
         if rec.monitor is None:
             return AgentVmState.STARTING
         try:
-            runstate = await rec.monitor.runstate()
+            runstate = await (rec.monitor.runstate_loaded(loaded_wait_s) if loaded_wait_s
+                              else rec.monitor.runstate())
         except MonitorError:
             return (AgentVmState.EXITED if rec.process.state is not ProcessState.RUNNING
                     else AgentVmState.STARTING)
         return RUNSTATES.get(runstate, AgentVmState.PAUSED)
 
-    async def info(self, name: str) -> VmInfo:
+    async def info(self, name: str, loaded_wait_s: float = 0.0) -> VmInfo:
+        """`loaded_wait_s`: a destination still loading its stream is waited for, up to
+        this long (Monitor.runstate_loaded)."""
         rec = self._get(name)
-        state = await self._state(rec)
+        state = await self._state(rec, loaded_wait_s)
         if state is AgentVmState.INCOMING:
             self.faults.reach(FaultStage.INCOMING_POLL, name, rec.process.pid)
         return VmInfo(name=name, uuid=rec.spec.uuid, state=state,

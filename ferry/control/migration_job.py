@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ferry.agent.client import AgentClient
+from ferry.agent.models import VmInfo
 from ferry.control import eventlog
 from ferry.control.events import ChangeBus
 from ferry.domain.migration import Phase, RollbackKind, transition
@@ -32,6 +33,21 @@ class RollBack(Exception):
 
 
 @dataclass
+class SwitchReads:
+    """What SWITCHOVER waits for, asked the moment the source's stream completed (the
+    guest is paused everywhere): read-only, so asked before SWITCHOVER is stored."""
+
+    target: asyncio.Task[VmInfo]  # the destination, once paused with the whole stream
+    digests: asyncio.Task[tuple[bytes, bytes]] | None  # None: no memory check
+    began: float  # time.monotonic() when asked
+
+    def cancel(self) -> None:
+        self.target.cancel()
+        if self.digests is not None:
+            self.digests.cancel()
+
+
+@dataclass
 class Job:
     id: str
     store: Store
@@ -42,6 +58,7 @@ class Job:
     # The record as this job last wrote it: its next write is tried against it without
     # reading it first (the store's compare-and-set catches another writer meanwhile).
     last: MigrationRecord | None = None
+    switch_reads: SwitchReads | None = None  # from PRECOPY to its SWITCHOVER step
 
     def _expected(self, rec: MigrationRecord | None = None) -> MigrationRecord | None:
         known = [r for r in (rec, self.last) if r is not None]

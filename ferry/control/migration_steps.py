@@ -17,7 +17,7 @@ from ferry.agent.models import AgentVmState, Tune, VmInfo
 from ferry.control import eventlog
 from ferry.control import migration_memory as memory
 from ferry.control import migration_storage as storage
-from ferry.control.migration_job import Job, RollBack, log
+from ferry.control.migration_job import Job, RollBack, SwitchReads, log
 from ferry.domain.convergence import (
     Action,
     ActionKind,
@@ -48,6 +48,8 @@ CONFIRM_TIMEOUT_S = 30.0
 RESUME_WINDOW_S = 120.0
 RETRY_S = 0.2
 TARGET_CHECK_S = 5.0
+# At switchover the destination agent answers once its stream is loaded (or after this).
+LOADED_WAIT_S = 1.0
 RECOVER_EVERY_S = 2.0  # how often a paused post-copy is tried to be reconnected
 TARGET_SETTLE_S = 10.0  # a silent source: how long a loading destination is waited for
 
@@ -133,6 +135,7 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
     best_remaining: int | None = None
     best_at = time.time()
     vm = await job.store.vm(rec.vm)
+    check_memory = await memory.is_wanted(job, rec)
     while True:
         if job.cancelled.is_set():
             raise RollBack("cancelled by the user")
@@ -169,9 +172,16 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             rec = await job.update(remaining_bytes=progress.remaining_bytes,
                                    transferred_bytes=progress.transferred_bytes)
         if status is SourceStatus.COMPLETED:
-            return await job.enter(rec, Phase.SWITCHOVER, downtime_ms=progress.downtime_ms,
-                                   total_ms=progress.elapsed_ms, remaining_bytes=0,
-                                   transferred_bytes=progress.transferred_bytes)
+            reads = _switch_reads(job, rec, check_memory)
+            try:
+                rec = await job.enter(rec, Phase.SWITCHOVER, downtime_ms=progress.downtime_ms,
+                                      total_ms=progress.elapsed_ms, remaining_bytes=0,
+                                      transferred_bytes=progress.transferred_bytes)
+            except BaseException:
+                reads.cancel()
+                raise
+            job.switch_reads = reads
+            return rec
         if status is SourceStatus.POSTCOPY_ACTIVE or status.postcopy_fault:
             # The stream is in post-copy whatever led there: so is the migration.
             return await job.enter(rec, Phase.POSTCOPY, postcopy_started=True)
@@ -406,27 +416,35 @@ async def _switch_in_postcopy(job: Job, rec: MigrationRecord) -> tuple[Migration
     return rec, info.state is AgentVmState.RUNNING
 
 
+def _switch_reads(job: Job, rec: MigrationRecord, check_memory: bool) -> SwitchReads:
+    """The guest is paused on both hosts from here on: the reads SWITCHOVER needs go
+    side by side, the RAM digests (the longest) with the confirmation of the
+    destination, started before SWITCHOVER is stored."""
+    target = asyncio.create_task(_await_paused_target(job, rec))
+    target.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return SwitchReads(target=target,
+                       digests=memory.whole_digests(job, rec) if check_memory else None,
+                       began=time.monotonic())
+
+
 async def switchover(job: Job, rec: MigrationRecord) -> MigrationRecord:
     """The source has sent everything: confirm the paused destination holds it, then
     record the VM there (RESUMING_TARGET, in the same transaction). On TCG the paused
     copy's RAM is compared with the source's first, and repaired (migration_memory)."""
-    # The guest is paused on both hosts from here on: the reads go side by side, the
-    # RAM digests (the longest) with the confirmation of the destination.
-    began = time.monotonic()
-    asked = memory.whole_digests(job, rec) if await memory.is_wanted(job, rec) else None
+    reads, job.switch_reads = job.switch_reads, None
+    if reads is None:  # resumed here after a restart
+        reads = _switch_reads(job, rec, await memory.is_wanted(job, rec))
     try:
-        dest, vm = await asyncio.gather(_await_paused_target(job, rec),
-                                        job.store.vm(rec.vm))
+        dest, vm = await asyncio.gather(reads.target, job.store.vm(rec.vm))
     except BaseException:
-        if asked is not None:
-            asked.cancel()
+        reads.cancel()
         raise
     check = None
-    if asked is not None:
+    if reads.digests is not None:
         if dest.state is AgentVmState.PAUSED and dest.never_ran:
-            check = await memory.verify_and_repair(job, rec, asked, began)
+            check = await memory.verify_and_repair(job, rec, reads.digests, reads.began)
         else:
-            asked.cancel()
+            reads.digests.cancel()
     return await job.enter(rec, Phase.RESUMING_TARGET, switched=True, vm=VmChange(
         name=rec.vm, host=rec.target, state=VmState.RUNNING,
         spec=storage.target_spec(vm.spec, rec.target_disks)),
@@ -440,7 +458,8 @@ async def _await_paused_target(job: Job, rec: MigrationRecord) -> VmInfo:
     deadline = loop.time() + CONFIRM_TIMEOUT_S
     while True:
         try:
-            dest = await job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S)
+            dest = await job.target.vm(rec.vm, timeout_s=TARGET_CHECK_S,
+                                       loaded_wait_s=LOADED_WAIT_S)
         except NotFound:
             raise RollBack("the destination QEMU vanished at switchover") from None
         except FerryError as exc:

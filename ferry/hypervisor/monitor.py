@@ -19,6 +19,9 @@ from ferry.domain.migration import Progress, SourceStatus
 from ferry.hypervisor.errors import CommandFailed, MonitorError, MonitorGone, MonitorTimeout
 
 COMMAND_TIMEOUT_S = 10.0
+# While an incoming stream loads: how often its state is asked again should no MIGRATION
+# event come (QEMU sets the runstate before it says `completed`; this only bounds a miss).
+INCOMING_RECHECK_S = 0.05
 
 
 class Monitor:
@@ -84,6 +87,22 @@ class Monitor:
     async def runstate(self) -> str:
         reply = await self.execute("query-status")
         return str(reply["status"])
+
+    async def runstate_loaded(self, wait_s: float) -> str:
+        """The runstate, once an incoming stream has stopped loading (`inmigrate`) or
+        wait_s passed, whichever first: asked again at each MIGRATION event, so a
+        migration's switchover learns of the loaded destination at once, not at its
+        next poll. The listener is registered before the first ask: no event is missed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        with self._client.listener(("MIGRATION",)) as events:
+            while True:
+                state = await self.runstate()
+                left = deadline - loop.time()
+                if state != "inmigrate" or left <= 0:
+                    return state
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(events.get(), min(left, INCOMING_RECHECK_S))
 
     async def cont(self) -> None:
         self.conts += 1

@@ -112,7 +112,8 @@ class FakeAgent:
         return vm
 
     # --- the AgentClient methods the orchestrator uses --------------------------------
-    async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
+    async def vm(self, name: str, timeout_s: float | None = None,
+                 loaded_wait_s: float = 0.0) -> VmInfo:
         await self._enter("vm")
         vm = self._get(name)
         return VmInfo(name=name, uuid=vm.spec.uuid, state=vm.state, pid=1, spec=vm.spec,

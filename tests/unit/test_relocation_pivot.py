@@ -43,7 +43,8 @@ class Agent:
             raise HostUnavailable("agent of host host1 is unreachable")
         return {"root": answer}
 
-    async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
+    async def vm(self, name: str, timeout_s: float | None = None,
+                 loaded_wait_s: float = 0.0) -> VmInfo:
         return VmInfo(name=name, uuid=self.spec.uuid, state=AgentVmState.RUNNING, pid=1,
                       spec=self.spec)
 
@@ -120,7 +121,8 @@ class GoneAgent(Agent):
         super().__init__(["/ds/shared/web1.qcow2"])
         self.cancelled = False
 
-    async def vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
+    async def vm(self, name: str, timeout_s: float | None = None,
+                 loaded_wait_s: float = 0.0) -> VmInfo:
         return VmInfo(name=name, uuid=self.spec.uuid, state=AgentVmState.EXITED, pid=None,
                       spec=self.spec)
 
