@@ -4,9 +4,6 @@ guest: a refused command keeps QMP's error class, a lost connection is MonitorGo
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,29 +11,13 @@ import pytest
 
 from ferry.hypervisor.errors import CommandFailed, MonitorError, MonitorGone
 from ferry.hypervisor.monitor import Monitor
-
-QEMU = shutil.which("qemu-system-x86_64")
+from tests.unit.bare_qemu import bare_qemu
 
 
 @pytest.fixture
 async def monitor(tmp_path: Path) -> AsyncIterator[Monitor]:
-    if QEMU is None:
-        pytest.fail("qemu-system-x86_64 is missing: run `make deps`")
-    sock = tmp_path / "qmp.sock"
-    proc = await asyncio.create_subprocess_exec(
-        QEMU, "-nodefaults", "-display", "none", "-machine", "none", "-S", "-qmp",
-        f"unix:{sock},server=on,wait=off", stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    mon = Monitor("test", sock)
-    try:
-        await mon.connect(timeout_s=20.0)
+    async with bare_qemu(tmp_path / "qmp.sock") as mon:
         yield mon
-    finally:
-        await mon.close()
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):  # it quit by itself
-                proc.kill()
-        await asyncio.wait_for(proc.wait(), 10)
 
 
 async def test_a_refused_command_keeps_qmps_error_class(monitor: Monitor) -> None:

@@ -4,38 +4,10 @@ answers once the incoming stream is loaded, and at its deadline while nothing co
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
 import socket
-import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from ferry.hypervisor.monitor import Monitor
-
-QEMU = shutil.which("qemu-system-x86_64")
-
-
-@contextlib.asynccontextmanager
-async def qemu(sock: Path, *extra: str) -> AsyncIterator[Monitor]:
-    if QEMU is None:
-        pytest.fail("qemu-system-x86_64 is missing: run `make deps`")
-    proc = await asyncio.create_subprocess_exec(
-        QEMU, "-nodefaults", "-display", "none", "-machine", "none", "-S", "-qmp",
-        f"unix:{sock},server=on,wait=off", *extra, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    mon = Monitor(sock.name, sock)
-    try:
-        await mon.connect(timeout_s=20.0)
-        yield mon
-    finally:
-        await mon.close()
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await asyncio.wait_for(proc.wait(), 10)
+from tests.unit.bare_qemu import bare_qemu
 
 
 def free_port() -> int:
@@ -47,8 +19,8 @@ def free_port() -> int:
 async def test_answers_once_the_stream_is_loaded_and_at_the_deadline_before(
         tmp_path: Path) -> None:
     uri = f"tcp:127.0.0.1:{free_port()}"
-    async with qemu(tmp_path / "src.sock") as src, \
-            qemu(tmp_path / "dst.sock", "-incoming", "defer") as dst:
+    async with bare_qemu(tmp_path / "src.sock") as src, \
+            bare_qemu(tmp_path / "dst.sock", "-incoming", "defer") as dst:
         await dst.execute("migrate-incoming", {"uri": uri})
         # Nothing sent yet: the wait ends at its deadline, still loading.
         assert await dst.runstate_loaded(0.2) == "inmigrate"
