@@ -9,6 +9,10 @@ each such listener's port itself, admits the source host's address on it before 
 listens (no moment when anyone else can connect), and lets the rule go when the VM
 runs or goes. Encrypted streams' listeners get ports picked the same way (but no rule),
 so that none lands on a port a rule still holds.
+
+Anyone else is answered with a TCP reset, as a closed port answers: a source that
+reaches the destination from an address it did not report fails at once with
+"Connection refused" instead of waiting out TCP's connect retries (about two minutes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ TABLE = "ferry_streams"
 PURPOSE = "admit only the source host to a cleartext migration"
 Address = IPv4Address | IPv6Address
 PICK_ATTEMPTS = 20
+REFUSE = "reject with tcp reset"
 log = logging.getLogger("ferry.agent")
 
 
@@ -36,8 +41,8 @@ def ruleset(ports: Mapping[int, Address]) -> str:
     rules = []
     for port, source in sorted(ports.items()):
         family, other = ("ip", "ipv6") if source.version == 4 else ("ip6", "ipv4")
-        rules += [f"    meta nfproto {other} tcp dport {port} counter drop",
-                  f"    tcp dport {port} {family} saddr != {source} counter drop"]
+        rules += [f"    meta nfproto {other} tcp dport {port} counter {REFUSE}",
+                  f"    tcp dport {port} {family} saddr != {source} counter {REFUSE}"]
     return "\n".join([
         *nft.replacing("inet", TABLE),
         f"table inet {TABLE} {{",

@@ -38,6 +38,7 @@ from ferry.domain.migration import (
     when_source_silent,
 )
 from ferry.domain.records import ActionRecord, MigrationRecord, VmRecord
+from ferry.domain.streams import unsent_hint
 from ferry.store.store import VmChange
 
 POLL_WAIT_S = 0.5  # the agent answers earlier when QEMU emits a migration event
@@ -187,7 +188,10 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             return await job.enter(rec, Phase.POSTCOPY, postcopy_started=True)
         if status in (SourceStatus.FAILED, SourceStatus.CANCELLED):
             raise RollBack(f"QEMU reported the migration {status}: "
-                           f"{progress.error or 'the stream to the target broke'}")
+                           f"{progress.error or 'the stream to the target broke'}"
+                           + (unsent_hint(rec.encrypted, progress.transferred_bytes,
+                                          rec.source, rec.target)
+                              if status is SourceStatus.FAILED else ""))
         if status is SourceStatus.NONE:
             raise RollBack("the source QEMU reports no outgoing migration")
         if isinstance(dest, Exception):

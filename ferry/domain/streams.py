@@ -59,3 +59,15 @@ def encrypt(mode: Encryption, source_can: bool, target_can: bool) -> bool | None
     if mode is Encryption.OPPORTUNISTIC:
         return both
     return True if both else None
+
+
+def unsent_hint(encrypted: bool, sent_bytes: int, source: str, target: str) -> str:
+    """What to add to a stream that failed before a byte went: a cleartext stream's
+    destination refuses every address but the one the source host reports (its agent's
+    migration_address, else its listen address), so a source that reaches the target
+    from another of its addresses is refused at connect."""
+    if encrypted or sent_bytes > 0:
+        return ""
+    return (f" (nothing was sent: {target} admits this cleartext stream only from the "
+            f"address {source} reports; if {source} reaches {target} from another of its "
+            "addresses, set that as its agent's migration_address)")

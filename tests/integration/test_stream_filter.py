@@ -28,19 +28,22 @@ from tests.integration.helpers import (
 NS = f"ferry-sf-{os.getpid()}"
 LISTEN, SOURCE, STRANGER = "10.77.0.1", "10.77.0.2", "10.77.0.3"
 PORT = 40123
-# Listen on LISTEN:PORT, then connect from each address given; print which connected.
+# Listen on LISTEN:PORT, then connect from each address given; print how each attempt
+# ended: connected, refused (a reset) or timed out (dropped).
 CONNECT = """
 import json, socket, sys
 listener = socket.create_server((sys.argv[1], int(sys.argv[2])))
-ok = []
+ends = {}
 for source in sys.argv[3:]:
     try:
-        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0,
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5.0,
                                  source_address=(source, 0)).close()
-        ok.append(source)
-    except OSError:
-        pass
-print(json.dumps(ok))
+        ends[source] = "connected"
+    except ConnectionRefusedError:
+        ends[source] = "refused"
+    except OSError as exc:
+        ends[source] = type(exc).__name__
+print(json.dumps(ends))
 """
 
 
@@ -60,15 +63,17 @@ def test_the_port_admits_its_source_only() -> None:
         for address in (LISTEN, SOURCE, STRANGER):
             _in_ns("ip", "addr", "add", f"{address}/32", "dev", "lo")
 
-        def connected() -> list[str]:
+        def attempts() -> dict[str, str]:
             out = _in_ns(sys.executable, "-c", CONNECT, LISTEN, str(PORT), SOURCE, STRANGER)
-            return list(json.loads(out))
+            return dict(json.loads(out))
 
-        assert connected() == [SOURCE, STRANGER]  # unfiltered: the test can tell
+        both = {SOURCE: "connected", STRANGER: "connected"}
+        assert attempts() == both  # unfiltered: the test can tell
         _in_ns("nft", "-f", "-", stdin=ruleset({PORT: IPv4Address(SOURCE)}))
-        assert connected() == [SOURCE]
+        # The stranger is refused at once (a reset), not left to time out.
+        assert attempts() == {SOURCE: "connected", STRANGER: "refused"}
         _in_ns("nft", "-f", "-", stdin=ruleset({}))
-        assert connected() == [SOURCE, STRANGER]
+        assert attempts() == both
     finally:
         subprocess.run(["ip", "netns", "del", NS], timeout=30)
 
@@ -99,4 +104,38 @@ def test_a_cleartext_migration_admits_its_source_only(lab: LabConfig, client: Cl
         # gone once the destination runs: the port is nobody's any more
         assert f"dport {port} " not in _stream_rules(lab, "host2")
     finally:
+        remove_vm(client, name)
+
+
+def _host1(lab: LabConfig, *argv: str) -> None:
+    subprocess.run(["ip", "netns", "exec", lab.netns("host1"), *argv], check=True,
+                   timeout=30)
+
+
+def test_a_source_that_connects_from_another_address_is_refused_at_once(
+        lab: LabConfig, client: Client) -> None:
+    """host1 reaches host2 from an address it does not report (a route with another
+    `src`): host2 refuses the cleartext stream with a reset, the migration fails at
+    once saying what to set, and the VM runs on where it was."""
+    name = "sf-other"
+    other = str(lab.subnet.broadcast_address - 5)
+    boot_probe(client, lab, name, "host1")
+    _host1(lab, "ip", "addr", "add", f"{other}/32", "dev", "eth0")
+    try:
+        _host1(lab, "ip", "route", "add", f"{lab.host_ip('host2')}/32", "dev", "eth0",
+               "src", other)
+        before = wait_heartbeat(client, name)
+        rec = client.call("POST", "/v1/migrations", {
+            "vm": name, "target": "host2", "options": {"encryption": "disabled"}})
+        done = follow(client, rec["id"])
+        assert done["phase"] == "failed", done
+        assert "refused" in done["reason"].lower(), done["reason"]
+        assert "host2 admits this cleartext stream only from the address host1 reports" \
+            in done["reason"], done["reason"]
+        assert_intact(client, name, "host1", lab, before)
+    finally:
+        subprocess.run(["ip", "netns", "exec", lab.netns("host1"), "ip", "route", "del",
+                        f"{lab.host_ip('host2')}/32"], timeout=30)
+        subprocess.run(["ip", "netns", "exec", lab.netns("host1"), "ip", "addr", "del",
+                        f"{other}/32", "dev", "eth0"], timeout=30)
         remove_vm(client, name)

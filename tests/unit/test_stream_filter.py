@@ -9,15 +9,17 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 
 from ferry.agent.stream_filter import TABLE, Address, StreamGuard, free_port, ruleset
+from ferry.domain.streams import unsent_hint
 from tests.unit.nft_check import assert_nft_accepts
 
 
 def test_each_port_admits_its_source_only() -> None:
     script = ruleset({40001: IPv4Address("198.18.5.11"), 40002: IPv6Address("fd00::2")})
-    assert "tcp dport 40001 ip saddr != 198.18.5.11 counter drop" in script
-    assert "meta nfproto ipv6 tcp dport 40001 counter drop" in script
-    assert "tcp dport 40002 ip6 saddr != fd00::2 counter drop" in script
-    assert "meta nfproto ipv4 tcp dport 40002 counter drop" in script
+    refuse = "counter reject with tcp reset"
+    assert f"tcp dport 40001 ip saddr != 198.18.5.11 {refuse}" in script
+    assert f"meta nfproto ipv6 tcp dport 40001 {refuse}" in script
+    assert f"tcp dport 40002 ip6 saddr != fd00::2 {refuse}" in script
+    assert f"meta nfproto ipv4 tcp dport 40002 {refuse}" in script
     assert script.startswith(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
     assert ruleset({}) == f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
 
@@ -52,3 +54,12 @@ async def test_a_vms_rules_go_with_it_and_no_other(monkeypatch: pytest.MonkeyPat
     assert guard.pick("127.0.0.1") == 40004
     await guard.reset()
     assert written[-1] == ruleset({})
+
+
+def test_a_cleartext_stream_refused_before_a_byte_names_the_admitted_address() -> None:
+    hint = unsent_hint(encrypted=False, sent_bytes=0, source="host1", target="host2")
+    assert "host2 admits this cleartext stream only from the address host1 reports" in hint
+    assert "migration_address" in hint
+    # Once bytes went, or with TLS (QEMU checks the certificate instead), no such hint.
+    assert unsent_hint(encrypted=False, sent_bytes=4096, source="host1", target="host2") == ""
+    assert unsent_hint(encrypted=True, sent_bytes=0, source="host1", target="host2") == ""
