@@ -119,11 +119,14 @@ def test_a_source_that_connects_from_another_address_is_refused_at_once(
     once saying what to set, and the VM runs on where it was."""
     name = "sf-other"
     other = str(lab.subnet.broadcast_address - 5)
-    boot_probe(client, lab, name, "host1")
-    _host1(lab, "ip", "addr", "add", f"{other}/32", "dev", "eth0")
+    route = [f"{lab.host_ip('host2')}/32", "dev", "eth0"]
+    added: list[list[str]] = []  # what this test added to host1, undone in reverse
     try:
-        _host1(lab, "ip", "route", "add", f"{lab.host_ip('host2')}/32", "dev", "eth0",
-               "src", other)
+        boot_probe(client, lab, name, "host1")
+        _host1(lab, "ip", "addr", "add", f"{other}/32", "dev", "eth0")
+        added.append(["addr", "del", f"{other}/32", "dev", "eth0"])
+        _host1(lab, "ip", "route", "add", *route, "src", other)
+        added.append(["route", "del", *route])
         before = wait_heartbeat(client, name)
         rec = client.call("POST", "/v1/migrations", {
             "vm": name, "target": "host2", "options": {"encryption": "disabled"}})
@@ -134,8 +137,7 @@ def test_a_source_that_connects_from_another_address_is_refused_at_once(
             in done["reason"], done["reason"]
         assert_intact(client, name, "host1", lab, before)
     finally:
-        subprocess.run(["ip", "netns", "exec", lab.netns("host1"), "ip", "route", "del",
-                        f"{lab.host_ip('host2')}/32"], timeout=30)
-        subprocess.run(["ip", "netns", "exec", lab.netns("host1"), "ip", "addr", "del",
-                        f"{other}/32", "dev", "eth0"], timeout=30)
+        for undo in reversed(added):
+            subprocess.run(["ip", "netns", "exec", lab.netns("host1"), "ip", *undo],
+                           timeout=30)
         remove_vm(client, name)
