@@ -1,5 +1,6 @@
 """This host's side of the VM networks: a bridge and a VXLAN device per network, a tap
-per VM NIC (iproute2 commands as argv lists, never a shell).
+per VM NIC (iproute2 commands as argv lists, never a shell; a tap is made in-process:
+agent/taps.py).
 
 What the control plane last asked for is kept in `networks.json` beside the run
 directory, so a restarted agent reports it (the kernel keeps the devices) and the
@@ -12,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from ferry import commands
-from ferry.agent import nic_filter, vxlan_filter
+from ferry.agent import nic_filter, taps, vxlan_filter
 from ferry.agent.models import NetworkResult
 from ferry.domain.errors import Conflict, FerryError, HostUnavailable, InvalidInput
 from ferry.domain.networks import (
@@ -57,14 +57,6 @@ async def run(*argv: str, check: bool = True, stdin: bytes | None = None,
     return done.out
 
 
-async def run_batch(commands_: list[str]) -> None:
-    """`ip` commands in one process (`ip -batch`), which stops at the first failing.
-    One command per line: their words must hold no newline (callers build them from
-    hashes, numbers and bridge names of numbers, nothing a request body spells)."""
-    await run("ip", "-batch", "-", stdin="\n".join([*commands_, ""]).encode(),
-              shown="ip " + "; ip ".join(commands_))
-
-
 def _no_ipv6(dev: str) -> None:
     """No address of this host on a VM network: without it a bridge that is up gets an
     IPv6 link-local one, through which every guest on the segment reaches the host's
@@ -78,18 +70,10 @@ def _no_ipv6(dev: str) -> None:
         raise NetworkCommandFailed(f"cannot turn IPv6 off on {dev}: {exc}") from exc
 
 
-def _exists(name: str) -> bool:
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        return False
-    return True
-
-
 async def link_exists(name: str) -> bool:
     """Whether this network namespace has a link `name` (asked of the kernel directly:
     no `ip` process on a migration's path)."""
-    return _exists(name)
+    return taps.link_exists(name)
 
 
 async def _link_details(name: str) -> dict[str, object] | None:
@@ -136,7 +120,7 @@ class HostNetworks:
         under the agent (by hand, by another tool) is reported missing, so the control
         plane pushes it again (and meanwhile sends no VM here)."""
         return [net for _, net in sorted(self._have.items())
-                if _exists(net.bridge) and _exists(net.vxlan)]
+                if taps.link_exists(net.bridge) and taps.link_exists(net.vxlan)]
 
     def digests(self) -> dict[str, str]:
         return {net.name: net.digest() for net in self._present()}
@@ -365,13 +349,13 @@ class HostNetworks:
                     continue
                 net = self._have[nic.network]
                 tap = tap_name(spec.uuid, nic.name)
-                # One `ip` process per NIC (on a migration's path): `ip -batch` stops
-                # at the first command that fails.
-                lines = [f"link set {tap} mtu {net.mtu} master {net.bridge} up"]
                 if not await link_exists(tap):
-                    made.append(tap)  # before: a failed batch may have made it
-                    lines.insert(0, f"tuntap add dev {tap} mode tap")
-                await run_batch(lines)
+                    made.append(tap)  # before: a failure part-way may have made it
+                    taps.make_tap(tap)
+                try:
+                    taps.plug_tap(tap, net.mtu, net.bridge)
+                except taps.TapBusy:  # a port already (left over): `ip` moves it
+                    await run("ip", "link", "set", tap, "master", net.bridge, "up")
         except Exception:
             # A VM that does not start leaves none of the taps this call made.
             await self._delete(made)

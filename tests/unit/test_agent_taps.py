@@ -1,16 +1,16 @@
 """The agent's taps: a VM whose second tap cannot be made leaves no first one behind
-(`ip` stood in for: the lab tests make real ones)."""
+(the kernel calls stood in for: test_taps_kernel.py and the lab tests make real ones)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from ferry.agent import networks as agent_networks
 from ferry.agent.networks import HostNetworks
+from ferry.agent.taps import TapFailed
 from ferry.domain.errors import Conflict, FerryError, InvalidInput
 from ferry.domain.networks import HostNetwork, tap_name
 from ferry.domain.specs import NicSpec
@@ -23,17 +23,13 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
         NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:01"),
         NicSpec(name="nic1", network="vmnet", mac="52:54:00:00:00:02"))})
     taps: set[str] = set()
-    run = _fake_ip(taps, fail_set=tap_name(spec.uuid, "nic1"))
+    fail = {tap_name(spec.uuid, "nic1")}
     filtered: list[dict[str, str]] = []  # each NIC filter written (nic_filter.py)
-
-    async def link_exists(name: str) -> bool:
-        return name in taps
 
     async def admit_only(macs: dict[str, str]) -> None:
         filtered.append(dict(macs))
 
-    monkeypatch.setattr(agent_networks, "run", run)
-    monkeypatch.setattr(agent_networks, "link_exists", link_exists)
+    _fake_kernel(monkeypatch, taps, fail)
     monkeypatch.setattr(agent_networks.nic_filter, "admit_only", admit_only)
     nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
     nets._have = {"vmnet": HostNetwork(name="vmnet", vni=100, peers=())}
@@ -47,7 +43,7 @@ async def test_a_failed_plug_removes_the_taps_it_made(monkeypatch: pytest.Monkey
     assert taps == {tap_name(spec.uuid, "nic0")}
     taps.clear()
     # and a plug that works leaves both
-    monkeypatch.setattr(agent_networks, "run", _ok(taps))
+    fail.clear()
     await nets.plug(spec)
     assert taps == {tap_name(spec.uuid, "nic0"), tap_name(spec.uuid, "nic1")}
     assert filtered == []  # the taps are the caller's to filter (filter_nics)
@@ -108,32 +104,29 @@ async def test_the_nic_filter_names_the_taps_of_the_vms_here(
     assert filtered[-1] == {tap3: "52:54:00:00:00:02", tap1: "52:54:00:00:00:01"}
 
 
-def _ok(taps: set[str]) -> Callable[..., Awaitable[str]]:
-    return _fake_ip(taps, fail_set=None)
+def _fake_kernel(monkeypatch: pytest.MonkeyPatch, taps: set[str], fail: set[str]) -> None:
+    """The kernel's taps as the set `taps`; putting a tap of `fail` on its bridge fails."""
+    def make_tap(name: str) -> None:
+        taps.add(name)
 
+    def plug_tap(name: str, mtu: int, bridge: str) -> None:
+        assert name in taps and (mtu, bridge) == (1450, "fyb100")
+        if name in fail:
+            raise TapFailed(f"cannot put on bridge {bridge} the tap {name}: "
+                            "No buffer space available")
 
-def _fake_ip(taps: set[str], fail_set: str | None) -> Callable[..., Awaitable[str]]:
-    """`ip` (one command, or `-batch -` stopping at the first that fails) on `taps`;
-    `link set` of `fail_set` fails."""
-    def one(words: list[str]) -> None:
-        if words[:2] == ["tuntap", "add"]:
-            taps.add(words[3])
-        elif words[:2] == ["link", "delete"]:
-            taps.discard(words[2])
-        elif words[:2] == ["link", "set"] and words[2] == fail_set:
-            raise FerryError("RTNETLINK answers: No buffer space available")
-
-    async def run(*argv: str, check: bool = True, stdin: bytes | None = None,
-                  shown: str | None = None) -> str:
-        assert argv[0] == "ip"
-        if argv[1:] == ("-batch", "-"):
-            assert stdin is not None
-            for line in stdin.decode().splitlines():
-                one(line.split())
-        else:
-            one(list(argv[1:]))
+    async def run(*argv: str, check: bool = True) -> str:
+        assert argv[:3] == ("ip", "link", "delete")
+        taps.discard(argv[3])
         return ""
-    return run
+
+    async def link_exists(name: str) -> bool:
+        return name in taps
+
+    monkeypatch.setattr(agent_networks.taps, "make_tap", make_tap)
+    monkeypatch.setattr(agent_networks.taps, "plug_tap", plug_tap)
+    monkeypatch.setattr(agent_networks, "run", run)
+    monkeypatch.setattr(agent_networks, "link_exists", link_exists)
 
 
 async def test_link_exists_asks_the_kernel() -> None:
@@ -205,14 +198,10 @@ async def test_a_refused_nic_filter_leaves_no_tap_the_attach_made(
         NicSpec(name="nic1", network="vmnet", mac="52:54:00:00:00:02"))})
     taps = {tap_name(spec.uuid, "nic0")}
 
-    async def link_exists(name: str) -> bool:
-        return name in taps
-
     async def refuse(macs: dict[str, str]) -> None:
         raise FerryError("nftables refused the rules")
 
-    monkeypatch.setattr(agent_networks, "run", _ok(taps))
-    monkeypatch.setattr(agent_networks, "link_exists", link_exists)
+    _fake_kernel(monkeypatch, taps, set())
     monkeypatch.setattr(agent_networks.nic_filter, "admit_only", refuse)
     nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
     nets._have = {"vmnet": HostNetwork(name="vmnet", vni=100, peers=())}
