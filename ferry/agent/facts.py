@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -13,8 +14,13 @@ from ferry.agent.config import AgentConfig
 from ferry.agent.networks import HostNetworks
 from ferry.domain.specs import DatastoreInfo, HostFacts
 from ferry.hypervisor.argv import QEMU_BINARY, RunPaths
+from ferry.hypervisor.errors import QemuStartError
 from ferry.hypervisor.process import QemuProcess
 from ferry.pki import HostTls
+
+log = logging.getLogger("ferry.agent")
+PROBE_ATTEMPTS = 3
+PROBE_CONNECT_S = 5.0  # a machine-none QEMU greets within ~50 ms
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,21 @@ def detect_accel(wanted: str) -> str:
     return "kvm"
 
 
-async def probe_qemu(accel: str) -> QemuCapabilities:
-    """Ask a throwaway QEMU (machine none) what it supports."""
+async def probe_qemu(accel: str, attempts: int = PROBE_ATTEMPTS) -> QemuCapabilities:
+    """Ask a throwaway QEMU (machine none) what it supports; a QEMU that never answers
+    on QMP (seen once in hundreds of agent starts: the socket accepted, no greeting for
+    15 s) is killed and another one asked."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _probe_once(accel)
+        except QemuStartError as exc:
+            if attempt == attempts:
+                raise
+            log.warning("QEMU capability probe failed (%s); trying a new QEMU", exc.problem)
+    raise AssertionError("unreachable")
+
+
+async def _probe_once(accel: str) -> QemuCapabilities:
     with tempfile.TemporaryDirectory(prefix="ferry-probe-") as tmp:
         paths = RunPaths(Path(tmp))
         argv = [QEMU_BINARY, "-machine", f"none,accel={accel}", "-nodefaults",
@@ -46,7 +65,7 @@ async def probe_qemu(accel: str) -> QemuCapabilities:
                 f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control"]
         proc = QemuProcess("probe", argv, paths)
-        monitor = await proc.start()
+        monitor = await proc.start(connect_timeout_s=PROBE_CONNECT_S)
         try:
             version = await monitor.execute("query-version")
             qemu = version["qemu"]
