@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ferry.agent import stream_tls
+from ferry.agent import stream_socket, stream_tls
 from ferry.agent.config import AgentConfig
 from ferry.agent.disks import DiskOps, export_disks
 from ferry.agent.facts import QemuCapabilities, detect_accel, host_facts, probe_qemu
@@ -69,6 +69,7 @@ class VmRecord:
     monitor: Monitor | None
     migration_id: str | None = None
     recover_uri: str | None = None  # where a paused post-copy's destination listens
+    outgoing_uri: str | None = None  # where this source's stream goes
     announce: Announce | None = None  # sent after the `cont` that makes this copy the VM
     never_ran: bool = False  # started paused (-S), never sent `cont` (see VmInfo)
     stream_source: Address | None = None  # a cleartext incoming stream's only peer
@@ -477,6 +478,7 @@ class HostRuntime:
                            "max-cpu-throttle": 1})
         await rec.monitor.set_migration_parameters(params)
         self.faults.reach(FaultStage.START_OUTGOING, name, rec.process.pid)
+        rec.outgoing_uri = uri
         await rec.monitor.migrate(uri)
 
     async def resume_outgoing(self, name: str, migration_id: str, uri: str) -> Progress:
@@ -509,11 +511,16 @@ class HostRuntime:
             # QEMU's next throttle step lands on the wanted level (it only ever raises).
             params.update({"cpu-throttle-initial": tune.throttle_pct,
                            "cpu-throttle-increment": 99, "max-cpu-throttle": tune.throttle_pct})
-        await rec.monitor.set_migration_parameters(params)
+        if params:
+            await rec.monitor.set_migration_parameters(params)
         if tune.postcopy:
             await rec.monitor.execute("migrate-start-postcopy")
             self.faults.reach(FaultStage.POSTCOPY, name, rec.process.pid)
-        return await rec.monitor.query_migrate()
+        progress = await rec.monitor.query_migrate()
+        if tune.backlog_margin_ms is not None and progress.status.in_progress:
+            await stream_socket.cap_outgoing(rec.process.pid, rec.outgoing_uri, progress,
+                                             tune.backlog_margin_ms)
+        return progress
 
     async def progress(self, name: str, wait_s: float,
                        completed: Callable[[], None] | None = None) -> Progress:

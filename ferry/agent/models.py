@@ -128,6 +128,8 @@ class Tune(Frozen):
     downtime_ms: int | None = Field(default=None, ge=1, le=60_000)
     throttle_pct: int | None = Field(default=None, ge=1, le=99)
     postcopy: bool = False
+    # Cap the stream's send buffer at the path's BDP plus this many ms of throughput.
+    backlog_margin_ms: int | None = Field(default=None, ge=1, le=1000)
 
 
 class LeaseView(Frozen):

@@ -207,7 +207,8 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             memory_mib=vm.spec.memory_mib, iterations=tuple(iterations),
             progress=progress, postcopy=False,
             downtime_ms=rec.downtime_limit_ms or rec.options.initial_downtime_ms,
-            throttle_pct=rec.throttle_pct)
+            throttle_pct=rec.throttle_pct,
+            backlog_capped=any(a.kind == ActionKind.CAP_BACKLOG.value for a in rec.actions))
         action = decide(state, rec.options)
         if action.kind is ActionKind.THROTTLE and it is None:
             continue  # judge a throttle step only on a fresh pass's numbers
@@ -275,6 +276,8 @@ async def _apply(job: Job, rec: MigrationRecord, action: Action, at_ms: int
     elif action.kind is ActionKind.THROTTLE:
         changes["throttle_pct"] = action.value
         tune = Tune(throttle_pct=action.value)
+    elif action.kind is ActionKind.CAP_BACKLOG:
+        tune = Tune(backlog_margin_ms=action.value)
     rec = await job.change(lambda cur: {"actions": (*cur.actions, entry), **changes})
     await eventlog.lever_used(job.store, rec, entry)
     await job.source.tune(rec.vm, tune)

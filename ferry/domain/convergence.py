@@ -7,7 +7,10 @@ policies, so that Ferry can be measured against its peers' defaults in one run:
 - FERRY: start with a low downtime limit (half Nova's first step: a 20th of the max) and
   raise it only when pre-copy, projected from the measured transfer and dirty rates of
   the passes so far, would not get the dirty set under that limit within the budget;
-  then raise it to just what the dirty set needs. When the guest dirties memory nearly
+  then raise it to just what the dirty set needs. Once the first pass measured the
+  link, cap the stream's send buffer (CAP_BACKLOG), so that the switch's last pages do
+  not queue behind megabytes already "sent" (agent/stream_socket.py says why). When
+  the guest dirties memory nearly
   as fast as the link carries it: post-copy at once if the user allowed it; otherwise
   slow its vCPUs (vMotion's SDPS idea, via QEMU's CPU throttle), stepping up each pass
   while it does not converge, then the longest allowed downtime; abort only when the
@@ -53,6 +56,13 @@ STALLED = 0.9  # a dirty set that keeps 90 % of itself per pass is not shrinking
 # fits (Nova, sitting at its 50 ms first step, caught dips Ferry had raised past).
 RAISE_HOLD_S = 5.0
 RAISE_STEP = 2  # a raise at most doubles the limit
+# What the stream's send buffer may hold beyond the path's bandwidth-delay product, in
+# ms of its throughput: the longest the switch's last bytes queue behind earlier ones.
+BACKLOG_MARGIN_MS = 10
+# Linux's largest autotuned send buffer (net.ipv4.tcp_wmem's default maximum; the
+# kernel counts twice the payload): a link carrying that within the margin gains
+# nothing from the cap, which would only add work to a short migration's last passes.
+AUTOTUNED_SEND_BUFFER = 4 << 20
 
 
 class ActionKind(StrEnum):
@@ -61,11 +71,12 @@ class ActionKind(StrEnum):
     THROTTLE = "throttle"
     POSTCOPY = "postcopy"
     ABORT = "abort"
+    CAP_BACKLOG = "cap_backlog"
 
 
 class Action(Frozen):
     kind: ActionKind
-    value: int | None = None  # downtime ms, or throttle %
+    value: int | None = None  # downtime ms, throttle %, or backlog margin ms
     reason: str = ""
 
 
@@ -84,6 +95,7 @@ class ConvergenceState(Frozen):
     throttle_pct: int  # the throttle ceiling currently set (0: none)
     postcopy: bool  # post-copy already started
     since_raise_s: float | None = None  # since the policy last raised the limit
+    backlog_capped: bool = False  # CAP_BACKLOG was asked for already
 
 
 def decide(state: ConvergenceState, options: StreamOptions) -> Action:
@@ -137,6 +149,13 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
     rate = p.throughput_bytes_s
     if rate <= 0:
         return CONTINUE
+    if not state.backlog_capped and \
+            2 * rate * BACKLOG_MARGIN_MS / 1000 < AUTOTUNED_SEND_BUFFER:
+        # The agent caps at the first pass's average throughput, the link's (a single
+        # reading is not: one low one would cap the buffer, and the stream, too low).
+        return Action(kind=ActionKind.CAP_BACKLOG, value=BACKLOG_MARGIN_MS,
+                      reason="the first pass measured the link: bound what queues "
+                             "in front of the switch")
     # What a pass leaves dirty is the remaining at its start (the last sync); the
     # remaining mid-pass shrinks towards zero every pass and says nothing.
     dirty_set = state.iterations[-1].remaining_bytes

@@ -6,6 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ferry.domain.convergence import (
+    AUTOTUNED_SEND_BUFFER,
+    BACKLOG_MARGIN_MS,
     ActionKind,
     ConvergenceState,
     decide,
@@ -35,17 +37,34 @@ def its(*remaining_mib: int) -> tuple[Iteration, ...]:
 def state(remaining_mib: int = 100, dirty_mib_s: float = 10, link_mib_s: float = 25,
           iterations: tuple[Iteration, ...] = its(256, 120), elapsed: float = 10,
           since: float = 0, downtime: int = 300, throttle: int = 0, postcopy: bool = False,
-          memory: int = 256, since_raise: float | None = None) -> ConvergenceState:
+          memory: int = 256, since_raise: float | None = None,
+          capped: bool = True) -> ConvergenceState:
     progress = Progress(status=SourceStatus.ACTIVE, remaining_bytes=remaining_mib * MIB,
                         dirty_pages_rate=int(dirty_mib_s * MIB / 4096),
                         mbps=link_mib_s * MIB * 8 / 1e6)
     return ConvergenceState(elapsed_s=elapsed, since_progress_s=since, memory_mib=memory,
                             iterations=iterations, progress=progress, downtime_ms=downtime,
                             throttle_pct=throttle, postcopy=postcopy,
-                            since_raise_s=since_raise)
+                            since_raise_s=since_raise, backlog_capped=capped)
 
 
 FERRY = StreamOptions()
+
+
+def test_ferry_caps_the_stream_backlog_once_the_first_pass_measured_the_link() -> None:
+    first = decide(state(iterations=its(256), capped=False), FERRY)
+    assert first.kind is ActionKind.CONTINUE  # nothing measured yet
+    action = decide(state(capped=False), FERRY)
+    assert action.kind is ActionKind.CAP_BACKLOG and action.value == BACKLOG_MARGIN_MS
+    assert decide(state(capped=True), FERRY).kind is not ActionKind.CAP_BACKLOG
+    # A link so fast that Linux's own buffer holds less than the margin: nothing to cap.
+    fast = state(capped=False, link_mib_s=AUTOTUNED_SEND_BUFFER / MIB / 2 / 0.01 + 1)
+    assert decide(fast, FERRY).kind is not ActionKind.CAP_BACKLOG
+    # Only Ferry's policy: the peers' baselines behave as the peers do.
+    for policy in (PolicyKind.NOVA, PolicyKind.NOVA_LEGACY, PolicyKind.KUBEVIRT,
+                   PolicyKind.QEMU):
+        assert decide(state(capped=False), StreamOptions(policy=policy)).kind \
+            is not ActionKind.CAP_BACKLOG
 
 
 def test_first_pass_is_left_alone() -> None:
