@@ -164,25 +164,28 @@ async def precopy(job: Job, rec: MigrationRecord) -> MigrationRecord:
             except Exception as exc:
                 dest = exc
         now = time.time()
-        it = record_iteration(iterations, progress, int((now - began) * 1000))
-        if it is not None:
-            iterations.append(it)
-            await job.store.add_iteration(rec.id, it)
         status = progress.status
-        if status is not SourceStatus.COMPLETED:  # else entering SWITCHOVER records them
-            rec = await job.update(remaining_bytes=progress.remaining_bytes,
-                                   transferred_bytes=progress.transferred_bytes)
-        if status is SourceStatus.COMPLETED:
-            reads = _switch_reads(job, rec, check_memory)
-            try:
+        # The guest is paused everywhere once the source completed: SWITCHOVER's reads
+        # go first, before anything is written.
+        reads = _switch_reads(job, rec, check_memory) \
+            if status is SourceStatus.COMPLETED else None
+        try:
+            it = record_iteration(iterations, progress, int((now - began) * 1000))
+            if it is not None:
+                iterations.append(it)
+                await job.store.add_iteration(rec.id, it)
+            if reads is not None:
                 rec = await job.enter(rec, Phase.SWITCHOVER, downtime_ms=progress.downtime_ms,
                                       total_ms=progress.elapsed_ms, remaining_bytes=0,
                                       transferred_bytes=progress.transferred_bytes)
-            except BaseException:
+                job.switch_reads = reads
+                return rec
+        except BaseException:
+            if reads is not None:
                 reads.cancel()
-                raise
-            job.switch_reads = reads
-            return rec
+            raise
+        rec = await job.update(remaining_bytes=progress.remaining_bytes,
+                               transferred_bytes=progress.transferred_bytes)
         if status is SourceStatus.POSTCOPY_ACTIVE or status.postcopy_fault:
             # The stream is in post-copy whatever led there: so is the migration.
             return await job.enter(rec, Phase.POSTCOPY, postcopy_started=True)
@@ -280,7 +283,14 @@ async def _apply(job: Job, rec: MigrationRecord, action: Action, at_ms: int
         tune = Tune(backlog_margin_ms=action.value)
     rec = await job.change(lambda cur: {"actions": (*cur.actions, entry), **changes})
     await eventlog.lever_used(job.store, rec, entry)
-    await job.source.tune(rec.vm, tune)
+    try:
+        await job.source.tune(rec.vm, tune)
+    except FerryError as exc:
+        if action.kind is not ActionKind.CAP_BACKLOG:
+            raise
+        # Best effort: the stream goes on uncapped (a source agent that stopped
+        # answering is the next progress read's to judge).
+        log.warning("migration %s: stream backlog not capped: %s", rec.id, exc.problem)
     return rec
 
 

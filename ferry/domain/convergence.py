@@ -149,10 +149,11 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
     rate = p.throughput_bytes_s
     if rate <= 0:
         return CONTINUE
-    if not state.backlog_capped and \
+    if not state.backlog_capped and not options.max_bandwidth_bytes_s and \
             2 * rate * BACKLOG_MARGIN_MS / 1000 < AUTOTUNED_SEND_BUFFER:
         # The agent caps at the first pass's average throughput, the link's (a single
         # reading is not: one low one would cap the buffer, and the stream, too low).
+        # A stream QEMU paces itself (max_bandwidth) keeps no standing queue.
         return Action(kind=ActionKind.CAP_BACKLOG, value=BACKLOG_MARGIN_MS,
                       reason="the first pass measured the link: bound what queues "
                              "in front of the switch")

@@ -60,6 +60,8 @@ def test_ferry_caps_the_stream_backlog_once_the_first_pass_measured_the_link() -
     # A link so fast that Linux's own buffer holds less than the margin: nothing to cap.
     fast = state(capped=False, link_mib_s=AUTOTUNED_SEND_BUFFER / MIB / 2 / 0.01 + 1)
     assert decide(fast, FERRY).kind is not ActionKind.CAP_BACKLOG
+    paced = StreamOptions(max_bandwidth_bytes_s=16 * MIB)
+    assert decide(state(capped=False), paced).kind is not ActionKind.CAP_BACKLOG
     # Only Ferry's policy: the peers' baselines behave as the peers do.
     for policy in (PolicyKind.NOVA, PolicyKind.NOVA_LEGACY, PolicyKind.KUBEVIRT,
                    PolicyKind.QEMU):
