@@ -155,8 +155,10 @@ def _ferry(state: ConvergenceState, options: StreamOptions) -> Action:
         # reading is not: one low one would cap the buffer, and the stream, too low).
         # A stream QEMU paces itself (max_bandwidth) keeps no standing queue.
         return Action(kind=ActionKind.CAP_BACKLOG, value=BACKLOG_MARGIN_MS,
-                      reason="the first pass measured the link: bound what queues "
-                             "in front of the switch")
+                      reason=f"the link carries {rate / 1e6:.0f} MB/s: the stream's send "
+                             f"buffer holds the path's bandwidth-delay product plus "
+                             f"{BACKLOG_MARGIN_MS} ms, so little queues in front of the "
+                             "switch")
     # What a pass leaves dirty is the remaining at its start (the last sync); the
     # remaining mid-pass shrinks towards zero every pass and says nothing.
     dirty_set = state.iterations[-1].remaining_bytes
