@@ -10,7 +10,7 @@ import pytest
 
 from ferry.agent import networks as agent_networks
 from ferry.agent.networks import HostNetworks
-from ferry.agent.taps import TapFailed
+from ferry.agent.taps import TapBusy, TapFailed
 from ferry.domain.errors import Conflict, FerryError, InvalidInput
 from ferry.domain.networks import HostNetwork, tap_name
 from ferry.domain.specs import NicSpec
@@ -212,3 +212,35 @@ async def test_a_refused_nic_filter_leaves_no_tap_the_attach_made(
     filtered = await nets.attach(spec, guest_waits=True)
     with pytest.raises(FerryError, match="refused"):
         await filtered
+
+
+async def test_a_tap_left_on_a_bridge_is_moved_by_ip(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """A tap already a bridge port (left over) is not this call's (not made, not
+    deleted); `ip link set master` puts it on the network's bridge."""
+    spec = SPEC.model_copy(update={"nics": (
+        NicSpec(name="nic0", network="vmnet", mac="52:54:00:00:00:01"),)})
+    tap = tap_name(spec.uuid, "nic0")
+    ran: list[tuple[str, ...]] = []
+
+    def make_tap(name: str) -> None:
+        raise AssertionError("the tap exists: nothing to make")
+
+    def plug_tap(name: str, mtu: int, bridge: str) -> None:
+        raise TapBusy(f"tap {name} is a bridge port already")
+
+    async def run(*argv: str, check: bool = True) -> str:
+        ran.append(argv)
+        return ""
+
+    async def link_exists(name: str) -> bool:
+        return name == tap
+
+    monkeypatch.setattr(agent_networks.taps, "make_tap", make_tap)
+    monkeypatch.setattr(agent_networks.taps, "plug_tap", plug_tap)
+    monkeypatch.setattr(agent_networks, "run", run)
+    monkeypatch.setattr(agent_networks, "link_exists", link_exists)
+    nets = HostNetworks("10.0.0.1", tmp_path / "networks.json")
+    nets._have = {"vmnet": HostNetwork(name="vmnet", vni=100, peers=())}
+    assert await nets.plug(spec) == []
+    assert ran == [("ip", "link", "set", tap, "master", "fyb100", "up")]
