@@ -78,9 +78,11 @@ def fds_of(pid: int, inodes: set[int]) -> list[int]:
     return sorted(fds)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # Python's os has no pidfd_getfd
+
+
 def _pidfd_getfd(pidfd: int, fd: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    dup = int(libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0))
+    dup = int(_LIBC.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0))
     if dup < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
