@@ -33,10 +33,23 @@ def chromium() -> str:
     return path
 
 
+# Chromium drops requests in flight when this machine's interfaces change, which other
+# tests' labs do (namespaces, veths, bridges); the page retries its reads (a test below
+# drops one on purpose), so the drop itself is the machine's doing, not a page problem.
+NETWORK_CHANGED = "net::ERR_NETWORK_CHANGED"
+
+
 @dataclass
 class Tab:
     page: Any  # playwright's Page (imported lazily: its absence must fail, not error)
     problems: list[str]  # errors the page logged: script errors, CSP violations
+    blips: list[str]  # requests Chromium dropped as the machine's interfaces changed
+
+
+def on_console(tab: Tab, message: Any) -> None:
+    if message.type != "error":
+        return
+    (tab.blips if NETWORK_CHANGED in message.text else tab.problems).append(message.text)
 
 
 @pytest.fixture
@@ -55,11 +68,11 @@ def tab(lab: LabConfig) -> Iterator[Tab]:
         context = browser.new_context(ignore_https_errors=True,
                                       viewport={"width": 1280, "height": 900})
         page = context.new_page()
-        problems: list[str] = []
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        tab = Tab(page, [], [])
+        page.on("console", lambda m: on_console(tab, m))
+        page.on("pageerror", lambda exc: tab.problems.append(f"page error: {exc}"))
         try:
-            yield Tab(page, problems)
+            yield tab
         finally:
             context.close()
             browser.close()
@@ -217,6 +230,44 @@ def test_a_viewer_sees_but_cannot_act_and_the_token_stays_out_of_urls(
         assert urls and not [u for u in urls if made["token"] in u]
     finally:
         client.call("DELETE", f"/v1/tokens/{made['info']['id']}")
+
+
+def test_a_dropped_read_is_retried_and_a_dropped_write_is_not(
+        client: Client, lab: LabConfig, tab: Tab) -> None:
+    """The browser drops a request when the machine's network changes under it: the login
+    and the polls try their reads again, while an action (which may have been applied
+    before the drop) is reported, never sent twice."""
+    from playwright.sync_api import expect
+
+    page = tab.page
+    dropped: list[str] = []
+    writes: list[str] = []
+
+    def drop_twice(route: Any) -> None:
+        if len(dropped) < 2:
+            dropped.append(route.request.url)
+            route.abort("failed")
+        else:
+            route.continue_()
+
+    def drop_writes(route: Any) -> None:
+        writes.append(route.request.method)
+        route.abort("failed")
+
+    page.route("**/v1/hosts", drop_twice)
+    page.route("**/v1/hosts/host3/maintenance*", drop_writes)
+    log_in(page, lab)
+    expect(page.locator("#hosts tbody tr")).to_have_count(len(lab.hosts))
+    assert len(dropped) == 2, dropped
+    page.select_option("#maint-host", "host3")
+    page.get_by_role("button", name="Enter maintenance").click()
+    expect(page.locator("#status")).to_contain_text("could not reach the control plane")
+    expect(page.locator("#status")).to_have_class("error")
+    assert writes == ["POST"], writes
+    assert client.call("GET", "/v1/hosts/host3")["maintenance"] is False
+    expect(page.locator("#app")).to_be_visible()  # still logged in
+    # Chromium logs each dropped request; nothing else went wrong.
+    assert all("ERR_FAILED" in p for p in tab.problems), tab.problems
 
 
 def test_chromium_is_there_for_root() -> None:

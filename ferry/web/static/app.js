@@ -44,10 +44,31 @@ class ApiError extends Error {
 const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
 const authHeaders = () => ({ Authorization: `Bearer ${token()}` });
 
+// A read that never reached the control plane (fetch rejects: the browser dropped it,
+// e.g. ERR_NETWORK_CHANGED when this machine's interfaces change) is tried again a few
+// times; a write never is, since it may have been applied before the connection broke.
+const READ_RETRIES_MS = [250, 750, 1500];
+const pause = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+async function send(method, path, init) {
+  const waits = method === "GET" ? READ_RETRIES_MS : [];
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await fetch(path, init);
+    } catch (err) {
+      if (attempt >= waits.length) {
+        throw new Error(`could not reach the control plane (${err.message}): `
+          + "check that it is running and this machine can reach it, then try again");
+      }
+      await pause(waits[attempt]);
+    }
+  }
+}
+
 async function api(method, path, body) {
   const headers = authHeaders();
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const resp = await fetch(path, {
+  const resp = await send(method, path, {
     method, headers, cache: "no-store",
     body: body === undefined ? undefined : JSON.stringify(body),
   });
