@@ -46,12 +46,13 @@ const authHeaders = () => ({ Authorization: `Bearer ${token()}` });
 
 // A read that never reached the control plane (fetch rejects: the browser dropped it,
 // e.g. ERR_NETWORK_CHANGED when this machine's interfaces change) is tried again a few
-// times; a write never is, since it may have been applied before the connection broke.
+// times, as is a call that changes nothing (a migration's check); a write never is,
+// since it may have been applied before the connection broke.
 const READ_RETRIES_MS = [250, 750, 1500];
 const pause = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
-async function send(method, path, init) {
-  const waits = method === "GET" ? READ_RETRIES_MS : [];
+async function send(path, init, changesNothing) {
+  const waits = changesNothing ? READ_RETRIES_MS : [];
   for (let attempt = 0; ; attempt += 1) {
     try {
       return await fetch(path, init);
@@ -65,13 +66,14 @@ async function send(method, path, init) {
   }
 }
 
-async function api(method, path, body) {
+// `readOnly`: a POST that changes nothing, so it may be sent again like a GET.
+async function api(method, path, body, readOnly) {
   const headers = authHeaders();
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const resp = await send(method, path, {
+  const resp = await send(path, {
     method, headers, cache: "no-store",
     body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  }, method === "GET" || readOnly === true);
   const text = await resp.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
@@ -465,7 +467,7 @@ async function checkMigration() {
   const box = $("mig-result");
   box.replaceChildren(el("p", {}, `checking ${body.vm} → ${body.target}…`));
   try {
-    const result = await api("POST", "/v1/migrations/check", body);
+    const result = await api("POST", "/v1/migrations/check", body, true);
     if (result.ok) {
       box.replaceChildren(el("p", { class: "ok check-ok" },
         `${result.vm} can move to ${result.target}: every check passed.`));
