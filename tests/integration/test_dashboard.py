@@ -86,10 +86,26 @@ def save_screenshot(page: Any, tmp_path: Path, name: str) -> Path:
     return shot
 
 
-def log_in(page: Any, lab: LabConfig) -> None:
+def open_dashboard(tab: Tab, lab: LabConfig) -> None:
+    """Load the page; a load Chromium dropped as the machine's interfaces changed is
+    loaded again, as a user would (the page itself then retries its reads)."""
+    from playwright.sync_api import Error
+
+    for attempt in range(3):
+        try:
+            tab.page.goto(f"{lab.control_url}/")
+            return
+        except Error as exc:
+            if NETWORK_CHANGED not in str(exc) or attempt == 2:
+                raise
+            tab.blips.append(str(exc))
+
+
+def log_in(tab: Tab, lab: LabConfig) -> None:
     from playwright.sync_api import expect
 
-    page.goto(f"{lab.control_url}/")
+    page = tab.page
+    open_dashboard(tab, lab)
     # Logged out: only the login form is shown, and the page's data needs a token.
     expect(page.locator("#login-view")).to_be_visible()
     expect(page.locator("#app")).to_be_hidden()
@@ -106,7 +122,7 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
     boot_probe(client, lab, VM, "host1", dirty=5)
     try:
         before = wait_heartbeat(client, VM)
-        log_in(page, lab)
+        log_in(tab, lab)
         hosts = page.locator("#hosts tbody tr")
         expect(hosts).to_have_count(len(lab.hosts), timeout=15_000)
         for host in lab.hosts:
@@ -118,13 +134,29 @@ def test_migrate_from_the_dashboard(client: Client, lab: LabConfig, tab: Tab,
         assert page.evaluate("sessionStorage.getItem('ferry.token')") is not None
         assert "token" not in page.url
 
-        # A refused check shows its reason and leaves the start button disabled.
+        # A refused check shows its reason and leaves the start button disabled. The
+        # browser drops the first try: a check changes nothing, so the page sends it again.
+        checks: list[str] = []
+
+        def drop_first(route: Any) -> None:
+            checks.append(route.request.method)
+            if len(checks) == 1:
+                route.abort("failed")
+            else:
+                route.continue_()
+
+        page.route("**/v1/migrations/check", drop_first)
         page.select_option("#mig-vm", VM)
         page.select_option("#mig-target", "host1")
         page.get_by_role("button", name="Check").click()
         expect(page.locator("#mig-result .refusals li[data-reason=same_host]")) \
             .to_contain_text("same_host")
         expect(page.locator("#mig-start")).to_be_disabled()
+        assert checks == ["POST", "POST"], checks
+        page.unroute("**/v1/migrations/check")
+        dropped = tab.problems[:]
+        assert len(dropped) == 1 and "ERR_FAILED" in dropped[0], dropped
+        tab.problems.clear()
 
         # A passing check enables it; slow enough (bandwidth) for several events.
         page.select_option("#mig-target", "host2")
@@ -188,7 +220,7 @@ def test_relocate_storage_from_the_dashboard(client: Client, lab: LabConfig, tab
     before = boot_disk_probe(client, lab, "dash2", "host1", "local-host1", size_mib=32,
                              disk_mib=8)
     try:
-        log_in(page, lab)
+        log_in(tab, lab)
         page.select_option("#rel-vm", "dash2")
         page.select_option("#rel-datastore", "shared")
         page.get_by_role("button", name="Relocate").click()
@@ -213,7 +245,7 @@ def test_a_viewer_sees_but_cannot_act_and_the_token_stays_out_of_urls(
     page.on("request", lambda r: urls.append(r.url))
     made = client.call("POST", "/v1/tokens", {"name": "dash-viewer", "role": "viewer"})
     try:
-        page.goto(f"{lab.control_url}/")
+        open_dashboard(tab, lab)
         page.get_by_label("API token").fill(made["token"])
         page.get_by_role("button", name="Log in").click()
         expect(page.locator("#hosts tbody tr")).to_have_count(len(lab.hosts))
@@ -256,7 +288,7 @@ def test_a_dropped_read_is_retried_and_a_dropped_write_is_not(
 
     page.route("**/v1/hosts", drop_twice)
     page.route("**/v1/hosts/host3/maintenance*", drop_writes)
-    log_in(page, lab)
+    log_in(tab, lab)
     expect(page.locator("#hosts tbody tr")).to_have_count(len(lab.hosts))
     assert len(dropped) == 2, dropped
     page.select_option("#maint-host", "host3")
