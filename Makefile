@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GUEST := build/guest
 
-.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs bench-announce bench-evacuate bench-memory clean lab-down
+.PHONY: deps venv guest demo test test-fast test-faults lint bench bench-sweep bench-storage bench-tls bench-drs bench-announce bench-evacuate bench-memory bench-backlog clean lab-down
 
 deps:
 	@scripts/install-deps.sh
@@ -71,6 +71,10 @@ bench-tls: deps venv guest
 
 bench-evacuate: deps venv guest
 	$(PY) bench/evacuate.py --json build/bench-evacuate.json
+
+# No guest: two namespaces and a userspace delay line (long round trips).
+bench-backlog: deps venv
+	$(PY) bench/backlog_cap.py --json build/bench-backlog.json
 
 lab-down: venv
 	$(VENV)/bin/ferry lab down

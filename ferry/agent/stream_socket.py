@@ -89,6 +89,23 @@ def _pidfd_getfd(pidfd: int, fd: int) -> int:
     return dup
 
 
+def cap_socket(sock: socket.socket, throughput_bytes_s: float, margin_ms: int,
+               fd: int | None = None) -> BufferCap:
+    """Cap one connected TCP socket's send buffer (see cap_send_buffers); `fd`: its
+    number in the process that owns it, for the record (this one's by default)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    min_rtt_us = struct.unpack_from("I", info, TCPI_MIN_RTT_OFFSET)[0]
+    before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    wanted = max(MIN_BUFFER_BYTES,
+                 int(throughput_bytes_s * (min_rtt_us / 1e6 + margin_ms / 1000)))
+    # The kernel doubles what it is given (bookkeeping overhead): compare so.
+    if 2 * wanted < before:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, wanted)
+    after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    return BufferCap(fd=sock.fileno() if fd is None else fd, min_rtt_us=min_rtt_us,
+                     before_bytes=before, after_bytes=after)
+
+
 def cap_send_buffers(pid: int, peer: IPv4Address, port: int, throughput_bytes_s: float,
                      margin_ms: int) -> list[BufferCap]:
     """Cap the send buffer of each of QEMU's connections to peer:port at the path's
@@ -102,17 +119,7 @@ def cap_send_buffers(pid: int, peer: IPv4Address, port: int, throughput_bytes_s:
             dup = _pidfd_getfd(pidfd, fd)
             sock = socket.socket(fileno=dup)
             try:
-                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-                min_rtt_us = struct.unpack_from("I", info, TCPI_MIN_RTT_OFFSET)[0]
-                before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-                wanted = max(MIN_BUFFER_BYTES, int(throughput_bytes_s
-                                                   * (min_rtt_us / 1e6 + margin_ms / 1000)))
-                # The kernel doubles what it is given (bookkeeping overhead): compare so.
-                if 2 * wanted < before:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, wanted)
-                after = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-                caps.append(BufferCap(fd=fd, min_rtt_us=min_rtt_us, before_bytes=before,
-                                      after_bytes=after))
+                caps.append(cap_socket(sock, throughput_bytes_s, margin_ms, fd))
             finally:
                 sock.close()  # the duplicate only: QEMU's descriptor stays
     finally:
