@@ -125,6 +125,9 @@ async def forward(a: End, b: End, one_way_ms: float, rate_bits_s: int | None) ->
         await stop.wait()
         loop.remove_reader(fd_a)
         loop.remove_reader(fd_b)
+        if a_to_b.dropped or b_to_a.dropped:
+            print(f"delay line: {a_to_b.dropped} packets lost towards {b.netns}, "
+                  f"{b_to_a.dropped} towards {a.netns}", file=sys.stderr, flush=True)
     finally:
         os.close(fd_a)
         os.close(fd_b)
