@@ -15,7 +15,7 @@ import pytest
 
 PREFIX = f"ferry-dl-{os.getpid()}"
 NS_A, NS_B = f"{PREFIX}-a", f"{PREFIX}-b"
-DEV_A, DEV_B = "fdl-a", "fdl-b"
+DEV_A, DEV_B = f"fdl{os.getpid() % 100000}a", f"fdl{os.getpid() % 100000}b"
 ADDR_A, ADDR_B = "198.18.252.1", "198.18.252.2"
 ONE_WAY_MS = 25
 PORT = 5700
