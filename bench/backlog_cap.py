@@ -105,10 +105,12 @@ def delay_line(a: str, b: str, addresses: tuple[str, str], rtt_ms: int,
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            _, said = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            _, said = proc.communicate()
+        if said.strip():
+            print(f"  rtt={rtt_ms:>3}: {said.strip()}", flush=True)  # packets it lost
 
 
 def in_ns(ns: str, *argv: str) -> subprocess.Popen[str]:
