@@ -14,8 +14,9 @@ path's smallest RTT plus BACKLOG_MARGIN_MS, at the first pass's average throughp
 ever lower), then --then-s seconds whose throughput is the steady rate, then a burst of
 --burst-mib (the switch's last pages and device state) and the end of the stream.
 
-- throughput: bytes handed to the socket per second in the --then-s phase (the buffer
-  is full then, so this is what the path carries).
+- throughput: bytes the receiver acknowledged per second in the --then-s phase (what
+  the path carried; a buffer still draining after the cap counts, as QEMU's link stays
+  busy then too).
 - switch wait: from the moment the burst's last byte was in the socket (where QEMU
   counts it sent) to the moment the receiver read the stream's end; the burst's own
   transfer time and the one-way delay are in it for both sides alike.
@@ -173,7 +174,8 @@ def describe(run: Run) -> str:
     return (f"  rtt={run.rtt_ms:>3} #{run.pair} {side}: first {r['first_bytes_s'] / 1e6:.2f}"
             f" MB/s, steady {r['steady_bytes_s'] / 1e6:.2f} MB/s, send buffer "
             f"{r['sndbuf_before']} -> {r['sndbuf_after']} B, min RTT "
-            f"{r['min_rtt_us'] / 1000:.1f} ms, switch wait {run.wait_ms:.1f} ms")
+            f"{r['min_rtt_us'] / 1000:.1f} ms, {r['retransmits']} retransmits, switch wait "
+            f"{run.wait_ms:.1f} ms")
 
 
 def summarize(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:

@@ -7,11 +7,12 @@
 zeros as fast as the socket takes them, the way QEMU streams RAM: for F seconds (the
 "first pass", whose average throughput the cap uses, as Ferry's policy does), then
 (with --cap-margin-ms) cap the send buffer exactly as the agent does
-(ferry.agent.stream_socket.cap_socket), then T seconds more (the steady throughput),
-then B bytes (the switch's last pages and device state) and the end of the stream.
-Prints one JSON line: throughputs, the buffer before and after, the path's smallest
-RTT, and the monotonic time the last byte was handed to the socket. Both ends run on
-one machine, so the two monotonic times compare.
+(ferry.agent.stream_socket.cap_socket), then T seconds more (the steady throughput:
+bytes the receiver acknowledged, TCP_INFO's bytes_acked, so a buffer draining after the
+cap counts as carried), then B bytes (the switch's last pages and device state) and the
+end of the stream. Prints one JSON line: throughputs, the buffer before and after, the
+path's smallest RTT, retransmitted segments, and the monotonic time the last byte was
+handed to the socket. Both ends run on one machine, so the two monotonic times compare.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ import time
 from ferry.agent.stream_socket import TCP_INFO_LEN, TCPI_MIN_RTT_OFFSET, cap_socket
 
 CHUNK = bytes(64 * 1024)
+TCPI_TOTAL_RETRANS_OFFSET = 100  # struct tcp_info: __u32 tcpi_total_retrans
+TCPI_BYTES_ACKED_OFFSET = 120  # __u64 tcpi_bytes_acked (Linux >= 4.1)
+
+
+def _info(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+
+
+def _acked(sock: socket.socket) -> int:
+    value: int = struct.unpack_from("Q", _info(sock), TCPI_BYTES_ACKED_OFFSET)[0]
+    return value
 
 
 def receive(address: str, port: int) -> dict[str, float]:
@@ -61,17 +73,20 @@ def send(args: argparse.Namespace) -> dict[str, float | int | None]:
         after = before
         if args.cap_margin_ms is not None:
             after = cap_socket(sock, first_rate, args.cap_margin_ms).after_bytes
-        steady = _send_for(sock, args.then_s)
+        acked, began = _acked(sock), time.monotonic()
+        _send_for(sock, args.then_s)
+        steady = (_acked(sock) - acked) / (time.monotonic() - began)
         sock.sendall(bytes(args.burst_bytes))
         written_at = time.monotonic()
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+        info = _info(sock)
         min_rtt_us = struct.unpack_from("I", info, TCPI_MIN_RTT_OFFSET)[0]
+        retrans = struct.unpack_from("I", info, TCPI_TOTAL_RETRANS_OFFSET)[0]
         sock.shutdown(socket.SHUT_WR)
         while sock.recv(4096):
             pass
-    return {"first_bytes_s": first_rate, "steady_bytes_s": steady / args.then_s,
+    return {"first_bytes_s": first_rate, "steady_bytes_s": steady,
             "sndbuf_before": before, "sndbuf_after": after, "min_rtt_us": min_rtt_us,
-            "written_at": written_at}
+            "retransmits": retrans, "written_at": written_at}
 
 
 def main(argv: list[str] | None = None) -> int:
