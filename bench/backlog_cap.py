@@ -39,7 +39,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +124,6 @@ def one_stream(args: argparse.Namespace, a: str, b: str, addresses: tuple[str, s
     peer = str(HERE / "stream_peer.py")
     receiver = in_ns(b, peer, "recv", addresses[1], str(PORT))
     try:
-        time.sleep(0.3)  # the listener binds
         cap = ["--cap-margin-ms", str(BACKLOG_MARGIN_MS)] if run.capped else []
         sender = in_ns(a, peer, "send", addresses[1], str(PORT),
                        "--first-s", str(args.first_s), "--then-s", str(args.then_s),

@@ -63,8 +63,20 @@ def _send_for(sock: socket.socket, seconds: float) -> int:
     return sent
 
 
+def _connect(address: str, port: int, within_s: float = 20.0) -> socket.socket:
+    """Connected once the receiver (started just before, in its namespace) listens."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return socket.create_connection((address, port), timeout=30)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def send(args: argparse.Namespace) -> dict[str, float | int | None]:
-    sock = socket.create_connection((args.address, args.port), timeout=30)
+    sock = _connect(args.address, args.port)
     with sock:
         sock.settimeout(120)
         first = _send_for(sock, args.first_s)
