@@ -76,14 +76,20 @@ def _ip(*args: str, check: bool = True) -> None:
 @contextlib.contextmanager
 def namespaces(prefix: str) -> Iterator[tuple[str, str]]:
     a, b = f"{prefix}-a", f"{prefix}-b"
-    for ns in (a, b):
-        _ip("netns", "delete", ns, check=False)
-        _ip("netns", "add", ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
+    made: list[str] = []
     try:
+        for ns in (a, b):
+            # One that exists is someone else's (or a crashed run's): never taken over.
+            if Path(f"/run/netns/{ns}").exists():
+                raise RuntimeError(f"network namespace {ns} exists already: remove it "
+                                   "(`ip netns delete`) if it is a leftover, or pick "
+                                   "another --prefix")
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
         yield a, b
     finally:
-        for ns in (a, b):
+        for ns in made:
             _ip("netns", "delete", ns, check=False)
 
 
@@ -122,21 +128,23 @@ def in_ns(ns: str, *argv: str) -> subprocess.Popen[str]:
 def one_stream(args: argparse.Namespace, a: str, b: str, addresses: tuple[str, str],
                run: Run) -> None:
     peer = str(HERE / "stream_peer.py")
-    receiver = in_ns(b, peer, "recv", addresses[1], str(PORT))
+    cap = ["--cap-margin-ms", str(BACKLOG_MARGIN_MS)] if run.capped else []
+    started: list[subprocess.Popen[str]] = []
     try:
-        cap = ["--cap-margin-ms", str(BACKLOG_MARGIN_MS)] if run.capped else []
+        receiver = in_ns(b, peer, "recv", addresses[1], str(PORT))
+        started.append(receiver)
         sender = in_ns(a, peer, "send", addresses[1], str(PORT),
                        "--first-s", str(args.first_s), "--then-s", str(args.then_s),
                        "--burst-bytes", str(args.burst_mib << 20), *cap)
-        limit = args.first_s + args.then_s + 120
-        out, err = sender.communicate(timeout=limit)
+        started.append(sender)
+        out, err = sender.communicate(timeout=args.first_s + args.then_s + 120)
         if sender.returncode != 0:
             raise RuntimeError(f"sender: {err.strip()[-400:]}")
         got, rerr = receiver.communicate(timeout=30)
         if receiver.returncode != 0:
             raise RuntimeError(f"receiver: {rerr.strip()[-400:]}")
     finally:
-        for proc in (receiver,):
+        for proc in started:  # one that timed out or was left behind by a failure
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -254,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("backlog_cap.py needs root: it creates network namespaces", file=sys.stderr)
         return 2
-    runs = benchmark(args)
+    try:
+        runs = benchmark(args)
+    except RuntimeError as exc:  # the namespaces or the delay line could not be set up
+        print(f"backlog_cap.py: {exc}", file=sys.stderr)
+        return 2
     summary = summarize(runs, args)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "runs": [

@@ -111,11 +111,10 @@ def cap_send_buffers(pid: int, peer: IPv4Address, port: int, throughput_bytes_s:
     """Cap the send buffer of each of QEMU's connections to peer:port at the path's
     bandwidth-delay product (its smallest RTT seen) plus `margin_ms` of the throughput,
     if that is smaller than what it has. OSError if the sockets cannot be reached."""
-    fds = fds_of(pid, socket_inodes(peer, port))
     caps = []
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(pid)  # first: the descriptors listed are this process's
     try:
-        for fd in fds:
+        for fd in fds_of(pid, socket_inodes(peer, port)):
             dup = _pidfd_getfd(pidfd, fd)
             sock = socket.socket(fileno=dup)
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import errno
 import fcntl
 import os
 import signal
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_TUN_EXCL = 0x8000  # fail if the name exists: never attach to someone else's device
 MAX_PACKET = 65535
 
 
@@ -49,10 +51,13 @@ def _ip(*args: str) -> None:
 def _tun(name: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
-    except OSError:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
+                                                IFF_TUN | IFF_NO_PI | IFF_TUN_EXCL))
+    except OSError as exc:
         os.close(fd)
-        raise
+        raise RuntimeError(f"cannot make TUN device {name}: {exc.strerror}"
+                           + (" (a device of that name exists: not this line's)"
+                              if exc.errno == errno.EBUSY else "")) from exc
     return fd
 
 

@@ -59,13 +59,14 @@ def _ns(*argv: str) -> None:
 def namespaces() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.fail("needs root (network namespaces): run the suite as root, as CI does")
-    for ns in (NS_A, NS_B):
-        _ns("delete", ns)
-        subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+    made: list[str] = []
     try:
+        for ns in (NS_A, NS_B):
+            subprocess.run(["ip", "netns", "add", ns], check=True, timeout=30)
+            made.append(ns)
         yield
     finally:
-        for ns in (NS_A, NS_B):
+        for ns in made:
             _ns("delete", ns)
 
 
