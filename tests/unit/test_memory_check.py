@@ -89,6 +89,18 @@ def test_compare_and_repair_through_the_memfd(ram: mmap.mmap) -> None:
     assert ram[700 * PAGE_BYTES:701 * PAGE_BYTES] == bytes(range(256)) * 16
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 9])
+def test_threads_share_the_chunks_and_agree(ram: mmap.mmap, threads: int) -> None:
+    """However many threads read it, each chunk's digest is the xxh3-64 of that chunk,
+    in order, the short last one included (the other host may use another count)."""
+    ram[CHUNK_BYTES + 3] ^= 0xFF  # chunks differ from one another
+    ram[3 * CHUNK_BYTES + 1] ^= 0x0F
+    expected = [xxhash.xxh3_64_intdigest(ram[at:min(at + CHUNK_BYTES, SIZE)])
+                for at in range(0, SIZE, CHUNK_BYTES)]
+    ram_of = guest_ram.ram_file(os.getpid(), SIZE)
+    assert unpack(guest_ram.chunk_digests(ram_of, SIZE, threads=threads)) == expected
+
+
 def test_bad_requests_name_the_problem(ram: mmap.mmap) -> None:
     pid = os.getpid()
     ram_of = guest_ram.ram_file(pid, SIZE)
