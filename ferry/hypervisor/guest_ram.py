@@ -112,9 +112,9 @@ def _has_data(fd: int, start: int, end: int) -> bool:
 def chunk_digests(ram: Path, size: int, threads: int = DIGEST_THREADS) -> bytes:
     """One xxh3-64 per CHUNK_BYTES of RAM, packed little-endian u64 (the last chunk may
     be shorter). A chunk that is a hole is known to be zeros: not read. `threads` read
-    contiguous shares of the chunks side by side (the read releases the GIL, and so does
-    the hash: a 1 GiB copy took 60-69 ms with two threads here against 102-190 with one,
-    and the paused guest waits for this)."""
+    contiguous shares of the chunks side by side (a read releases the GIL): the paused
+    guest waits for this, and a 1 GiB copy took 62 ms with two threads here against 100
+    with one (bench/ram_digest.py)."""
     count = (size + CHUNK_BYTES - 1) // CHUNK_BYTES
     share = max(1, -(-count // max(1, min(threads, count))))
     with opened(ram) as fd:
