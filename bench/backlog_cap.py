@@ -47,6 +47,7 @@ from typing import Any
 from common import abba, fmt, median, pair_fields
 
 from ferry.domain.convergence import BACKLOG_MARGIN_MS
+from ferry.lab.net import ip
 
 HERE = Path(__file__).resolve().parent
 PORT = 5601
@@ -67,12 +68,6 @@ class Run:
         return self.result.get("steady_bytes_s") if self.ok else None
 
 
-def _ip(*args: str, check: bool = True) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-
-
 @contextlib.contextmanager
 def namespaces(prefix: str) -> Iterator[tuple[str, str]]:
     a, b = f"{prefix}-a", f"{prefix}-b"
@@ -84,13 +79,13 @@ def namespaces(prefix: str) -> Iterator[tuple[str, str]]:
                 raise RuntimeError(f"network namespace {ns} exists already: remove it "
                                    "(`ip netns delete`) if it is a leftover, or pick "
                                    "another --prefix")
-            _ip("netns", "add", ns)
+            ip("netns", "add", ns)
             made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
         yield a, b
     finally:
         for ns in made:
-            _ip("netns", "delete", ns, check=False)
+            ip("netns", "delete", ns, check=False)
 
 
 @contextlib.contextmanager

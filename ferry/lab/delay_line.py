@@ -22,9 +22,10 @@ import fcntl
 import os
 import signal
 import struct
-import subprocess
 import sys
 from dataclasses import dataclass
+
+from ferry.lab import net
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -42,12 +43,6 @@ class End:
     address: str
 
 
-def _ip(*args: str) -> None:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-
-
 def _tun(name: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
     try:
@@ -63,17 +58,13 @@ def _tun(name: str) -> int:
 
 def _set_up(end: End, peer: End, rate_bits_s: int | None) -> None:
     """Move the device (made here) into its namespace, address it, shape it."""
-    _ip("link", "set", end.device, "netns", end.netns)
-    _ip("-n", end.netns, "addr", "add", end.address, "peer", peer.address, "dev", end.device)
-    _ip("-n", end.netns, "link", "set", end.device, "up")
+    net.ip("link", "set", end.device, "netns", end.netns)
+    net.ip("-n", end.netns, "addr", "add", end.address, "peer", peer.address, "dev",
+           end.device)
+    net.ip("-n", end.netns, "link", "set", end.device, "up")
     if rate_bits_s:
-        burst = max(32 * 1024, rate_bits_s // 8 // 100)  # ~10 ms of traffic
-        proc = subprocess.run(
-            ["ip", "netns", "exec", end.netns, "tc", "qdisc", "replace", "dev", end.device,
-             "root", "tbf", "rate", f"{rate_bits_s}bit", "burst", str(burst),
-             "latency", "100ms"], capture_output=True, text=True, timeout=30)
-        if proc.returncode != 0:
-            raise RuntimeError(f"tc on {end.device}: {proc.stderr.strip()}")
+        net.tc("qdisc", "replace", "dev", end.device, "root", *net.tbf(rate_bits_s),
+               ns=end.netns)
 
 
 class _Direction:

@@ -107,7 +107,11 @@ def shape(config: LabConfig, host: str, rate_bits_s: int | None) -> None:
     for dev, ns in ends:
         tc("qdisc", "del", "dev", dev, "root", ns=ns, check=False)
         if rate_bits_s:
-            # A burst of ~10 ms of traffic (at least 32 KiB) keeps tbf accurate at speed.
-            burst = max(32 * 1024, rate_bits_s // 8 // 100)
-            tc("qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_bits_s}bit",
-               "burst", str(burst), "latency", "100ms", ns=ns)
+            tc("qdisc", "add", "dev", dev, "root", *tbf(rate_bits_s), ns=ns)
+
+
+def tbf(rate_bits_s: int) -> tuple[str, ...]:
+    """tc's arguments for a token bucket at `rate_bits_s`: a burst of ~10 ms of traffic
+    (at least 32 KiB) keeps tbf accurate at speed."""
+    burst = max(32 * 1024, rate_bits_s // 8 // 100)
+    return ("tbf", "rate", f"{rate_bits_s}bit", "burst", str(burst), "latency", "100ms")
